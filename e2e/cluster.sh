@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# A real local two-data-center Kubernetes control plane for the demo and the tests.
+#
+#   e2e/cluster.sh up [NAME]     start etcd, kube-apiserver, kube-controller-manager,
+#                                kube-scheduler and kwok; create six fake nodes,
+#                                three in zone dc-it1 and three in dc-it2; print
+#                                `export KUBECONFIG=...`
+#   e2e/cluster.sh down [NAME]   stop what `up` started, by pid, and remove its files
+#
+# NAME (default: pec) lets several clusters run at once; each takes free
+# loopback ports. Nodes and pods are simulated by kwok: pods schedule and go
+# Running, no container runs. Node status can be driven by hand on nodes
+# annotated kwok.x-k8s.io/status=custom (used by the failover tests).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cmd=${1:-}
+name=${2:-${PEC_CLUSTER:-pec}}
+root=${PEC_CLUSTER_ROOT:-${TMPDIR:-/tmp}/pec-clusters}
+dir=$root/$name
+shm=/dev/shm/pec-etcd-$name
+[ -d /dev/shm ] && [ -w /dev/shm ] || shm=$dir/etcd-data
+
+log() { echo "cluster.sh[$name]: $*" >&2; }
+
+# shellcheck source=lib/common.sh
+. "$here/lib/common.sh"
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local limit=$1 what=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      log "timed out after ${limit}s waiting for $what; logs in $dir/logs"
+      tail -n 20 "$dir"/logs/*.log >&2 || true
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+start() { # start NAME COMMAND...: run in the background, log, record the pid
+  local component=$1; shift
+  "$@" >"$dir/logs/$component.log" 2>&1 &
+  echo "$! $component" >>"$dir/pids"
+}
+
+make_pki() {
+  local pki=$dir/pki
+  mkdir -p "$pki"
+  (
+    cd "$pki"
+    ec() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+    ec ca.key
+    openssl req -x509 -new -key ca.key -subj "/CN=pec-e2e-ca" -days 3650 -out ca.crt \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    sign() { # sign NAME SUBJECT EXTENSIONS
+      ec "$1.key"
+      openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
+      printf '%b' "$3" >"$1.ext"
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 \
+        -extfile "$1.ext" -out "$1.crt" 2>/dev/null
+    }
+    sign apiserver "/CN=kube-apiserver" \
+      "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n"
+    sign admin "/O=system:masters/CN=pec-e2e-admin" \
+      "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
+    openssl pkey -in sa.key -pubout -out sa.pub
+  )
+}
+
+write_kubeconfig() { # write_kubeconfig FILE API_PORT
+  cat >"$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: $name
+  cluster:
+    server: https://127.0.0.1:$2
+    certificate-authority: $dir/pki/ca.crt
+users:
+- name: admin
+  user:
+    client-certificate: $dir/pki/admin.crt
+    client-key: $dir/pki/admin.key
+contexts:
+- name: $name
+  context: {cluster: $name, user: admin}
+current-context: $name
+KC
+}
+
+write_admission() {
+  cat >"$dir/admission.yaml" <<ADM
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: PodSecurity
+  configuration:
+    apiVersion: pod-security.admission.config.k8s.io/v1
+    kind: PodSecurityConfiguration
+    # Every namespace enforces the restricted level unless it says otherwise.
+    defaults:
+      enforce: restricted
+      enforce-version: latest
+      warn: restricted
+      warn-version: latest
+    exemptions:
+      namespaces: [kube-system]
+ADM
+}
+
+nodes_yaml() {
+  local zone i
+  for zone in dc-it1 dc-it2; do
+    for i in 1 2 3; do
+      cat <<NODE
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $zone-node-$i
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    kubernetes.io/hostname: $zone-node-$i
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    type: kwok
+    topology.kubernetes.io/zone: $zone
+status:
+  allocatable: {cpu: "64", memory: 512Gi, pods: "1000"}
+  capacity: {cpu: "64", memory: 512Gi, pods: "1000"}
+NODE
+    done
+  done
+}
+
+up() {
+  if [ -s "$dir/pids" ]; then
+    log "already up"
+    echo "export KUBECONFIG=$dir/kubeconfig"
+    return 0
+  fi
+  local bin
+  bin=$("$here/lib/tools.sh")
+  rm -rf "$dir" "$shm"
+  mkdir -p "$dir/logs" "$shm"
+  echo "$shm" >"$dir/etcd-dir"
+  local etcd_port peer_port api_port kcm_port sched_port kwok_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+  kcm_port=$(free_port); sched_port=$(free_port); kwok_port=$(free_port)
+  make_pki
+  write_admission
+  local kc=$dir/kubeconfig
+  write_kubeconfig "$kc" "$api_port"
+  local k="$bin/kubectl --kubeconfig $kc"
+
+  start etcd "$bin/etcd" --name default --data-dir "$shm" --unsafe-no-fsync \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "default=http://127.0.0.1:$peer_port" --log-level warn
+  wait_for 30 etcd curl -fsS "http://127.0.0.1:$etcd_port/health"
+
+  local issuer=https://kubernetes.default.svc.cluster.local
+  start kube-apiserver "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --endpoint-reconciler-type none \
+    --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
+    --client-ca-file "$dir/pki/ca.crt" \
+    --service-account-issuer "$issuer" --api-audiences "$issuer" \
+    --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
+    --authorization-mode RBAC \
+    --admission-control-config-file "$dir/admission.yaml" \
+    --service-cluster-ip-range 10.96.0.0/16 \
+    --allow-privileged=false --profiling=false
+  wait_for 90 kube-apiserver $k get --raw /readyz
+
+  start kube-controller-manager "$bin/kube-controller-manager" \
+    --kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc" \
+    --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \
+    --root-ca-file "$dir/pki/ca.crt" --service-account-private-key-file "$dir/pki/sa.key" \
+    --use-service-account-credentials=false --cluster-name "$name" \
+    --kube-api-qps 200 --kube-api-burst 400 --concurrent-deployment-syncs 10 --concurrent-replicaset-syncs 10 \
+    --profiling=false
+  start kube-scheduler "$bin/kube-scheduler" \
+    --kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc" \
+    --bind-address 127.0.0.1 --secure-port "$sched_port" --leader-elect=false --profiling=false \
+    --kube-api-qps 200 --kube-api-burst 400
+  start kwok "$bin/kwok" --kubeconfig "$kc" \
+    --manage-all-nodes=false \
+    --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+    --config "$here/kwok-stages.yaml" \
+    --cidr 10.0.0.1/24 --node-ip 10.0.0.1 --node-lease-duration-seconds 40 \
+    --server-address "127.0.0.1:$kwok_port"
+
+  nodes_yaml | $k apply -f - >/dev/null
+  wait_for 60 "six Ready nodes" $k wait --for=condition=Ready node --all --timeout=2s
+  wait_for 60 "the default ServiceAccount" $k get serviceaccount default -n default
+  log "up: apiserver https://127.0.0.1:$api_port, logs in $dir/logs"
+  echo "export KUBECONFIG=$kc"
+}
+
+down() {
+  if [ -f "$dir/pids" ]; then
+    local pid component
+    # Reverse start order: kwok and controllers first, etcd last.
+    tac "$dir/pids" | while read -r pid component; do
+      kill "$pid" 2>/dev/null || true
+    done
+    local deadline=$((SECONDS + 15))
+    while read -r pid component; do
+      while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+    done <"$dir/pids"
+  fi
+  if [ -f "$dir/etcd-dir" ]; then rm -rf "$(cat "$dir/etcd-dir")"; fi
+  rm -rf "$dir"
+  log "down"
+}
+
+case "$cmd" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down [NAME]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,73 @@
+# Shared steps of demo.sh, test.sh and bench.sh: install the chart into a
+# running local cluster and run operator replicas as local processes under the
+# chart's own ServiceAccount (kwok simulates pods, so the chart's operator pods
+# never run a container; these processes do the work instead).
+#
+# Source it after `KUBECONFIG` is exported and `bin` names the tools directory.
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=common.sh
+. "$repo/e2e/lib/common.sh"
+OPERATOR_NAMESPACE=pec-system
+OPERATOR_RELEASE=pec-operator
+
+# build_operator: the operator binary (debug build, shared with the tests).
+build_operator() {
+  (cd "$repo" && cargo build --quiet --bin pec-operator)
+  echo "$repo/target/debug/pec-operator"
+}
+
+# install_chart: helm install the chart (CRDs, ServiceAccount, RBAC, Deployment).
+install_chart() {
+  "$bin/kubectl" create namespace "$OPERATOR_NAMESPACE" --dry-run=client -o yaml | "$bin/kubectl" apply -f - >/dev/null
+  "$bin/helm" upgrade --install "$OPERATOR_RELEASE" "$repo/charts/pec-operator" \
+    --namespace "$OPERATOR_NAMESPACE" --wait=false >/dev/null
+  "$bin/kubectl" wait --for condition=Established --timeout=60s \
+    crd/sites.pec.dev crd/maildomains.pec.dev >/dev/null
+}
+
+# sa_kubeconfig FILE: a kubeconfig that authenticates as the chart's ServiceAccount.
+sa_kubeconfig() {
+  local out=$1 token server ca
+  token=$("$bin/kubectl" create token "$OPERATOR_RELEASE" -n "$OPERATOR_NAMESPACE" --duration=12h)
+  server=$("$bin/kubectl" config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+  ca=$("$bin/kubectl" config view --minify -o jsonpath='{.clusters[0].cluster.certificate-authority}')
+  cat >"$out" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster: {server: "$server", certificate-authority: "$ca"}
+users:
+- name: pec-operator
+  user: {token: "$token"}
+contexts:
+- name: pec-operator
+  context: {cluster: local, user: pec-operator, namespace: $OPERATOR_NAMESPACE}
+current-context: pec-operator
+KC
+  chmod 600 "$out"
+}
+
+# start_operator BINARY KUBECONFIG IDENTITY METRICS_PORT LOGFILE: prints the pid.
+start_operator() {
+  KUBECONFIG=$2 POD_NAMESPACE=$OPERATOR_NAMESPACE POD_NAME=$3 \
+    PEC_METRICS_ADDR=127.0.0.1:$4 PEC_LOG_FORMAT=json RUST_LOG=${RUST_LOG:-info} \
+    "$1" run >"$5" 2>&1 &
+  echo $!
+}
+
+# wait_leader PORT...: until one of the replicas reports pec_leader 1.
+wait_leader() {
+  local deadline=$((SECONDS + 60)) port
+  while [ $SECONDS -lt $deadline ]; do
+    for port in "$@"; do
+      if curl -fsS "http://127.0.0.1:$port/metrics" 2>/dev/null | grep -q '^pec_leader 1'; then
+        return 0
+      fi
+    done
+    sleep 0.2
+  done
+  echo "no operator replica became leader within 60s" >&2
+  return 1
+}

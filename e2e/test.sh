@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every test of the project: formatting and lints, unit tests, the chart, then
+# the end-to-end tests against a local two-site cluster this script starts and
+# stops. The one command CI runs (.ci/run).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$here/.."
+
+step() { echo; echo "== $*"; }
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --features e2e --quiet -- -D warnings
+
+step "unit tests"
+cargo test --lib --bins
+
+step "local cluster"
+bin=$("$here/lib/tools.sh")
+export PATH="$bin:$PATH"
+# shellcheck source=lib/operator.sh
+. "$here/lib/operator.sh"
+cluster=test-$$
+pids=()
+cleanup() {
+  local code=$?
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  if [ $code -ne 0 ] && [ -n "${logs:-}" ]; then
+    echo "== operator logs (last lines)"; tail -n 30 "$logs"/operator-*.log 2>/dev/null || true
+  fi
+  "$here/cluster.sh" down "$cluster" || true
+  exit $code
+}
+trap cleanup EXIT
+eval "$("$here/cluster.sh" up "$cluster")"
+logs=$(mktemp -d "${TMPDIR:-/tmp}/pec-e2e-logs.XXXXXX")
+
+step "chart: helm lint, rendered chart accepted by the API server"
+helm lint --strict charts/pec-operator
+kubectl create namespace "$OPERATOR_NAMESPACE" >/dev/null
+helm template "$OPERATOR_RELEASE" charts/pec-operator --namespace "$OPERATOR_NAMESPACE" --include-crds \
+  | kubectl apply --dry-run=server -f - >/dev/null
+install_chart
+
+step "operator: two replicas under the chart's ServiceAccount"
+operator=$(build_operator)
+sa_kubeconfig "$logs/operator.kubeconfig"
+port_a=$(free_port); port_b=$(free_port)
+pids+=("$(start_operator "$operator" "$logs/operator.kubeconfig" replica-a "$port_a" "$logs/operator-a.log")")
+wait_leader "$port_a"
+pids+=("$(start_operator "$operator" "$logs/operator.kubeconfig" replica-b "$port_b" "$logs/operator-b.log")")
+curl -fsS --retry 50 --retry-delay 0 --retry-connrefused -o /dev/null "http://127.0.0.1:$port_b/healthz"
+
+step "end-to-end tests"
+PEC_E2E_METRICS_PORTS="$port_a,$port_b" PEC_E2E_LOGS="$logs" \
+  cargo test --features e2e --test e2e -- --test-threads 4

@@ -1,0 +1,150 @@
+//! Shared helpers: the client, per-test namespaces, waiting on conditions.
+
+use std::{fmt::Debug, time::Duration};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Resource,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+    runtime::wait::{Condition, await_condition},
+};
+use pec_operator::api::{Site, SiteSpec};
+use serde::de::DeserializeOwned;
+
+/// How long any single wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+/// A client for the cluster in `KUBECONFIG` (admin).
+pub async fn client() -> Client {
+    Client::try_default()
+        .await
+        .expect("KUBECONFIG must point at the cluster e2e/test.sh started")
+}
+
+/// A fresh namespace named after the test (test names are unique in a run;
+/// the process id keeps reruns against one cluster apart).
+pub async fn namespace(client: &Client, test: &str) -> String {
+    let head: String = test.replace('_', "-").chars().take(50).collect();
+    let name = format!("{}-{}", head.trim_end_matches('-'), std::process::id());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create test namespace");
+    name
+}
+
+/// Applies the Sites dc-it1 and dc-it2 (cluster-scoped, shared by all tests).
+pub async fn ensure_example_sites(client: &Client) {
+    for (name, priority) in [("dc-it1", 0), ("dc-it2", 10)] {
+        let site = Site::new(
+            name,
+            SiteSpec {
+                node_selector: [("topology.kubernetes.io/zone".to_string(), name.to_string())]
+                    .into(),
+                priority,
+                maintenance: false,
+            },
+        );
+        Api::<Site>::all(client.clone())
+            .patch(
+                name,
+                &PatchParams::apply("e2e-tests").force(),
+                &Patch::Apply(&site),
+            )
+            .await
+            .expect("apply example site");
+    }
+}
+
+/// Waits until `cond` holds for the object `name`, or fails the test after [`WAIT`].
+pub async fn wait_for<K, C>(api: &Api<K>, name: &str, what: &str, cond: C) -> K
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+    C: Condition<K>,
+{
+    match tokio::time::timeout(WAIT, await_condition(api.clone(), name, cond)).await {
+        Ok(Ok(Some(obj))) => obj,
+        Ok(Ok(None)) => panic!("{name}: deleted while waiting for {what}"),
+        Ok(Err(e)) => panic!("{name}: watch failed while waiting for {what}: {e}"),
+        Err(_) => {
+            let now = api.get_opt(name).await.ok().flatten();
+            panic!("{name}: timed out after {WAIT:?} waiting for {what}; last seen: {now:#?}")
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after [`WAIT`]. For facts
+/// that span several objects (a list becoming empty), where a single-object
+/// watch does not fit.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A condition: the object's status condition `type_` has `status` (and `reason`, if given).
+pub fn has_condition<K>(
+    type_: &'static str,
+    status: &'static str,
+    reason: Option<&'static str>,
+) -> impl Condition<K>
+where
+    K: StatusConditions,
+{
+    move |obj: Option<&K>| {
+        obj.and_then(|o| o.conditions().iter().find(|c| c.type_ == type_).cloned())
+            .is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
+    }
+}
+
+/// Kinds whose status carries conditions.
+pub trait StatusConditions {
+    /// The status conditions, empty without a status.
+    fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition];
+}
+
+impl StatusConditions for pec_operator::api::MailDomain {
+    fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+        self.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default()
+    }
+}
+
+impl StatusConditions for Site {
+    fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+        self.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default()
+    }
+}
+
+/// Reads a YAML file of the repository's `examples/` as objects of kind `K`.
+pub fn example<K: DeserializeOwned>(file: &str) -> K {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests against a real local control plane.
+//!
+//! `e2e/test.sh` starts the cluster (e2e/cluster.sh), installs the chart and
+//! runs two operator replicas under the chart's ServiceAccount, then runs
+//! these tests with `KUBECONFIG` pointing at the cluster as admin. Each test
+//! works in its own namespace and waits on conditions, never on sleeps.
+
+mod harness;
+mod maildomain;
+mod operator;
+mod validation;

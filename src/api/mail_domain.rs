@@ -1,0 +1,254 @@
+//! `MailDomain`: a PEC domain, the sites that serve it and its gateway settings.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The legal maximum size of a PEC message (recipients x size), DOMAIN.md: 100 MB.
+pub const MAX_MESSAGE_BYTES: i64 = 104_857_600;
+/// The legal retention of logs and quarantined messages, DOMAIN.md: 30 months.
+pub const LEGAL_RETENTION_MONTHS: u32 = 30;
+/// Every PEC service runs on at least this many machines (DOMAIN.md).
+pub const MIN_REPLICAS_PER_SITE: i32 = 2;
+
+/// A PEC domain served by redundant gateways in one or more data centers.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "pec.dev",
+    version = "v1alpha1",
+    kind = "MailDomain",
+    namespaced,
+    status = "MailDomainStatus",
+    shortname = "md",
+    shortname = "pecdomain",
+    category = "pec",
+    printcolumn = r#"{"name":"Domain","type":"string","jsonPath":".spec.domain"}"#,
+    printcolumn = r#"{"name":"Profile","type":"string","jsonPath":".spec.profile"}"#,
+    printcolumn = r#"{"name":"Gateways","type":"string","jsonPath":".status.gateways"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MailDomainSpec {
+    /// The PEC domain, a fully qualified domain name such as `pec.example.it`:
+    /// lowercase letters, digits and hyphens, at least two labels of 1-63
+    /// characters that neither start nor end with a hyphen, at most 253
+    /// characters, no trailing dot.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(
+        r"self.matches('^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\\.)+[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$')"
+    ).message(
+        "domain must be a lowercase FQDN with at least two labels (for example pec.example.it): letters a-z, digits and hyphens, labels of 1-63 characters not starting or ending with a hyphen, no trailing dot"
+    ))]
+    pub domain: String,
+
+    /// `Standard` (mailboxes with IMAPS, POP3S, submission and webmail) or
+    /// `ReceiveOnly` (PEC d'ufficio: reception and the HTTPS message API only).
+    pub profile: Profile,
+
+    /// Names of the Sites (data centers) that serve this domain. At least one,
+    /// no duplicates; PEC requires two, so fewer is reported as a warning
+    /// condition (`SiteRedundancy=False`).
+    #[schemars(length(min = 1, max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub sites: Vec<String>,
+
+    /// The gateway pods that run in every site.
+    pub gateway: GatewaySpec,
+
+    /// Maximum message size in bytes (recipients x size). Default and legal
+    /// maximum: 104857600 (100 MB).
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 1, max = 104_857_600))]
+    pub max_message_bytes: i64,
+
+    /// Antivirus settings. Antivirus is mandatory for every PEC mailbox and
+    /// cannot be turned off: infected messages are refused with a notice to
+    /// the sender and kept in quarantine.
+    #[serde(default)]
+    pub antivirus: AntivirusSpec,
+
+    /// Name of a SigningKey in the same namespace whose key signs this
+    /// domain's receipts and envelopes. Carried into the gateway configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub signing_key_ref: Option<String>,
+}
+
+/// The domain profile, which decides the protocols and ports the gateways expose.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// Ordinary PEC mailboxes: SMTP reception (25), submission (465), IMAPS
+    /// (993), POP3S (995) and HTTPS (443).
+    Standard,
+    /// PEC d'ufficio: receive only; SMTP reception (25) and the HTTPS message
+    /// API (443); never IMAP, POP3 or submission.
+    ReceiveOnly,
+}
+
+/// The gateway Deployment run in every site of the domain.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Container image of the PEC gateway.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// Gateway replicas in each site, each on a distinct node. At least 2
+    /// (every PEC service runs on at least two machines); default 2.
+    #[serde(default = "default_replicas_per_site")]
+    #[schemars(range(max = 100))]
+    #[x_kube(validation = Rule::new("self >= 2").message(
+        "replicasPerSite must be at least 2: every PEC service runs on at least two machines"
+    ))]
+    pub replicas_per_site: i32,
+
+    /// CPU and memory requests and limits of the gateway container. Defaults:
+    /// requests 100m CPU and 128Mi memory, limits 1 CPU and 512Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Extra annotations on the gateway pods (for example for a log collector).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+}
+
+/// Antivirus settings. There is deliberately no way to disable scanning.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AntivirusSpec {
+    /// Always `true`: antivirus is mandatory for PEC by law. The field exists
+    /// only so that an attempt to set it to `false` is refused with a clear message.
+    #[serde(default = "always_true")]
+    #[x_kube(validation = Rule::new("self == true").message(
+        "antivirus is mandatory for every PEC mailbox and cannot be disabled; remove antivirus.enabled"
+    ))]
+    pub enabled: bool,
+
+    /// How long infected messages stay in quarantine: a whole number of months
+    /// (`30mo`) or years (`3y`), at least the legal 30 months. Default `30mo`.
+    #[serde(default = "default_quarantine_retention")]
+    #[schemars(length(min = 2, max = 6))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^[0-9]{1,4}(mo|y)$') && (self.endsWith('y') ? int(self.substring(0, size(self) - 1)) * 12 : int(self.substring(0, size(self) - 2))) >= 30"
+    ).message(
+        "quarantineRetention must be a whole number of months or years (30mo, 3y) and at least the legal 30 months"
+    ))]
+    pub quarantine_retention: String,
+}
+
+impl Default for AntivirusSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            quarantine_retention: default_quarantine_retention(),
+        }
+    }
+}
+
+/// Observed state of a MailDomain.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MailDomainStatus {
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready over desired gateways across all sites, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<String>,
+    /// Desired and ready gateways in each listed site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteGatewayStatus>,
+    /// `Ready` (every listed site at full strength), `Degraded` (some site
+    /// below), `Progressing` (a rollout is under way), `SiteRedundancy` (at
+    /// least two sites), `SigningKeyResolved`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Gateway counts of one site.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteGatewayStatus {
+    /// Site name.
+    pub site: String,
+    /// Gateways the site should run.
+    pub desired: i32,
+    /// Gateways that are ready.
+    pub ready: i32,
+}
+
+impl Profile {
+    /// The ports gateways of this profile listen on; nothing else is exposed.
+    pub fn ports(self) -> &'static [GatewayPort] {
+        match self {
+            Profile::Standard => &[
+                GatewayPort::SMTP,
+                GatewayPort::SUBMISSION,
+                GatewayPort::IMAPS,
+                GatewayPort::POP3S,
+                GatewayPort::HTTPS,
+            ],
+            Profile::ReceiveOnly => &[GatewayPort::SMTP, GatewayPort::HTTPS],
+        }
+    }
+}
+
+/// A named port of the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatewayPort {
+    /// The port name (IANA service name).
+    pub name: &'static str,
+    /// The port number.
+    pub port: i32,
+}
+
+impl GatewayPort {
+    /// SMTP reception from other providers.
+    pub const SMTP: Self = Self {
+        name: "smtp",
+        port: 25,
+    };
+    /// Message submission over implicit TLS.
+    pub const SUBMISSION: Self = Self {
+        name: "submissions",
+        port: 465,
+    };
+    /// IMAP over TLS.
+    pub const IMAPS: Self = Self {
+        name: "imaps",
+        port: 993,
+    };
+    /// POP3 over TLS.
+    pub const POP3S: Self = Self {
+        name: "pop3s",
+        port: 995,
+    };
+    /// Webmail and the message API.
+    pub const HTTPS: Self = Self {
+        name: "https",
+        port: 443,
+    };
+}
+
+fn default_max_message_bytes() -> i64 {
+    MAX_MESSAGE_BYTES
+}
+
+fn default_replicas_per_site() -> i32 {
+    MIN_REPLICAS_PER_SITE
+}
+
+fn always_true() -> bool {
+    true
+}
+
+fn default_quarantine_retention() -> String {
+    format!("{LEGAL_RETENTION_MONTHS}mo")
+}

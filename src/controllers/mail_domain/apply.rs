@@ -1,0 +1,179 @@
+//! Writes a MailDomain's children with server-side apply and deletes the ones
+//! this pass no longer wants. The only client code of this controller besides
+//! the fetches in `mod.rs`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+};
+
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Service},
+        networking::v1::NetworkPolicy,
+        policy::v1::PodDisruptionBudget,
+    },
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::{
+    Error,
+    build::{Children, DOMAIN_LABEL, SITE_LABEL, SiteChildren},
+};
+use crate::controllers::MANAGED_BY;
+
+/// The field manager of everything this controller applies.
+pub const FIELD_MANAGER: &str = "pec-operator/maildomain";
+
+/// Applies every child; returns the applied Deployments as the server has them.
+pub async fn apply_all(
+    client: &Client,
+    namespace: &str,
+    children: &Children,
+) -> Result<Vec<Deployment>, Error> {
+    let mut deployments = Vec::with_capacity(children.sites.len());
+    for site in &children.sites {
+        // Destructured without `..`: a new child must be applied here or the build fails.
+        let SiteChildren {
+            site: _,
+            config_map,
+            deployment,
+            service,
+            pdb,
+            network_policy,
+        } = site;
+        // The ConfigMap first, so new pods never start with a stale configuration.
+        apply(client, namespace, config_map).await?;
+        apply(client, namespace, service).await?;
+        apply(client, namespace, pdb).await?;
+        apply(client, namespace, network_policy).await?;
+        deployments.push(apply(client, namespace, deployment).await?);
+    }
+    Ok(deployments)
+}
+
+/// Deletes children of `domain` that this pass did not apply, except those of
+/// `kept_sites` (listed sites whose Site is missing: their running gateways
+/// stay until the site is removed from the spec). Returns the sites whose
+/// children were removed.
+pub async fn prune(
+    client: &Client,
+    namespace: &str,
+    domain: &str,
+    children: &Children,
+    kept_sites: &[String],
+) -> Result<BTreeSet<String>, Error> {
+    let applied: BTreeSet<String> = children
+        .sites
+        .iter()
+        .filter_map(|s| s.deployment.metadata.name.clone())
+        .collect();
+    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL}={domain}");
+    let keep = |labels: &BTreeMap<String, String>, name: &str| {
+        applied.contains(name)
+            || labels
+                .get(SITE_LABEL)
+                .is_some_and(|s| kept_sites.contains(s))
+    };
+    let mut removed = BTreeSet::new();
+    removed.extend(prune_kind::<Deployment>(client, namespace, &selector, &keep).await?);
+    removed.extend(prune_kind::<Service>(client, namespace, &selector, &keep).await?);
+    removed.extend(prune_kind::<PodDisruptionBudget>(client, namespace, &selector, &keep).await?);
+    removed.extend(prune_kind::<NetworkPolicy>(client, namespace, &selector, &keep).await?);
+    removed.extend(prune_kind::<ConfigMap>(client, namespace, &selector, &keep).await?);
+    Ok(removed)
+}
+
+/// Lists the Deployments of `domain`, whatever their site.
+pub async fn deployments(
+    client: &Client,
+    namespace: &str,
+    domain: &str,
+) -> Result<Vec<Deployment>, Error> {
+    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL}={domain}");
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map(|l| l.items)
+        .map_err(|source| Error::List {
+            kind: "Deployment",
+            source,
+        })
+}
+
+async fn apply<K>(client: &Client, namespace: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let name = obj.name_any();
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            kind: <K as k8s_openapi::Resource>::KIND,
+            name,
+            source,
+        })
+}
+
+async fn prune_kind<K>(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    keep: &(dyn Fn(&BTreeMap<String, String>, &str) -> bool + Sync),
+) -> Result<Vec<String>, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    let list = api
+        .list_metadata(&ListParams::default().labels(selector))
+        .await
+        .map_err(|source| Error::List {
+            kind: <K as k8s_openapi::Resource>::KIND,
+            source,
+        })?;
+    let mut removed_sites = Vec::new();
+    for item in list.items {
+        let name = item.name_any();
+        if keep(item.labels(), &name) {
+            continue;
+        }
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            // Already gone: what we wanted.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind: <K as k8s_openapi::Resource>::KIND,
+                    name,
+                    source,
+                });
+            }
+        }
+        tracing::info!(kind = <K as k8s_openapi::Resource>::KIND, %name, "deleted a child no longer wanted");
+        if let Some(site) = item.labels().get(SITE_LABEL) {
+            removed_sites.push(site.clone());
+        }
+    }
+    Ok(removed_sites)
+}

@@ -1,0 +1,634 @@
+//! Pure builders of the objects a MailDomain owns in each of its sites.
+//!
+//! For every (domain, site) pair: a ConfigMap with the gateway configuration,
+//! a Deployment, a Service, a PodDisruptionBudget and a NetworkPolicy. Names
+//! are deterministic, every object carries the standard labels and a
+//! controller owner reference, so the garbage collector removes them with the
+//! MailDomain.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
+        core::v1::{
+            Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+            EmptyDirVolumeSource, EnvVar, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+            PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+            Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+        },
+        networking::v1::{
+            NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
+};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::validate::ResolvedSite;
+use crate::{
+    api::{GatewayPort, MailDomain, Profile},
+    controllers::MANAGED_BY,
+};
+
+/// Label naming the MailDomain a child belongs to.
+pub const DOMAIN_LABEL: &str = "pec.dev/maildomain";
+/// Label naming the site a child serves.
+pub const SITE_LABEL: &str = "pec.dev/site";
+/// Pod template annotation holding the configuration hash; a change rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "pec.dev/config-hash";
+/// The key of the gateway configuration in its ConfigMap.
+pub const CONFIG_KEY: &str = "gateway.yaml";
+const CONFIG_DIR: &str = "/etc/pec-gateway";
+/// Gateways run as this unprivileged user (restricted Pod Security).
+const GATEWAY_UID: i64 = 10_000;
+
+/// Everything one MailDomain owns, per site.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Children {
+    /// The children of each present site, in `spec.sites` order.
+    pub sites: Vec<SiteChildren>,
+}
+
+/// The objects of one (domain, site) pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteChildren {
+    /// The site these objects serve.
+    pub site: String,
+    /// The gateway configuration.
+    pub config_map: ConfigMap,
+    /// The gateway pods.
+    pub deployment: Deployment,
+    /// The site's Service in front of the gateways.
+    pub service: Service,
+    /// Keeps all but one gateway available during voluntary disruption.
+    pub pdb: PodDisruptionBudget,
+    /// Admits ingress only on the profile's ports.
+    pub network_policy: NetworkPolicy,
+}
+
+/// The configuration a gateway reads, rendered into its ConfigMap.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayConfig {
+    /// The PEC domain.
+    pub domain: String,
+    /// The profile.
+    pub profile: Profile,
+    /// The site this gateway runs in.
+    pub site: String,
+    /// Maximum message size in bytes.
+    pub max_message_bytes: i64,
+    /// What the gateway does with infected messages.
+    pub antivirus: AntivirusConfig,
+    /// Enabled protocols, by port name.
+    pub protocols: Vec<&'static str>,
+    /// The SigningKey that signs receipts and envelopes, if named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_key_ref: Option<String>,
+}
+
+/// Antivirus settings the gateway applies.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AntivirusConfig {
+    /// Always on.
+    pub enabled: bool,
+    /// Infected messages are never delivered.
+    pub infected_action: &'static str,
+    /// How long quarantined messages are kept.
+    pub quarantine_retention: String,
+}
+
+/// The gateway configuration of `md` in `site`.
+pub fn gateway_config(md: &MailDomain, site: &str) -> GatewayConfig {
+    GatewayConfig {
+        domain: md.spec.domain.clone(),
+        profile: md.spec.profile,
+        site: site.to_string(),
+        max_message_bytes: md.spec.max_message_bytes,
+        antivirus: AntivirusConfig {
+            enabled: true,
+            infected_action: "RefuseNotifySenderQuarantine",
+            quarantine_retention: md.spec.antivirus.quarantine_retention.clone(),
+        },
+        protocols: md.spec.profile.ports().iter().map(|p| p.name).collect(),
+        signing_key_ref: md.spec.signing_key_ref.clone(),
+    }
+}
+
+/// The name of the children of `md` in `site`: `<domain>-<site>`, shortened
+/// with a stable hash to fit a DNS label (63 characters), starting with a letter.
+pub fn child_name(md: &str, site: &str) -> String {
+    let full = format!("{md}-{site}");
+    let prefixed = if full.starts_with(|c: char| c.is_ascii_lowercase()) {
+        full
+    } else {
+        format!("gw-{full}")
+    };
+    if prefixed.len() <= 63 {
+        return prefixed;
+    }
+    let hash = short_hash(prefixed.as_bytes(), 8);
+    let head = prefixed[..54].trim_end_matches(['-', '.']);
+    format!("{head}-{hash}")
+}
+
+/// The labels of every child of `md` in `site`.
+pub fn labels(md: &str, site: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(md, site);
+    labels.insert("app.kubernetes.io/name".into(), "pec-gateway".into());
+    labels.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
+    labels.insert(DOMAIN_LABEL.into(), md.into());
+    labels
+}
+
+/// The labels that select the gateway pods of `md` in `site`.
+fn selector_labels(md: &str, site: &str) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/instance".to_string(), md.to_string()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "gateway".to_string(),
+        ),
+        (SITE_LABEL.to_string(), site.to_string()),
+    ]
+    .into()
+}
+
+/// All children of `md` for the present sites.
+pub fn children(md: &MailDomain, sites: &[ResolvedSite]) -> Result<Children, serde_yaml::Error> {
+    let sites = sites
+        .iter()
+        .map(|site| site_children(md, site))
+        .collect::<Result<_, _>>()?;
+    Ok(Children { sites })
+}
+
+fn site_children(md: &MailDomain, site: &ResolvedSite) -> Result<SiteChildren, serde_yaml::Error> {
+    let md_name = md.name_any();
+    let name = child_name(&md_name, &site.name);
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: md.namespace(),
+        labels: Some(labels(&md_name, &site.name)),
+        owner_references: owner(md).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    };
+    let config = serde_yaml::to_string(&gateway_config(md, &site.name))?;
+    let selector = LabelSelector {
+        match_labels: Some(selector_labels(&md_name, &site.name)),
+        ..LabelSelector::default()
+    };
+    let ports = md.spec.profile.ports();
+    Ok(SiteChildren {
+        site: site.name.clone(),
+        config_map: ConfigMap {
+            metadata: meta.clone(),
+            data: Some([(CONFIG_KEY.to_string(), config.clone())].into()),
+            ..ConfigMap::default()
+        },
+        deployment: deployment(md, site, meta.clone(), selector.clone(), &config),
+        service: Service {
+            metadata: meta.clone(),
+            spec: Some(ServiceSpec {
+                selector: selector.match_labels.clone(),
+                ports: Some(ports.iter().map(service_port).collect()),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        },
+        pdb: PodDisruptionBudget {
+            metadata: meta.clone(),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(selector.clone()),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            ..PodDisruptionBudget::default()
+        },
+        network_policy: NetworkPolicy {
+            metadata: meta,
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(selector),
+                policy_types: Some(vec!["Ingress".into()]),
+                ingress: Some(vec![NetworkPolicyIngressRule {
+                    ports: Some(ports.iter().map(policy_port).collect()),
+                    ..NetworkPolicyIngressRule::default()
+                }]),
+                ..NetworkPolicySpec::default()
+            }),
+        },
+    })
+}
+
+fn deployment(
+    md: &MailDomain,
+    site: &ResolvedSite,
+    meta: ObjectMeta,
+    selector: LabelSelector,
+    config: &str,
+) -> Deployment {
+    let mut annotations = md.spec.gateway.pod_annotations.clone();
+    annotations.insert(
+        CONFIG_HASH_ANNOTATION.into(),
+        short_hash(config.as_bytes(), 16),
+    );
+    let name = meta.name.clone().unwrap_or_default();
+    let pod_labels = meta.labels.clone();
+    let smtp = IntOrString::String(GatewayPort::SMTP.name.into());
+    Deployment {
+        metadata: meta,
+        spec: DeploymentSpec {
+            replicas: Some(md.spec.gateway.replicas_per_site),
+            selector: selector.clone(),
+            // Never below full strength during a rollout: surge one pod first.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: pod_labels,
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    node_selector: Some(site.node_selector.clone()),
+                    affinity: Some(Affinity {
+                        pod_anti_affinity: Some(PodAntiAffinity {
+                            required_during_scheduling_ignored_during_execution: Some(vec![
+                                PodAffinityTerm {
+                                    label_selector: Some(selector),
+                                    topology_key: "kubernetes.io/hostname".into(),
+                                    ..PodAffinityTerm::default()
+                                },
+                            ]),
+                            ..PodAntiAffinity::default()
+                        }),
+                        ..Affinity::default()
+                    }),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(60),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(GATEWAY_UID),
+                        run_as_group: Some(GATEWAY_UID),
+                        fs_group: Some(GATEWAY_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![Container {
+                        name: "gateway".into(),
+                        image: Some(md.spec.gateway.image.clone()),
+                        ports: Some(md.spec.profile.ports().iter().map(container_port).collect()),
+                        env: Some(vec![EnvVar {
+                            name: "PEC_GATEWAY_CONFIG".into(),
+                            value: Some(format!("{CONFIG_DIR}/{CONFIG_KEY}")),
+                            ..EnvVar::default()
+                        }]),
+                        resources: Some(
+                            md.spec
+                                .gateway
+                                .resources
+                                .clone()
+                                .unwrap_or_else(default_resources),
+                        ),
+                        readiness_probe: Some(tcp_probe(smtp.clone(), 5, 2)),
+                        liveness_probe: Some(tcp_probe(smtp, 10, 3)),
+                        security_context: Some(SecurityContext {
+                            allow_privilege_escalation: Some(false),
+                            read_only_root_filesystem: Some(true),
+                            run_as_non_root: Some(true),
+                            // Ports below 1024 without root: the one capability restricted allows.
+                            capabilities: Some(Capabilities {
+                                drop: Some(vec!["ALL".into()]),
+                                add: Some(vec!["NET_BIND_SERVICE".into()]),
+                            }),
+                            ..SecurityContext::default()
+                        }),
+                        volume_mounts: Some(vec![
+                            VolumeMount {
+                                name: "config".into(),
+                                mount_path: CONFIG_DIR.into(),
+                                read_only: Some(true),
+                                ..VolumeMount::default()
+                            },
+                            VolumeMount {
+                                name: "tmp".into(),
+                                mount_path: "/tmp".into(),
+                                ..VolumeMount::default()
+                            },
+                        ]),
+                        ..Container::default()
+                    }],
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name,
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "tmp".into(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Volume::default()
+                        },
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    }
+}
+
+fn owner(md: &MailDomain) -> Option<OwnerReference> {
+    md.controller_owner_ref(&())
+}
+
+fn tcp_probe(port: IntOrString, period: i32, failures: i32) -> Probe {
+    Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port,
+            ..TCPSocketAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn container_port(p: &GatewayPort) -> ContainerPort {
+    ContainerPort {
+        name: Some(p.name.into()),
+        container_port: p.port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+fn service_port(p: &GatewayPort) -> ServicePort {
+    ServicePort {
+        name: Some(p.name.into()),
+        port: p.port,
+        target_port: Some(IntOrString::String(p.name.into())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
+fn policy_port(p: &GatewayPort) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::Int(p.port)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    }
+}
+
+fn default_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some([("cpu".into(), q("100m")), ("memory".into(), q("128Mi"))].into()),
+        limits: Some([("cpu".into(), q("1")), ("memory".into(), q("512Mi"))].into()),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn short_hash(data: &[u8], hex_chars: usize) -> String {
+    let digest = Sha256::digest(data);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    hex[..hex_chars].to_string()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::api::{AntivirusSpec, GatewaySpec, MailDomainSpec, Site, SiteSpec};
+
+    pub(crate) fn domain(sites: &[&str]) -> MailDomain {
+        let mut md = MailDomain::new(
+            "acme",
+            MailDomainSpec {
+                domain: "pec.acme.it".into(),
+                profile: Profile::Standard,
+                sites: sites.iter().map(|s| s.to_string()).collect(),
+                gateway: GatewaySpec {
+                    image: "registry.local/pec-gateway:1.0".into(),
+                    replicas_per_site: 2,
+                    resources: None,
+                    pod_annotations: BTreeMap::new(),
+                },
+                max_message_bytes: 104_857_600,
+                antivirus: AntivirusSpec::default(),
+                signing_key_ref: Some("acme-key".into()),
+            },
+        );
+        md.metadata.namespace = Some("mail".into());
+        md.metadata.uid = Some("0b7c-uid".into());
+        md
+    }
+
+    pub(crate) fn site(name: &str) -> Site {
+        Site::new(
+            name,
+            SiteSpec {
+                node_selector: [("topology.kubernetes.io/zone".into(), name.into())].into(),
+                priority: 0,
+                maintenance: false,
+            },
+        )
+    }
+
+    fn resolved(name: &str) -> ResolvedSite {
+        ResolvedSite {
+            name: name.into(),
+            node_selector: site(name).spec.node_selector,
+        }
+    }
+
+    fn build(md: &MailDomain) -> SiteChildren {
+        children(md, &[resolved("dc-it1")])
+            .expect("builds")
+            .sites
+            .remove(0)
+    }
+
+    fn pod_spec(c: &SiteChildren) -> PodSpec {
+        c.deployment.spec.template.spec.clone().expect("pod spec")
+    }
+
+    fn policy_ports(c: &SiteChildren) -> Vec<i32> {
+        let ingress = c
+            .network_policy
+            .spec
+            .clone()
+            .and_then(|s| s.ingress)
+            .expect("ingress");
+        ingress[0]
+            .ports
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| match p.port {
+                Some(IntOrString::Int(n)) => Some(n),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_children_after_domain_and_site() {
+        assert_eq!(child_name("acme", "dc-it1"), "acme-dc-it1");
+    }
+
+    #[test]
+    fn shortens_long_names_to_a_dns_label_stably() {
+        let long = "a".repeat(80);
+        let name = child_name(&long, "dc-it1");
+        assert!(name.len() <= 63, "{name}");
+        assert_eq!(name, child_name(&long, "dc-it1"));
+        assert_ne!(name, child_name(&long, "dc-it2"));
+    }
+
+    #[test]
+    fn names_start_with_a_letter() {
+        assert_eq!(child_name("1pec", "dc-it1"), "gw-1pec-dc-it1");
+    }
+
+    #[test]
+    fn standard_profile_exposes_all_mailbox_ports() {
+        assert_eq!(
+            policy_ports(&build(&domain(&["dc-it1"]))),
+            [25, 465, 993, 995, 443]
+        );
+    }
+
+    #[test]
+    fn receive_only_profile_exposes_only_reception_and_api() {
+        let mut md = domain(&["dc-it1"]);
+        md.spec.profile = Profile::ReceiveOnly;
+        let c = build(&md);
+        assert_eq!(policy_ports(&c), [25, 443]);
+        let service_ports: Vec<i32> = c
+            .service
+            .spec
+            .and_then(|s| s.ports)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(service_ports, [25, 443]);
+        let container_ports: Vec<i32> = pod_spec(&build(&md)).containers[0]
+            .ports
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(container_ports, [25, 443]);
+    }
+
+    #[test]
+    fn pins_pods_to_the_site_and_spreads_them_over_machines() {
+        let spec = pod_spec(&build(&domain(&["dc-it1"])));
+        assert_eq!(spec.node_selector, Some(site("dc-it1").spec.node_selector));
+        let terms = spec
+            .affinity
+            .and_then(|a| a.pod_anti_affinity)
+            .and_then(|p| p.required_during_scheduling_ignored_during_execution)
+            .expect("required anti-affinity");
+        assert_eq!(terms[0].topology_key, "kubernetes.io/hostname");
+    }
+
+    #[test]
+    fn pod_passes_restricted_pod_security() {
+        let spec = pod_spec(&build(&domain(&["dc-it1"])));
+        let pod = spec.security_context.expect("pod security context");
+        assert_eq!(pod.run_as_non_root, Some(true));
+        assert_eq!(
+            pod.seccomp_profile.map(|s| s.type_).as_deref(),
+            Some("RuntimeDefault")
+        );
+        let c = spec.containers[0]
+            .security_context
+            .clone()
+            .expect("container security context");
+        assert_eq!(c.allow_privilege_escalation, Some(false));
+        let caps = c.capabilities.expect("capabilities");
+        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(caps.add, Some(vec!["NET_BIND_SERVICE".to_string()]));
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_template_hash() {
+        let hash = |md: &MailDomain| {
+            build(md)
+                .deployment
+                .spec
+                .template
+                .metadata
+                .and_then(|m| m.annotations)
+                .expect("annotations")[CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        let md = domain(&["dc-it1"]);
+        let mut smaller = md.clone();
+        smaller.spec.max_message_bytes = 50_000_000;
+        assert_eq!(hash(&md), hash(&md.clone()));
+        assert_ne!(hash(&md), hash(&smaller));
+    }
+
+    #[test]
+    fn config_carries_limits_antivirus_and_signing_key() {
+        let config = gateway_config(&domain(&["dc-it1"]), "dc-it1");
+        assert_eq!(config.max_message_bytes, 104_857_600);
+        assert!(config.antivirus.enabled);
+        assert_eq!(config.antivirus.quarantine_retention, "30mo");
+        assert_eq!(config.signing_key_ref.as_deref(), Some("acme-key"));
+        assert_eq!(
+            config.protocols,
+            ["smtp", "submissions", "imaps", "pop3s", "https"]
+        );
+    }
+
+    #[test]
+    fn children_are_owned_and_labelled() {
+        let c = build(&domain(&["dc-it1"]));
+        let owners = c
+            .config_map
+            .metadata
+            .owner_references
+            .clone()
+            .expect("owner");
+        assert_eq!(owners[0].kind, "MailDomain");
+        assert_eq!(owners[0].controller, Some(true));
+        let labels = c.service.metadata.labels.clone().expect("labels");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "pec-operator");
+        assert_eq!(labels[SITE_LABEL], "dc-it1");
+        assert_eq!(labels[DOMAIN_LABEL], "acme");
+    }
+
+    #[test]
+    fn pdb_keeps_all_but_one_gateway() {
+        let pdb = build(&domain(&["dc-it1"])).pdb.spec.expect("spec");
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+    }
+}

@@ -1,0 +1,269 @@
+//! The MailDomain controller: redundant gateways for a PEC domain in every site.
+//!
+//! For each (domain, site) pair it applies a ConfigMap, Deployment, Service,
+//! PodDisruptionBudget and NetworkPolicy (see `build`), deletes the children
+//! of sites no longer listed, and reports per-site gateway counts. Reads
+//! Sites; writes only objects it owns, MailDomain status and Events.
+
+mod apply;
+pub mod build;
+pub mod status;
+pub mod validate;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Service},
+    networking::v1::NetworkPolicy,
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher::Config,
+    },
+};
+use serde_json::json;
+
+use super::Context;
+use crate::{
+    api::{MailDomain, Site},
+    conditions,
+};
+
+const CONTROLLER: &str = "maildomain";
+/// Owned objects and Sites trigger reconciles; this is only the safety net.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Why a MailDomain reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object has no namespace (cannot happen for a namespaced kind).
+    #[error("MailDomain {0} has no namespace")]
+    NoNamespace(String),
+    /// Reading a listed Site failed.
+    #[error("reading Site {site} failed: {source}")]
+    FetchSite {
+        site: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Rendering the gateway configuration failed.
+    #[error("rendering the gateway configuration failed: {0}")]
+    Render(#[source] serde_yaml::Error),
+    /// Server-side apply of a child failed.
+    #[error("applying {kind} {name} failed: {source}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Listing children failed.
+    #[error("listing {kind} objects failed: {source}")]
+    List {
+        kind: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting a child no longer wanted failed.
+    #[error("deleting {kind} {name} failed: {source}")]
+    Delete {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing the status failed.
+    #[error("writing the status failed: {0}")]
+    WriteStatus(#[source] kube::Error),
+}
+
+impl Error {
+    /// A short, bounded reason for metrics and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::NoNamespace(_) => "NoNamespace",
+            Error::FetchSite { .. } => "FetchSiteFailed",
+            Error::Render(_) => "RenderFailed",
+            Error::Apply { .. } => "ApplyFailed",
+            Error::List { .. } => "ListFailed",
+            Error::Delete { .. } => "DeleteFailed",
+            Error::WriteStatus(_) => "StatusWriteFailed",
+        }
+    }
+}
+
+/// Reconciles one MailDomain.
+#[tracing::instrument(skip_all, fields(maildomain = %md.name_any(), namespace = md.namespace().unwrap_or_default()))]
+pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let now = ctx.clock.now();
+    let name = md.name_any();
+    let namespace = md
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[CONTROLLER])
+        .inc();
+    let _timer = ctx
+        .metrics
+        .reconcile_duration
+        .with_label_values(&[CONTROLLER])
+        .start_timer();
+
+    // fetch
+    let sites_api = Api::<Site>::all(ctx.client.clone());
+    let mut fetched = BTreeMap::new();
+    for site in &md.spec.sites {
+        let found = sites_api
+            .get_opt(site)
+            .await
+            .map_err(|source| Error::FetchSite {
+                site: site.clone(),
+                source,
+            })?;
+        fetched.insert(site.clone(), found);
+    }
+    let before = apply::deployments(&ctx.client, &namespace, &name).await?;
+
+    // validate and build
+    let resolution = validate::resolve_sites(&md, &fetched);
+    let children = build::children(&md, &resolution.present).map_err(Error::Render)?;
+
+    // apply
+    apply::apply_all(&ctx.client, &namespace, &children).await?;
+    let removed = apply::prune(
+        &ctx.client,
+        &namespace,
+        &name,
+        &children,
+        &resolution.missing,
+    )
+    .await?;
+    let deployments = apply::deployments(&ctx.client, &namespace, &name).await?;
+
+    // status
+    let new = status::compute(&md, &resolution, &deployments, now);
+    let old = md.status.clone().unwrap_or_default();
+    if new != old {
+        Api::<MailDomain>::namespaced(ctx.client.clone(), &namespace)
+            .patch_status(
+                &name,
+                &PatchParams::apply(apply::FIELD_MANAGER).force(),
+                &Patch::Apply(
+                    json!({"apiVersion": "pec.dev/v1alpha1", "kind": "MailDomain", "status": new}),
+                ),
+            )
+            .await
+            .map_err(Error::WriteStatus)?;
+    }
+    publish_events(&ctx, &md, &old, &new, &before, &children, &removed).await;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Events for what a person would want to know: readiness flips, missing
+/// sites, configuration rollouts and removed sites.
+async fn publish_events(
+    ctx: &Context,
+    md: &MailDomain,
+    old: &crate::api::MailDomainStatus,
+    new: &crate::api::MailDomainStatus,
+    before: &[Deployment],
+    children: &build::Children,
+    removed: &std::collections::BTreeSet<String>,
+) {
+    let old_ready = conditions::find(&old.conditions, status::READY);
+    if let Some(ready) = conditions::find(&new.conditions, status::READY) {
+        let changed =
+            old_ready.is_none_or(|o| o.status != ready.status || o.reason != ready.reason);
+        if changed {
+            let type_ = if ready.status == "True" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            ctx.event(md, type_, &ready.reason, ready.message.clone())
+                .await;
+        }
+    }
+    for site in &children.sites {
+        let hash_of = |d: &Deployment| {
+            d.spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(build::CONFIG_HASH_ANNOTATION).cloned())
+        };
+        let previous = before
+            .iter()
+            .find(|d| d.metadata.name == site.deployment.metadata.name);
+        if let Some(previous) = previous
+            && hash_of(previous) != hash_of(&site.deployment)
+        {
+            let note = format!(
+                "gateway configuration changed; rolling the gateways of site {}",
+                site.site
+            );
+            ctx.event(md, EventType::Normal, "ConfigChanged", note)
+                .await;
+        }
+    }
+    for site in removed {
+        let note = format!("site {site} is no longer listed; its gateways were removed");
+        ctx.event(md, EventType::Normal, "SiteRemoved", note).await;
+    }
+}
+
+fn error_policy(_md: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "maildomain reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[CONTROLLER, error.reason()])
+        .inc();
+    Action::requeue(Duration::from_secs(10))
+}
+
+/// Runs the MailDomain controller until shutdown.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(
+        Api::<MailDomain>::all(client.clone()),
+        Config::default().any_semantic(),
+    );
+    let store = controller.store();
+    let owned = || {
+        Config::default().labels(&format!(
+            "app.kubernetes.io/managed-by={}",
+            super::MANAGED_BY
+        ))
+    };
+    controller
+        .owns(Api::<Deployment>::all(client.clone()), owned())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned())
+        .owns(Api::<Service>::all(client.clone()), owned())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned())
+        .owns(Api::<NetworkPolicy>::all(client.clone()), owned())
+        // A Site appearing or changing re-reconciles the domains that list it.
+        .watches(
+            Api::<Site>::all(client),
+            Config::default(),
+            move |site: Site| {
+                let name = site.name_any();
+                store
+                    .state()
+                    .iter()
+                    .filter(|md| md.spec.sites.contains(&name))
+                    .map(|md| ObjectRef::from_obj(md.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}

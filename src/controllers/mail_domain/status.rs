@@ -1,0 +1,371 @@
+//! Pure status computation for a MailDomain, from its sites and Deployments.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::ResourceExt;
+
+use super::{build::SITE_LABEL, validate::Resolution};
+use crate::{
+    api::{MailDomain, MailDomainStatus, SiteGatewayStatus},
+    conditions::{self, Verdict},
+};
+
+/// Condition: every listed site runs its full count of ready, updated gateways.
+pub const READY: &str = "Ready";
+/// Condition: some listed site is below full strength.
+pub const DEGRADED: &str = "Degraded";
+/// Condition: a rollout is under way.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition: the domain is served from at least two data centers.
+pub const SITE_REDUNDANCY: &str = "SiteRedundancy";
+/// Condition: the signing key reference resolves to a usable key.
+pub const SIGNING_KEY_RESOLVED: &str = "SigningKeyResolved";
+
+/// Reasons.
+pub mod reason {
+    /// Every site at full strength.
+    pub const ALL_SITES_READY: &str = "AllSitesReady";
+    /// A listed Site does not exist.
+    pub const SITE_NOT_FOUND: &str = "SiteNotFound";
+    /// Some gateways are not ready yet.
+    pub const GATEWAYS_NOT_READY: &str = "GatewaysNotReady";
+    /// Some site is below full strength.
+    pub const SITE_BELOW_STRENGTH: &str = "SiteBelowStrength";
+    /// Every site is at full strength.
+    pub const AT_FULL_STRENGTH: &str = "AtFullStrength";
+    /// Pods are being replaced or added.
+    pub const ROLLING_OUT: &str = "RollingOut";
+    /// No rollout under way.
+    pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    /// Two or more sites.
+    pub const MULTI_SITE: &str = "MultiSite";
+    /// Only one site: PEC needs two data centers.
+    pub const SINGLE_SITE: &str = "SingleSite";
+    /// The reference is carried to the gateways but not resolved (no SigningKey controller yet).
+    pub const UNRESOLVED: &str = "Unresolved";
+    /// No signing key named.
+    pub const NO_SIGNING_KEY: &str = "NoSigningKeyRef";
+}
+
+/// Gateway counts of one site, from its Deployment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    desired: i32,
+    ready: i32,
+    updated: i32,
+    total: i32,
+    settled: bool,
+}
+
+impl Counts {
+    fn of(desired: i32, deployment: Option<&Deployment>) -> Self {
+        let Some(d) = deployment else {
+            return Self {
+                desired,
+                ..Self::default()
+            };
+        };
+        let status = d.status.clone().unwrap_or_default();
+        Self {
+            desired,
+            ready: status.ready_replicas.unwrap_or(0),
+            updated: status.updated_replicas.unwrap_or(0),
+            total: status.replicas.unwrap_or(0),
+            settled: status.observed_generation >= d.metadata.generation,
+        }
+    }
+
+    fn at_full_strength(&self) -> bool {
+        self.settled && self.ready >= self.desired && self.updated >= self.desired
+    }
+
+    fn rolling(&self) -> bool {
+        !self.settled || self.updated < self.desired || self.total > self.desired
+    }
+}
+
+/// The status of `md`, given how its sites resolved and its Deployments.
+pub fn compute(
+    md: &MailDomain,
+    sites: &Resolution,
+    deployments: &[Deployment],
+    now: DateTime<Utc>,
+) -> MailDomainStatus {
+    let desired = md.spec.gateway.replicas_per_site;
+    let per_site: Vec<(String, Counts)> = md
+        .spec
+        .sites
+        .iter()
+        .map(|site| {
+            let d = deployments
+                .iter()
+                .find(|d| d.labels().get(SITE_LABEL) == Some(site));
+            (site.clone(), Counts::of(desired, d))
+        })
+        .collect();
+    let ready_total: i32 = per_site.iter().map(|(_, c)| c.ready.min(c.desired)).sum();
+    let desired_total: i32 = per_site.iter().map(|(_, c)| c.desired).sum();
+    let weak: Vec<String> = per_site
+        .iter()
+        .filter(|(_, c)| !c.at_full_strength())
+        .map(|(s, c)| format!("{s} {}/{}", c.ready, c.desired))
+        .collect();
+
+    let ready = if !sites.missing.is_empty() {
+        Verdict::new(
+            READY,
+            false,
+            reason::SITE_NOT_FOUND,
+            format!(
+                "Site {} not found; create it or remove it from spec.sites",
+                sites.missing.join(", ")
+            ),
+        )
+    } else if weak.is_empty() {
+        Verdict::new(
+            READY,
+            true,
+            reason::ALL_SITES_READY,
+            format!(
+                "{ready_total}/{desired_total} gateways ready in {} sites",
+                per_site.len()
+            ),
+        )
+    } else {
+        Verdict::new(
+            READY,
+            false,
+            reason::GATEWAYS_NOT_READY,
+            format!("ready gateways: {}", weak.join(", ")),
+        )
+    };
+    let degraded = if weak.is_empty() {
+        Verdict::new(
+            DEGRADED,
+            false,
+            reason::AT_FULL_STRENGTH,
+            "every site at full strength",
+        )
+    } else {
+        Verdict::new(
+            DEGRADED,
+            true,
+            reason::SITE_BELOW_STRENGTH,
+            format!("below full strength: {}", weak.join(", ")),
+        )
+    };
+    let rolling: Vec<&str> = per_site
+        .iter()
+        .filter(|(_, c)| c.rolling())
+        .map(|(s, _)| s.as_str())
+        .collect();
+    let progressing = if rolling.is_empty() {
+        Verdict::new(
+            PROGRESSING,
+            false,
+            reason::ROLLOUT_COMPLETE,
+            "no rollout under way",
+        )
+    } else {
+        Verdict::new(
+            PROGRESSING,
+            true,
+            reason::ROLLING_OUT,
+            format!("rolling out in {}", rolling.join(", ")),
+        )
+    };
+    let redundancy = if md.spec.sites.len() >= 2 {
+        Verdict::new(
+            SITE_REDUNDANCY,
+            true,
+            reason::MULTI_SITE,
+            format!("served from {} sites", md.spec.sites.len()),
+        )
+    } else {
+        Verdict::new(
+            SITE_REDUNDANCY,
+            false,
+            reason::SINGLE_SITE,
+            "PEC services must run in at least two data centers; add a second Site to spec.sites",
+        )
+    };
+    let signing_key = match &md.spec.signing_key_ref {
+        Some(name) => Verdict::new(
+            SIGNING_KEY_RESOLVED,
+            false,
+            reason::UNRESOLVED,
+            format!(
+                "SigningKey {name} is passed to the gateway configuration but not resolved yet"
+            ),
+        ),
+        None => Verdict::new(
+            SIGNING_KEY_RESOLVED,
+            false,
+            reason::NO_SIGNING_KEY,
+            "spec.signingKeyRef is empty: receipts and envelopes cannot be signed",
+        ),
+    };
+
+    let previous = md
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let generation = md.metadata.generation;
+    MailDomainStatus {
+        observed_generation: generation,
+        gateways: Some(format!("{ready_total}/{desired_total}")),
+        sites: per_site
+            .iter()
+            .map(|(site, c)| SiteGatewayStatus {
+                site: site.clone(),
+                desired: c.desired,
+                ready: c.ready,
+            })
+            .collect(),
+        conditions: conditions::merge(
+            previous,
+            &[ready, degraded, progressing, redundancy, signing_key],
+            generation,
+            now,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controllers::mail_domain::{
+        build::{labels, tests::domain},
+        validate::ResolvedSite,
+    };
+    use k8s_openapi::{
+        api::apps::v1::DeploymentStatus, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).expect("valid")
+    }
+
+    fn deployment(site: &str, ready: i32, updated: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                labels: Some(labels("acme", site)),
+                generation: Some(1),
+                ..ObjectMeta::default()
+            },
+            status: Some(DeploymentStatus {
+                observed_generation: Some(1),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(updated),
+                replicas: Some(updated),
+                ..DeploymentStatus::default()
+            }),
+            ..Deployment::default()
+        }
+    }
+
+    fn resolution(present: &[&str], missing: &[&str]) -> Resolution {
+        Resolution {
+            present: present
+                .iter()
+                .map(|s| ResolvedSite {
+                    name: s.to_string(),
+                    node_selector: Default::default(),
+                })
+                .collect(),
+            missing: missing.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn reason_of(s: &MailDomainStatus, type_: &str) -> String {
+        conditions::find(&s.conditions, type_)
+            .map(|c| c.reason.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn ready_when_every_site_is_at_full_strength() {
+        let md = domain(&["dc-it1", "dc-it2"]);
+        let s = compute(
+            &md,
+            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &[deployment("dc-it1", 2, 2), deployment("dc-it2", 2, 2)],
+            now(),
+        );
+        assert!(conditions::is_true(&s.conditions, READY));
+        assert!(!conditions::is_true(&s.conditions, DEGRADED));
+        assert_eq!(s.gateways.as_deref(), Some("4/4"));
+        assert_eq!(
+            s.sites[1],
+            SiteGatewayStatus {
+                site: "dc-it2".into(),
+                desired: 2,
+                ready: 2
+            }
+        );
+    }
+
+    #[test]
+    fn degraded_when_a_site_is_below_strength() {
+        let md = domain(&["dc-it1", "dc-it2"]);
+        let s = compute(
+            &md,
+            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &[deployment("dc-it1", 2, 2), deployment("dc-it2", 1, 2)],
+            now(),
+        );
+        assert_eq!(reason_of(&s, READY), reason::GATEWAYS_NOT_READY);
+        assert!(conditions::is_true(&s.conditions, DEGRADED));
+        assert!(
+            conditions::find(&s.conditions, DEGRADED)
+                .is_some_and(|c| c.message.contains("dc-it2 1/2"))
+        );
+    }
+
+    #[test]
+    fn progressing_while_pods_are_replaced() {
+        let md = domain(&["dc-it1"]);
+        let s = compute(
+            &md,
+            &resolution(&["dc-it1"], &[]),
+            &[deployment("dc-it1", 2, 1)],
+            now(),
+        );
+        assert!(conditions::is_true(&s.conditions, PROGRESSING));
+    }
+
+    #[test]
+    fn missing_site_is_not_ready_with_a_message_that_names_it() {
+        let md = domain(&["dc-it1", "dc-it9"]);
+        let s = compute(
+            &md,
+            &resolution(&["dc-it1"], &["dc-it9"]),
+            &[deployment("dc-it1", 2, 2)],
+            now(),
+        );
+        let ready = conditions::find(&s.conditions, READY).expect("Ready");
+        assert_eq!(ready.reason, reason::SITE_NOT_FOUND);
+        assert!(ready.message.contains("dc-it9"));
+    }
+
+    #[test]
+    fn a_single_site_is_a_redundancy_warning_not_an_error() {
+        let md = domain(&["dc-it1"]);
+        let s = compute(
+            &md,
+            &resolution(&["dc-it1"], &[]),
+            &[deployment("dc-it1", 2, 2)],
+            now(),
+        );
+        assert!(conditions::is_true(&s.conditions, READY));
+        assert_eq!(reason_of(&s, SITE_REDUNDANCY), reason::SINGLE_SITE);
+    }
+
+    #[test]
+    fn signing_key_reference_is_reported_unresolved() {
+        let md = domain(&["dc-it1", "dc-it2"]);
+        let s = compute(&md, &resolution(&["dc-it1", "dc-it2"], &[]), &[], now());
+        assert_eq!(reason_of(&s, SIGNING_KEY_RESOLVED), reason::UNRESOLVED);
+    }
+}

@@ -1,0 +1,72 @@
+//! The reconcilers, one folder per kind, and what they share.
+//!
+//! Each reconcile runs the same pipeline (STYLE.md): fetch (client) ->
+//! validate (pure) -> build (pure) -> apply (client) -> status (pure, then one
+//! write). Only `mod.rs` and the fetch/apply code of each controller await.
+
+pub mod mail_domain;
+pub mod site;
+
+use std::sync::Arc;
+
+use futures::future;
+use kube::{
+    Client, Resource,
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+
+use crate::{clock::Clock, metrics::Metrics};
+
+/// The name every object we apply is labelled with as its manager.
+pub const MANAGED_BY: &str = "pec-operator";
+
+/// What every reconcile gets: the client, the one clock, metrics and events.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// The one clock; reconciles read `now` once from it.
+    pub clock: Arc<dyn Clock>,
+    /// The operator's metrics.
+    pub metrics: Metrics,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+}
+
+impl Context {
+    /// A context for `client`, reporting events as `pec-operator` from `instance`.
+    pub fn new(client: Client, clock: Arc<dyn Clock>, metrics: Metrics, instance: &str) -> Self {
+        let reporter = Reporter {
+            controller: MANAGED_BY.into(),
+            instance: Some(instance.into()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            clock,
+            metrics,
+        }
+    }
+
+    /// Publishes an Event about `obj`. Failing to publish is logged, never fatal:
+    /// an Event is a story for people, not state.
+    pub async fn event<K>(&self, obj: &K, type_: EventType, reason: &str, note: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing an event failed");
+        }
+    }
+}
+
+/// Runs every controller until they stop (on shutdown).
+pub async fn run(ctx: Arc<Context>) {
+    future::join(site::run(ctx.clone()), mail_domain::run(ctx)).await;
+}

@@ -1,0 +1,261 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas can
+//! run and only the leader reconciles.
+//!
+//! The algorithm is client-go's: the leader renews the Lease every retry
+//! period; a candidate takes the Lease over once it has seen the same Lease
+//! record unchanged for a whole lease duration (measured on its own monotonic
+//! clock, so clock skew between machines does not matter). Writes use the
+//! Lease's `resourceVersion`, so two candidates cannot both win. The leader
+//! releases the Lease on shutdown, so a successor takes over at once.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use kube::{
+    Api,
+    api::{ObjectMeta, PostParams},
+};
+use tokio::time::Instant;
+
+use crate::{clock::Clock, time::to_k8s_micro};
+
+/// Timing of the election.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// How long a Lease record stays valid without renewal.
+    pub lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it gives up leadership.
+    pub renew_deadline: Duration,
+    /// Pause between attempts.
+    pub retry_period: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a candidate should do with the Lease it read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// No Lease exists: create it, holding it.
+    Create,
+    /// We hold it: renew.
+    Renew,
+    /// It is free or expired: take it over.
+    TakeOver,
+    /// Someone else holds a live Lease: wait.
+    Wait,
+}
+
+/// Decides the step for `identity`, given the holder of the Lease (if any
+/// Lease exists) and how long its record has been seen unchanged.
+pub fn decide(
+    identity: &str,
+    holder: Option<Option<&str>>,
+    unchanged_for: Duration,
+    lease_duration: Duration,
+) -> Step {
+    match holder {
+        None => Step::Create,
+        Some(Some(h)) if h == identity => Step::Renew,
+        Some(None) | Some(Some("")) => Step::TakeOver,
+        Some(Some(_)) if unchanged_for >= lease_duration => Step::TakeOver,
+        Some(Some(_)) => Step::Wait,
+    }
+}
+
+/// A candidate for the leadership of one Lease.
+pub struct Elector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    timing: Timing,
+    observed: Option<(String, Instant)>,
+}
+
+impl Elector {
+    /// A candidate named `identity` for the Lease `name` that `api` reaches.
+    pub fn new(api: Api<Lease>, name: &str, identity: &str, timing: Timing) -> Self {
+        Self {
+            api,
+            name: name.to_string(),
+            identity: identity.to_string(),
+            timing,
+            observed: None,
+        }
+    }
+
+    /// This candidate's identity.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// One attempt to acquire or renew. `Ok(true)` while we hold the Lease.
+    pub async fn try_acquire_or_renew(&mut self, clock: &dyn Clock) -> Result<bool, kube::Error> {
+        let now = clock.now();
+        let current = self.api.get_opt(&self.name).await?;
+        let holder = current
+            .as_ref()
+            .map(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()));
+        let unchanged_for = self.observe(current.as_ref());
+        let step = decide(
+            &self.identity,
+            holder,
+            unchanged_for,
+            self.timing.lease_duration,
+        );
+        let duration_secs = self.timing.lease_duration.as_secs() as i32;
+        let result = match (step, current) {
+            (Step::Wait, _) => return Ok(false),
+            (Step::Create, _) => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.identity.clone()),
+                        lease_duration_seconds: Some(duration_secs),
+                        acquire_time: Some(to_k8s_micro(now)),
+                        renew_time: Some(to_k8s_micro(now)),
+                        lease_transitions: Some(0),
+                        ..LeaseSpec::default()
+                    }),
+                };
+                self.api.create(&PostParams::default(), &lease).await
+            }
+            (step, Some(mut lease)) => {
+                let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+                if step == Step::TakeOver {
+                    spec.holder_identity = Some(self.identity.clone());
+                    spec.acquire_time = Some(to_k8s_micro(now));
+                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                }
+                spec.lease_duration_seconds = Some(duration_secs);
+                spec.renew_time = Some(to_k8s_micro(now));
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
+            }
+            (_, None) => return Ok(false),
+        };
+        match result {
+            Ok(lease) => {
+                self.observe(Some(&lease));
+                Ok(true)
+            }
+            // Another candidate wrote first: not an error, just not us.
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps renewing; returns only when leadership is lost (renewal failed
+    /// for longer than the renew deadline, or another holder took over).
+    pub async fn hold(&mut self, clock: &dyn Clock) {
+        let mut last_renewed = Instant::now();
+        loop {
+            tokio::time::sleep(self.timing.retry_period).await;
+            match self.try_acquire_or_renew(clock).await {
+                Ok(true) => last_renewed = Instant::now(),
+                Ok(false) => {
+                    tracing::error!(lease = %self.name, "another replica took the leader lease");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, error = %e, "renewing the leader lease failed")
+                }
+            }
+            if last_renewed.elapsed() > self.timing.renew_deadline {
+                tracing::error!(lease = %self.name, "could not renew the leader lease within the deadline");
+                return;
+            }
+        }
+    }
+
+    /// Gives the Lease up so a successor need not wait for it to expire.
+    pub async fn release(&mut self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.name, "released the leader lease"),
+            Err(e) => {
+                tracing::warn!(lease = %self.name, error = %e, "releasing the leader lease failed")
+            }
+        }
+    }
+
+    /// Records the Lease's version; returns how long it has stood unchanged.
+    fn observe(&mut self, lease: Option<&Lease>) -> Duration {
+        let version = lease
+            .and_then(|l| l.metadata.resource_version.clone())
+            .unwrap_or_default();
+        match &self.observed {
+            Some((seen, since)) if *seen == version => since.elapsed(),
+            _ => {
+                self.observed = Some((version, Instant::now()));
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn creates_a_missing_lease() {
+        assert_eq!(decide("a", None, Duration::ZERO, LEASE), Step::Create);
+    }
+
+    #[test]
+    fn renews_its_own_lease() {
+        assert_eq!(
+            decide("a", Some(Some("a")), Duration::from_secs(60), LEASE),
+            Step::Renew
+        );
+    }
+
+    #[test]
+    fn waits_while_another_holder_renews() {
+        assert_eq!(
+            decide("a", Some(Some("b")), Duration::from_secs(14), LEASE),
+            Step::Wait
+        );
+    }
+
+    #[test]
+    fn takes_over_an_expired_or_released_lease() {
+        assert_eq!(decide("a", Some(Some("b")), LEASE, LEASE), Step::TakeOver);
+        assert_eq!(
+            decide("a", Some(None), Duration::ZERO, LEASE),
+            Step::TakeOver
+        );
+        assert_eq!(
+            decide("a", Some(Some("")), Duration::ZERO, LEASE),
+            Step::TakeOver
+        );
+    }
+}

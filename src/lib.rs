@@ -1,0 +1,20 @@
+//! pec-operator: a Kubernetes operator for a multi-site PEC (Italian certified
+//! e-mail) platform.
+//!
+//! - [`api`]: the `pec.dev/v1alpha1` custom resources, and nothing else.
+//! - [`controllers`]: one reconciler per kind, and the shared [`controllers::Context`].
+//! - [`clock`], [`time`]: the one clock, and the chrono/Kubernetes time adapter.
+//! - [`conditions`]: `metav1.Condition` bookkeeping.
+//! - [`leader`]: Lease-based leader election.
+//! - [`metrics`], [`http`], [`telemetry`]: what SREs scrape, probe and read.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod clock;
+pub mod conditions;
+pub mod controllers;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod telemetry;
+pub mod time;

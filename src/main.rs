@@ -1,0 +1,185 @@
+//! The `pec-operator` command: `run` the controllers, or print the `crds`.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use clap::{Parser, Subcommand};
+use kube::{Api, Client};
+use pec_operator::{
+    api,
+    clock::{Clock, SystemClock},
+    controllers::{self, Context},
+    http::{self, Probe},
+    leader::{Elector, Timing},
+    metrics::Metrics,
+    telemetry::{self, LogFormat},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser)]
+#[command(
+    name = "pec-operator",
+    version,
+    about = "Kubernetes operator for a multi-site PEC platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every controller (only the replica holding the leader Lease reconciles).
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions as YAML, or write one file per kind.
+    Crds {
+        /// Write `<kind>.yaml` files into this directory (repeatable) instead of printing.
+        #[arg(long)]
+        out_dir: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "PEC_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "PEC_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "pec-system")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "PEC_LEASE_NAME", default_value = "pec-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: pod name, else host and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    match Cli::parse().command {
+        Command::Crds { out_dir } => print_crds(&out_dir),
+        Command::Run(args) => run(args).await,
+    }
+}
+
+fn print_crds(out_dirs: &[PathBuf]) -> Result<(), BoxError> {
+    for (file, crd) in api::crds() {
+        let yaml = api::crd_yaml(&crd)?;
+        if out_dirs.is_empty() {
+            print!("---\n{yaml}");
+        }
+        for dir in out_dirs {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join(file), &yaml)?;
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<(), BoxError> {
+    telemetry::init(args.log_format);
+    let client = Client::try_default().await?;
+    let metrics = Metrics::new()?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let (addr, server) = http::serve(
+        args.metrics_addr,
+        Probe {
+            ready: ready.clone(),
+            metrics: metrics.clone(),
+        },
+    )
+    .await?;
+    tokio::spawn(server);
+    let identity = args.identity.unwrap_or_else(default_identity);
+    tracing::info!(%addr, %identity, "serving /metrics, /healthz and /readyz");
+
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let timing = Timing::default();
+    let leases = Api::namespaced(client.clone(), &args.lease_namespace);
+    let mut elector = Elector::new(leases, &args.lease_name, &identity, timing);
+    let campaign = async {
+        loop {
+            match elector.try_acquire_or_renew(clock.as_ref()).await {
+                Ok(true) => return,
+                Ok(false) => ready.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
+            }
+            tokio::time::sleep(timing.retry_period).await;
+        }
+    };
+    tokio::select! {
+        () = campaign => {}
+        () = shutdown_signal() => {
+            tracing::info!("shutting down before becoming leader");
+            return Ok(());
+        }
+    }
+    ready.store(true, Ordering::Relaxed);
+    metrics.leader.set(1);
+    tracing::info!(lease = %args.lease_name, "became leader; starting controllers");
+
+    let ctx = Arc::new(Context::new(
+        client,
+        clock.clone(),
+        metrics.clone(),
+        elector.identity(),
+    ));
+    // The controllers stop by themselves on SIGTERM or Ctrl-C.
+    let lost = tokio::select! {
+        () = controllers::run(ctx) => false,
+        () = elector.hold(clock.as_ref()) => true,
+    };
+    metrics.leader.set(0);
+    if lost {
+        tracing::error!("lost leadership; exiting so no two replicas reconcile at once");
+        std::process::exit(1);
+    }
+    elector.release().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "pec-operator".into());
+    format!("{host}-{}", std::process::id())
+}
