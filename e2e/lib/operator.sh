@@ -14,7 +14,7 @@ OPERATOR_RELEASE=pec-operator
 # build_operator: the operator binary (debug build, shared with the tests).
 build_operator() {
   (cd "$repo" && cargo build --quiet --bin pec-operator)
-  echo "$repo/target/debug/pec-operator"
+  echo "${CARGO_TARGET_DIR:-$repo/target}/debug/pec-operator"
 }
 
 # install_chart: helm install the chart (CRDs, ServiceAccount, RBAC, Deployment).

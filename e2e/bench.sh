@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Benchmarks that need a cluster: starts a local cluster and the operator
+# (release build, under the chart's ServiceAccount), runs the benchmark
+# programs, prints their figures, and tears everything down.
+#
+#   ./e2e/bench.sh                      (PEC_BENCH_DOMAINS=200 by default)
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$here/.."
+bin=$("$here/lib/tools.sh")
+export PATH="$bin:$PATH"
+# shellcheck source=lib/operator.sh
+. "$here/lib/operator.sh"
+cluster=bench-$$
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  "$here/cluster.sh" down "$cluster" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+cargo build --release --quiet --bin pec-operator
+cargo bench --no-run --quiet --bench rollout 2>/dev/null
+eval "$("$here/cluster.sh" up "$cluster")"
+install_chart
+state=$(mktemp -d "${TMPDIR:-/tmp}/pec-bench.XXXXXX")
+sa_kubeconfig "$state/operator.kubeconfig"
+port=$(free_port)
+pid=$(RUST_LOG=warn start_operator "${CARGO_TARGET_DIR:-target}/release/pec-operator" "$state/operator.kubeconfig" bench "$port" "$state/operator.log")
+wait_leader "$port"
+cargo bench --quiet --bench rollout
