@@ -21,7 +21,7 @@ use kube::{
     api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use pec_operator::{
-    api::{MailDomain, MailDomainSpec},
+    api::{MailDomain, MailDomainSpec, Site},
     controllers::mail_domain::{
         build::{self, SiteChildren},
         validate::ResolvedSite,
@@ -35,8 +35,9 @@ const SITES: [&str; 2] = ["dc-it1", "dc-it2"];
 const CONCURRENCY: usize = 16;
 
 fn domain(ns: &str, i: usize) -> MailDomain {
-    let mut md: MailDomain = serde_yaml::from_str(include_str!("../examples/20-maildomain-standard.yaml"))
-        .expect("the example parses");
+    let mut md: MailDomain =
+        serde_yaml::from_str(include_str!("../examples/20-maildomain-standard.yaml"))
+            .expect("the example parses");
     md.metadata = ObjectMeta {
         name: Some(format!("bench-{i:04}")),
         namespace: Some(ns.to_string()),
@@ -57,7 +58,9 @@ async fn create_namespace(client: &Client, name: &str) -> Result<(), BoxError> {
         },
         ..Namespace::default()
     };
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
     Ok(())
 }
 
@@ -79,26 +82,52 @@ where
     }
 }
 
-async fn all_deployments_ready(client: &Client, ns: &str, expected: usize) -> Result<bool, BoxError> {
-    let list = Api::<Deployment>::namespaced(client.clone(), ns).list(&ListParams::default()).await?;
+async fn all_deployments_ready(
+    client: &Client,
+    ns: &str,
+    expected: usize,
+) -> Result<bool, BoxError> {
+    let list = Api::<Deployment>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
     let ready = list
         .items
         .iter()
         .filter(|d| {
             let s = d.status.clone().unwrap_or_default();
-            s.ready_replicas.unwrap_or(0) >= d.spec.replicas.unwrap_or(1) && s.updated_replicas == s.ready_replicas
+            s.ready_replicas.unwrap_or(0) >= d.spec.replicas.unwrap_or(1)
+                && s.updated_replicas == s.ready_replicas
         })
         .count();
     Ok(ready == expected)
 }
 
-async fn run_operator(client: &Client, ns: &str, n: usize) -> Result<(Duration, Duration), BoxError> {
+async fn run_operator(
+    client: &Client,
+    ns: &str,
+    n: usize,
+) -> Result<(Duration, Duration), BoxError> {
     create_namespace(client, ns).await?;
+    for doc in include_str!("../examples/10-sites.yaml").split("\n---\n") {
+        let site: Site = serde_yaml::from_str(doc)?;
+        let name = site.metadata.name.clone().unwrap_or_default();
+        Api::<Site>::all(client.clone())
+            .patch(
+                &name,
+                &PatchParams::apply("bench").force(),
+                &Patch::Apply(&site),
+            )
+            .await?;
+    }
     let api = Api::<MailDomain>::namespaced(client.clone(), ns);
     let start = Instant::now();
     stream::iter((0..n).map(|i| {
         let api = api.clone();
-        async move { api.create(&PostParams::default(), &domain(ns, i)).await.map(|_| ()) }
+        async move {
+            api.create(&PostParams::default(), &domain(ns, i))
+                .await
+                .map(|_| ())
+        }
     }))
     .buffer_unordered(CONCURRENCY)
     .try_collect::<Vec<_>>()
@@ -110,9 +139,11 @@ async fn run_operator(client: &Client, ns: &str, n: usize) -> Result<(Duration, 
             .items
             .iter()
             .filter(|md| {
-                md.status
-                    .as_ref()
-                    .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                md.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
             })
             .count();
         Ok(ready == n)
@@ -131,7 +162,11 @@ where
 {
     let name = obj.meta().name.clone().unwrap_or_default();
     Api::<K>::namespaced(client.clone(), ns)
-        .patch(&name, &PatchParams::apply("bench-plain").force(), &Patch::Apply(obj))
+        .patch(
+            &name,
+            &PatchParams::apply("bench-plain").force(),
+            &Patch::Apply(obj),
+        )
         .await?;
     Ok(())
 }
@@ -146,7 +181,7 @@ async fn run_plain(client: &Client, ns: &str, n: usize) -> Result<(Duration, Dur
         })
         .collect();
     let children: Vec<SiteChildren> = (0..n)
-        .map(|i| build::children(&domain(ns, i), &sites).map(|c| c.sites))
+        .map(|i| build::children(&domain(ns, i), &sites, Some(&[]), &[]).map(|c| c.sites))
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .flatten()
@@ -177,14 +212,32 @@ async fn run_plain(client: &Client, ns: &str, n: usize) -> Result<(Duration, Dur
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let n: usize = std::env::var("PEC_BENCH_DOMAINS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize = std::env::var("PEC_BENCH_DOMAINS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let client = Client::try_default().await?;
     let tag = std::process::id();
-    println!("rollout benchmark: {n} MailDomains x {} sites, {} gateway pods, 5 objects per (domain, site)", SITES.len(), n * SITES.len() * 2);
+    println!(
+        "rollout benchmark: {n} MailDomains x {} sites, {} gateway pods, 5 objects per (domain, site)",
+        SITES.len(),
+        n * SITES.len() * 2
+    );
     let (plain_applied, plain_ready) = run_plain(&client, &format!("bench-plain-{tag}"), n).await?;
-    println!("plain client : applied {:>7.2} s, all Deployments ready {:>7.2} s", plain_applied.as_secs_f64(), plain_ready.as_secs_f64());
+    println!(
+        "plain client : applied {:>7.2} s, all Deployments ready {:>7.2} s",
+        plain_applied.as_secs_f64(),
+        plain_ready.as_secs_f64()
+    );
     let (op_applied, op_ready) = run_operator(&client, &format!("bench-operator-{tag}"), n).await?;
-    println!("operator     : applied {:>7.2} s, all MailDomains Ready  {:>7.2} s", op_applied.as_secs_f64(), op_ready.as_secs_f64());
-    println!("ratio operator/plain (to all ready): {:.2}", op_ready.as_secs_f64() / plain_ready.as_secs_f64());
+    println!(
+        "operator     : applied {:>7.2} s, all MailDomains Ready  {:>7.2} s",
+        op_applied.as_secs_f64(),
+        op_ready.as_secs_f64()
+    );
+    println!(
+        "ratio operator/plain (to all ready): {:.2}",
+        op_ready.as_secs_f64() / plain_ready.as_secs_f64()
+    );
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! - [`api`]: the `pec.dev/v1alpha1` custom resources, and nothing else.
 //! - [`controllers`]: one reconciler per kind, and the shared [`controllers::Context`].
 //! - [`clock`], [`time`]: the one clock, and the chrono/Kubernetes time adapter.
+//! - [`failover`]: pure site-health and serving-site decisions.
 //! - [`conditions`]: `metav1.Condition` bookkeeping.
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`], [`http`], [`telemetry`]: what SREs scrape, probe and read.
@@ -13,6 +14,7 @@ pub mod api;
 pub mod clock;
 pub mod conditions;
 pub mod controllers;
+pub mod failover;
 pub mod http;
 pub mod leader;
 pub mod metrics;

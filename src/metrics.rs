@@ -5,7 +5,8 @@
 //! that could grow without limit. Secrets never become a label or a value.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder, core::Collector,
 };
 
 /// All metrics, registered in one registry served at `/metrics`.
@@ -20,6 +21,10 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     /// 1 while this replica holds the leader Lease, else 0.
     pub leader: IntGauge,
+    /// Switches of a domain's serving sites, by domain and bounded reason.
+    pub failovers: IntCounterVec,
+    /// Seconds from a site being declared down to its endpoints leaving a domain.
+    pub detection_to_switch: Histogram,
 }
 
 impl Metrics {
@@ -48,17 +53,43 @@ impl Metrics {
             &["controller"],
         )?;
         let leader = IntGauge::new("pec_leader", "1 while this replica holds the leader Lease.")?;
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "pec_failovers_total",
+                "Switches of a domain's serving sites, by domain and reason.",
+            ),
+            &["domain", "reason"],
+        )?;
+        let detection_to_switch = Histogram::with_opts(
+            HistogramOpts::new(
+                "pec_failover_detection_to_switch_seconds",
+                "Seconds from a site being declared down to its endpoints leaving a domain Service.",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(failovers.clone()))?;
+        registry.register(Box::new(detection_to_switch.clone()))?;
         Ok(Self {
             registry,
             reconciles,
             reconcile_errors,
             reconcile_duration,
             leader,
+            failovers,
+            detection_to_switch,
         })
+    }
+
+    /// Registers a collector that computes gauges at scrape time.
+    pub fn register_collector(
+        &self,
+        collector: Box<dyn Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
     }
 
     /// The metrics in the Prometheus text format.
@@ -66,6 +97,84 @@ impl Metrics {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+/// Gauges about MailDomains computed at scrape time from the controller's
+/// reflector store, so a deleted domain leaves no stale series.
+pub struct ServingCollector {
+    domains: kube::runtime::reflector::Store<crate::api::MailDomain>,
+    site_serving: prometheus::GaugeVec,
+    serving_sites: prometheus::GaugeVec,
+}
+
+impl ServingCollector {
+    /// A collector over `domains`.
+    pub fn new(
+        domains: kube::runtime::reflector::Store<crate::api::MailDomain>,
+    ) -> Result<Self, prometheus::Error> {
+        let (site_serving, serving_sites) = serving_gauges()?;
+        Ok(Self {
+            domains,
+            site_serving,
+            serving_sites,
+        })
+    }
+}
+
+fn serving_gauges() -> Result<(prometheus::GaugeVec, prometheus::GaugeVec), prometheus::Error> {
+    Ok((
+        prometheus::GaugeVec::new(
+            Opts::new(
+                "pec_site_serving",
+                "1 when the site serves the domain's traffic, else 0.",
+            ),
+            &["domain", "site"],
+        )?,
+        prometheus::GaugeVec::new(
+            Opts::new(
+                "pec_domain_serving_sites",
+                "Sites serving the domain's traffic.",
+            ),
+            &["domain"],
+        )?,
+    ))
+}
+
+impl Collector for ServingCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.site_serving
+            .desc()
+            .into_iter()
+            .chain(self.serving_sites.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Ok((site_serving, serving_sites)) = serving_gauges() else {
+            return Vec::new();
+        };
+        for md in self.domains.state() {
+            let serving = md
+                .status
+                .as_ref()
+                .map(|s| s.serving_sites.as_slice())
+                .unwrap_or_default();
+            for site in &md.spec.sites {
+                let value = if serving.contains(site) { 1.0 } else { 0.0 };
+                site_serving
+                    .with_label_values(&[md.spec.domain.as_str(), site.as_str()])
+                    .set(value);
+            }
+            serving_sites
+                .with_label_values(&[md.spec.domain.as_str()])
+                .set(serving.len() as f64);
+        }
+        site_serving
+            .collect()
+            .into_iter()
+            .chain(serving_sites.collect())
+            .collect()
     }
 }
 

@@ -49,7 +49,7 @@ pub async fn ensure_example_sites(client: &Client) {
                 node_selector: [("topology.kubernetes.io/zone".to_string(), name.to_string())]
                     .into(),
                 priority,
-                maintenance: false,
+                ..SiteSpec::default()
             },
         );
         Api::<Site>::all(client.clone())

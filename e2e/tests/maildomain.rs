@@ -232,8 +232,14 @@ async fn a_changed_gateway_setting_rolls_the_pods() {
             .then_some(())
     })
     .await;
-    let new_hash = hash(&deployments.get(&child).await.expect("deployment"));
-    assert_ne!(old_hash, new_hash, "the pod template did not change");
+    eventually(
+        "the pod template to carry the new configuration hash",
+        || async {
+            let now = hash(&deployments.get(&child).await.ok()?);
+            (now != old_hash).then_some(())
+        },
+    )
+    .await;
     eventually("pods replaced by the rollout", || async {
         let now = pods(&client, &ns, &name, "dc-it1").await;
         let ready_new = now
@@ -301,7 +307,8 @@ async fn deleting_a_domain_removes_everything() {
     let name = md.name_any();
     wait_ready(&client, &ns, &name).await;
     let labels = format!("{DOMAIN_LABEL}={name}");
-    assert_eq!(child_counts(&client, &ns, &labels).await, [2; 5]);
+    // Per site a Deployment, ConfigMap, Service, PDB and NetworkPolicy, plus the domain Service.
+    assert_eq!(child_counts(&client, &ns, &labels).await, [2, 2, 3, 2, 2]);
 
     Api::<MailDomain>::namespaced(client.clone(), &ns)
         .delete(&name, &DeleteParams::default())
@@ -382,7 +389,7 @@ async fn a_missing_site_is_reported_and_recovers_when_it_appears() {
             )]
             .into(),
             priority: 5,
-            maintenance: false,
+            ..SiteSpec::default()
         },
     );
     let sites = Api::<Site>::all(client.clone());

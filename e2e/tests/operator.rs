@@ -132,6 +132,15 @@ async fn the_operator_service_account_has_least_privilege() {
             Some("pec-system"),
         ),
         ("create", "events.k8s.io", "events", None, Some("any-ns")),
+        (
+            "patch",
+            "discovery.k8s.io",
+            "endpointslices",
+            None,
+            Some("any-ns"),
+        ),
+        ("watch", "", "pods", None, Some("any-ns")),
+        ("patch", "pec.dev", "sites", None, None),
     ];
     for (verb, group, resource, sub, ns) in needed {
         assert!(
@@ -141,6 +150,7 @@ async fn the_operator_service_account_has_least_privilege() {
     }
     let forbidden = [
         ("create", "", "pods", None, Some("any-ns")),
+        ("delete", "", "pods", None, Some("any-ns")),
         ("get", "", "secrets", None, Some("any-ns")),
         ("delete", "", "nodes", None, None),
         ("update", "pec.dev", "maildomains", None, Some("any-ns")),

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition,
+    api::core::v1::ResourceRequirements,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -30,6 +31,7 @@ pub const MIN_REPLICAS_PER_SITE: i32 = 2;
     printcolumn = r#"{"name":"Domain","type":"string","jsonPath":".spec.domain"}"#,
     printcolumn = r#"{"name":"Profile","type":"string","jsonPath":".spec.profile"}"#,
     printcolumn = r#"{"name":"Gateways","type":"string","jsonPath":".status.gateways"}"#,
+    printcolumn = r#"{"name":"Serving","type":"string","jsonPath":".status.servingSites"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -74,6 +76,10 @@ pub struct MailDomainSpec {
     #[serde(default)]
     pub antivirus: AntivirusSpec,
 
+    /// How traffic follows the healthy sites.
+    #[serde(default)]
+    pub failover: FailoverSpec,
+
     /// Name of a SigningKey in the same namespace whose key signs this
     /// domain's receipts and envelopes. Carried into the gateway configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,6 +96,55 @@ pub enum Profile {
     /// PEC d'ufficio: receive only; SMTP reception (25) and the HTTPS message
     /// API (443); never IMAP, POP3 or submission.
     ReceiveOnly,
+}
+
+/// How the domain's traffic moves between sites.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverSpec {
+    /// `ActiveActive` (every healthy listed site serves; default) or
+    /// `ActivePassive` (only the healthy site with the lowest priority serves;
+    /// the others stay warm).
+    #[serde(default)]
+    pub mode: FailoverMode,
+    /// A recovered site rejoins only after it has been healthy without
+    /// interruption this long, so a flapping site causes at most one switch
+    /// per window. Default 300.
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub stabilization_seconds: u32,
+    /// TTL of the DNS records written for clients outside the cluster. Default 30.
+    #[serde(default = "default_dns_ttl")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub dns_ttl_seconds: u32,
+}
+
+impl Default for FailoverSpec {
+    fn default() -> Self {
+        Self {
+            mode: FailoverMode::default(),
+            stabilization_seconds: default_stabilization(),
+            dns_ttl_seconds: default_dns_ttl(),
+        }
+    }
+}
+
+/// Which healthy sites serve.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailoverMode {
+    /// Every healthy listed site serves.
+    #[default]
+    ActiveActive,
+    /// Only the healthy listed site with the lowest priority serves.
+    ActivePassive,
+}
+
+fn default_stabilization() -> u32 {
+    300
+}
+
+fn default_dns_ttl() -> u32 {
+    30
 }
 
 /// The gateway Deployment run in every site of the domain.
@@ -165,11 +220,36 @@ pub struct MailDomainStatus {
     /// Desired and ready gateways in each listed site.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteGatewayStatus>,
+    /// Sites whose gateways are the endpoints of the domain Service now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serving_sites: Vec<String>,
+    /// The serving site, in ActivePassive mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_site: Option<String>,
+    /// The last change of the serving sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<Failover>,
     /// `Ready` (every listed site at full strength), `Degraded` (some site
     /// below), `Progressing` (a rollout is under way), `SiteRedundancy` (at
     /// least two sites), `SigningKeyResolved`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A change of the serving sites.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Failover {
+    /// Sites serving before.
+    #[serde(default)]
+    pub from: Vec<String>,
+    /// Sites serving after.
+    #[serde(default)]
+    pub to: Vec<String>,
+    /// When the switch happened.
+    pub at: Time,
+    /// Why: `SiteDown`, `SiteRecovered`, `Maintenance`, `Fenced`, ...
+    pub reason: String,
 }
 
 /// Gateway counts of one site.

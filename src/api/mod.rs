@@ -13,10 +13,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use mail_domain::{
-    AntivirusSpec, GatewayPort, GatewaySpec, MailDomain, MailDomainSpec, MailDomainStatus, Profile,
-    SiteGatewayStatus,
+    AntivirusSpec, Failover, FailoverMode, FailoverSpec, GatewayPort, GatewaySpec, MailDomain,
+    MailDomainSpec, MailDomainStatus, Profile, SiteGatewayStatus,
 };
-pub use site::{Site, SiteSpec, SiteStatus};
+pub use site::{HealthSpec, Site, SitePhase, SiteSpec, SiteStatus};
 
 /// The API group of every resource of this operator.
 pub const GROUP: &str = "pec.dev";

@@ -7,7 +7,10 @@
 pub mod mail_domain;
 pub mod site;
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use futures::future;
 use kube::{
@@ -15,7 +18,7 @@ use kube::{
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
 
-use crate::{clock::Clock, metrics::Metrics};
+use crate::{clock::Clock, failover::health::ProbeState, metrics::Metrics};
 
 /// The name every object we apply is labelled with as its manager.
 pub const MANAGED_BY: &str = "pec-operator";
@@ -30,6 +33,10 @@ pub struct Context {
     pub metrics: Metrics,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
+    /// Health-check memory of each Site, between checks.
+    site_probes: Mutex<HashMap<String, ProbeState>>,
+    /// Whether external-dns DNSEndpoints can be written.
+    pub dns: mail_domain::dns::DnsSupport,
 }
 
 impl Context {
@@ -44,7 +51,21 @@ impl Context {
             client,
             clock,
             metrics,
+            site_probes: Mutex::default(),
+            dns: mail_domain::dns::DnsSupport::default(),
         }
+    }
+
+    /// The health-check memory of `site`.
+    pub fn site_probe(&self, site: &str) -> ProbeState {
+        let probes = self.site_probes.lock().unwrap_or_else(|e| e.into_inner());
+        probes.get(site).copied().unwrap_or_default()
+    }
+
+    /// Remembers the health-check state of `site`.
+    pub fn set_site_probe(&self, site: &str, probe: ProbeState) {
+        let mut probes = self.site_probes.lock().unwrap_or_else(|e| e.into_inner());
+        probes.insert(site.to_string(), probe);
     }
 
     /// Publishes an Event about `obj`. Failing to publish is logged, never fatal:

@@ -11,7 +11,8 @@ use k8s_openapi::{
     NamespaceResourceScope,
     api::{
         apps::v1::Deployment,
-        core::v1::{ConfigMap, Service},
+        core::v1::{ConfigMap, Pod, Service},
+        discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
@@ -55,6 +56,15 @@ pub async fn apply_all(
         apply(client, namespace, network_policy).await?;
         deployments.push(apply(client, namespace, deployment).await?);
     }
+    let Children {
+        sites: _,
+        domain_service,
+        endpoint_slices,
+    } = children;
+    apply(client, namespace, domain_service).await?;
+    for slice in endpoint_slices.iter().flatten() {
+        apply(client, namespace, slice).await?;
+    }
     Ok(deployments)
 }
 
@@ -69,11 +79,16 @@ pub async fn prune(
     children: &Children,
     kept_sites: &[String],
 ) -> Result<BTreeSet<String>, Error> {
-    let applied: BTreeSet<String> = children
+    let mut applied: BTreeSet<String> = children
         .sites
         .iter()
         .filter_map(|s| s.deployment.metadata.name.clone())
         .collect();
+    applied.extend(children.domain_service.metadata.name.clone());
+    let slices: Option<BTreeSet<String>> = children
+        .endpoint_slices
+        .as_ref()
+        .map(|v| v.iter().filter_map(|s| s.metadata.name.clone()).collect());
     let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL}={domain}");
     let keep = |labels: &BTreeMap<String, String>, name: &str| {
         applied.contains(name)
@@ -87,7 +102,37 @@ pub async fn prune(
     removed.extend(prune_kind::<PodDisruptionBudget>(client, namespace, &selector, &keep).await?);
     removed.extend(prune_kind::<NetworkPolicy>(client, namespace, &selector, &keep).await?);
     removed.extend(prune_kind::<ConfigMap>(client, namespace, &selector, &keep).await?);
+    // A slice is kept only while its site serves; with no site able to
+    // serve, the last slices stay.
+    if let Some(slices) = slices {
+        let keep_slice = |_: &BTreeMap<String, String>, name: &str| slices.contains(name);
+        // Only our slices: the per-site Services' own slices (made by the
+        // EndpointSlice controller) carry our labels too.
+        let ours = format!(
+            "{selector},kubernetes.io/service-name={}",
+            children
+                .domain_service
+                .metadata
+                .name
+                .clone()
+                .unwrap_or_default()
+        );
+        prune_kind::<EndpointSlice>(client, namespace, &ours, &keep_slice).await?;
+    }
     Ok(removed)
+}
+
+/// Lists the gateway pods of `domain`, whatever their site.
+pub async fn pods(client: &Client, namespace: &str, domain: &str) -> Result<Vec<Pod>, Error> {
+    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL}={domain}");
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map(|l| l.items)
+        .map_err(|source| Error::List {
+            kind: "Pod",
+            source,
+        })
 }
 
 /// Lists the Deployments of `domain`, whatever their site.

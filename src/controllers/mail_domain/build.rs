@@ -13,10 +13,12 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         core::v1::{
             Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-            EmptyDirVolumeSource, EnvVar, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
-            PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-            Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+            EmptyDirVolumeSource, EnvVar, ObjectReference, PodAffinityTerm, PodAntiAffinity,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+            SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
+            Volume, VolumeMount,
         },
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
         networking::v1::{
             NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec,
         },
@@ -50,11 +52,30 @@ const CONFIG_DIR: &str = "/etc/pec-gateway";
 /// Gateways run as this unprivileged user (restricted Pod Security).
 const GATEWAY_UID: i64 = 10_000;
 
-/// Everything one MailDomain owns, per site.
+/// Everything one MailDomain owns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Children {
     /// The children of each present site, in `spec.sites` order.
     pub sites: Vec<SiteChildren>,
+    /// The domain-level Service (no selector): its endpoints are the ready
+    /// gateways of the serving sites only.
+    pub domain_service: Service,
+    /// One EndpointSlice of the domain Service per serving site; `None`
+    /// leaves the existing slices as they are (no site can serve: never blackhole).
+    pub endpoint_slices: Option<Vec<EndpointSlice>>,
+}
+
+/// A ready gateway pod, as an endpoint of the domain Service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadyGateway {
+    /// The site the pod runs in.
+    pub site: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod IP.
+    pub ip: String,
+    /// The node it runs on.
+    pub node: Option<String>,
 }
 
 /// The objects of one (domain, site) pair.
@@ -127,7 +148,16 @@ pub fn gateway_config(md: &MailDomain, site: &str) -> GatewayConfig {
 /// The name of the children of `md` in `site`: `<domain>-<site>`, shortened
 /// with a stable hash to fit a DNS label (63 characters), starting with a letter.
 pub fn child_name(md: &str, site: &str) -> String {
-    let full = format!("{md}-{site}");
+    dns_label(format!("{md}-{site}"))
+}
+
+/// The name of the domain-level Service of `md`: the MailDomain's own name,
+/// made a DNS label like [`child_name`].
+pub fn domain_service_name(md: &str) -> String {
+    dns_label(md.to_string())
+}
+
+fn dns_label(full: String) -> String {
     let prefixed = if full.starts_with(|c: char| c.is_ascii_lowercase()) {
         full
     } else {
@@ -150,6 +180,27 @@ pub fn labels(md: &str, site: &str) -> BTreeMap<String, String> {
     labels
 }
 
+/// The labels of the domain-level objects of `md` (no site).
+pub fn domain_labels(md: &str) -> BTreeMap<String, String> {
+    [
+        (
+            "app.kubernetes.io/name".to_string(),
+            "pec-gateway".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), md.to_string()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "gateway".to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGED_BY.to_string(),
+        ),
+        (DOMAIN_LABEL.to_string(), md.to_string()),
+    ]
+    .into()
+}
+
 /// The labels that select the gateway pods of `md` in `site`.
 fn selector_labels(md: &str, site: &str) -> BTreeMap<String, String> {
     [
@@ -163,13 +214,98 @@ fn selector_labels(md: &str, site: &str) -> BTreeMap<String, String> {
     .into()
 }
 
-/// All children of `md` for the present sites.
-pub fn children(md: &MailDomain, sites: &[ResolvedSite]) -> Result<Children, serde_yaml::Error> {
-    let sites = sites
+/// All children of `md`: per-site objects for the present sites, and the
+/// domain Service with one EndpointSlice per serving site listing its ready
+/// gateways (`serving: None` keeps the slices there are).
+pub fn children(
+    md: &MailDomain,
+    sites: &[ResolvedSite],
+    serving: Option<&[String]>,
+    gateways: &[ReadyGateway],
+) -> Result<Children, serde_yaml::Error> {
+    let per_site = sites
         .iter()
         .map(|site| site_children(md, site))
         .collect::<Result<_, _>>()?;
-    Ok(Children { sites })
+    let md_name = md.name_any();
+    let service_name = domain_service_name(&md_name);
+    let ports = md.spec.profile.ports();
+    let domain_service = Service {
+        metadata: ObjectMeta {
+            name: Some(service_name.clone()),
+            namespace: md.namespace(),
+            labels: Some(domain_labels(&md_name)),
+            owner_references: owner(md).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            // No selector: the operator writes the endpoints, site by site.
+            ports: Some(ports.iter().map(service_port_numbered).collect()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let endpoint_slices = serving.map(|serving| {
+        serving
+            .iter()
+            .map(|site| {
+                let mut labels = labels(&md_name, site);
+                labels.insert("kubernetes.io/service-name".into(), service_name.clone());
+                labels.insert(
+                    "endpointslice.kubernetes.io/managed-by".into(),
+                    format!("{MANAGED_BY}.pec.dev"),
+                );
+                EndpointSlice {
+                    metadata: ObjectMeta {
+                        name: Some(child_name(&md_name, site)),
+                        namespace: md.namespace(),
+                        labels: Some(labels),
+                        owner_references: owner(md).map(|o| vec![o]),
+                        ..ObjectMeta::default()
+                    },
+                    address_type: "IPv4".into(),
+                    endpoints: Some(
+                        gateways
+                            .iter()
+                            .filter(|g| g.site == *site)
+                            .map(|g| Endpoint {
+                                addresses: vec![g.ip.clone()],
+                                conditions: Some(EndpointConditions {
+                                    ready: Some(true),
+                                    serving: Some(true),
+                                    terminating: Some(false),
+                                }),
+                                node_name: g.node.clone(),
+                                target_ref: Some(ObjectReference {
+                                    kind: Some("Pod".into()),
+                                    name: Some(g.pod.clone()),
+                                    namespace: md.namespace(),
+                                    ..ObjectReference::default()
+                                }),
+                                ..Endpoint::default()
+                            })
+                            .collect(),
+                    ),
+                    ports: Some(
+                        ports
+                            .iter()
+                            .map(|p| EndpointPort {
+                                name: Some(p.name.into()),
+                                port: Some(p.port),
+                                protocol: Some("TCP".into()),
+                                ..EndpointPort::default()
+                            })
+                            .collect(),
+                    ),
+                }
+            })
+            .collect()
+    });
+    Ok(Children {
+        sites: per_site,
+        domain_service,
+        endpoint_slices,
+    })
 }
 
 fn site_children(md: &MailDomain, site: &ResolvedSite) -> Result<SiteChildren, serde_yaml::Error> {
@@ -395,6 +531,16 @@ fn service_port(p: &GatewayPort) -> ServicePort {
     }
 }
 
+fn service_port_numbered(p: &GatewayPort) -> ServicePort {
+    ServicePort {
+        name: Some(p.name.into()),
+        port: p.port,
+        target_port: Some(IntOrString::Int(p.port)),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
 fn policy_port(p: &GatewayPort) -> NetworkPolicyPort {
     NetworkPolicyPort {
         port: Some(IntOrString::Int(p.port)),
@@ -421,7 +567,9 @@ fn short_hash(data: &[u8], hex_chars: usize) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::api::{AntivirusSpec, GatewaySpec, MailDomainSpec, Site, SiteSpec};
+    use crate::api::{
+        AntivirusSpec, FailoverSpec, GatewaySpec, HealthSpec, MailDomainSpec, Site, SiteSpec,
+    };
 
     pub(crate) fn domain(sites: &[&str]) -> MailDomain {
         let mut md = MailDomain::new(
@@ -438,6 +586,7 @@ pub(crate) mod tests {
                 },
                 max_message_bytes: 104_857_600,
                 antivirus: AntivirusSpec::default(),
+                failover: FailoverSpec::default(),
                 signing_key_ref: Some("acme-key".into()),
             },
         );
@@ -453,6 +602,10 @@ pub(crate) mod tests {
                 node_selector: [("topology.kubernetes.io/zone".into(), name.into())].into(),
                 priority: 0,
                 maintenance: false,
+                maintenance_force: false,
+                fenced: false,
+                health: HealthSpec::default(),
+                load_balancer_addresses: vec![],
             },
         )
     }
@@ -465,10 +618,54 @@ pub(crate) mod tests {
     }
 
     fn build(md: &MailDomain) -> SiteChildren {
-        children(md, &[resolved("dc-it1")])
+        children(md, &[resolved("dc-it1")], Some(&[]), &[])
             .expect("builds")
             .sites
             .remove(0)
+    }
+
+    fn gateway(site: &str, pod: &str, ip: &str) -> ReadyGateway {
+        ReadyGateway {
+            site: site.into(),
+            pod: pod.into(),
+            ip: ip.into(),
+            node: Some(format!("{site}-node-1")),
+        }
+    }
+
+    #[test]
+    fn endpoint_slices_list_only_the_serving_sites_gateways() {
+        let md = domain(&["dc-it1", "dc-it2"]);
+        let gateways = [
+            gateway("dc-it1", "p1", "10.0.0.1"),
+            gateway("dc-it2", "p2", "10.0.0.2"),
+            gateway("dc-it2", "p3", "10.0.0.3"),
+        ];
+        let sites = [resolved("dc-it1"), resolved("dc-it2")];
+        let c = children(&md, &sites, Some(&["dc-it2".to_string()]), &gateways).expect("builds");
+        let slices = c.endpoint_slices.expect("slices");
+        assert_eq!(slices.len(), 1);
+        let ips: Vec<&str> = slices[0]
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|e| e.addresses[0].as_str())
+            .collect();
+        assert_eq!(ips, ["10.0.0.2", "10.0.0.3"]);
+        let labels = slices[0].metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels["kubernetes.io/service-name"], "acme");
+        let svc = c.domain_service.spec.expect("spec");
+        assert!(
+            svc.selector.is_none(),
+            "the domain Service must not select pods itself"
+        );
+    }
+
+    #[test]
+    fn no_serving_plan_leaves_the_slices_alone() {
+        let md = domain(&["dc-it1"]);
+        let c = children(&md, &[resolved("dc-it1")], None, &[]).expect("builds");
+        assert!(c.endpoint_slices.is_none());
     }
 
     fn pod_spec(c: &SiteChildren) -> PodSpec {

@@ -7,6 +7,7 @@
 
 mod apply;
 pub mod build;
+pub mod dns;
 pub mod status;
 pub mod validate;
 
@@ -15,7 +16,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{ConfigMap, Service},
+    core::v1::{ConfigMap, Pod, Service},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
 };
@@ -30,8 +32,9 @@ use serde_json::json;
 
 use super::Context;
 use crate::{
-    api::{MailDomain, Site},
+    api::{MailDomain, Site, SitePhase},
     conditions,
+    failover::serving,
 };
 
 const CONTROLLER: &str = "maildomain";
@@ -129,10 +132,39 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
         fetched.insert(site.clone(), found);
     }
     let before = apply::deployments(&ctx.client, &namespace, &name).await?;
+    let pods = apply::pods(&ctx.client, &namespace, &name).await?;
 
-    // validate and build
+    // validate and plan
     let resolution = validate::resolve_sites(&md, &fetched);
-    let children = build::children(&md, &resolution.present).map_err(Error::Render)?;
+    let gateways = validate::ready_gateways(&pods);
+    let candidates = validate::candidates(&md, &fetched, &gateways);
+    let previous = md
+        .status
+        .as_ref()
+        .map(|s| s.serving_sites.clone())
+        .unwrap_or_default();
+    let stabilization =
+        chrono::Duration::seconds(i64::from(md.spec.failover.stabilization_seconds));
+    let plan = serving::plan(
+        md.spec.failover.mode,
+        stabilization,
+        &candidates,
+        &previous,
+        now,
+    );
+    let switch = serving::change_reason(
+        &previous,
+        &plan.serving,
+        &candidates,
+        &previous,
+        stabilization,
+        now,
+    );
+
+    // build
+    let slices_for = (!plan.kept_last).then_some(plan.serving.as_slice());
+    let children =
+        build::children(&md, &resolution.present, slices_for, &gateways).map_err(Error::Render)?;
 
     // apply
     apply::apply_all(&ctx.client, &namespace, &children).await?;
@@ -144,10 +176,19 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
         &resolution.missing,
     )
     .await?;
+    if ctx.dns.available(&ctx.client).await {
+        let sites: Vec<&Site> = fetched.values().flatten().collect();
+        dns::apply(
+            &ctx.client,
+            &namespace,
+            &dns::endpoint(&md, &plan.serving, &sites),
+        )
+        .await?;
+    }
     let deployments = apply::deployments(&ctx.client, &namespace, &name).await?;
 
     // status
-    let new = status::compute(&md, &resolution, &deployments, now);
+    let new = status::compute(&md, &resolution, &deployments, &plan, switch, now);
     let old = md.status.clone().unwrap_or_default();
     if new != old {
         Api::<MailDomain>::namespaced(ctx.client.clone(), &namespace)
@@ -161,8 +202,62 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
             .await
             .map_err(Error::WriteStatus)?;
     }
+    if let Some(reason) = switch {
+        record_switch(&ctx, &md, &previous, &plan.serving, reason, &fetched, now).await;
+    }
     publish_events(&ctx, &md, &old, &new, &before, &children, &removed).await;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(requeue_after(plan.next_check, now)))
+}
+
+/// Requeue at the next stabilization deadline, capped by the resync period,
+/// never with a zero or negative delay.
+fn requeue_after(
+    next: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Duration {
+    next.and_then(|at| (at - now).to_std().ok())
+        .map_or(RESYNC, |d| d.clamp(Duration::from_secs(1), RESYNC))
+}
+
+/// Counts a switch of the serving sites, times detection-to-switch for sites
+/// declared down, and tells people.
+async fn record_switch(
+    ctx: &Context,
+    md: &MailDomain,
+    from: &[String],
+    to: &[String],
+    reason: &'static str,
+    sites: &BTreeMap<String, Option<Site>>,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    ctx.metrics
+        .failovers
+        .with_label_values(&[md.spec.domain.as_str(), reason])
+        .inc();
+    for gone in from.iter().filter(|s| !to.contains(s)) {
+        let declared = sites
+            .get(gone)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.status.as_ref())
+            .filter(|s| s.phase == Some(SitePhase::Down) || s.phase == Some(SitePhase::Fenced))
+            .and_then(|s| s.last_transition_time.as_ref())
+            .map(crate::time::from_k8s);
+        if let Some(at) = declared {
+            let seconds = (now - at).num_milliseconds().max(0) as f64 / 1000.0;
+            ctx.metrics.detection_to_switch.observe(seconds);
+        }
+    }
+    let type_ = match reason {
+        "SiteRejoined" | "PreferredSiteRejoined" => EventType::Normal,
+        _ => EventType::Warning,
+    };
+    let note = format!(
+        "serving sites [{}] -> [{}] ({reason})",
+        from.join(", "),
+        to.join(", ")
+    );
+    tracing::info!(domain = %md.spec.domain, %reason, from = ?from, to = ?to, "switched serving sites");
+    ctx.event(md, type_, "Failover", note).await;
 }
 
 /// Events for what a person would want to know: readiness flips, missing
@@ -189,6 +284,19 @@ async fn publish_events(
             ctx.event(md, type_, &ready.reason, ready.message.clone())
                 .await;
         }
+    }
+    let was_stranded = conditions::is_true(&old.conditions, status::NO_HEALTHY_SITE);
+    if let Some(c) = conditions::find(&new.conditions, status::NO_HEALTHY_SITE)
+        && c.status == "True"
+        && !was_stranded
+    {
+        ctx.event(
+            md,
+            EventType::Warning,
+            status::NO_HEALTHY_SITE,
+            c.message.clone(),
+        )
+        .await;
     }
     for site in &children.sites {
         let hash_of = |d: &Deployment| {
@@ -236,6 +344,14 @@ pub async fn run(ctx: Arc<Context>) {
         Config::default().any_semantic(),
     );
     let store = controller.store();
+    match crate::metrics::ServingCollector::new(store.clone()) {
+        Ok(collector) => {
+            if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
+                tracing::warn!(error = %e, "registering the serving-site metrics failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "building the serving-site metrics failed"),
+    }
     let owned = || {
         Config::default().labels(&format!(
             "app.kubernetes.io/managed-by={}",
@@ -248,6 +364,13 @@ pub async fn run(ctx: Arc<Context>) {
         .owns(Api::<Service>::all(client.clone()), owned())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned())
         .owns(Api::<NetworkPolicy>::all(client.clone()), owned())
+        .owns(Api::<EndpointSlice>::all(client.clone()), owned())
+        // Gateway readiness decides the endpoints of the domain Service.
+        .watches(Api::<Pod>::all(client.clone()), owned(), |pod: Pod| {
+            let namespace = pod.namespace()?;
+            let md = pod.labels().get(build::DOMAIN_LABEL)?;
+            Some(ObjectRef::<MailDomain>::new(md).within(&namespace))
+        })
         // A Site appearing or changing re-reconciles the domains that list it.
         .watches(
             Api::<Site>::all(client),

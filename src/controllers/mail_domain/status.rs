@@ -6,8 +6,10 @@ use kube::ResourceExt;
 
 use super::{build::SITE_LABEL, validate::Resolution};
 use crate::{
-    api::{MailDomain, MailDomainStatus, SiteGatewayStatus},
+    api::{Failover, MailDomain, MailDomainStatus, SiteGatewayStatus},
     conditions::{self, Verdict},
+    failover::serving::Plan,
+    time::to_k8s,
 };
 
 /// Condition: every listed site runs its full count of ready, updated gateways.
@@ -18,6 +20,8 @@ pub const DEGRADED: &str = "Degraded";
 pub const PROGRESSING: &str = "Progressing";
 /// Condition: the domain is served from at least two data centers.
 pub const SITE_REDUNDANCY: &str = "SiteRedundancy";
+/// Condition: no listed site can serve; the last serving sites are kept.
+pub const NO_HEALTHY_SITE: &str = "NoHealthySite";
 /// Condition: the signing key reference resolves to a usable key.
 pub const SIGNING_KEY_RESOLVED: &str = "SigningKeyResolved";
 
@@ -45,6 +49,10 @@ pub mod reason {
     pub const UNRESOLVED: &str = "Unresolved";
     /// No signing key named.
     pub const NO_SIGNING_KEY: &str = "NoSigningKeyRef";
+    /// No listed site is healthy with a ready gateway.
+    pub const ALL_SITES_UNAVAILABLE: &str = "AllSitesUnavailable";
+    /// At least one site serves.
+    pub const SERVING: &str = "Serving";
 }
 
 /// Gateway counts of one site, from its Deployment.
@@ -84,11 +92,14 @@ impl Counts {
     }
 }
 
-/// The status of `md`, given how its sites resolved and its Deployments.
+/// The status of `md`, given how its sites resolved, its Deployments, the
+/// serving plan and the reason the serving sites changed in this pass.
 pub fn compute(
     md: &MailDomain,
     sites: &Resolution,
     deployments: &[Deployment],
+    plan: &Plan,
+    switch: Option<&str>,
     now: DateTime<Utc>,
 ) -> MailDomainStatus {
     let desired = md.spec.gateway.replicas_per_site;
@@ -206,14 +217,42 @@ pub fn compute(
         ),
     };
 
-    let previous = md
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let stranded = if plan.no_healthy_site {
+        Verdict::new(
+            NO_HEALTHY_SITE,
+            true,
+            reason::ALL_SITES_UNAVAILABLE,
+            format!(
+                "no listed site is healthy with a ready gateway; keeping the last serving sites [{}]",
+                plan.serving.join(", ")
+            ),
+        )
+    } else {
+        Verdict::new(
+            NO_HEALTHY_SITE,
+            false,
+            reason::SERVING,
+            format!("serving from [{}]", plan.serving.join(", ")),
+        )
+    };
+
+    let old = md.status.clone().unwrap_or_default();
+    let last_failover = match switch {
+        Some(why) => Some(Failover {
+            from: old.serving_sites.clone(),
+            to: plan.serving.clone(),
+            at: to_k8s(now),
+            reason: why.to_string(),
+        }),
+        None => old.last_failover.clone(),
+    };
+    let previous = old.conditions.as_slice();
     let generation = md.metadata.generation;
     MailDomainStatus {
         observed_generation: generation,
+        serving_sites: plan.serving.clone(),
+        active_site: plan.active.clone(),
+        last_failover,
         gateways: Some(format!("{ready_total}/{desired_total}")),
         sites: per_site
             .iter()
@@ -225,7 +264,14 @@ pub fn compute(
             .collect(),
         conditions: conditions::merge(
             previous,
-            &[ready, degraded, progressing, redundancy, signing_key],
+            &[
+                ready,
+                degraded,
+                progressing,
+                redundancy,
+                stranded,
+                signing_key,
+            ],
             generation,
             now,
         ),
@@ -278,6 +324,16 @@ mod tests {
         }
     }
 
+    fn serving(sites: &[&str]) -> Plan {
+        Plan {
+            serving: sites.iter().map(|s| s.to_string()).collect(),
+            active: None,
+            kept_last: false,
+            no_healthy_site: false,
+            next_check: None,
+        }
+    }
+
     fn reason_of(s: &MailDomainStatus, type_: &str) -> String {
         conditions::find(&s.conditions, type_)
             .map(|c| c.reason.clone())
@@ -291,6 +347,8 @@ mod tests {
             &md,
             &resolution(&["dc-it1", "dc-it2"], &[]),
             &[deployment("dc-it1", 2, 2), deployment("dc-it2", 2, 2)],
+            &serving(&["dc-it1"]),
+            None,
             now(),
         );
         assert!(conditions::is_true(&s.conditions, READY));
@@ -313,6 +371,8 @@ mod tests {
             &md,
             &resolution(&["dc-it1", "dc-it2"], &[]),
             &[deployment("dc-it1", 2, 2), deployment("dc-it2", 1, 2)],
+            &serving(&["dc-it1"]),
+            None,
             now(),
         );
         assert_eq!(reason_of(&s, READY), reason::GATEWAYS_NOT_READY);
@@ -330,6 +390,8 @@ mod tests {
             &md,
             &resolution(&["dc-it1"], &[]),
             &[deployment("dc-it1", 2, 1)],
+            &serving(&["dc-it1"]),
+            None,
             now(),
         );
         assert!(conditions::is_true(&s.conditions, PROGRESSING));
@@ -342,6 +404,8 @@ mod tests {
             &md,
             &resolution(&["dc-it1"], &["dc-it9"]),
             &[deployment("dc-it1", 2, 2)],
+            &serving(&["dc-it1"]),
+            None,
             now(),
         );
         let ready = conditions::find(&s.conditions, READY).expect("Ready");
@@ -356,6 +420,8 @@ mod tests {
             &md,
             &resolution(&["dc-it1"], &[]),
             &[deployment("dc-it1", 2, 2)],
+            &serving(&["dc-it1"]),
+            None,
             now(),
         );
         assert!(conditions::is_true(&s.conditions, READY));
@@ -363,9 +429,51 @@ mod tests {
     }
 
     #[test]
+    fn records_a_failover_and_no_healthy_site() {
+        let mut md = domain(&["dc-it1", "dc-it2"]);
+        md.status = Some(MailDomainStatus {
+            serving_sites: vec!["dc-it1".into(), "dc-it2".into()],
+            ..MailDomainStatus::default()
+        });
+        let mut plan = serving(&["dc-it2"]);
+        let s = compute(
+            &md,
+            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &[],
+            &plan,
+            Some("SiteDown"),
+            now(),
+        );
+        let f = s.last_failover.clone().expect("failover recorded");
+        assert_eq!(
+            (f.from.len(), f.to, f.reason.as_str()),
+            (2, vec!["dc-it2".to_string()], "SiteDown")
+        );
+        assert!(!conditions::is_true(&s.conditions, NO_HEALTHY_SITE));
+        plan.no_healthy_site = true;
+        let s = compute(
+            &md,
+            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &[],
+            &plan,
+            None,
+            now(),
+        );
+        assert!(conditions::is_true(&s.conditions, NO_HEALTHY_SITE));
+        assert_eq!(s.serving_sites, ["dc-it2"]);
+    }
+
+    #[test]
     fn signing_key_reference_is_reported_unresolved() {
         let md = domain(&["dc-it1", "dc-it2"]);
-        let s = compute(&md, &resolution(&["dc-it1", "dc-it2"], &[]), &[], now());
+        let s = compute(
+            &md,
+            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &[],
+            &serving(&["dc-it1"]),
+            None,
+            now(),
+        );
         assert_eq!(reason_of(&s, SIGNING_KEY_RESOLVED), reason::UNRESOLVED);
     }
 }

@@ -6,7 +6,15 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{MailDomain, Site};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use super::build::{ReadyGateway, SITE_LABEL};
+use crate::{
+    api::{MailDomain, Site},
+    failover::serving::Candidate,
+    time::from_k8s,
+};
 
 /// The listed sites, split by whether their Site object exists.
 #[derive(Debug, Default, PartialEq)]
@@ -39,6 +47,51 @@ pub fn resolve_sites(md: &MailDomain, fetched: &BTreeMap<String, Option<Site>>) 
         }
     }
     resolution
+}
+
+/// The gateway pods that are Ready, have an IP and are not terminating.
+pub fn ready_gateways(pods: &[Pod]) -> Vec<ReadyGateway> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            let ready = status
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Some(ReadyGateway {
+                site: p.labels().get(SITE_LABEL)?.clone(),
+                pod: p.name_any(),
+                ip: status.pod_ip.clone()?,
+                node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            })
+            .filter(|_| ready)
+        })
+        .collect()
+}
+
+/// The listed sites as failover candidates, in `spec.sites` order.
+pub fn candidates(
+    md: &MailDomain,
+    fetched: &BTreeMap<String, Option<Site>>,
+    gateways: &[ReadyGateway],
+) -> Vec<Candidate> {
+    md.spec
+        .sites
+        .iter()
+        .map(|name| {
+            let site = fetched.get(name).and_then(Option::as_ref);
+            let status = site.and_then(|s| s.status.as_ref());
+            Candidate {
+                site: name.clone(),
+                priority: site.map_or(i32::MAX, |s| s.spec.priority),
+                phase: status.and_then(|s| s.phase),
+                healthy_since: status.and_then(|s| s.healthy_since.as_ref()).map(from_k8s),
+                ready_gateways: gateways.iter().filter(|g| g.site == *name).count() as u32,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

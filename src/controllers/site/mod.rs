@@ -1,6 +1,10 @@
-//! The Site controller: counts each data center's nodes and their readiness.
+//! The Site controller: checks each data center's health every
+//! `spec.health.periodSeconds` and decides its phase (see
+//! `crate::failover::health`): declares it down after `failureThreshold`
+//! failed checks, fences it when it flaps, and enters or refuses maintenance.
 //!
-//! Reads Nodes and Sites; writes only Site status and Events.
+//! Reads Nodes, Sites and MailDomains; writes Site status, `spec.fenced` of a
+//! flapping site, and Events.
 
 mod status;
 
@@ -18,12 +22,14 @@ use kube::{
 use serde_json::json;
 
 use super::Context;
-use crate::{api::Site, conditions};
+use crate::{
+    api::{MailDomain, Site, SitePhase, SiteStatus},
+    conditions,
+    failover::health,
+};
 
 const CONTROLLER: &str = "site";
 const FIELD_MANAGER: &str = "pec-operator/site";
-/// Node changes trigger a reconcile; this is only the safety net.
-const RESYNC: Duration = Duration::from_secs(300);
 
 /// Why a Site reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +37,20 @@ pub enum Error {
     /// Listing the site's nodes failed.
     #[error("listing the nodes of site {site} failed: {source}")]
     ListNodes {
+        site: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Listing MailDomains (for a maintenance check) failed.
+    #[error("listing MailDomains for the maintenance of site {site} failed: {source}")]
+    ListDomains {
+        site: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Setting `spec.fenced` on a flapping site failed.
+    #[error("fencing site {site} failed: {source}")]
+    Fence {
         site: String,
         #[source]
         source: kube::Error,
@@ -49,12 +69,14 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::ListNodes { .. } => "ListNodesFailed",
+            Error::ListDomains { .. } => "ListDomainsFailed",
+            Error::Fence { .. } => "FenceFailed",
             Error::WriteStatus { .. } => "StatusWriteFailed",
         }
     }
 }
 
-/// Reconciles one Site.
+/// Reconciles one Site: one health check.
 #[tracing::instrument(skip_all, fields(site = %site.name_any()))]
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = ctx.clock.now();
@@ -69,6 +91,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
         .with_label_values(&[CONTROLLER])
         .start_timer();
 
+    // fetch
     let selector = status::label_selector(&site.spec.node_selector);
     let nodes = Api::<Node>::all(ctx.client.clone())
         .list(&ListParams::default().labels(&selector))
@@ -77,36 +100,125 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
             site: name.clone(),
             source,
         })?;
-
-    let new = status::compute(&site, &nodes.items, now);
-    let old = site.status.clone().unwrap_or_default();
-    if new != old {
-        Api::<Site>::all(ctx.client.clone())
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(
-                    json!({"apiVersion": "pec.dev/v1alpha1", "kind": "Site", "status": new}),
-                ),
-            )
+    let blocking = if site.spec.maintenance && !site.spec.maintenance_force {
+        let domains = Api::<MailDomain>::all(ctx.client.clone())
+            .list(&ListParams::default())
             .await
-            .map_err(|source| Error::WriteStatus {
+            .map_err(|source| Error::ListDomains {
                 site: name.clone(),
                 source,
             })?;
-        let was_ready = conditions::is_true(&old.conditions, status::READY);
-        let is_ready = conditions::is_true(&new.conditions, status::READY);
-        if was_ready != is_ready || site.status.is_none() {
-            let (type_, reason) = if is_ready {
-                (EventType::Normal, "SiteReady")
-            } else {
-                (EventType::Warning, "SiteNotReady")
-            };
-            let note = format!("{} of {} nodes ready", new.nodes_ready, new.nodes_total);
-            ctx.event(site.as_ref(), type_, reason, note).await;
+        let already_drained =
+            site.status.as_ref().and_then(|s| s.phase) == Some(SitePhase::Maintenance);
+        if already_drained {
+            Vec::new()
+        } else {
+            status::blocking_domains(&name, &domains.items)
         }
+    } else {
+        Vec::new()
+    };
+
+    // decide
+    let seen = status::observe(&nodes.items);
+    let old = site.status.clone().unwrap_or_default();
+    let probe = ctx.site_probe(&name);
+    let decision = health::decide(&site.spec, &old, probe, seen, !blocking.is_empty(), now);
+    ctx.set_site_probe(&name, decision.probe);
+    let new = status::compute(&site, seen, &decision, &blocking, now);
+
+    // apply
+    let api = Api::<Site>::all(ctx.client.clone());
+    if decision.fence_now {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"fenced": true}})),
+        )
+        .await
+        .map_err(|source| Error::Fence {
+            site: name.clone(),
+            source,
+        })?;
+        let note = format!(
+            "{}; clear with: kubectl patch site {name} --type merge -p '{{\"spec\":{{\"fenced\":false}}}}'",
+            decision.reason
+        );
+        ctx.event(site.as_ref(), EventType::Warning, "SiteFenced", note)
+            .await;
     }
-    Ok(Action::requeue(RESYNC))
+    if new != old {
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({"apiVersion": "pec.dev/v1alpha1", "kind": "Site", "status": new})),
+        )
+        .await
+        .map_err(|source| Error::WriteStatus {
+            site: name.clone(),
+            source,
+        })?;
+        publish_events(&ctx, &site, &old, &new).await;
+    }
+    Ok(Action::requeue(next_check(&site, decision.probe, now)))
+}
+
+/// The next check is due one period after the last counted one, whatever
+/// reconciles node events caused in between (they must not push it later).
+fn next_check(
+    site: &Site,
+    probe: health::ProbeState,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Duration {
+    let period = Duration::from_secs(u64::from(site.spec.health.period_seconds.max(1)));
+    let Some(last) = probe.last_check else {
+        return period;
+    };
+    let due = last + chrono::Duration::seconds(i64::from(site.spec.health.period_seconds.max(1)));
+    (due - now)
+        .to_std()
+        .map_or(Duration::from_millis(100), |d| {
+            d.clamp(Duration::from_millis(100), period)
+        })
+}
+
+async fn publish_events(ctx: &Context, site: &Site, old: &SiteStatus, new: &SiteStatus) {
+    if old.phase != new.phase
+        && let Some(phase) = new.phase
+    {
+        let was_healthy = old.phase.is_some_and(SitePhase::is_healthy);
+        let (type_, reason) = match phase {
+            SitePhase::Degraded if was_healthy => (EventType::Warning, "SiteDegraded"),
+            SitePhase::Serving if was_healthy => (EventType::Normal, "SiteFullStrength"),
+            SitePhase::Serving | SitePhase::Degraded if old.phase.is_some() => {
+                (EventType::Normal, "SiteRecovered")
+            }
+            SitePhase::Serving | SitePhase::Degraded => (EventType::Normal, "SiteServing"),
+            SitePhase::Down => (EventType::Warning, "SiteDown"),
+            SitePhase::Maintenance => (EventType::Normal, "MaintenanceStarted"),
+            SitePhase::Fenced => (EventType::Warning, "SiteFenced"),
+        };
+        let note = format!(
+            "{:?} -> {phase:?}: {}",
+            old.phase,
+            new.phase_reason.clone().unwrap_or_default()
+        );
+        tracing::info!(site = %site.name_any(), from = ?old.phase, to = ?phase, %note, "site phase changed");
+        ctx.event(site, type_, reason, note).await;
+    }
+    let was_refused = conditions::is_true(&old.conditions, status::MAINTENANCE_REFUSED);
+    if let Some(c) = conditions::find(&new.conditions, status::MAINTENANCE_REFUSED)
+        && c.status == "True"
+        && !was_refused
+    {
+        ctx.event(
+            site,
+            EventType::Warning,
+            status::MAINTENANCE_REFUSED,
+            c.message.clone(),
+        )
+        .await;
+    }
 }
 
 fn error_policy(_site: Arc<Site>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -6,9 +6,34 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Node;
 
 use crate::{
-    api::{Site, SiteStatus},
+    api::{MailDomain, Site, SitePhase, SiteStatus},
     conditions::{self, Verdict},
+    failover::health::{Decision, Observation},
 };
+
+/// The MailDomains that maintenance of `site` would leave with no serving
+/// site: those that list it and serve from no other site.
+pub fn blocking_domains(site: &str, domains: &[MailDomain]) -> Vec<String> {
+    domains
+        .iter()
+        .filter(|md| md.spec.sites.iter().any(|s| s == site))
+        .filter(|md| {
+            let serving = md
+                .status
+                .as_ref()
+                .map(|s| s.serving_sites.as_slice())
+                .unwrap_or_default();
+            !serving.iter().any(|s| s != site)
+        })
+        .map(|md| {
+            format!(
+                "{}/{}",
+                md.metadata.namespace.clone().unwrap_or_default(),
+                md.spec.domain
+            )
+        })
+        .collect()
+}
 
 /// The `Ready` condition type.
 pub const READY: &str = "Ready";
@@ -18,6 +43,16 @@ pub const NODES_READY: &str = "NodesReady";
 pub const NO_READY_NODES: &str = "NoReadyNodes";
 /// Reason: no node matches the selector.
 pub const NO_MATCHING_NODES: &str = "NoMatchingNodes";
+/// Reason: the site is in maintenance.
+pub const IN_MAINTENANCE: &str = "InMaintenance";
+/// Reason: the site is fenced.
+pub const FENCED: &str = "Fenced";
+/// The condition set when requested maintenance is refused.
+pub const MAINTENANCE_REFUSED: &str = "MaintenanceRefused";
+/// Reason: maintenance would leave domains with no serving site.
+pub const WOULD_STRAND_DOMAINS: &str = "WouldLeaveDomainWithoutSite";
+/// Reason: nothing refused.
+pub const NOT_REFUSED: &str = "NotRefused";
 
 /// The label selector string for `selector` (`k=v,k2=v2`).
 pub fn label_selector(selector: &BTreeMap<String, String>) -> String {
@@ -36,11 +71,26 @@ pub fn node_is_ready(node: &Node) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The status of `site` given the nodes matching its selector.
-pub fn compute(site: &Site, nodes: &[Node], now: DateTime<Utc>) -> SiteStatus {
-    let total = nodes.len() as i32;
-    let ready = nodes.iter().filter(|n| node_is_ready(n)).count() as i32;
-    let verdict = if total == 0 {
+/// Node counts of the nodes matching a site's selector.
+pub fn observe(nodes: &[Node]) -> Observation {
+    Observation {
+        nodes_total: nodes.len() as u32,
+        nodes_ready: nodes.iter().filter(|n| node_is_ready(n)).count() as u32,
+    }
+}
+
+/// The status of `site` after a health check that saw `seen` and decided
+/// `decision`; `blocking` names the domains that refuse its maintenance.
+pub fn compute(
+    site: &Site,
+    seen: Observation,
+    decision: &Decision,
+    blocking: &[String],
+    now: DateTime<Utc>,
+) -> SiteStatus {
+    let ready = if decision.phase.is_healthy() {
+        Verdict::new(READY, true, NODES_READY, decision.reason.clone())
+    } else if seen.nodes_total == 0 {
         Verdict::new(
             READY,
             false,
@@ -50,39 +100,53 @@ pub fn compute(site: &Site, nodes: &[Node], now: DateTime<Utc>) -> SiteStatus {
                 label_selector(&site.spec.node_selector)
             ),
         )
-    } else if ready == 0 {
+    } else {
+        let reason = match decision.phase {
+            SitePhase::Maintenance => IN_MAINTENANCE,
+            SitePhase::Fenced => FENCED,
+            _ => NO_READY_NODES,
+        };
+        Verdict::new(READY, false, reason, decision.reason.clone())
+    };
+    let maintenance = if blocking.is_empty() {
         Verdict::new(
-            READY,
+            MAINTENANCE_REFUSED,
             false,
-            NO_READY_NODES,
-            format!("none of {total} nodes is Ready"),
+            NOT_REFUSED,
+            "no maintenance refused",
         )
     } else {
         Verdict::new(
-            READY,
+            MAINTENANCE_REFUSED,
             true,
-            NODES_READY,
-            format!("{ready} of {total} nodes Ready"),
+            WOULD_STRAND_DOMAINS,
+            format!(
+                "maintenance would leave {} with no serving site; bring another site up first, or set spec.maintenanceForce",
+                blocking.join(", ")
+            ),
         )
     };
-    let previous = site
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let previous = site.status.clone().unwrap_or_default();
     let generation = site.metadata.generation;
-    SiteStatus {
+    let mut status = SiteStatus {
         observed_generation: generation,
-        nodes_total: total,
-        nodes_ready: ready,
-        conditions: conditions::merge(previous, &[verdict], generation, now),
-    }
+        nodes_total: seen.nodes_total as i32,
+        nodes_ready: seen.nodes_ready as i32,
+        conditions: conditions::merge(&previous.conditions, &[ready, maintenance], generation, now),
+        ..SiteStatus::default()
+    };
+    decision.apply_to(&mut status);
+    status
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::SiteSpec;
+    use crate::{
+        api::{HealthSpec, MailDomainStatus, SiteSpec},
+        controllers::mail_domain::build::tests::domain,
+        failover::health::{ProbeState, decide},
+    };
     use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
 
     fn site() -> Site {
@@ -92,6 +156,10 @@ mod tests {
                 node_selector: [("topology.kubernetes.io/zone".into(), "dc-it1".into())].into(),
                 priority: 0,
                 maintenance: false,
+                maintenance_force: false,
+                fenced: false,
+                health: HealthSpec::default(),
+                load_balancer_addresses: vec![],
             },
         )
     }
@@ -114,27 +182,62 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000, 0).expect("valid")
     }
 
+    fn status_for(site: &Site, nodes: &[Node], blocking: &[String]) -> SiteStatus {
+        let seen = observe(nodes);
+        let d = decide(
+            &site.spec,
+            &SiteStatus::default(),
+            ProbeState::default(),
+            seen,
+            !blocking.is_empty(),
+            now(),
+        );
+        compute(site, seen, &d, blocking, now())
+    }
+
     #[test]
     fn counts_ready_nodes() {
-        let s = compute(&site(), &[node(true), node(false), node(true)], now());
+        let s = status_for(&site(), &[node(true), node(false), node(true)], &[]);
         assert_eq!((s.nodes_total, s.nodes_ready), (3, 2));
+        assert_eq!(s.phase, Some(SitePhase::Degraded));
         assert!(conditions::is_true(&s.conditions, READY));
     }
 
     #[test]
-    fn is_not_ready_without_ready_nodes() {
-        let s = compute(&site(), &[node(false)], now());
-        assert_eq!(
-            conditions::find(&s.conditions, READY).map(|c| c.reason.as_str()),
-            Some(NO_READY_NODES)
-        );
-    }
-
-    #[test]
     fn says_which_labels_matched_nothing() {
-        let s = compute(&site(), &[], now());
+        let s = status_for(&site(), &[], &[]);
         let c = conditions::find(&s.conditions, READY).expect("Ready present");
         assert_eq!(c.reason, NO_MATCHING_NODES);
         assert!(c.message.contains("topology.kubernetes.io/zone=dc-it1"));
+    }
+
+    #[test]
+    fn refused_maintenance_names_the_domains_and_the_way_out() {
+        let mut s = site();
+        s.spec.maintenance = true;
+        let status = status_for(&s, &[node(true)], &["mail/pec.acme.it".to_string()]);
+        assert_eq!(status.phase, Some(SitePhase::Serving));
+        let c = conditions::find(&status.conditions, MAINTENANCE_REFUSED).expect("condition");
+        assert_eq!(c.status, "True");
+        assert!(c.message.contains("pec.acme.it") && c.message.contains("maintenanceForce"));
+    }
+
+    #[test]
+    fn maintenance_is_blocked_only_by_domains_served_from_this_site_alone() {
+        let mut alone = domain(&["dc-it1", "dc-it2"]);
+        alone.status = Some(MailDomainStatus {
+            serving_sites: vec!["dc-it1".into()],
+            ..MailDomainStatus::default()
+        });
+        let mut shared = domain(&["dc-it1", "dc-it2"]);
+        shared.status = Some(MailDomainStatus {
+            serving_sites: vec!["dc-it1".into(), "dc-it2".into()],
+            ..MailDomainStatus::default()
+        });
+        let elsewhere = domain(&["dc-it2"]);
+        assert_eq!(
+            blocking_domains("dc-it1", &[alone, shared, elsewhere]),
+            ["mail/pec.acme.it"]
+        );
     }
 }

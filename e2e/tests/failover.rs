@@ -1,0 +1,687 @@
+//! Data-center failover on a real cluster. Each test makes its own two
+//! sites on its own kwok nodes, so failing them disturbs no other test. A
+//! failed data center is simulated as kubelets would see it: every node's
+//! Ready condition goes False (kwok leaves nodes annotated
+//! `kwok.x-k8s.io/status=custom` alone), and on recovery the test, playing
+//! the kubelet, marks the node and its pods Ready again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use pec_operator::{
+    api::{FailoverMode, HealthSpec, MailDomain, Site, SitePhase, SiteSpec},
+    controllers::mail_domain::build::{SITE_LABEL, domain_service_name},
+};
+use serde_json::json;
+
+use crate::harness::{client, eventually, example, has_condition, namespace, wait_for};
+
+/// Two sites of three nodes each, private to one test.
+pub struct TestSites {
+    pub client: Client,
+    pub names: [String; 2],
+}
+
+const NODES_PER_SITE: usize = 3;
+
+impl TestSites {
+    /// Creates the nodes and Sites `<prefix>-a` (priority 0) and `<prefix>-b` (priority 10).
+    pub async fn create(client: &Client, prefix: &str, health: HealthSpec) -> Self {
+        let names = [format!("{prefix}-a"), format!("{prefix}-b")];
+        let nodes = Api::<Node>::all(client.clone());
+        for (i, site) in names.iter().enumerate() {
+            for n in 0..NODES_PER_SITE {
+                let node: Node = serde_json::from_value(json!({
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": format!("{site}-{n}"),
+                        "annotations": {"kwok.x-k8s.io/node": "fake"},
+                        "labels": {
+                            "kubernetes.io/hostname": format!("{site}-{n}"),
+                            "topology.kubernetes.io/zone": site,
+                            "type": "kwok",
+                        },
+                    },
+                    "status": {
+                        "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "1000"},
+                        "capacity": {"cpu": "64", "memory": "512Gi", "pods": "1000"},
+                    },
+                }))
+                .expect("node");
+                nodes
+                    .create(&PostParams::default(), &node)
+                    .await
+                    .expect("create node");
+            }
+            let spec = SiteSpec {
+                node_selector: [("topology.kubernetes.io/zone".to_string(), site.clone())].into(),
+                priority: i as i32 * 10,
+                maintenance: false,
+                maintenance_force: false,
+                fenced: false,
+                health: health.clone(),
+                load_balancer_addresses: vec![format!("192.0.2.{}", 10 + i)],
+            };
+            Api::<Site>::all(client.clone())
+                .create(&PostParams::default(), &Site::new(site, spec))
+                .await
+                .expect("create site");
+        }
+        let sites = Self {
+            client: client.clone(),
+            names,
+        };
+        for site in &sites.names {
+            sites.wait_phase(site, SitePhase::Serving).await;
+        }
+        sites
+    }
+
+    pub async fn wait_phase(&self, site: &str, phase: SitePhase) -> Site {
+        let api = Api::<Site>::all(self.client.clone());
+        wait_for(
+            &api,
+            site,
+            &format!("phase {phase:?}"),
+            move |s: Option<&Site>| {
+                s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(phase)
+            },
+        )
+        .await
+    }
+
+    fn node_names(&self, site: &str) -> Vec<String> {
+        (0..NODES_PER_SITE).map(|n| format!("{site}-{n}")).collect()
+    }
+
+    async fn set_ready(&self, node: &str, ready: bool) {
+        let nodes = Api::<Node>::all(self.client.clone());
+        let now = Time(jiff::Timestamp::now());
+        let status = if ready { "True" } else { "False" };
+        nodes
+            .patch_status(
+                node,
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"status": {"conditions": [{
+                    "type": "Ready", "status": status, "reason": "SetByTest",
+                    "message": "set by the failover test", "lastHeartbeatTime": now, "lastTransitionTime": now,
+                }]}})),
+            )
+            .await
+            .expect("patch node status");
+    }
+
+    /// Every node of `site` goes NotReady, as if the data center failed.
+    pub async fn fail(&self, site: &str) {
+        let nodes = Api::<Node>::all(self.client.clone());
+        for node in self.node_names(site) {
+            nodes
+                .patch(
+                    &node,
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"metadata": {"annotations": {"kwok.x-k8s.io/status": "custom"}}}),
+                    ),
+                )
+                .await
+                .expect("take the node from kwok");
+            self.set_ready(&node, false).await;
+        }
+    }
+
+    /// The nodes of `site` come back; once the node controller has seen them
+    /// Ready, their pods are marked Ready again (the kubelet's job).
+    pub async fn recover(&self, site: &str) {
+        let nodes = Api::<Node>::all(self.client.clone());
+        for node in self.node_names(site) {
+            self.set_ready(&node, true).await;
+        }
+        for node in self.node_names(site) {
+            eventually(
+                "the node controller to lift the not-ready taint",
+                || async {
+                    let n = nodes.get(&node).await.ok()?;
+                    let tainted = n
+                        .spec
+                        .and_then(|s| s.taints)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|t| t.key == "node.kubernetes.io/not-ready");
+                    (!tainted).then_some(())
+                },
+            )
+            .await;
+            let pods = Api::<Pod>::all(self.client.clone());
+            let on_node = pods
+                .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+                .await
+                .expect("list pods");
+            let now = Time(jiff::Timestamp::now());
+            for pod in on_node.items {
+                let api = Api::<Pod>::namespaced(
+                    self.client.clone(),
+                    &pod.namespace().unwrap_or_default(),
+                );
+                api.patch_status(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Strategic(json!({"status": {"conditions": [
+                        {"type": "Ready", "status": "True", "lastTransitionTime": now},
+                        {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+                    ]}})),
+                )
+                .await
+                .expect("mark pod ready");
+            }
+            nodes
+                .patch(
+                    &node,
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"metadata": {"annotations": {"kwok.x-k8s.io/status": null}}}),
+                    ),
+                )
+                .await
+                .expect("give the node back to kwok");
+        }
+    }
+
+    /// Deletes the Sites and nodes.
+    pub async fn remove(self) {
+        for site in &self.names {
+            let _ = Api::<Site>::all(self.client.clone())
+                .delete(site, &DeleteParams::default())
+                .await;
+            for node in self.node_names(site) {
+                let _ = Api::<Node>::all(self.client.clone())
+                    .delete(&node, &DeleteParams::default())
+                    .await;
+            }
+        }
+    }
+}
+
+/// Ready endpoint addresses of the domain Service, by site.
+async fn endpoints_by_site(client: &Client, ns: &str, md: &str) -> BTreeMap<String, usize> {
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!(
+            "kubernetes.io/service-name={}",
+            domain_service_name(md)
+        )))
+        .await
+        .expect("list slices");
+    let mut by_site = BTreeMap::new();
+    for slice in slices.items {
+        let site = slice.labels().get(SITE_LABEL).cloned().unwrap_or_default();
+        let ready = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+            .count();
+        *by_site.entry(site).or_default() += ready;
+    }
+    by_site.retain(|_, n| *n > 0);
+    by_site
+}
+
+async fn create_domain(
+    client: &Client,
+    ns: &str,
+    sites: &TestSites,
+    mode: FailoverMode,
+    stabilization: u32,
+) -> String {
+    let mut md: MailDomain = example("20-maildomain-standard.yaml");
+    md.metadata.namespace = Some(ns.to_string());
+    md.spec.sites = sites.names.to_vec();
+    md.spec.failover.mode = mode;
+    md.spec.failover.stabilization_seconds = stabilization;
+    let api = Api::<MailDomain>::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &md)
+        .await
+        .expect("create MailDomain");
+    let name = md.name_any();
+    wait_for(
+        &api,
+        &name,
+        "Ready=True",
+        has_condition("Ready", "True", None),
+    )
+    .await;
+    let expected: Vec<String> = match mode {
+        FailoverMode::ActiveActive => sites.names.to_vec(),
+        FailoverMode::ActivePassive => sites.names[..1].to_vec(),
+    };
+    let want = expected.clone();
+    wait_for(
+        &api,
+        &name,
+        "the serving sites",
+        move |m: Option<&MailDomain>| {
+            m.and_then(|m| m.status.as_ref())
+                .is_some_and(|s| s.serving_sites == want)
+        },
+    )
+    .await;
+    eventually("endpoints in every serving site", || async {
+        let e = endpoints_by_site(client, ns, &name).await;
+        (e.keys().cloned().collect::<Vec<_>>() == expected).then_some(())
+    })
+    .await;
+    name
+}
+
+async fn pod_fingerprint(client: &Client, ns: &str) -> BTreeSet<(String, i32)> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list pods")
+        .items
+        .iter()
+        .map(|p| {
+            let restarts = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum());
+            (p.uid().unwrap_or_default(), restarts)
+        })
+        .collect()
+}
+
+fn fast_health() -> HealthSpec {
+    HealthSpec {
+        period_seconds: 2,
+        failure_threshold: 3,
+        ..HealthSpec::default()
+    }
+}
+
+#[tokio::test]
+async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization() {
+    let client = client().await;
+    let ns = namespace(&client, "failover-active-active").await;
+    let sites =
+        TestSites::create(&client, &format!("aa{}", std::process::id()), fast_health()).await;
+    let [a, b] = sites.names.clone();
+    let stabilization = 12;
+    let md = create_domain(
+        &client,
+        &ns,
+        &sites,
+        FailoverMode::ActiveActive,
+        stabilization,
+    )
+    .await;
+    let both = eventually("endpoints in both sites", || async {
+        let e = endpoints_by_site(&client, &ns, &md).await;
+        (e.len() == 2).then_some(e)
+    })
+    .await;
+    assert_eq!(both.get(&a), Some(&2));
+    let pods_before = pod_fingerprint(&client, &ns).await;
+
+    let failed_at = Instant::now();
+    sites.fail(&a).await;
+    let detected = eventually("site a to leave the domain Service", || async {
+        let e = endpoints_by_site(&client, &ns, &md).await;
+        assert!(
+            e.get(&b).is_some_and(|n| *n > 0),
+            "site b lost its endpoints during the failover: {e:?}"
+        );
+        (!e.contains_key(&a)).then(|| failed_at.elapsed())
+    })
+    .await;
+    let bound = Duration::from_secs(2 * 3 + 1);
+    println!("detection to switch: {detected:?} (bound {bound:?})");
+    assert!(
+        detected <= bound + Duration::from_millis(300),
+        "took {detected:?}, bound {bound:?}"
+    );
+
+    let recovered_at = Instant::now();
+    sites.recover(&a).await;
+    sites.wait_phase(&a, SitePhase::Serving).await;
+    let rejoined = eventually("site a to rejoin", || async {
+        let e = endpoints_by_site(&client, &ns, &md).await;
+        assert!(
+            e.get(&b).is_some_and(|n| *n > 0),
+            "site b lost its endpoints: {e:?}"
+        );
+        e.contains_key(&a).then(|| recovered_at.elapsed())
+    })
+    .await;
+    println!("rejoined after {rejoined:?} (stabilization {stabilization}s)");
+    assert!(
+        rejoined >= Duration::from_secs(stabilization.into()),
+        "rejoined after {rejoined:?}"
+    );
+
+    assert_eq!(
+        pod_fingerprint(&client, &ns).await,
+        pods_before,
+        "a switch restarted or replaced pods"
+    );
+    let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    let status = api.get(&md).await.expect("md").status.expect("status");
+    let last = status.last_failover.expect("last failover");
+    assert_eq!(last.reason, "SiteRejoined");
+    sites.remove().await;
+}
+
+#[tokio::test]
+async fn active_passive_serves_the_preferred_site_and_fails_back() {
+    let client = client().await;
+    let ns = namespace(&client, "failover-active-passive").await;
+    let sites =
+        TestSites::create(&client, &format!("ap{}", std::process::id()), fast_health()).await;
+    let [a, b] = sites.names.clone();
+    let md = create_domain(&client, &ns, &sites, FailoverMode::ActivePassive, 8).await;
+    let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    let serving_only = |site: String| {
+        let client = client.clone();
+        let ns = ns.clone();
+        let md = md.clone();
+        async move {
+            eventually(&format!("only {site} serving"), || async {
+                let e = endpoints_by_site(&client, &ns, &md).await;
+                (e.keys().collect::<Vec<_>>() == [&site]).then_some(())
+            })
+            .await
+        }
+    };
+    serving_only(a.clone()).await;
+    let preferred = a.clone();
+    wait_for(
+        &api,
+        &md,
+        "the preferred site active",
+        move |m: Option<&MailDomain>| {
+            m.and_then(|m| m.status.as_ref())
+                .and_then(|s| s.active_site.as_deref())
+                == Some(preferred.as_str())
+        },
+    )
+    .await;
+
+    sites.fail(&a).await;
+    serving_only(b.clone()).await;
+    let back = Instant::now();
+    sites.recover(&a).await;
+    serving_only(a.clone()).await;
+    assert!(
+        back.elapsed() >= Duration::from_secs(8),
+        "failed back before stabilization"
+    );
+    sites.remove().await;
+}
+
+#[tokio::test]
+async fn a_flapping_site_is_fenced_until_a_person_clears_it() {
+    let client = client().await;
+    let ns = namespace(&client, "failover-fencing").await;
+    let health = HealthSpec {
+        fence_after_flaps: 2,
+        ..fast_health()
+    };
+    let sites = TestSites::create(&client, &format!("fe{}", std::process::id()), health).await;
+    let [a, _] = sites.names.clone();
+    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 3).await;
+
+    sites.fail(&a).await;
+    sites.wait_phase(&a, SitePhase::Down).await;
+    sites.recover(&a).await;
+    sites.wait_phase(&a, SitePhase::Serving).await;
+    sites.fail(&a).await;
+    let fenced = sites.wait_phase(&a, SitePhase::Fenced).await;
+    assert!(fenced.spec.fenced, "the operator sets spec.fenced");
+    sites.recover(&a).await;
+
+    // Healthy again, yet it stays out: watch it for longer than the stabilization window.
+    let watch_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < watch_until {
+        let site = Api::<Site>::all(client.clone())
+            .get(&a)
+            .await
+            .expect("site");
+        assert_eq!(site.status.and_then(|s| s.phase), Some(SitePhase::Fenced));
+        assert!(
+            !endpoints_by_site(&client, &ns, &md).await.contains_key(&a),
+            "a fenced site serves"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    Api::<Site>::all(client.clone())
+        .patch(
+            &a,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"fenced": false}})),
+        )
+        .await
+        .expect("clear the fence");
+    sites.wait_phase(&a, SitePhase::Serving).await;
+    eventually("the cleared site to rejoin", || async {
+        endpoints_by_site(&client, &ns, &md)
+            .await
+            .contains_key(&a)
+            .then_some(())
+    })
+    .await;
+    sites.remove().await;
+}
+
+#[tokio::test]
+async fn with_every_site_down_the_domain_keeps_its_last_endpoints() {
+    let client = client().await;
+    let ns = namespace(&client, "failover-no-healthy-site").await;
+    let sites =
+        TestSites::create(&client, &format!("nh{}", std::process::id()), fast_health()).await;
+    let [a, b] = sites.names.clone();
+    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 5).await;
+    sites.fail(&a).await;
+    eventually("site a to leave", || async {
+        let e = endpoints_by_site(&client, &ns, &md).await;
+        (!e.contains_key(&a)).then_some(())
+    })
+    .await;
+    sites.fail(&b).await;
+    let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    wait_for(
+        &api,
+        &md,
+        "NoHealthySite",
+        has_condition("NoHealthySite", "True", None),
+    )
+    .await;
+    let e = endpoints_by_site(&client, &ns, &md).await;
+    assert_eq!(
+        e.get(&b),
+        Some(&2),
+        "the last serving endpoints were kept: {e:?}"
+    );
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
+    eventually("a NoHealthySite warning", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("NoHealthySite")
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .then_some(())
+    })
+    .await;
+    sites.remove().await;
+}
+
+#[tokio::test]
+async fn maintenance_drains_a_site_and_is_refused_when_it_would_strand_a_domain() {
+    let client = client().await;
+    let ns = namespace(&client, "failover-maintenance").await;
+    let sites =
+        TestSites::create(&client, &format!("mt{}", std::process::id()), fast_health()).await;
+    let [a, b] = sites.names.clone();
+    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 5).await;
+    eventually("both sites serving", || async {
+        (endpoints_by_site(&client, &ns, &md).await.len() == 2).then_some(())
+    })
+    .await;
+    let site_api = Api::<Site>::all(client.clone());
+    let set = |site: String, patch: serde_json::Value| {
+        let api = site_api.clone();
+        async move {
+            api.patch(&site, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .expect("patch site")
+        }
+    };
+
+    set(a.clone(), json!({"spec": {"maintenance": true}})).await;
+    sites.wait_phase(&a, SitePhase::Maintenance).await;
+    eventually("site a drained", || async {
+        (!endpoints_by_site(&client, &ns, &md).await.contains_key(&a)).then_some(())
+    })
+    .await;
+    let running_in_a = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&format!("{SITE_LABEL}={a}")))
+        .await
+        .expect("pods")
+        .items
+        .len();
+    assert_eq!(running_in_a, 2, "maintenance keeps the site's pods");
+
+    set(b.clone(), json!({"spec": {"maintenance": true}})).await;
+    let refused = wait_for(
+        &site_api,
+        &b,
+        "MaintenanceRefused",
+        has_condition("MaintenanceRefused", "True", None),
+    )
+    .await;
+    assert_eq!(
+        refused.status.and_then(|s| s.phase),
+        Some(SitePhase::Serving),
+        "refused maintenance changed nothing"
+    );
+    assert!(endpoints_by_site(&client, &ns, &md).await.contains_key(&b));
+
+    set(a.clone(), json!({"spec": {"maintenance": false}})).await;
+    sites.wait_phase(&a, SitePhase::Serving).await;
+    sites.remove().await;
+}
+
+#[tokio::test]
+async fn dns_endpoints_are_written_only_when_their_crd_exists() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::{
+        api::DynamicObject,
+        core::{ApiResource, GroupVersionKind},
+    };
+
+    let client = client().await;
+    let ns = namespace(&client, "failover-dns").await;
+    let sites =
+        TestSites::create(&client, &format!("dn{}", std::process::id()), fast_health()).await;
+    let [a, _] = sites.names.clone();
+    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 5).await;
+
+    // Absent CRD: the operator says so once and writes nothing.
+    let logs = std::env::var("PEC_E2E_LOGS").expect("e2e/test.sh sets PEC_E2E_LOGS");
+    let said: usize = ["operator-a.log", "operator-b.log"]
+        .iter()
+        .map(|f| std::fs::read_to_string(format!("{logs}/{f}")).unwrap_or_default())
+        .map(|text| text.matches("DNSEndpoint CRD is not installed").count())
+        .sum();
+    assert_eq!(
+        said, 1,
+        "the absence of the DNSEndpoint CRD is said exactly once"
+    );
+
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": "dnsendpoints.externaldns.k8s.io",
+            "annotations": {"api-approved.kubernetes.io": "unapproved, a test CRD of external-dns's shape"},
+        },
+        "spec": {
+            "group": "externaldns.k8s.io",
+            "scope": "Namespaced",
+            "names": {"kind": "DNSEndpoint", "plural": "dnsendpoints", "singular": "dnsendpoint", "listKind": "DNSEndpointList"},
+            "versions": [{
+                "name": "v1alpha1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                }}},
+            }],
+        },
+    }))
+    .expect("crd");
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("install the DNSEndpoint CRD");
+    wait_for(
+        &crds,
+        "dnsendpoints.externaldns.k8s.io",
+        "Established",
+        |c: Option<&CustomResourceDefinition>| {
+            c.and_then(|c| c.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        },
+    )
+    .await;
+
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "externaldns.k8s.io",
+        "v1alpha1",
+        "DNSEndpoint",
+    ));
+    let dns = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &resource);
+    let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    let mut touch = 0;
+    let targets = |obj: &DynamicObject| obj.data["spec"]["endpoints"][0]["targets"].clone();
+    let written = eventually("a DNSEndpoint for the domain", || {
+        // Each touch is a change the operator reconciles; the CRD is seen within seconds.
+        touch += 1;
+        let (mds, dns, md) = (mds.clone(), dns.clone(), md.clone());
+        async move {
+            let patch = json!({"metadata": {"annotations": {"e2e/touch": touch.to_string()}}});
+            mds.patch(&md, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .ok()?;
+            dns.get_opt(&domain_service_name(&md)).await.ok().flatten()
+        }
+    })
+    .await;
+    assert_eq!(targets(&written), json!(["192.0.2.10", "192.0.2.11"]));
+    assert_eq!(written.data["spec"]["endpoints"][0]["recordTTL"], json!(30));
+
+    sites.fail(&a).await;
+    eventually("the failed site's address to leave DNS", || async {
+        let obj = dns.get(&domain_service_name(&md)).await.ok()?;
+        (targets(&obj) == json!(["192.0.2.11"])).then_some(())
+    })
+    .await;
+    sites.remove().await;
+}
