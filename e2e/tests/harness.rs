@@ -1,6 +1,6 @@
 //! Shared helpers: the client, per-test namespaces, waiting on conditions.
 
-use std::{fmt::Debug, time::Duration};
+use std::fmt::Debug;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
@@ -11,8 +11,7 @@ use kube::{
 use pec_operator::api::{Site, SiteSpec};
 use serde::de::DeserializeOwned;
 
-/// How long any single wait may take before the test fails.
-pub const WAIT: Duration = Duration::from_secs(90);
+pub use crate::datacenter::{WAIT, eventually};
 
 /// A client for the cluster in `KUBECONFIG` (admin).
 pub async fn client() -> Client {
@@ -77,27 +76,6 @@ where
             let now = api.get_opt(name).await.ok().flatten();
             panic!("{name}: timed out after {WAIT:?} waiting for {what}; last seen: {now:#?}")
         }
-    }
-}
-
-/// Polls `check` until it returns `Some`, or fails after [`WAIT`]. For facts
-/// that span several objects (a list becoming empty), where a single-object
-/// watch does not fit.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -5,6 +5,8 @@
 //! these tests with `KUBECONFIG` pointing at the cluster as admin. Each test
 //! works in its own namespace and waits on conditions, never on sleeps.
 
+#[path = "../support/datacenter.rs"]
+mod datacenter;
 mod failover;
 mod harness;
 mod maildomain;
