@@ -22,10 +22,10 @@ use serde_json::json;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const PERIOD: u32 = 1;
-const THRESHOLD: u32 = 3;
-const STABILIZATION: u32 = 3;
-const FLAP_STABILIZATION: u32 = 30;
+const PERIOD: i32 = 1;
+const THRESHOLD: i32 = 3;
+const STABILIZATION: i32 = 3;
+const FLAP_STABILIZATION: i32 = 30;
 const FLAPS: usize = 6;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -5,6 +5,7 @@
 //! - [`controllers`]: one reconciler per kind, and the shared [`controllers::Context`].
 //! - [`clock`], [`time`]: the one clock, and the chrono/Kubernetes time adapter.
 //! - [`failover`]: pure site-health and serving-site decisions.
+//! - [`sla`]: pure SLA measurement: periods, outage ledgers, evaluation.
 //! - [`conditions`]: `metav1.Condition` bookkeeping.
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`], [`http`], [`telemetry`]: what SREs scrape, probe and read.
@@ -18,5 +19,6 @@ pub mod failover;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod sla;
 pub mod telemetry;
 pub mod time;

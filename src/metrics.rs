@@ -104,8 +104,14 @@ impl Metrics {
 /// reflector store, so a deleted domain leaves no stale series.
 pub struct ServingCollector {
     domains: kube::runtime::reflector::Store<crate::api::MailDomain>,
+    gauges: ServingGauges,
+}
+
+/// The gauges of [`ServingCollector`], made afresh at each scrape.
+struct ServingGauges {
     site_serving: prometheus::GaugeVec,
     serving_sites: prometheus::GaugeVec,
+    no_healthy_site: prometheus::GaugeVec,
 }
 
 impl ServingCollector {
@@ -113,68 +119,103 @@ impl ServingCollector {
     pub fn new(
         domains: kube::runtime::reflector::Store<crate::api::MailDomain>,
     ) -> Result<Self, prometheus::Error> {
-        let (site_serving, serving_sites) = serving_gauges()?;
         Ok(Self {
             domains,
-            site_serving,
-            serving_sites,
+            gauges: ServingGauges::new()?,
         })
     }
 }
 
-fn serving_gauges() -> Result<(prometheus::GaugeVec, prometheus::GaugeVec), prometheus::Error> {
-    Ok((
-        prometheus::GaugeVec::new(
-            Opts::new(
-                "pec_site_serving",
-                "1 when the site serves the domain's traffic, else 0.",
-            ),
-            &["domain", "site"],
-        )?,
-        prometheus::GaugeVec::new(
-            Opts::new(
-                "pec_domain_serving_sites",
-                "Sites serving the domain's traffic.",
-            ),
-            &["domain"],
-        )?,
-    ))
+/// Labels identifying a MailDomain: several namespaces may hold a domain of
+/// the same name (in tests), so the object is named as well as the FQDN.
+const DOMAIN_LABELS: [&str; 3] = ["namespace", "maildomain", "domain"];
+
+impl ServingGauges {
+    fn new() -> Result<Self, prometheus::Error> {
+        let site_labels = [DOMAIN_LABELS.as_slice(), &["site"]].concat();
+        Ok(Self {
+            site_serving: prometheus::GaugeVec::new(
+                Opts::new(
+                    "pec_site_serving",
+                    "1 when the site serves the domain's traffic, else 0.",
+                ),
+                &site_labels,
+            )?,
+            serving_sites: prometheus::GaugeVec::new(
+                Opts::new(
+                    "pec_domain_serving_sites",
+                    "Sites serving the domain's traffic.",
+                ),
+                &DOMAIN_LABELS,
+            )?,
+            no_healthy_site: prometheus::GaugeVec::new(
+                Opts::new(
+                    "pec_domain_no_healthy_site",
+                    "1 while no listed site of the domain is healthy (the last endpoints are kept).",
+                ),
+                &DOMAIN_LABELS,
+            )?,
+        })
+    }
+
+    fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
+        [
+            &self.site_serving,
+            &self.serving_sites,
+            &self.no_healthy_site,
+        ]
+        .into_iter()
+        .flat_map(|g| g.collect())
+        .collect()
+    }
 }
 
 impl Collector for ServingCollector {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.site_serving
-            .desc()
-            .into_iter()
-            .chain(self.serving_sites.desc())
-            .collect()
+        [
+            &self.gauges.site_serving,
+            &self.gauges.serving_sites,
+            &self.gauges.no_healthy_site,
+        ]
+        .into_iter()
+        .flat_map(|g| g.desc())
+        .collect()
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let Ok((site_serving, serving_sites)) = serving_gauges() else {
+        let Ok(fresh) = ServingGauges::new() else {
             return Vec::new();
         };
         for md in self.domains.state() {
-            let serving = md
-                .status
-                .as_ref()
-                .map(|s| s.serving_sites.as_slice())
-                .unwrap_or_default();
+            let namespace = md.metadata.namespace.clone().unwrap_or_default();
+            let name = md.metadata.name.clone().unwrap_or_default();
+            let id = [namespace.as_str(), name.as_str(), md.spec.domain.as_str()];
+            let status = md.status.clone().unwrap_or_default();
             for site in &md.spec.sites {
-                let value = if serving.contains(site) { 1.0 } else { 0.0 };
-                site_serving
-                    .with_label_values(&[md.spec.domain.as_str(), site.as_str()])
+                let value = if status.serving_sites.contains(site) {
+                    1.0
+                } else {
+                    0.0
+                };
+                fresh
+                    .site_serving
+                    .with_label_values(&[&id[..], &[site.as_str()]].concat())
                     .set(value);
             }
-            serving_sites
-                .with_label_values(&[md.spec.domain.as_str()])
-                .set(serving.len() as f64);
+            fresh
+                .serving_sites
+                .with_label_values(&id)
+                .set(status.serving_sites.len() as f64);
+            let stranded = crate::conditions::is_true(
+                &status.conditions,
+                crate::controllers::mail_domain::status::NO_HEALTHY_SITE,
+            );
+            fresh
+                .no_healthy_site
+                .with_label_values(&id)
+                .set(if stranded { 1.0 } else { 0.0 });
         }
-        site_serving
-            .collect()
-            .into_iter()
-            .chain(serving_sites.collect())
-            .collect()
+        fresh.families()
     }
 }
 

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::{
     datacenter::{TestSites, endpoints_by_site},
-    harness::{client, eventually, example, has_condition, namespace, wait_for},
+    harness::{client, eventually, example, has_condition, namespace, scrape_all, wait_for},
 };
 
 async fn create_domain(
@@ -31,7 +31,7 @@ async fn create_domain(
     ns: &str,
     sites: &TestSites,
     mode: FailoverMode,
-    stabilization: u32,
+    stabilization: i32,
 ) -> String {
     let mut md: MailDomain = example("20-maildomain-standard.yaml");
     md.metadata.namespace = Some(ns.to_string());
@@ -141,6 +141,18 @@ async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization()
         "took {detected:?}, bound {bound:?}"
     );
 
+    let metrics = scrape_all().await;
+    let timed = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("pec_failover_detection_to_switch_seconds_count "))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(
+        timed >= 1.0,
+        "detection-to-switch histogram has no observation"
+    );
+    assert!(metrics.contains("pec_failovers_total{domain=\"pec.example.it\",reason=\"SiteDown\"}"));
+
     let recovered_at = Instant::now();
     sites.recover(&a).await;
     sites.wait_phase(&a, SitePhase::Serving).await;
@@ -155,7 +167,7 @@ async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization()
     .await;
     println!("rejoined after {rejoined:?} (stabilization {stabilization}s)");
     assert!(
-        rejoined >= Duration::from_secs(stabilization.into()),
+        rejoined >= Duration::from_secs(stabilization.unsigned_abs().into()),
         "rejoined after {rejoined:?}"
     );
 
@@ -165,9 +177,18 @@ async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization()
         "a switch restarted or replaced pods"
     );
     let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
-    let status = api.get(&md).await.expect("md").status.expect("status");
-    let last = status.last_failover.expect("last failover");
-    assert_eq!(last.reason, "SiteRejoined");
+    // Endpoints are applied before status is written: wait for the record.
+    wait_for(
+        &api,
+        &md,
+        "lastFailover SiteRejoined",
+        |m: Option<&MailDomain>| {
+            m.and_then(|m| m.status.as_ref())
+                .and_then(|s| s.last_failover.as_ref())
+                .is_some_and(|f| f.reason == "SiteRejoined")
+        },
+    )
+    .await;
     sites.remove().await;
 }
 
@@ -302,6 +323,19 @@ async fn with_every_site_down_the_domain_keeps_its_last_endpoints() {
         Some(&2),
         "the last serving endpoints were kept: {e:?}"
     );
+    let gauge = format!("namespace=\"{ns}\"");
+    eventually("pec_domain_no_healthy_site raised in /metrics", || async {
+        let metrics = scrape_all().await;
+        metrics
+            .lines()
+            .any(|l| {
+                l.starts_with("pec_domain_no_healthy_site{")
+                    && l.contains(&gauge)
+                    && l.ends_with(" 1")
+            })
+            .then_some(())
+    })
+    .await;
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
     eventually("a NoHealthySite warning", || async {
         let list = events.list(&ListParams::default()).await.ok()?;

@@ -10,6 +10,7 @@ use kube::{
 };
 use pec_operator::api::{Site, SiteSpec};
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use crate::datacenter::{WAIT, eventually};
 
@@ -125,4 +126,32 @@ pub fn example<K: DeserializeOwned>(file: &str) -> K {
         .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The `/metrics` text of the operator replica listening on `port`.
+pub async fn scrape(port: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("send request");
+    let mut body = String::new();
+    stream
+        .read_to_string(&mut body)
+        .await
+        .expect("read response");
+    body
+}
+
+/// The `/metrics` text of every operator replica e2e/test.sh started.
+pub async fn scrape_all() -> String {
+    let ports =
+        std::env::var("PEC_E2E_METRICS_PORTS").expect("e2e/test.sh sets PEC_E2E_METRICS_PORTS");
+    let mut all = String::new();
+    for port in ports.split(',') {
+        all.push_str(&scrape(port).await);
+    }
+    all
 }

@@ -9,27 +9,10 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{Api, api::PostParams};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{client, eventually};
+use crate::harness::{client, eventually, scrape};
 
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:pec-system:pec-operator";
-
-async fn scrape(port: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .expect("connect to /metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .expect("send request");
-    let mut body = String::new();
-    stream
-        .read_to_string(&mut body)
-        .await
-        .expect("read response");
-    body
-}
 
 #[tokio::test]
 async fn crds_are_established() {

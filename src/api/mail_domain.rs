@@ -112,11 +112,11 @@ pub struct FailoverSpec {
     /// per window. Default 300.
     #[serde(default = "default_stabilization")]
     #[schemars(range(min = 0, max = 86400))]
-    pub stabilization_seconds: u32,
+    pub stabilization_seconds: i32,
     /// TTL of the DNS records written for clients outside the cluster. Default 30.
     #[serde(default = "default_dns_ttl")]
     #[schemars(range(min = 1, max = 86400))]
-    pub dns_ttl_seconds: u32,
+    pub dns_ttl_seconds: i32,
 }
 
 impl Default for FailoverSpec {
@@ -139,11 +139,11 @@ pub enum FailoverMode {
     ActivePassive,
 }
 
-fn default_stabilization() -> u32 {
+fn default_stabilization() -> i32 {
     300
 }
 
-fn default_dns_ttl() -> u32 {
+fn default_dns_ttl() -> i32 {
     30
 }
 

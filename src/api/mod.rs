@@ -8,6 +8,7 @@
 
 pub mod mail_domain;
 pub mod site;
+pub mod sla_target;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -17,6 +18,10 @@ pub use mail_domain::{
     MailDomainSpec, MailDomainStatus, Profile, SiteGatewayStatus,
 };
 pub use site::{HealthSpec, Site, SitePhase, SiteSpec, SiteStatus};
+pub use sla_target::{
+    Exclusion, OutageStatus, PeriodKind, PeriodStatus, ProbeKind, ProbeSpec, Scope,
+    SlaObjectStatus, SlaSelector, SlaTarget, SlaTargetSpec, SlaTargetStatus,
+};
 
 /// The API group of every resource of this operator.
 pub const GROUP: &str = "pec.dev";
@@ -26,6 +31,7 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("site.yaml", Site::crd()),
         ("maildomain.yaml", MailDomain::crd()),
+        ("slatarget.yaml", SlaTarget::crd()),
     ]
 }
 

@@ -77,24 +77,24 @@ pub struct HealthSpec {
     /// Seconds between health checks. 1 to 60, default 2.
     #[serde(default = "default_period")]
     #[schemars(range(min = 1, max = 60))]
-    pub period_seconds: u32,
+    pub period_seconds: i32,
     /// Consecutive failed checks after which the site is declared down. 1 to 10, default 3.
     #[serde(default = "default_failure_threshold")]
     #[schemars(range(min = 1, max = 10))]
-    pub failure_threshold: u32,
+    pub failure_threshold: i32,
     /// Ready nodes the site needs to be healthy. At least 1, default 1.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 10000))]
-    pub min_ready_nodes: u32,
+    pub min_ready_nodes: i32,
     /// Times the site may go down within `flapWindowSeconds` before it is
     /// fenced. 0 disables fencing; default 3.
     #[serde(default = "default_fence_after_flaps")]
     #[schemars(range(min = 0, max = 100))]
-    pub fence_after_flaps: u32,
+    pub fence_after_flaps: i32,
     /// The window over which flaps are counted, in seconds. Default 900.
     #[serde(default = "default_flap_window")]
     #[schemars(range(min = 1, max = 86400))]
-    pub flap_window_seconds: u32,
+    pub flap_window_seconds: i32,
 }
 
 impl Default for HealthSpec {
@@ -109,19 +109,19 @@ impl Default for HealthSpec {
     }
 }
 
-fn default_period() -> u32 {
+fn default_period() -> i32 {
     2
 }
-fn default_failure_threshold() -> u32 {
+fn default_failure_threshold() -> i32 {
     3
 }
-fn one() -> u32 {
+fn one() -> i32 {
     1
 }
-fn default_fence_after_flaps() -> u32 {
+fn default_fence_after_flaps() -> i32 {
     3
 }
-fn default_flap_window() -> u32 {
+fn default_flap_window() -> i32 {
     900
 }
 

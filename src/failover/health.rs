@@ -59,7 +59,7 @@ pub fn decide(
     maintenance_refused: bool,
     now: DateTime<Utc>,
 ) -> Decision {
-    let healthy_now = seen.nodes_ready >= spec.health.min_ready_nodes;
+    let healthy_now = i64::from(seen.nodes_ready) >= i64::from(spec.health.min_ready_nodes);
     let period = Duration::seconds(i64::from(spec.health.period_seconds));
     let due = probe
         .last_check
@@ -101,7 +101,7 @@ pub fn decide(
             SitePhase::Maintenance,
             "in maintenance (spec.maintenance)".to_string(),
         )
-    } else if probe.consecutive_failures >= spec.health.failure_threshold {
+    } else if i64::from(probe.consecutive_failures) >= i64::from(spec.health.failure_threshold) {
         let reason = format!(
             "{counts}, fewer than minReadyNodes {} for {} checks",
             spec.health.min_ready_nodes, probe.consecutive_failures
@@ -128,7 +128,7 @@ pub fn decide(
     let mut fence_now = false;
     if phase == SitePhase::Down && before != Some(SitePhase::Down) {
         down_events.push(now);
-        let limit = spec.health.fence_after_flaps as usize;
+        let limit = usize::try_from(spec.health.fence_after_flaps).unwrap_or(0);
         if limit > 0 && down_events.len() >= limit {
             fence_now = true;
             phase = SitePhase::Fenced;

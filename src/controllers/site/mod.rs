@@ -170,7 +170,7 @@ fn next_check(
     probe: health::ProbeState,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Duration {
-    let period = Duration::from_secs(u64::from(site.spec.health.period_seconds.max(1)));
+    let period = Duration::from_secs(site.spec.health.period_seconds.max(1).unsigned_abs().into());
     let Some(last) = probe.last_check else {
         return period;
     };
