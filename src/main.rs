@@ -39,12 +39,36 @@ struct Cli {
 enum Command {
     /// Run every controller (only the replica holding the leader Lease reconciles).
     Run(RunArgs),
+    /// SLA tools for people on call.
+    Sla {
+        #[command(subcommand)]
+        command: SlaCommand,
+    },
     /// Print the CustomResourceDefinitions as YAML, or write one file per kind.
     Crds {
         /// Write `<kind>.yaml` files into this directory (repeatable) instead of printing.
         #[arg(long)]
         out_dir: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum SlaCommand {
+    /// Print where every SlaTarget stands: current and past periods.
+    Report {
+        /// Only this namespace (default: all namespaces).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
+        output: ReportFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -71,6 +95,9 @@ async fn main() -> Result<(), BoxError> {
     match Cli::parse().command {
         Command::Crds { out_dir } => print_crds(&out_dir),
         Command::Run(args) => run(args).await,
+        Command::Sla {
+            command: SlaCommand::Report { namespace, output },
+        } => sla_report(namespace, output).await,
     }
 }
 
@@ -84,6 +111,23 @@ fn print_crds(out_dirs: &[PathBuf]) -> Result<(), BoxError> {
             std::fs::create_dir_all(dir)?;
             std::fs::write(dir.join(file), &yaml)?;
         }
+    }
+    Ok(())
+}
+
+async fn sla_report(namespace: Option<String>, output: ReportFormat) -> Result<(), BoxError> {
+    let client = Client::try_default().await?;
+    let api: Api<api::SlaTarget> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let targets = api.list(&Default::default()).await?.items;
+    match output {
+        ReportFormat::Text => print!("{}", pec_operator::sla::report::text(&targets)),
+        ReportFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&pec_operator::sla::report::json(&targets))?
+        ),
     }
     Ok(())
 }

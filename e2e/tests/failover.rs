@@ -26,7 +26,7 @@ use crate::{
     harness::{client, eventually, example, has_condition, namespace, scrape_all, wait_for},
 };
 
-async fn create_domain(
+pub async fn create_domain(
     client: &Client,
     ns: &str,
     sites: &TestSites,
@@ -91,7 +91,7 @@ async fn pod_fingerprint(client: &Client, ns: &str) -> BTreeSet<(String, i32)> {
         .collect()
 }
 
-fn fast_health() -> HealthSpec {
+pub fn fast_health() -> HealthSpec {
     HealthSpec {
         period_seconds: 2,
         failure_threshold: 3,

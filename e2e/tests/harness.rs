@@ -101,23 +101,21 @@ pub trait StatusConditions {
     fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition];
 }
 
-impl StatusConditions for pec_operator::api::MailDomain {
-    fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
-        self.status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default()
-    }
+macro_rules! status_conditions {
+    ($($kind:ty),*) => {$(
+        impl StatusConditions for $kind {
+            fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+                self.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default()
+            }
+        }
+    )*};
 }
 
-impl StatusConditions for Site {
-    fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
-        self.status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default()
-    }
-}
+status_conditions!(
+    pec_operator::api::MailDomain,
+    Site,
+    pec_operator::api::SlaTarget
+);
 
 /// Reads a YAML file of the repository's `examples/` as objects of kind `K`.
 pub fn example<K: DeserializeOwned>(file: &str) -> K {

@@ -11,4 +11,5 @@ mod failover;
 mod harness;
 mod maildomain;
 mod operator;
+mod sla;
 mod validation;

@@ -6,6 +6,7 @@
 
 pub mod mail_domain;
 pub mod site;
+pub mod sla_target;
 
 use std::{
     collections::HashMap,
@@ -37,6 +38,8 @@ pub struct Context {
     site_probes: Mutex<HashMap<String, ProbeState>>,
     /// Whether external-dns DNSEndpoints can be written.
     pub dns: mail_domain::dns::DnsSupport,
+    /// The SLA controller's ledgers and latest evaluations.
+    pub sla: Arc<sla_target::SlaState>,
 }
 
 impl Context {
@@ -53,6 +56,7 @@ impl Context {
             metrics,
             site_probes: Mutex::default(),
             dns: mail_domain::dns::DnsSupport::default(),
+            sla: Arc::default(),
         }
     }
 
@@ -89,5 +93,10 @@ impl Context {
 
 /// Runs every controller until they stop (on shutdown).
 pub async fn run(ctx: Arc<Context>) {
-    future::join(site::run(ctx.clone()), mail_domain::run(ctx)).await;
+    future::join3(
+        site::run(ctx.clone()),
+        mail_domain::run(ctx.clone()),
+        sla_target::run(ctx),
+    )
+    .await;
 }

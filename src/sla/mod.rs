@@ -7,3 +7,4 @@
 pub mod evaluate;
 pub mod ledger;
 pub mod period;
+pub mod report;

@@ -1,0 +1,385 @@
+//! The SlaTarget controller: every `probe.intervalSeconds` it observes each
+//! selected domain (or domain in a site), feeds the observation into that
+//! object's outage ledger (`crate::sla`), and reports availability, budget,
+//! the longest outage against the cap, and a state.
+//!
+//! Ledgers live in memory between ticks and in status across restarts and
+//! leader changes; a ledger resumed from status counts the time since its
+//! last persisted observation as unobserved, never guessed. Status is written
+//! on a state change, otherwise at most every `statusIntervalSeconds`.
+//! Reads MailDomains and EndpointSlices; writes SlaTarget status and Events.
+
+pub mod probe;
+pub mod status;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        Controller, controller::Action, events::EventType, reflector::Store, watcher::Config,
+    },
+};
+use serde_json::json;
+
+use super::{Context, MANAGED_BY};
+use crate::{
+    api::{MailDomain, ProbeKind, SlaObjectStatus, SlaTarget, SlaTargetStatus},
+    conditions,
+    controllers::mail_domain::{build::domain_service_name, status::NO_HEALTHY_SITE},
+    sla::{
+        evaluate::{self, Targets},
+        ledger::Ledger,
+        period::Period,
+    },
+};
+
+const CONTROLLER: &str = "slatarget";
+const FIELD_MANAGER: &str = "pec-operator/slatarget";
+
+/// Why an SlaTarget reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object has no namespace.
+    #[error("SlaTarget {0} has no namespace")]
+    NoNamespace(String),
+    /// Listing MailDomains or EndpointSlices failed.
+    #[error("listing {kind} failed: {source}")]
+    List {
+        kind: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing the status failed.
+    #[error("writing the status failed: {0}")]
+    WriteStatus(#[source] kube::Error),
+}
+
+impl Error {
+    /// A short, bounded reason for metrics and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::NoNamespace(_) => "NoNamespace",
+            Error::List { .. } => "ListFailed",
+            Error::WriteStatus(_) => "StatusWriteFailed",
+        }
+    }
+}
+
+/// What the SLA controller keeps between ticks.
+#[derive(Default)]
+pub struct SlaState {
+    ledgers: Mutex<HashMap<String, Ledger>>,
+    written: Mutex<HashMap<String, (DateTime<Utc>, String)>>,
+    /// The latest evaluation of every SlaTarget, by `namespace/name`, with its
+    /// objective: what `/metrics` shows.
+    pub latest: Mutex<BTreeMap<String, (f64, Vec<SlaObjectStatus>)>>,
+}
+
+impl SlaState {
+    fn take_ledger(&self, key: &str) -> Option<Ledger> {
+        self.ledgers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+    }
+
+    fn put_ledger(&self, key: String, ledger: Ledger) {
+        self.ledgers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, ledger);
+    }
+
+    /// Whether to write `status` now: on a change of what people act on, or
+    /// when `interval` has passed since the last write.
+    fn should_write(
+        &self,
+        key: &str,
+        status: &SlaTargetStatus,
+        now: DateTime<Utc>,
+        interval: chrono::Duration,
+    ) -> bool {
+        let signature = signature(status);
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let due = match written.get(key) {
+            Some((at, sig)) => *sig != signature || now - *at >= interval,
+            None => true,
+        };
+        if due {
+            written.insert(key.to_string(), (now, signature));
+        }
+        due
+    }
+}
+
+/// What, when it changes, must reach status at once.
+fn signature(status: &SlaTargetStatus) -> String {
+    let objects: Vec<String> = status
+        .objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{}:{}:{}:{}:{}",
+                o.name,
+                o.state,
+                o.ongoing_outage.is_some(),
+                o.period.outages,
+                o.history.len()
+            )
+        })
+        .collect();
+    let conditions: Vec<String> = status
+        .conditions
+        .iter()
+        .map(|c| format!("{}={}", c.type_, c.status))
+        .collect();
+    format!("{}|{}", objects.join(","), conditions.join(","))
+}
+
+/// Reconciles one SlaTarget: one observation of every object it measures.
+#[tracing::instrument(skip_all, fields(slatarget = %sla.name_any(), namespace = sla.namespace().unwrap_or_default()))]
+pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let now = ctx.clock.now();
+    let name = sla.name_any();
+    let namespace = sla
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[CONTROLLER])
+        .inc();
+    let _timer = ctx
+        .metrics
+        .reconcile_duration
+        .with_label_values(&[CONTROLLER])
+        .start_timer();
+    let interval =
+        Duration::from_secs(sla.spec.probe.interval_seconds.max(1).unsigned_abs().into());
+    let api = Api::<SlaTarget>::namespaced(ctx.client.clone(), &namespace);
+
+    // validate
+    let (targets, tz) = match Targets::parse(&sla.spec) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let previous = sla.status.clone().unwrap_or_default();
+            let verdict =
+                conditions::Verdict::new(status::READY, false, "InvalidSpec", e.to_string());
+            let new = SlaTargetStatus {
+                observed_generation: sla.metadata.generation,
+                conditions: conditions::merge(
+                    &previous.conditions,
+                    &[verdict],
+                    sla.metadata.generation,
+                    now,
+                ),
+                ..previous.clone()
+            };
+            if new != previous {
+                write_status(&api, &name, &new).await?;
+                ctx.event(
+                    sla.as_ref(),
+                    EventType::Warning,
+                    "InvalidSpec",
+                    e.to_string(),
+                )
+                .await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+
+    // fetch
+    let domains = Api::<MailDomain>::namespaced(ctx.client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::List {
+            kind: "MailDomain",
+            source,
+        })?
+        .items;
+    let slices = Api::<EndpointSlice>::namespaced(ctx.client.clone(), &namespace)
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")))
+        .await
+        .map_err(|source| Error::List {
+            kind: "EndpointSlice",
+            source,
+        })?
+        .items;
+    let measured = status::select(&sla, &domains);
+    let missing: Vec<String> = sla
+        .spec
+        .selector
+        .names
+        .iter()
+        .filter(|n| !domains.iter().any(|d| d.name_any() == **n))
+        .cloned()
+        .collect();
+
+    // observe and evaluate
+    let previous = sla.status.clone().unwrap_or_default();
+    let timeout = Duration::from_secs(sla.spec.probe.timeout_seconds.max(1).unsigned_abs().into());
+    let max_gap =
+        chrono::Duration::from_std(interval * 3).unwrap_or_else(|_| chrono::Duration::seconds(30));
+    let mut objects = Vec::with_capacity(measured.len());
+    for m in &measured {
+        let service = domain_service_name(&m.maildomain);
+        let stranded = domains
+            .iter()
+            .find(|d| d.name_any() == m.maildomain)
+            .and_then(|d| d.status.as_ref())
+            .is_some_and(|s| conditions::is_true(&s.conditions, NO_HEALTHY_SITE));
+        let seen = match sla.spec.probe.kind {
+            ProbeKind::Endpoints => {
+                probe::endpoints(&slices, &service, m.site.as_deref(), stranded)
+            }
+            ProbeKind::Tcp => probe::tcp(&format!("{service}.{namespace}.svc:25"), timeout).await,
+            ProbeKind::Http => {
+                probe::http(&format!("{service}.{namespace}.svc:443"), timeout).await
+            }
+        };
+        let key = format!("{namespace}/{name}/{}", m.name);
+        // In memory, else resumed from status (the gap since is unobserved), else new.
+        let (mut ledger, gap) = match ctx.sla.take_ledger(&key) {
+            Some(l) => (l, max_gap),
+            None => match previous
+                .objects
+                .iter()
+                .find(|o| o.name == m.name)
+                .and_then(evaluate::ledger_from)
+            {
+                Some(l) => (l, chrono::Duration::zero()),
+                None => (Ledger::new(sla.spec.period, tz, now), max_gap),
+            },
+        };
+        let closed_before = ledger.history.last().map(|p| p.start);
+        ledger.observe(sla.spec.period, tz, now, seen.available, seen.cause, gap);
+        let object = evaluate::object_status(
+            &m.name,
+            &m.domain,
+            m.site.as_deref(),
+            &ledger,
+            &targets,
+            tz,
+            now,
+        );
+        if ledger.history.last().map(|p| p.start) != closed_before
+            && let Some(closed) = object.history.last()
+        {
+            let met = closed.met.unwrap_or(false);
+            let note = format!(
+                "period {} closed for {}: availability {:.4}% (objective {}%), longest outage {:.0}s (cap {:.0}s): {}",
+                closed.label,
+                m.name,
+                closed.availability_lower,
+                targets.objective,
+                closed.longest_outage.as_ref().map_or(0.0, |o| o.seconds),
+                closed.single_outage_cap_seconds,
+                if met { "met" } else { "missed" }
+            );
+            tracing::info!(object = %m.name, period = %closed.label, met, "{note}");
+            let type_ = if met {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            ctx.event(sla.as_ref(), type_, "PeriodClosed", note).await;
+        }
+        ctx.sla.put_ledger(key, ledger);
+        objects.push(object);
+    }
+    let period = Period::containing(sla.spec.period, tz, now);
+    let new = status::compute(&sla, objects, targets.inconsistency(&period), &missing, now);
+
+    // status
+    let status_every = chrono::Duration::seconds(sla.spec.status_interval_seconds.max(1).into());
+    if ctx
+        .sla
+        .should_write(&format!("{namespace}/{name}"), &new, now, status_every)
+    {
+        write_status(&api, &name, &new).await?;
+    }
+    if previous.state != new.state
+        && let Some(state) = &new.state
+    {
+        let type_ = if state == "Met" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        let note = format!(
+            "SLA state {} -> {state}",
+            previous.state.as_deref().unwrap_or("none")
+        );
+        ctx.event(sla.as_ref(), type_, state, note).await;
+    }
+    ctx.sla
+        .latest
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            format!("{namespace}/{name}"),
+            (sla.spec.objective, new.objects),
+        );
+    Ok(Action::requeue(interval))
+}
+
+async fn write_status(
+    api: &Api<SlaTarget>,
+    name: &str,
+    status: &SlaTargetStatus,
+) -> Result<(), Error> {
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(
+            json!({"apiVersion": "pec.dev/v1alpha1", "kind": "SlaTarget", "status": status}),
+        ),
+    )
+    .await
+    .map(|_| ())
+    .map_err(Error::WriteStatus)
+}
+
+fn error_policy(_sla: Arc<SlaTarget>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "slatarget reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[CONTROLLER, error.reason()])
+        .inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the SlaTarget controller until shutdown.
+pub async fn run(ctx: Arc<Context>) {
+    let controller = Controller::new(
+        Api::<SlaTarget>::all(ctx.client.clone()),
+        Config::default().any_semantic(),
+    );
+    register_metrics(&ctx, controller.store());
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+fn register_metrics(ctx: &Arc<Context>, store: Store<SlaTarget>) {
+    let collector = crate::metrics::SlaCollector::new(ctx.sla.clone(), store);
+    match collector {
+        Ok(c) => {
+            if let Err(e) = ctx.metrics.register_collector(Box::new(c)) {
+                tracing::warn!(error = %e, "registering the SLA metrics failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "building the SLA metrics failed"),
+    }
+}
