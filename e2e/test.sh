@@ -52,5 +52,8 @@ pids+=("$(start_operator "$operator" "$logs/operator.kubeconfig" replica-b "$por
 curl -fsS --retry 50 --retry-delay 0 --retry-connrefused -o /dev/null "http://127.0.0.1:$port_b/healthz"
 
 step "end-to-end tests"
-PEC_E2E_METRICS_PORTS="$port_a,$port_b" PEC_E2E_LOGS="$logs" \
-  cargo test --features e2e --test e2e -- --test-threads 4
+export PEC_E2E_METRICS_PORTS="$port_a,$port_b" PEC_E2E_PIDS="${pids[0]},${pids[1]}" PEC_E2E_LOGS="$logs"
+cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive::
+
+step "end-to-end tests that stop an operator replica (alone, last)"
+cargo test --features e2e --test e2e -- --test-threads 1 disruptive::

@@ -63,6 +63,8 @@ enum SlaCommand {
         #[arg(long, short = 'o', value_enum, default_value = "text")]
         output: ReportFormat,
     },
+    /// Print the Prometheus alerting rules for SLA burn rates and outages.
+    Rules,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -98,6 +100,12 @@ async fn main() -> Result<(), BoxError> {
         Command::Sla {
             command: SlaCommand::Report { namespace, output },
         } => sla_report(namespace, output).await,
+        Command::Sla {
+            command: SlaCommand::Rules,
+        } => {
+            print!("{}", pec_operator::sla::rules::yaml()?);
+            Ok(())
+        }
     }
 }
 

@@ -27,6 +27,14 @@ use pec_operator::{
 };
 use serde_json::json;
 
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// How long any single wait may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(90);
 

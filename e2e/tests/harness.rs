@@ -126,13 +126,14 @@ pub fn example<K: DeserializeOwned>(file: &str) -> K {
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The `/metrics` text of the operator replica listening on `port`.
-pub async fn scrape(port: &str) -> String {
+/// The body of an HTTP/1.0 GET of `path` on `127.0.0.1:port` (headers included).
+pub async fn http_get(port: &str, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
         .await
-        .expect("connect to /metrics");
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .write_all(request.as_bytes())
         .await
         .expect("send request");
     let mut body = String::new();
@@ -141,6 +142,11 @@ pub async fn scrape(port: &str) -> String {
         .await
         .expect("read response");
     body
+}
+
+/// The `/metrics` text of the operator replica listening on `port`.
+pub async fn scrape(port: &str) -> String {
+    http_get(port, "/metrics").await
 }
 
 /// The `/metrics` text of every operator replica e2e/test.sh started.

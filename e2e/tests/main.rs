@@ -7,9 +7,11 @@
 
 #[path = "../support/datacenter.rs"]
 mod datacenter;
+mod disruptive;
 mod failover;
 mod harness;
 mod maildomain;
 mod operator;
+mod prometheus;
 mod sla;
 mod validation;

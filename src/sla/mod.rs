@@ -8,3 +8,4 @@ pub mod evaluate;
 pub mod ledger;
 pub mod period;
 pub mod report;
+pub mod rules;

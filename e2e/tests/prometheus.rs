@@ -1,0 +1,157 @@
+//! The shipped Prometheus rules and dashboard, checked by the real
+//! Prometheus tools: promtool checks and unit-tests the rules and every
+//! dashboard query, and a real Prometheus scrapes the operator, evaluates the
+//! rules and fires an alert for a domain with a tiny budget.
+
+use std::{path::PathBuf, process::Command};
+
+use kube::Api;
+use pec_operator::api::{FailoverMode, MailDomain};
+use serde_json::{Value, json};
+
+use crate::{
+    datacenter::{TestSites, free_port},
+    failover::{create_domain, fast_health},
+    harness::{client, eventually, has_condition, http_get, namespace, wait_for},
+    sla::{measure, set_down},
+};
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool (Debian package prometheus) is installed by .ci/run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn shipped_rules_pass_promtool_check_and_unit_tests() {
+    let rules = repo("charts/pec-operator/files/sla-rules.yaml");
+    let checked = promtool(&["check", "rules", rules.to_str().expect("utf-8 path")]);
+    assert!(checked.contains("SUCCESS: 13 rules found"), "{checked}");
+    let tests = repo("e2e/prometheus/sla-rules.test.yaml");
+    let tested = promtool(&["test", "rules", tests.to_str().expect("utf-8 path")]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+}
+
+fn exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", Value::String(e)) => out.push(e.clone()),
+                    _ => exprs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| exprs(i, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_dashboard_query_is_valid_promql() {
+    let text = std::fs::read_to_string(repo("charts/pec-operator/files/dashboard.json"))
+        .expect("dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let mut found = Vec::new();
+    exprs(&dashboard, &mut found);
+    assert!(found.len() >= 10, "only {} queries", found.len());
+    // Grafana variables are replaced by what they stand for before checking.
+    let rules = json!({"groups": [{"name": "dashboard", "rules": found.iter().enumerate().map(|(i, e)| json!({
+        "record": format!("dashboard:query_{i}"),
+        "expr": e.replace("$namespace", ".*"),
+    })).collect::<Vec<_>>()}]});
+    let path = std::env::temp_dir().join(format!("pec-dashboard-{}.yaml", std::process::id()));
+    std::fs::write(&path, serde_yaml::to_string(&rules).expect("yaml")).expect("write");
+    let checked = promtool(&["check", "rules", path.to_str().expect("utf-8 path")]);
+    assert!(
+        checked.contains(&format!("SUCCESS: {} rules found", found.len())),
+        "{checked}"
+    );
+}
+
+#[tokio::test]
+async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
+    let client = client().await;
+    let ns = namespace(&client, "prometheus-alert").await;
+    let sites =
+        TestSites::create(&client, &format!("pa{}", std::process::id()), fast_health()).await;
+    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 1).await;
+    // 99.99999% of four months leaves about a second of budget.
+    measure(&client, &ns, &md, json!({"objective": 99.99999})).await;
+
+    let dir = std::env::temp_dir().join(format!("pec-prometheus-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("prometheus dir");
+    let targets: Vec<String> = std::env::var("PEC_E2E_METRICS_PORTS")
+        .expect("e2e/test.sh sets PEC_E2E_METRICS_PORTS")
+        .split(',')
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let config = json!({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [repo("charts/pec-operator/files/sla-rules.yaml")],
+        "scrape_configs": [{"job_name": "pec-operator", "static_configs": [{"targets": targets}]}],
+    });
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        serde_yaml::to_string(&config).expect("yaml"),
+    )
+    .expect("config");
+    let port = free_port();
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus (Debian package prometheus) is installed by .ci/run");
+
+    set_down(&client, &sites, true).await;
+    let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    wait_for(
+        &mds,
+        &md,
+        "NoHealthySite",
+        has_condition("NoHealthySite", "True", None),
+    )
+    .await;
+    let port = port.to_string();
+    let firing = eventually("PecSlaBudgetExhausted firing in Prometheus", || async {
+        let response = http_get(&port, "/api/v1/alerts").await;
+        let body = response.split("\r\n\r\n").nth(1)?;
+        let alerts: Value = serde_json::from_str(body).ok()?;
+        alerts["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| {
+                a["labels"]["alertname"] == "PecSlaBudgetExhausted"
+                    && a["labels"]["namespace"] == ns.as_str()
+                    && a["state"] == "firing"
+            })
+            .cloned()
+    })
+    .await;
+    assert_eq!(firing["labels"]["severity"], "page");
+    set_down(&client, &sites, false).await;
+    let _ = prometheus.kill().await;
+    sites.remove().await;
+}

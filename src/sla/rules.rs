@@ -1,0 +1,197 @@
+//! The Prometheus alerting rules shipped for SREs, generated here so they
+//! and the metrics they read cannot drift apart (a test compares them with
+//! `charts/pec-operator/files/sla-rules.yaml`).
+//!
+//! Burn-rate thresholds are not copied from 30-day recipes: each is a share
+//! of the budget consumed within a window, divided by the window, times the
+//! real length of the current period, which the expressions read from
+//! `pec_sla_period_{start,end}_timestamp_seconds`. A four-month period of 120
+//! days less an hour and one of 122 days plus an hour get their own numbers.
+
+use serde::Serialize;
+
+const BY: &str = "namespace, slatarget, object, domain, site";
+
+#[derive(Serialize)]
+struct File {
+    groups: Vec<Group>,
+}
+
+#[derive(Serialize)]
+struct Group {
+    name: &'static str,
+    rules: Vec<Rule>,
+}
+
+#[derive(Serialize)]
+struct Rule {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alert: Option<&'static str>,
+    expr: String,
+    #[serde(rename = "for", skip_serializing_if = "Option::is_none")]
+    for_: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<std::collections::BTreeMap<&'static str, &'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    annotations: Option<std::collections::BTreeMap<&'static str, &'static str>>,
+}
+
+/// Windows with a recorded burn rate: (name, PromQL range).
+const WINDOWS: [&str; 6] = ["5m", "30m", "1h", "2h", "6h", "1d"];
+
+/// Multi-window burn-rate alerts: (alert, severity, long window, short
+/// window, share of the budget spent within the long window, seconds in it).
+const BURNS: [(&str, &str, &str, &str, f64, u32); 2] = [
+    ("PecSlaBudgetFastBurn", "page", "1h", "5m", 0.02, 3600),
+    ("PecSlaBudgetSlowBurn", "ticket", "1d", "2h", 0.10, 86_400),
+];
+
+fn burn_record(window: &str) -> String {
+    format!("pec:sla_burn_rate:{window}")
+}
+
+fn alert(
+    name: &'static str,
+    severity: &'static str,
+    expr: String,
+    for_: &'static str,
+    summary: &'static str,
+) -> Rule {
+    Rule {
+        record: None,
+        alert: Some(name),
+        expr,
+        for_: Some(for_),
+        labels: Some([("severity", severity)].into()),
+        annotations: Some(
+            [
+                ("summary", summary),
+                ("runbook", "README.md#sla-measurement"),
+            ]
+            .into(),
+        ),
+    }
+}
+
+/// The rules file, as YAML.
+pub fn yaml() -> Result<String, serde_yaml::Error> {
+    let period_length =
+        "(pec_sla_period_end_timestamp_seconds - pec_sla_period_start_timestamp_seconds)";
+    let mut records: Vec<Rule> = WINDOWS
+        .iter()
+        .map(|w| Rule {
+            record: Some(burn_record(w)),
+            alert: None,
+            expr: format!(
+                "(increase(pec_sla_down_seconds_total[{w}]) / clamp_min(increase(pec_sla_observed_seconds_total[{w}]), 1)) / on({BY}) (1 - pec_sla_objective_ratio)"
+            ),
+            for_: None,
+            labels: None,
+            annotations: None,
+        })
+        .collect();
+    records.push(Rule {
+        record: Some("pec:sla_period_length_seconds".into()),
+        alert: None,
+        expr: period_length.into(),
+        for_: None,
+        labels: None,
+        annotations: None,
+    });
+    let mut alerts: Vec<Rule> = BURNS
+        .iter()
+        .map(|(name, severity, long, short, share, seconds)| {
+            let threshold = format!("({share} * pec:sla_period_length_seconds / {seconds})");
+            alert(
+                name,
+                severity,
+                format!(
+                    "{} > on({BY}) {threshold} and on({BY}) {} > on({BY}) {threshold}",
+                    burn_record(long),
+                    burn_record(short)
+                ),
+                "2m",
+                if *severity == "page" {
+                    "Error budget burning fast: 2% of this period's budget gone within an hour"
+                } else {
+                    "Error budget burning: 10% of this period's budget gone within a day"
+                },
+            )
+        })
+        .collect();
+    alerts.extend([
+        alert(
+            "PecSlaOutageHalfCap",
+            "ticket",
+            format!("pec_sla_ongoing_outage_seconds > on({BY}) (0.5 * pec_sla_single_outage_cap_seconds)"),
+            "0s",
+            "An ongoing outage has used half of the single-outage cap",
+        ),
+        alert(
+            "PecSlaOutageNearCap",
+            "page",
+            format!("pec_sla_ongoing_outage_seconds > on({BY}) (0.9 * pec_sla_single_outage_cap_seconds)"),
+            "0s",
+            "An ongoing outage is about to break the single-outage cap",
+        ),
+        alert(
+            "PecSlaProjectedMiss",
+            "ticket",
+            format!("pec_sla_projected_availability_ratio < on({BY}) pec_sla_objective_ratio"),
+            "15m",
+            "At the current rate the period will end below its availability objective",
+        ),
+        alert(
+            "PecSlaBudgetExhausted",
+            "page",
+            "pec_sla_budget_left_seconds < 0".into(),
+            "0s",
+            "The period's error budget is exhausted: the objective is breached",
+        ),
+    ]);
+    let file = File {
+        groups: vec![
+            Group {
+                name: "pec-sla-records",
+                rules: records,
+            },
+            Group {
+                name: "pec-sla-alerts",
+                rules: alerts,
+            },
+        ],
+    };
+    Ok(format!(
+        "# Generated by `pec-operator sla rules` from src/sla/rules.rs; do not edit.\n{}",
+        serde_yaml::to_string(&file)?
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_rules_match_the_generator() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("charts/pec-operator/files/sla-rules.yaml");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == yaml().expect("rules render"),
+            "{} drifted; run `cargo run -- sla rules > {}`",
+            path.display(),
+            path.display()
+        );
+    }
+
+    #[test]
+    fn thresholds_follow_the_real_period_length() {
+        let y = yaml().expect("rules render");
+        assert!(y.contains("(0.02 * pec:sla_period_length_seconds / 3600)"));
+        assert!(y.contains(
+            "pec_sla_period_end_timestamp_seconds - pec_sla_period_start_timestamp_seconds"
+        ));
+    }
+}
