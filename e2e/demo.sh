@@ -41,10 +41,15 @@ wait_leader "$port"
 echo "== applying examples/"
 kubectl apply -f examples/ >/dev/null
 kubectl wait --for=condition=Ready --timeout=120s -n pec-mail maildomain --all >/dev/null
+kubectl wait --for=condition=NoHealthySite=false --timeout=60s -n pec-mail maildomain --all >/dev/null
+kubectl wait --for=jsonpath='{.status.state}'=Met --timeout=60s -n pec-mail slatarget --all >/dev/null
 
 echo
 echo "== kubectl get pec -A"
 kubectl get pec -A
+echo
+echo "== pec-operator sla report -n pec-mail"
+"$operator" sla report -n pec-mail
 echo
 echo "== gateway pods per node"
 kubectl get pods -n pec-mail -o custom-columns='POD:.metadata.name,DOMAIN:.metadata.labels.pec\.dev/maildomain,SITE:.metadata.labels.pec\.dev/site,NODE:.spec.nodeName,PHASE:.status.phase' --sort-by=.spec.nodeName

@@ -261,7 +261,11 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
             },
         };
         let closed_before = ledger.history.last().map(|p| p.start);
-        ledger.observe(sla.spec.period, tz, now, seen.available, seen.cause, gap);
+        // Measurement starts once the object is first seen available: a
+        // domain still rolling out is not in service yet, so not in outage.
+        if ledger.last.is_some() || seen.available {
+            ledger.observe(sla.spec.period, tz, now, seen.available, seen.cause, gap);
+        }
         let object = evaluate::object_status(
             &m.name,
             &m.domain,
