@@ -95,6 +95,18 @@ where
     }
 }
 
+/// The condition `type_` of `obj`, which the test already waited for.
+pub fn condition<K: StatusConditions>(
+    obj: &K,
+    type_: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    obj.conditions()
+        .iter()
+        .find(|c| c.type_ == type_)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {type_} condition"))
+}
+
 /// Kinds whose status carries conditions.
 pub trait StatusConditions {
     /// The status conditions, empty without a status.

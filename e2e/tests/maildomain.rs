@@ -27,7 +27,8 @@ use pec_operator::{
 use serde_json::json;
 
 use crate::harness::{
-    client, ensure_example_sites, eventually, example, has_condition, namespace, wait_for,
+    client, condition, ensure_example_sites, eventually, example, has_condition, namespace,
+    wait_for,
 };
 
 const SITES: [&str; 2] = ["dc-it1", "dc-it2"];
@@ -352,13 +353,7 @@ async fn a_missing_site_is_reported_and_recovers_when_it_appears() {
         has_condition("Ready", "False", Some("SiteNotFound")),
     )
     .await;
-    let ready = reported
-        .status
-        .expect("status")
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready");
+    let ready = condition(&reported, "Ready");
     assert!(
         ready.message.contains(&late),
         "message names the missing site: {}",

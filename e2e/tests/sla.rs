@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::{
     datacenter::TestSites,
     failover::{create_domain, fast_health},
-    harness::{client, has_condition, namespace, scrape_all, wait_for},
+    harness::{client, condition, has_condition, namespace, scrape_all, wait_for},
 };
 
 /// Creates an SlaTarget measuring `md` every second.
@@ -174,13 +174,7 @@ async fn the_published_targets_are_accepted_and_their_inconsistency_reported() {
         has_condition("TargetsInconsistent", "True", None),
     )
     .await;
-    let c = s
-        .status
-        .expect("status")
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "TargetsInconsistent")
-        .expect("c");
+    let c = condition(&s, "TargetsInconsistent");
     assert!(c.message.contains("rto 4h"), "{}", c.message);
     wait_for(
         &slas,
@@ -226,12 +220,6 @@ async fn bad_sla_specs_are_refused_or_reported() {
         has_condition("Ready", "False", Some("InvalidSpec")),
     )
     .await;
-    let c = s
-        .status
-        .expect("status")
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready");
+    let c = condition(&s, "Ready");
     assert!(c.message.contains("Europe/Atlantis"), "{}", c.message);
 }

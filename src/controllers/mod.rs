@@ -16,6 +16,7 @@ use std::{
 use futures::future;
 use kube::{
     Client, Resource,
+    runtime::controller::Action,
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
 
@@ -70,6 +71,36 @@ impl Context {
     pub fn set_site_probe(&self, site: &str, probe: ProbeState) {
         let mut probes = self.site_probes.lock().unwrap_or_else(|e| e.into_inner());
         probes.insert(site.to_string(), probe);
+    }
+
+    /// Counts a reconcile of `controller` and times it until the returned
+    /// timer drops.
+    pub fn start_reconcile(&self, controller: &str) -> prometheus::HistogramTimer {
+        self.metrics
+            .reconciles
+            .with_label_values(&[controller])
+            .inc();
+        self.metrics
+            .reconcile_duration
+            .with_label_values(&[controller])
+            .start_timer()
+    }
+
+    /// The error policy every controller shares: log, count by the error's
+    /// bounded reason, and retry after `delay`.
+    pub fn retry_after_error(
+        &self,
+        controller: &str,
+        error: &dyn std::error::Error,
+        reason: &str,
+        delay: std::time::Duration,
+    ) -> Action {
+        tracing::warn!(error = %error, controller, reason, "reconcile failed");
+        self.metrics
+            .reconcile_errors
+            .with_label_values(&[controller, reason])
+            .inc();
+        Action::requeue(delay)
     }
 
     /// Publishes an Event about `obj`. Failing to publish is logged, never fatal:

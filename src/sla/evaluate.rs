@@ -335,6 +335,18 @@ mod tests {
     }
 
     #[test]
+    fn single_outage_caps_of_each_period_to_the_millisecond() {
+        let q1 = Period::containing(PeriodKind::Quadrimester, Rome, t(0));
+        let q2 = q1.next(PeriodKind::Quadrimester, Rome);
+        let q3 = q2.next(PeriodKind::Quadrimester, Rome);
+        let caps: Vec<i64> = [q1, q2, q3]
+            .iter()
+            .map(|p| targets().cap_millis(p))
+            .collect();
+        assert_eq!(caps, [10_364_400, 10_627_200, 10_544_400]);
+    }
+
+    #[test]
     fn parses_durations() {
         assert_eq!(parse_duration("4h"), Some(Duration::hours(4)));
         assert_eq!(parse_duration("90m"), Some(Duration::minutes(90)));

@@ -38,6 +38,7 @@ pub fn text(targets: &[SlaTarget]) -> String {
     ]
     .map(String::from);
     let mut rows = vec![header];
+    let mut exclusions = Vec::new();
     for t in targets {
         let name = format!(
             "{}/{}",
@@ -59,6 +60,12 @@ pub fn text(targets: &[SlaTarget]) -> String {
                 rows.push(row(&name, &o.name, p, met));
             }
         }
+        exclusions.extend(t.spec.exclusions.iter().map(|e| {
+            format!(
+                "{name}: declared maintenance {} to {} ({}): measured as usual, not subtracted",
+                e.start.0, e.end.0, e.reason
+            )
+        }));
     }
     let widths: Vec<usize> = (0..9)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
@@ -73,6 +80,7 @@ pub fn text(targets: &[SlaTarget]) -> String {
                 .trim_end()
                 .to_string()
         })
+        .chain(exclusions)
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
@@ -89,6 +97,7 @@ pub fn json(targets: &[SlaTarget]) -> Value {
                     "name": t.metadata.name,
                     "objective": t.spec.objective,
                     "state": t.status.as_ref().and_then(|s| s.state.clone()),
+                    "exclusions": t.spec.exclusions,
                     "objects": t.status.as_ref().map(|s| s.objects.clone()).unwrap_or_default(),
                 })
             })
@@ -147,6 +156,27 @@ mod tests {
         );
         assert!(lines[2].contains("2026-05/08") && lines[2].ends_with("met"));
         assert!(lines[1].contains("1800s/10364s"));
+    }
+
+    #[test]
+    fn declared_maintenance_is_listed_separately_never_subtracted() {
+        let mut t = target();
+        let at = |s| crate::time::to_k8s(chrono::DateTime::from_timestamp(s, 0).expect("valid"));
+        t.spec.exclusions = vec![crate::api::Exclusion {
+            start: at(1_790_000_000),
+            end: at(1_790_003_600),
+            reason: "router firmware".into(),
+        }];
+        let out = text(&[t]);
+        let last = out.lines().last().expect("a line");
+        assert!(
+            last.contains("router firmware") && last.contains("not subtracted"),
+            "{last}"
+        );
+        assert!(
+            out.contains("3600s/20729s"),
+            "the downtime is still counted"
+        );
     }
 
     #[test]

@@ -108,15 +108,7 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
     let namespace = md
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
-    ctx.metrics
-        .reconciles
-        .with_label_values(&[CONTROLLER])
-        .inc();
-    let _timer = ctx
-        .metrics
-        .reconcile_duration
-        .with_label_values(&[CONTROLLER])
-        .start_timer();
+    let _timer = ctx.start_reconcile(CONTROLLER);
 
     // fetch
     let sites_api = Api::<Site>::all(ctx.client.clone());
@@ -327,13 +319,8 @@ async fn publish_events(
     }
 }
 
-fn error_policy(_md: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, "maildomain reconcile failed");
-    ctx.metrics
-        .reconcile_errors
-        .with_label_values(&[CONTROLLER, error.reason()])
-        .inc();
-    Action::requeue(Duration::from_secs(10))
+fn error_policy(_obj: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry_after_error(CONTROLLER, error, error.reason(), Duration::from_secs(10))
 }
 
 /// Runs the MailDomain controller until shutdown.

@@ -81,15 +81,7 @@ impl Error {
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = ctx.clock.now();
     let name = site.name_any();
-    ctx.metrics
-        .reconciles
-        .with_label_values(&[CONTROLLER])
-        .inc();
-    let _timer = ctx
-        .metrics
-        .reconcile_duration
-        .with_label_values(&[CONTROLLER])
-        .start_timer();
+    let _timer = ctx.start_reconcile(CONTROLLER);
 
     // fetch
     let selector = status::label_selector(&site.spec.node_selector);
@@ -221,13 +213,8 @@ async fn publish_events(ctx: &Context, site: &Site, old: &SiteStatus, new: &Site
     }
 }
 
-fn error_policy(_site: Arc<Site>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, "site reconcile failed");
-    ctx.metrics
-        .reconcile_errors
-        .with_label_values(&[CONTROLLER, error.reason()])
-        .inc();
-    Action::requeue(Duration::from_secs(10))
+fn error_policy(_obj: Arc<Site>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry_after_error(CONTROLLER, error, error.reason(), Duration::from_secs(10))
 }
 
 /// Runs the Site controller until shutdown.

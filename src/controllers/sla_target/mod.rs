@@ -153,15 +153,7 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
     let namespace = sla
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
-    ctx.metrics
-        .reconciles
-        .with_label_values(&[CONTROLLER])
-        .inc();
-    let _timer = ctx
-        .metrics
-        .reconcile_duration
-        .with_label_values(&[CONTROLLER])
-        .start_timer();
+    let _timer = ctx.start_reconcile(CONTROLLER);
     let interval =
         Duration::from_secs(sla.spec.probe.interval_seconds.max(1).unsigned_abs().into());
     let api = Api::<SlaTarget>::namespaced(ctx.client.clone(), &namespace);
@@ -353,13 +345,8 @@ async fn write_status(
     .map_err(Error::WriteStatus)
 }
 
-fn error_policy(_sla: Arc<SlaTarget>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, "slatarget reconcile failed");
-    ctx.metrics
-        .reconcile_errors
-        .with_label_values(&[CONTROLLER, error.reason()])
-        .inc();
-    Action::requeue(Duration::from_secs(5))
+fn error_policy(_obj: Arc<SlaTarget>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry_after_error(CONTROLLER, error, error.reason(), Duration::from_secs(5))
 }
 
 /// Runs the SlaTarget controller until shutdown.
