@@ -258,6 +258,10 @@ async fn a_flapping_site_is_fenced_until_a_person_clears_it() {
     sites.fail(&a).await;
     let fenced = sites.wait_phase(&a, SitePhase::Fenced).await;
     assert!(fenced.spec.fenced, "the operator sets spec.fenced");
+    eventually("the fenced site to leave the domain Service", || async {
+        (!endpoints_by_site(&client, &ns, &md).await.contains_key(&a)).then_some(())
+    })
+    .await;
     sites.recover(&a).await;
 
     // Healthy again, yet it stays out: watch it for longer than the stabilization window.
