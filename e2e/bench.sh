@@ -19,7 +19,7 @@ cleanup() {
 }
 trap cleanup EXIT
 cargo build --release --quiet --bin pec-operator
-cargo bench --no-run --quiet --bench rollout --bench failover 2>/dev/null
+cargo bench --no-run --quiet --bench rollout --bench failover --bench hsm --bench sla 2>/dev/null
 eval "$("$here/cluster.sh" up "$cluster")"
 install_chart
 state=$(mktemp -d "${TMPDIR:-/tmp}/pec-bench.XXXXXX")
@@ -27,5 +27,10 @@ sa_kubeconfig "$state/operator.kubeconfig"
 port=$(free_port)
 pid=$(RUST_LOG=warn start_operator "${CARGO_TARGET_DIR:-target}/release/pec-operator" "$state/operator.kubeconfig" bench "$port" "$state/operator.log")
 wait_leader "$port"
+# shellcheck source=lib/hsm.sh
+. "$here/lib/hsm.sh"
+init_hsm "$state/hsm"
+cargo bench --quiet --bench hsm
+cargo bench --quiet --bench sla
 cargo bench --quiet --bench failover
 cargo bench --quiet --bench rollout

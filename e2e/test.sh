@@ -15,6 +15,12 @@ cargo clippy --all-targets --features e2e --quiet -- -D warnings
 step "unit tests"
 cargo test --lib --bins
 
+step "SoftHSM2 token"
+# shellcheck source=lib/hsm.sh
+. "$here/lib/hsm.sh"
+hsm_dir=$(mktemp -d "${TMPDIR:-/tmp}/pec-e2e-hsm.XXXXXX")
+init_hsm "$hsm_dir"
+
 step "local cluster"
 bin=$("$here/lib/tools.sh")
 export PATH="$bin:$PATH"
@@ -29,6 +35,7 @@ cleanup() {
     echo "== operator logs (last lines)"; tail -n 30 "$logs"/operator-*.log 2>/dev/null || true
   fi
   "$here/cluster.sh" down "$cluster" || true
+  rm -rf "${hsm_dir:-/nonexistent}"
   exit $code
 }
 trap cleanup EXIT

@@ -7,6 +7,7 @@
 //! - [`failover`]: pure site-health and serving-site decisions.
 //! - [`sla`]: pure SLA measurement: periods, outage ledgers, evaluation.
 //! - [`conditions`]: `metav1.Condition` bookkeeping.
+//! - [`hsm`]: signing keys inside a PKCS#11 token; DER helpers.
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`], [`http`], [`telemetry`]: what SREs scrape, probe and read.
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod clock;
 pub mod conditions;
 pub mod controllers;
 pub mod failover;
+pub mod hsm;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -10,6 +10,7 @@ mod datacenter;
 mod disruptive;
 mod failover;
 mod harness;
+mod hsm;
 mod maildomain;
 mod operator;
 mod prometheus;

@@ -1,0 +1,115 @@
+//! Keys in a real PKCS#11 token (SoftHSM2, initialised by e2e/test.sh):
+//! generated sensitive and non-extractable, found again by their id instead of
+//! made twice, and signing inside the token with signatures openssl verifies.
+
+use std::{path::PathBuf, process::Command, sync::OnceLock};
+
+use cryptoki::types::AuthPin;
+use pec_operator::hsm::{Algorithm, Hsm, Token, der, key_id};
+
+fn hsm() -> &'static Hsm {
+    static HSM: OnceLock<Hsm> = OnceLock::new();
+    HSM.get_or_init(|| {
+        let module =
+            std::env::var("PEC_PKCS11_MODULE").expect("e2e/test.sh sets PEC_PKCS11_MODULE");
+        Hsm::open(&PathBuf::from(module)).expect("the SoftHSM2 module loads")
+    })
+}
+
+fn token() -> Token {
+    let label = std::env::var("PEC_E2E_HSM_TOKEN").expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN");
+    let pin =
+        AuthPin::from(std::env::var("PEC_E2E_HSM_PIN").expect("e2e/test.sh sets PEC_E2E_HSM_PIN"));
+    hsm().login(&label, &pin).expect("log in to the test token")
+}
+
+#[test]
+fn keys_are_generated_sensitive_non_extractable_and_never_twice() {
+    let token = token();
+    let id = key_id("uid-generated-once", 1);
+    let first = token
+        .ensure_key(&id, "test", Algorithm::EcdsaP256, false)
+        .expect("generate");
+    let again = token
+        .ensure_key(&id, "test", Algorithm::EcdsaP256, false)
+        .expect("find");
+    assert_eq!(
+        first, again,
+        "a repeated call finds the key it already made"
+    );
+    assert_eq!(token.count_keys(&id).expect("count"), 1);
+    let p = token.protection(first).expect("attributes");
+    assert!(p.token && p.sensitive && p.always_sensitive, "{p:?}");
+    assert!(!p.extractable && p.never_extractable, "{p:?}");
+    token.destroy(&id).expect("destroy");
+    token
+        .destroy(&id)
+        .expect("destroying what is gone succeeds");
+    assert_eq!(token.count_keys(&id).expect("count"), 0);
+}
+
+#[test]
+fn keys_for_wrapped_export_stay_sensitive() {
+    let token = token();
+    let id = key_id("uid-wrapped", 1);
+    let key = token
+        .ensure_key(&id, "test", Algorithm::EcdsaP256, true)
+        .expect("generate");
+    let p = token.protection(key).expect("attributes");
+    assert!(
+        p.extractable && p.sensitive,
+        "extractable only under wrapping: {p:?}"
+    );
+    token.destroy(&id).expect("destroy");
+}
+
+#[test]
+fn signatures_made_in_the_token_verify_with_openssl() {
+    let token = token();
+    let dir = std::env::temp_dir().join(format!("pec-hsm-sign-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let message = b"ricevuta di avvenuta consegna";
+    std::fs::write(dir.join("message"), message).expect("write message");
+    for (n, algorithm) in [Algorithm::EcdsaP256, Algorithm::Rsa3072, Algorithm::Rsa2048]
+        .into_iter()
+        .enumerate()
+    {
+        let id = key_id("uid-openssl", n as u32);
+        let key = token
+            .ensure_key(&id, "test", algorithm, false)
+            .expect("generate");
+        let signature = token.sign(key, algorithm, message).expect("sign");
+        let public = token.public_key(&id).expect("public key");
+        std::fs::write(dir.join("public.pem"), der::pem("PUBLIC KEY", &public)).expect("write key");
+        std::fs::write(dir.join("signature"), &signature).expect("write signature");
+        let out = Command::new("openssl")
+            .args(["dgst", "-sha256", "-verify"])
+            .arg(dir.join("public.pem"))
+            .arg("-signature")
+            .arg(dir.join("signature"))
+            .arg(dir.join("message"))
+            .output()
+            .expect("run openssl");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("Verified OK"),
+            "{algorithm:?}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A different message must not verify with the same signature.
+        std::fs::write(dir.join("other"), b"altro messaggio").expect("write");
+        let tampered = Command::new("openssl")
+            .args(["dgst", "-sha256", "-verify"])
+            .arg(dir.join("public.pem"))
+            .arg("-signature")
+            .arg(dir.join("signature"))
+            .arg(dir.join("other"))
+            .output()
+            .expect("run openssl");
+        assert!(
+            !tampered.status.success(),
+            "{algorithm:?}: a tampered message verified"
+        );
+        token.destroy(&id).expect("destroy");
+    }
+}

@@ -1,0 +1,359 @@
+//! Signing keys inside a PKCS#11 token (an HSM; SoftHSM2 in tests).
+//!
+//! Keys are generated in the token as token objects, sensitive and (unless
+//! wrapped export is asked for) non-extractable, and found again by a
+//! `CKA_ID` derived from the owning resource's UID and the key generation,
+//! so a retried or repeated reconcile finds the key it already made instead
+//! of making a second one. Private key material never leaves the token: this
+//! module hands out public keys and signatures only. PINs are `SecretString`s
+//! and are never formatted into errors or logs.
+//!
+//! PKCS#11 calls block; async callers run them on a blocking thread.
+
+pub mod der;
+
+use std::path::Path;
+
+use cryptoki::{
+    context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+    error::RvError,
+    mechanism::Mechanism,
+    object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle},
+    session::{Session, UserType},
+    types::AuthPin,
+};
+use sha2::{Digest, Sha256};
+
+/// Key algorithms the operator generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// ECDSA on NIST P-256 with SHA-256.
+    EcdsaP256,
+    /// RSA 3072 with PKCS#1 v1.5 and SHA-256.
+    Rsa3072,
+    /// RSA 2048 (accepted for interoperability).
+    Rsa2048,
+}
+
+/// Why an HSM operation failed. Never carries a PIN.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The PKCS#11 module could not be loaded or initialised.
+    #[error("loading PKCS#11 module {module}: {source}")]
+    Module {
+        module: String,
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    /// No token carries the label.
+    #[error("no initialised token labelled {0:?}")]
+    TokenNotFound(String),
+    /// Logging in failed (wrong PIN, locked token).
+    #[error("logging in to token {token:?} failed: {source}")]
+    Login {
+        token: String,
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    /// A PKCS#11 call failed.
+    #[error("{step} failed: {source}")]
+    Call {
+        step: &'static str,
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    /// The token returned something this module cannot use.
+    #[error("unexpected token data: {0}")]
+    Unexpected(&'static str),
+}
+
+impl HsmError {
+    /// A short, bounded reason for conditions, metrics and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HsmError::Module { .. } => "HsmModuleUnavailable",
+            HsmError::TokenNotFound(_) => "TokenNotFound",
+            HsmError::Login { .. } => "HsmLoginFailed",
+            HsmError::Call { .. } => "HsmCallFailed",
+            HsmError::Unexpected(_) => "HsmUnexpectedData",
+        }
+    }
+}
+
+fn call(step: &'static str) -> impl FnOnce(cryptoki::error::Error) -> HsmError {
+    move |source| HsmError::Call { step, source }
+}
+
+/// The `CKA_ID` of generation `generation` of the key owned by `uid`.
+pub fn key_id(uid: &str, generation: u32) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(uid.as_bytes());
+    h.update(generation.to_be_bytes());
+    h.finalize()[..16].to_vec()
+}
+
+/// A loaded PKCS#11 module. Initialise once per process.
+pub struct Hsm {
+    ctx: Pkcs11,
+}
+
+impl Hsm {
+    /// Loads and initialises the module at `module`.
+    pub fn open(module: &Path) -> Result<Self, HsmError> {
+        let err = |source| HsmError::Module {
+            module: module.display().to_string(),
+            source,
+        };
+        let ctx = Pkcs11::new(module).map_err(err)?;
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .map_err(err)?;
+        Ok(Self { ctx })
+    }
+
+    /// A logged-in read-write session on the token labelled `label` (by
+    /// label, never by slot number: slot numbers change).
+    pub fn login(&self, label: &str, pin: &AuthPin) -> Result<Token, HsmError> {
+        let slots = self
+            .ctx
+            .get_slots_with_initialized_token()
+            .map_err(call("listing slots"))?;
+        let slot = slots
+            .into_iter()
+            .find(|s| {
+                self.ctx
+                    .get_token_info(*s)
+                    .is_ok_and(|t| t.label().trim_end() == label)
+            })
+            .ok_or_else(|| HsmError::TokenNotFound(label.to_string()))?;
+        let session = self
+            .ctx
+            .open_rw_session(slot)
+            .map_err(call("opening a session"))?;
+        match session.login(UserType::User, Some(pin)) {
+            // Login state is per application: another session already did it.
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(source) => {
+                return Err(HsmError::Login {
+                    token: label.to_string(),
+                    source,
+                });
+            }
+        }
+        Ok(Token { session })
+    }
+}
+
+/// A logged-in session on one token.
+pub struct Token {
+    session: Session,
+}
+
+/// The protection attributes of a private key, as the token reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protection {
+    /// `CKA_TOKEN`: persistent in the token.
+    pub token: bool,
+    /// `CKA_SENSITIVE`: the value cannot be read in plaintext.
+    pub sensitive: bool,
+    /// `CKA_EXTRACTABLE`: the key can be wrapped out.
+    pub extractable: bool,
+    /// `CKA_ALWAYS_SENSITIVE`.
+    pub always_sensitive: bool,
+    /// `CKA_NEVER_EXTRACTABLE`.
+    pub never_extractable: bool,
+}
+
+impl Token {
+    fn find(&self, class: ObjectClass, id: &[u8]) -> Result<Vec<ObjectHandle>, HsmError> {
+        self.session
+            .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+            .map_err(call("finding objects"))
+    }
+
+    /// The private key with `id`, generating the pair if there is none.
+    /// `extractable` allows wrapped export later (never plaintext).
+    pub fn ensure_key(
+        &self,
+        id: &[u8],
+        label: &str,
+        algorithm: Algorithm,
+        extractable: bool,
+    ) -> Result<ObjectHandle, HsmError> {
+        if let Some(existing) = self.find(ObjectClass::PRIVATE_KEY, id)?.into_iter().next() {
+            return Ok(existing);
+        }
+        let common = |private: bool| {
+            vec![
+                Attribute::Token(true),
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Private(private),
+            ]
+        };
+        let mut public = common(false);
+        public.push(Attribute::Verify(true));
+        let mut private = common(true);
+        private.extend([
+            Attribute::Sign(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(extractable),
+        ]);
+        let mechanism = match algorithm {
+            Algorithm::EcdsaP256 => {
+                public.push(Attribute::EcParams(der::P256_PARAMS.to_vec()));
+                Mechanism::EccKeyPairGen
+            }
+            Algorithm::Rsa3072 | Algorithm::Rsa2048 => {
+                let bits: u64 = if algorithm == Algorithm::Rsa3072 {
+                    3072
+                } else {
+                    2048
+                };
+                public.push(Attribute::ModulusBits(bits.into()));
+                public.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
+                Mechanism::RsaPkcsKeyPairGen
+            }
+        };
+        let (_, private_key) = self
+            .session
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(call("generating a key pair"))?;
+        Ok(private_key)
+    }
+
+    /// How many private-key objects carry `id` (a test and a guard: never more than one).
+    pub fn count_keys(&self, id: &[u8]) -> Result<usize, HsmError> {
+        Ok(self.find(ObjectClass::PRIVATE_KEY, id)?.len())
+    }
+
+    /// The protection attributes of `key`.
+    pub fn protection(&self, key: ObjectHandle) -> Result<Protection, HsmError> {
+        let attrs = self
+            .session
+            .get_attributes(
+                key,
+                &[
+                    AttributeType::Token,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                ],
+            )
+            .map_err(call("reading key attributes"))?;
+        let mut p = Protection {
+            token: false,
+            sensitive: false,
+            extractable: true,
+            always_sensitive: false,
+            never_extractable: false,
+        };
+        for a in attrs {
+            match a {
+                Attribute::Token(v) => p.token = v,
+                Attribute::Sensitive(v) => p.sensitive = v,
+                Attribute::Extractable(v) => p.extractable = v,
+                Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
+                Attribute::NeverExtractable(v) => p.never_extractable = v,
+                _ => {}
+            }
+        }
+        Ok(p)
+    }
+
+    /// The DER SubjectPublicKeyInfo of the key pair with `id`.
+    pub fn public_key(&self, id: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let public = self
+            .find(ObjectClass::PUBLIC_KEY, id)?
+            .into_iter()
+            .next()
+            .ok_or(HsmError::Unexpected("no public key for the id"))?;
+        let attrs = self
+            .session
+            .get_attributes(
+                public,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::EcPoint,
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                ],
+            )
+            .map_err(call("reading the public key"))?;
+        let (mut kind, mut point, mut modulus, mut exponent) = (None, None, None, None);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(k) => kind = Some(k),
+                Attribute::EcPoint(p) => point = Some(p),
+                Attribute::Modulus(m) => modulus = Some(m),
+                Attribute::PublicExponent(e) => exponent = Some(e),
+                _ => {}
+            }
+        }
+        match kind {
+            Some(k) if k == KeyType::EC => {
+                point
+                    .as_deref()
+                    .and_then(der::ec_p256_spki)
+                    .ok_or(HsmError::Unexpected(
+                        "EC point is not an uncompressed P-256 point",
+                    ))
+            }
+            Some(k) if k == KeyType::RSA => match (modulus, exponent) {
+                (Some(m), Some(e)) => Ok(der::rsa_spki(&m, &e)),
+                _ => Err(HsmError::Unexpected("RSA key without modulus or exponent")),
+            },
+            _ => Err(HsmError::Unexpected("unsupported key type")),
+        }
+    }
+
+    /// Signs `message` with `key` inside the token: ECDSA over the SHA-256
+    /// digest (tokens such as SoftHSM offer raw `CKM_ECDSA` only), returned
+    /// DER-encoded as X.509 wants it; RSA with `CKM_SHA256_RSA_PKCS`.
+    pub fn sign(
+        &self,
+        key: ObjectHandle,
+        algorithm: Algorithm,
+        message: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        match algorithm {
+            Algorithm::EcdsaP256 => {
+                let digest = Sha256::digest(message);
+                let raw = self
+                    .session
+                    .sign(&Mechanism::Ecdsa, key, &digest)
+                    .map_err(call("signing"))?;
+                der::ecdsa_signature(&raw).ok_or(HsmError::Unexpected("odd-length ECDSA signature"))
+            }
+            Algorithm::Rsa3072 | Algorithm::Rsa2048 => self
+                .session
+                .sign(&Mechanism::Sha256RsaPkcs, key, message)
+                .map_err(call("signing")),
+        }
+    }
+
+    /// Destroys the key pair with `id`; already gone counts as done.
+    pub fn destroy(&self, id: &[u8]) -> Result<(), HsmError> {
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            for handle in self.find(class, id)? {
+                self.session
+                    .destroy_object(handle)
+                    .map_err(call("destroying a key"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids_are_stable_per_owner_and_generation() {
+        assert_eq!(key_id("uid-1", 1), key_id("uid-1", 1));
+        assert_ne!(key_id("uid-1", 1), key_id("uid-1", 2));
+        assert_ne!(key_id("uid-1", 1), key_id("uid-2", 1));
+        assert_eq!(key_id("uid-1", 1).len(), 16);
+    }
+}
