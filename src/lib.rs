@@ -6,6 +6,7 @@
 //! - [`clock`], [`time`]: the one clock, and the chrono/Kubernetes time adapter.
 //! - [`failover`]: pure site-health and serving-site decisions.
 //! - [`sla`]: pure SLA measurement: periods, outage ledgers, evaluation.
+//! - [`signing`]: pure signing-key lifecycle (generations, rotation, backoff).
 //! - [`conditions`]: `metav1.Condition` bookkeeping.
 //! - [`hsm`]: signing keys inside a PKCS#11 token; DER helpers.
 //! - [`leader`]: Lease-based leader election.
@@ -21,6 +22,7 @@ pub mod hsm;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod signing;
 pub mod sla;
 pub mod telemetry;
 pub mod time;
