@@ -63,6 +63,25 @@ fn keys_for_wrapped_export_stay_sensitive() {
     token.destroy(&id).expect("destroy");
 }
 
+/// `openssl dgst -sha256 -verify` of `dir/signature` over `dir/<file>` with
+/// `dir/public.pem`: whether it verified, and what openssl said.
+fn openssl_verify(dir: &std::path::Path, file: &str) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(dir.join("public.pem"))
+        .arg("-signature")
+        .arg(dir.join("signature"))
+        .arg(dir.join(file))
+        .output()
+        .expect("run openssl");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
 #[test]
 fn signatures_made_in_the_token_verify_with_openssl() {
     let token = token();
@@ -82,32 +101,15 @@ fn signatures_made_in_the_token_verify_with_openssl() {
         let public = token.public_key(&id).expect("public key");
         std::fs::write(dir.join("public.pem"), der::pem("PUBLIC KEY", &public)).expect("write key");
         std::fs::write(dir.join("signature"), &signature).expect("write signature");
-        let out = Command::new("openssl")
-            .args(["dgst", "-sha256", "-verify"])
-            .arg(dir.join("public.pem"))
-            .arg("-signature")
-            .arg(dir.join("signature"))
-            .arg(dir.join("message"))
-            .output()
-            .expect("run openssl");
-        let said = String::from_utf8_lossy(&out.stdout);
+        let (verified, said) = openssl_verify(&dir, "message");
         assert!(
-            out.status.success() && said.contains("Verified OK"),
-            "{algorithm:?}: {said}{}",
-            String::from_utf8_lossy(&out.stderr)
+            verified && said.contains("Verified OK"),
+            "{algorithm:?}: {said}"
         );
         // A different message must not verify with the same signature.
         std::fs::write(dir.join("other"), b"altro messaggio").expect("write");
-        let tampered = Command::new("openssl")
-            .args(["dgst", "-sha256", "-verify"])
-            .arg(dir.join("public.pem"))
-            .arg("-signature")
-            .arg(dir.join("signature"))
-            .arg(dir.join("other"))
-            .output()
-            .expect("run openssl");
         assert!(
-            !tampered.status.success(),
+            !openssl_verify(&dir, "other").0,
             "{algorithm:?}: a tampered message verified"
         );
         token.destroy(&id).expect("destroy");

@@ -351,14 +351,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_new_certificate_is_used_only_after_the_publication_delay() {
+    /// A key whose first generation was issued, published and activated at `t0`.
+    fn active_first_generation(t0: DateTime<Utc>) -> KeyState {
         let mut state = KeyState::default();
-        let t0 = start();
         state.begin(1);
         state.issued(1, t0, t0 + policy().duration);
         state.published(1, t0);
         state.activated(1);
+        state
+    }
+
+    #[test]
+    fn a_new_certificate_is_used_only_after_the_publication_delay() {
+        let t0 = start();
+        let mut state = active_first_generation(t0);
         let renew = t0 + policy().duration - policy().renew_before;
         assert_eq!(decide(&state, &policy(), renew), Step::Issue(2));
         state.begin(2);
@@ -434,12 +440,8 @@ mod tests {
 
     #[test]
     fn a_compromise_rotates_at_once_without_the_publication_delay() {
-        let mut state = KeyState::default();
         let t0 = start();
-        state.begin(1);
-        state.issued(1, t0, t0 + policy().duration);
-        state.published(1, t0);
-        state.activated(1);
+        let mut state = active_first_generation(t0);
         let later = t0 + Duration::days(100);
         state.compromise();
         assert_eq!(state.revoked, [1]);
@@ -457,12 +459,8 @@ mod tests {
 
     #[test]
     fn expiring_when_close_to_expiry_without_a_successor() {
-        let mut state = KeyState::default();
         let t0 = start();
-        state.begin(1);
-        state.issued(1, t0, t0 + policy().duration);
-        state.published(1, t0);
-        state.activated(1);
+        let state = active_first_generation(t0);
         assert!(!state.expiring(&policy(), t0 + Duration::days(600)));
         assert!(state.expiring(&policy(), t0 + Duration::days(700)));
     }
