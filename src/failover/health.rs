@@ -126,7 +126,9 @@ pub fn decide(
     };
 
     let mut fence_now = false;
-    if phase == SitePhase::Down && before != Some(SitePhase::Down) {
+    // A flap is a healthy site going down; a new site whose nodes are still
+    // registering, or one leaving maintenance, has not flapped.
+    if phase == SitePhase::Down && before.is_some_and(SitePhase::is_healthy) {
         down_events.push(now);
         let limit = usize::try_from(spec.health.fence_after_flaps).unwrap_or(0);
         if limit > 0 && down_events.len() >= limit {
@@ -340,6 +342,21 @@ mod tests {
         assert_eq!(ds.iter().filter(|d| d.fence_now).count(), 1);
         let fenced_at = ds.iter().position(|d| d.fence_now).expect("fenced");
         assert_eq!(ds[fenced_at].phase, SitePhase::Fenced);
+    }
+
+    #[test]
+    fn a_new_site_that_starts_not_ready_has_not_flapped() {
+        let mut s = spec();
+        s.health.fence_after_flaps = 2;
+        let (status, _, ds) = run(
+            &s,
+            SiteStatus::default(),
+            ProbeState::default(),
+            &[(0, DOWN), (2, UP), (4, DOWN), (6, DOWN), (8, DOWN)],
+        );
+        assert_eq!(ds[0].phase, SitePhase::Down);
+        assert!(ds.iter().all(|d| !d.fence_now), "only one real flap so far");
+        assert_eq!(status.down_events.len(), 1);
     }
 
     #[test]
