@@ -192,17 +192,11 @@ impl Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::HealthSpec;
 
     fn spec() -> SiteSpec {
         SiteSpec {
             node_selector: [("zone".into(), "a".into())].into(),
-            priority: 0,
-            maintenance: false,
-            maintenance_force: false,
-            fenced: false,
-            health: HealthSpec::default(),
-            load_balancer_addresses: vec![],
+            ..SiteSpec::default()
         }
     }
 

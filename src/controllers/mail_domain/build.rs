@@ -567,9 +567,7 @@ fn short_hash(data: &[u8], hex_chars: usize) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::api::{
-        AntivirusSpec, FailoverSpec, GatewaySpec, HealthSpec, MailDomainSpec, Site, SiteSpec,
-    };
+    use crate::api::{AntivirusSpec, FailoverSpec, GatewaySpec, MailDomainSpec, Site, SiteSpec};
 
     pub(crate) fn domain(sites: &[&str]) -> MailDomain {
         let mut md = MailDomain::new(
@@ -600,12 +598,7 @@ pub(crate) mod tests {
             name,
             SiteSpec {
                 node_selector: [("topology.kubernetes.io/zone".into(), name.into())].into(),
-                priority: 0,
-                maintenance: false,
-                maintenance_force: false,
-                fenced: false,
-                health: HealthSpec::default(),
-                load_balancer_addresses: vec![],
+                ..SiteSpec::default()
             },
         )
     }

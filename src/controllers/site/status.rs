@@ -143,25 +143,14 @@ pub fn compute(
 mod tests {
     use super::*;
     use crate::{
-        api::{HealthSpec, MailDomainStatus, SiteSpec},
+        api::MailDomainStatus,
         controllers::mail_domain::build::tests::domain,
         failover::health::{ProbeState, decide},
     };
     use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
 
     fn site() -> Site {
-        Site::new(
-            "dc-it1",
-            SiteSpec {
-                node_selector: [("topology.kubernetes.io/zone".into(), "dc-it1".into())].into(),
-                priority: 0,
-                maintenance: false,
-                maintenance_force: false,
-                fenced: false,
-                health: HealthSpec::default(),
-                load_balancer_addresses: vec![],
-            },
-        )
+        crate::controllers::mail_domain::build::tests::site("dc-it1")
     }
 
     fn node(ready: bool) -> Node {
