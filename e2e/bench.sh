@@ -7,6 +7,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$here/.."
+# shellcheck source=lib/prereqs.sh
+. "$here/lib/prereqs.sh"
+ensure_prereqs
 bin=$("$here/lib/tools.sh")
 export PATH="$bin:$PATH"
 # shellcheck source=lib/operator.sh

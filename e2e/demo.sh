@@ -18,6 +18,9 @@ if [ "${1:-}" = "down" ]; then
   exit 0
 fi
 
+# shellcheck source=lib/prereqs.sh
+. "$here/lib/prereqs.sh"
+ensure_prereqs
 bin=$("$here/lib/tools.sh")
 export PATH="$bin:$PATH"
 # shellcheck source=lib/operator.sh

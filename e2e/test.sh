@@ -8,6 +8,11 @@ cd "$here/.."
 
 step() { echo; echo "== $*"; }
 
+step "prerequisites"
+# shellcheck source=lib/prereqs.sh
+. "$here/lib/prereqs.sh"
+ensure_prereqs
+
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --all-targets --features e2e --quiet -- -D warnings

@@ -32,7 +32,7 @@ use serde_json::json;
 
 use super::Context;
 use crate::{
-    api::{MailDomain, Site, SitePhase},
+    api::{MailDomain, Site},
     conditions,
     failover::serving,
 };
@@ -195,7 +195,15 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
             .map_err(Error::WriteStatus)?;
     }
     if let Some(reason) = switch {
-        record_switch(&ctx, &md, &previous, &plan.serving, reason, &fetched, now).await;
+        // When each site that left became unable to serve, as the operator learned it.
+        let detected: Vec<_> = previous
+            .iter()
+            .filter(|s| !plan.serving.contains(s))
+            .filter_map(|s| {
+                validate::unavailable_since(fetched.get(s).and_then(Option::as_ref), s, &pods)
+            })
+            .collect();
+        record_switch(&ctx, &md, &previous, &plan.serving, reason, &detected, now).await;
     }
     publish_events(&ctx, &md, &old, &new, &before, &children, &removed).await;
     Ok(Action::requeue(requeue_after(plan.next_check, now)))
@@ -219,25 +227,16 @@ async fn record_switch(
     from: &[String],
     to: &[String],
     reason: &'static str,
-    sites: &BTreeMap<String, Option<Site>>,
+    detected: &[chrono::DateTime<chrono::Utc>],
     now: chrono::DateTime<chrono::Utc>,
 ) {
     ctx.metrics
         .failovers
         .with_label_values(&[md.spec.domain.as_str(), reason])
         .inc();
-    for gone in from.iter().filter(|s| !to.contains(s)) {
-        let declared = sites
-            .get(gone)
-            .and_then(Option::as_ref)
-            .and_then(|s| s.status.as_ref())
-            .filter(|s| s.phase == Some(SitePhase::Down) || s.phase == Some(SitePhase::Fenced))
-            .and_then(|s| s.last_transition_time.as_ref())
-            .map(crate::time::from_k8s);
-        if let Some(at) = declared {
-            let seconds = (now - at).num_milliseconds().max(0) as f64 / 1000.0;
-            ctx.metrics.detection_to_switch.observe(seconds);
-        }
+    for at in detected {
+        let seconds = (now - *at).num_milliseconds().max(0) as f64 / 1000.0;
+        ctx.metrics.detection_to_switch.observe(seconds);
     }
     let type_ = match reason {
         "SiteRejoined" | "PreferredSiteRejoined" => EventType::Normal,

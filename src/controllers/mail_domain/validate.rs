@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use super::build::{ReadyGateway, SITE_LABEL};
 use crate::{
-    api::{MailDomain, Site},
+    api::{MailDomain, Site, SitePhase},
     failover::serving::Candidate,
     time::from_k8s,
 };
@@ -71,6 +72,42 @@ pub fn ready_gateways(pods: &[Pod]) -> Vec<ReadyGateway> {
         .collect()
 }
 
+/// When the operator learned that `site` could not serve: when the Site was
+/// declared Down or fenced, else when the last of its gateway pods (`pods`
+/// of the domain) stopped being Ready. `None` if it can still serve.
+pub fn unavailable_since(site: Option<&Site>, name: &str, pods: &[Pod]) -> Option<DateTime<Utc>> {
+    let status = site.and_then(|s| s.status.as_ref());
+    if let Some(st) =
+        status.filter(|s| matches!(s.phase, Some(SitePhase::Down | SitePhase::Fenced)))
+    {
+        return st.last_transition_time.as_ref().map(from_k8s);
+    }
+    let in_site: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.labels().get(SITE_LABEL).map(String::as_str) == Some(name))
+        .collect();
+    let readiness: Vec<(bool, Option<DateTime<Utc>>)> = in_site
+        .iter()
+        .filter_map(|p| {
+            let ready = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "Ready")?;
+            Some((
+                ready.status == "True",
+                ready.last_transition_time.as_ref().map(from_k8s),
+            ))
+        })
+        .collect();
+    if readiness.is_empty() || readiness.iter().any(|(ready, _)| *ready) {
+        return None;
+    }
+    readiness.into_iter().filter_map(|(_, at)| at).max()
+}
+
 /// The listed sites as failover candidates, in `spec.sites` order.
 pub fn candidates(
     md: &MailDomain,
@@ -98,6 +135,32 @@ pub fn candidates(
 mod tests {
     use super::*;
     use crate::controllers::mail_domain::build::tests::{domain, site};
+
+    fn pod(site: &str, ready: bool, changed: i64) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("{site}-{changed}"), "labels": {SITE_LABEL: site}},
+            "status": {"conditions": [{
+                "type": "Ready", "status": if ready { "True" } else { "False" },
+                "lastTransitionTime": crate::time::to_k8s(DateTime::from_timestamp(1_800_000_000 + changed, 0).expect("valid")),
+            }]},
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn a_site_is_unavailable_since_its_last_gateway_went_unready_or_it_was_declared_down() {
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0);
+        let pods = [pod("a", false, 10), pod("a", false, 20), pod("b", true, 5)];
+        assert_eq!(unavailable_since(None, "a", &pods), at(20));
+        assert_eq!(unavailable_since(None, "b", &pods), None);
+        let mut down = site("a");
+        down.status = Some(crate::api::SiteStatus {
+            phase: Some(SitePhase::Down),
+            last_transition_time: at(15).map(crate::time::to_k8s),
+            ..Default::default()
+        });
+        assert_eq!(unavailable_since(Some(&down), "a", &pods), at(15));
+    }
 
     #[test]
     fn reports_missing_sites_in_spec_order() {

@@ -1,0 +1,21 @@
+# What the tests, the demo and the benchmarks need besides Rust and Go, from
+# Debian's packages. Source it and call `ensure_prereqs`: it installs only
+# what is missing (as root, or through sudo), so it is cheap on a ready machine.
+#   curl, openssl, python3   the local cluster's scripts and certificates
+#   promtool, prometheus     the SLA rules, dashboard and alert tests (prometheus)
+#   softhsm2-util            the PKCS#11 token of the HSM tests (softhsm2)
+
+ensure_prereqs() {
+  local need=() tool
+  for tool in curl:curl openssl:openssl python3:python3 promtool:prometheus softhsm2-util:softhsm2; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "installing Debian packages: ${need[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+  rustup component add rustfmt clippy >/dev/null 2>&1 || true
+}
