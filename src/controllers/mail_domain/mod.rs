@@ -159,7 +159,7 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
         build::children(&md, &resolution.present, slices_for, &gateways).map_err(Error::Render)?;
 
     // apply
-    apply::apply_all(&ctx.client, &namespace, &children).await?;
+    let applied = apply::apply_all(&ctx.client, &namespace, &children).await?;
     let removed = apply::prune(
         &ctx.client,
         &namespace,
@@ -177,7 +177,9 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
         )
         .await?;
     }
-    let deployments = apply::deployments(&ctx.client, &namespace, &name).await?;
+    // Server-side apply returned the Deployments with their status; the
+    // gateways still running in listed-but-missing sites come from `before`.
+    let deployments = validate::current_deployments(applied, &before, &resolution.missing);
 
     // status
     let new = status::compute(&md, &resolution, &deployments, &plan, switch, now);

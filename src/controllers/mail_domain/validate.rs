@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::ResourceExt;
 
 use super::build::{ReadyGateway, SITE_LABEL};
@@ -108,6 +108,25 @@ pub fn unavailable_since(site: Option<&Site>, name: &str, pods: &[Pod]) -> Optio
     readiness.into_iter().filter_map(|(_, at)| at).max()
 }
 
+/// The domain's Deployments after an apply: those just applied, plus the
+/// ones kept for listed sites whose Site is missing (`before` is the list
+/// read at the start of the reconcile). Pruned ones are in neither.
+pub fn current_deployments(
+    applied: Vec<Deployment>,
+    before: &[Deployment],
+    missing: &[String],
+) -> Vec<Deployment> {
+    let kept = before
+        .iter()
+        .filter(|d| {
+            d.labels()
+                .get(SITE_LABEL)
+                .is_some_and(|s| missing.contains(s))
+        })
+        .cloned();
+    applied.into_iter().chain(kept).collect()
+}
+
 /// The listed sites as failover candidates, in `spec.sites` order.
 pub fn candidates(
     md: &MailDomain,
@@ -160,6 +179,21 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(unavailable_since(Some(&down), "a", &pods), at(15));
+    }
+
+    #[test]
+    fn current_deployments_are_the_applied_ones_and_those_of_missing_sites() {
+        let deployment = |site: &str| -> Deployment {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": site, "labels": {SITE_LABEL: site}},
+                "spec": {"selector": {}, "template": {}},
+            }))
+            .expect("deployment")
+        };
+        let before = [deployment("a"), deployment("gone"), deployment("missing")];
+        let now = current_deployments(vec![deployment("a")], &before, &["missing".to_string()]);
+        let names: Vec<String> = now.iter().map(|d| d.name_any()).collect();
+        assert_eq!(names, ["a", "missing"]);
     }
 
     #[test]
