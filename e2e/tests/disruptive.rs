@@ -7,9 +7,8 @@ use pec_operator::api::{FailoverMode, SlaTarget};
 use serde_json::json;
 
 use crate::{
-    datacenter::TestSites,
-    failover::{create_domain, fast_health},
-    harness::{client, eventually, namespace, scrape, wait_for},
+    failover::{World, fast_health, world},
+    harness::{eventually, scrape, wait_for},
     sla::{measure, set_down},
 };
 
@@ -20,11 +19,19 @@ fn first(s: Option<&SlaTarget>) -> Option<&pec_operator::api::SlaObjectStatus> {
 
 #[tokio::test]
 async fn killing_the_leader_mid_outage_loses_nothing_and_records_the_gap_as_unobserved() {
-    let client = client().await;
-    let ns = namespace(&client, "sla-leader-crash").await;
-    let sites =
-        TestSites::create(&client, &format!("lc{}", std::process::id()), fast_health()).await;
-    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 1).await;
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "sla-leader-crash",
+        "lc",
+        fast_health(),
+        FailoverMode::ActiveActive,
+        1,
+    )
+    .await;
     let sla = measure(&client, &ns, &md, json!({})).await;
     let slas = Api::<SlaTarget>::namespaced(client.clone(), &ns);
 

@@ -26,6 +26,37 @@ use crate::{
     harness::{client, eventually, example, has_condition, namespace, scrape_all, wait_for},
 };
 
+/// What most failover and SLA tests start from: a client, a fresh
+/// namespace, two sites on kwok nodes of their own, and a MailDomain served
+/// from them (Ready, endpoints in every serving site).
+pub struct World {
+    pub client: Client,
+    pub ns: String,
+    pub sites: TestSites,
+    pub md: String,
+}
+
+/// Builds a [`World`] for `test`; `prefix` names its sites and nodes.
+pub async fn world(
+    test: &str,
+    prefix: &str,
+    health: HealthSpec,
+    mode: FailoverMode,
+    stabilization: i32,
+) -> World {
+    let client = client().await;
+    let ns = namespace(&client, test).await;
+    let sites =
+        TestSites::create(&client, &format!("{prefix}{}", std::process::id()), health).await;
+    let md = create_domain(&client, &ns, &sites, mode, stabilization).await;
+    World {
+        client,
+        ns,
+        sites,
+        md,
+    }
+}
+
 pub async fn create_domain(
     client: &Client,
     ns: &str,
@@ -101,20 +132,21 @@ pub fn fast_health() -> HealthSpec {
 
 #[tokio::test]
 async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization() {
-    let client = client().await;
-    let ns = namespace(&client, "failover-active-active").await;
-    let sites =
-        TestSites::create(&client, &format!("aa{}", std::process::id()), fast_health()).await;
-    let [a, b] = sites.names.clone();
     let stabilization = 12;
-    let md = create_domain(
-        &client,
-        &ns,
-        &sites,
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "failover-active-active",
+        "aa",
+        fast_health(),
         FailoverMode::ActiveActive,
         stabilization,
     )
     .await;
+    let [a, b] = sites.names.clone();
     let both = eventually("endpoints in both sites", || async {
         let e = endpoints_by_site(&client, &ns, &md).await;
         (e.len() == 2).then_some(e)
@@ -203,12 +235,20 @@ async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization()
 
 #[tokio::test]
 async fn active_passive_serves_the_preferred_site_and_fails_back() {
-    let client = client().await;
-    let ns = namespace(&client, "failover-active-passive").await;
-    let sites =
-        TestSites::create(&client, &format!("ap{}", std::process::id()), fast_health()).await;
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "failover-active-passive",
+        "ap",
+        fast_health(),
+        FailoverMode::ActivePassive,
+        8,
+    )
+    .await;
     let [a, b] = sites.names.clone();
-    let md = create_domain(&client, &ns, &sites, FailoverMode::ActivePassive, 8).await;
     let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
     let serving_only = |site: String| {
         let client = client.clone();
@@ -250,15 +290,24 @@ async fn active_passive_serves_the_preferred_site_and_fails_back() {
 
 #[tokio::test]
 async fn a_flapping_site_is_fenced_until_a_person_clears_it() {
-    let client = client().await;
-    let ns = namespace(&client, "failover-fencing").await;
     let health = HealthSpec {
         fence_after_flaps: 2,
         ..fast_health()
     };
-    let sites = TestSites::create(&client, &format!("fe{}", std::process::id()), health).await;
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "failover-fencing",
+        "fe",
+        health,
+        FailoverMode::ActiveActive,
+        3,
+    )
+    .await;
     let [a, _] = sites.names.clone();
-    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 3).await;
 
     sites.fail(&a).await;
     sites.wait_phase(&a, SitePhase::Down).await;
@@ -309,12 +358,20 @@ async fn a_flapping_site_is_fenced_until_a_person_clears_it() {
 
 #[tokio::test]
 async fn with_every_site_down_the_domain_keeps_its_last_endpoints() {
-    let client = client().await;
-    let ns = namespace(&client, "failover-no-healthy-site").await;
-    let sites =
-        TestSites::create(&client, &format!("nh{}", std::process::id()), fast_health()).await;
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "failover-no-healthy-site",
+        "nh",
+        fast_health(),
+        FailoverMode::ActiveActive,
+        5,
+    )
+    .await;
     let [a, b] = sites.names.clone();
-    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 5).await;
     sites.fail(&a).await;
     eventually("site a to leave", || async {
         let e = endpoints_by_site(&client, &ns, &md).await;
@@ -366,12 +423,20 @@ async fn with_every_site_down_the_domain_keeps_its_last_endpoints() {
 
 #[tokio::test]
 async fn maintenance_drains_a_site_and_is_refused_when_it_would_strand_a_domain() {
-    let client = client().await;
-    let ns = namespace(&client, "failover-maintenance").await;
-    let sites =
-        TestSites::create(&client, &format!("mt{}", std::process::id()), fast_health()).await;
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "failover-maintenance",
+        "mt",
+        fast_health(),
+        FailoverMode::ActiveActive,
+        5,
+    )
+    .await;
     let [a, b] = sites.names.clone();
-    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 5).await;
     eventually("both sites serving", || async {
         (endpoints_by_site(&client, &ns, &md).await.len() == 2).then_some(())
     })
@@ -428,12 +493,20 @@ async fn dns_endpoints_are_written_only_when_their_crd_exists() {
         core::{ApiResource, GroupVersionKind},
     };
 
-    let client = client().await;
-    let ns = namespace(&client, "failover-dns").await;
-    let sites =
-        TestSites::create(&client, &format!("dn{}", std::process::id()), fast_health()).await;
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "failover-dns",
+        "dn",
+        fast_health(),
+        FailoverMode::ActiveActive,
+        5,
+    )
+    .await;
     let [a, _] = sites.names.clone();
-    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 5).await;
 
     // Absent CRD: the operator says so once and writes nothing.
     let logs = std::env::var("PEC_E2E_LOGS").expect("e2e/test.sh sets PEC_E2E_LOGS");

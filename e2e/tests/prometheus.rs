@@ -10,9 +10,9 @@ use pec_operator::api::{FailoverMode, MailDomain};
 use serde_json::{Value, json};
 
 use crate::{
-    datacenter::{TestSites, free_port},
-    failover::{create_domain, fast_health},
-    harness::{client, eventually, has_condition, http_get, namespace, wait_for},
+    datacenter::free_port,
+    failover::{World, fast_health, world},
+    harness::{eventually, has_condition, http_get, wait_for},
     sla::{measure, set_down},
 };
 
@@ -83,11 +83,19 @@ fn every_dashboard_query_is_valid_promql() {
 
 #[tokio::test]
 async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
-    let client = client().await;
-    let ns = namespace(&client, "prometheus-alert").await;
-    let sites =
-        TestSites::create(&client, &format!("pa{}", std::process::id()), fast_health()).await;
-    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 1).await;
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "prometheus-alert",
+        "pa",
+        fast_health(),
+        FailoverMode::ActiveActive,
+        1,
+    )
+    .await;
     // 99.99999% of four months leaves about a second of budget.
     measure(&client, &ns, &md, json!({"objective": 99.99999})).await;
 

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::{
     datacenter::TestSites,
-    failover::{create_domain, fast_health},
+    failover::{World, fast_health, world},
     harness::{client, condition, has_condition, namespace, scrape_all, wait_for},
 };
 
@@ -54,11 +54,19 @@ fn object_state(s: Option<&SlaTarget>) -> Option<&pec_operator::api::SlaObjectSt
 
 #[tokio::test]
 async fn a_fully_down_domain_is_measured_as_one_outage_of_its_length() {
-    let client = client().await;
-    let ns = namespace(&client, "sla-outage").await;
-    let sites =
-        TestSites::create(&client, &format!("so{}", std::process::id()), fast_health()).await;
-    let md = create_domain(&client, &ns, &sites, FailoverMode::ActiveActive, 1).await;
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "sla-outage",
+        "so",
+        fast_health(),
+        FailoverMode::ActiveActive,
+        1,
+    )
+    .await;
     let sla = measure(&client, &ns, &md, json!({})).await;
     let slas = Api::<SlaTarget>::namespaced(client.clone(), &ns);
     wait_for(
