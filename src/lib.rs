@@ -18,6 +18,7 @@ pub mod clock;
 pub mod conditions;
 pub mod controllers;
 pub mod failover;
+pub mod failpoint;
 pub mod hsm;
 pub mod http;
 pub mod leader;

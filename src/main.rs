@@ -90,6 +90,11 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: pod name, else host and pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The PKCS#11 module that reaches the HSM (for SoftHSM2 on Debian,
+    /// /usr/lib/softhsm/libsofthsm2.so). Without it SigningKeys report
+    /// HsmModuleUnavailable.
+    #[arg(long, env = "PEC_PKCS11_MODULE")]
+    pkcs11_module: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -157,6 +162,16 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     let identity = args.identity.unwrap_or_else(default_identity);
     tracing::info!(%addr, %identity, "serving /metrics, /healthz and /readyz");
 
+    let hsm = match &args.pkcs11_module {
+        Some(module) => match pec_operator::hsm::Hsm::open(module) {
+            Ok(hsm) => Some(Arc::new(hsm)),
+            Err(e) => {
+                tracing::error!(error = %e, "the PKCS#11 module did not load; SigningKeys will report it");
+                None
+            }
+        },
+        None => None,
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let timing = Timing::default();
     let leases = Api::namespaced(client.clone(), &args.lease_namespace);
@@ -182,12 +197,9 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     metrics.leader.set(1);
     tracing::info!(lease = %args.lease_name, "became leader; starting controllers");
 
-    let ctx = Arc::new(Context::new(
-        client,
-        clock.clone(),
-        metrics.clone(),
-        elector.identity(),
-    ));
+    let ctx = Arc::new(
+        Context::new(client, clock.clone(), metrics.clone(), elector.identity()).with_hsm(hsm),
+    );
     // The controllers stop by themselves on SIGTERM or Ctrl-C.
     let lost = tokio::select! {
         () = controllers::run(ctx) => false,

@@ -5,8 +5,8 @@
 //! that could grow without limit. Secrets never become a label or a value.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder, core::Collector,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder, core::Collector,
 };
 
 /// All metrics, registered in one registry served at `/metrics`.
@@ -25,6 +25,12 @@ pub struct Metrics {
     pub failovers: IntCounterVec,
     /// Seconds from a site being declared down to its endpoints leaving a domain.
     pub detection_to_switch: Histogram,
+    /// Signing-key generations activated, by kind (Initial, Scheduled, Emergency).
+    pub signing_key_rotations: IntCounterVec,
+    /// Failed signing-key lifecycle steps, by bounded reason.
+    pub signing_key_failures: IntCounterVec,
+    /// Certificates revoked after a declared compromise.
+    pub signing_key_revocations: IntCounter,
 }
 
 impl Metrics {
@@ -67,6 +73,27 @@ impl Metrics {
             )
             .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
         )?;
+        let signing_key_rotations = IntCounterVec::new(
+            Opts::new(
+                "pec_signing_key_rotations_total",
+                "Signing-key generations activated, by kind (Initial, Scheduled, Emergency).",
+            ),
+            &["kind"],
+        )?;
+        let signing_key_failures = IntCounterVec::new(
+            Opts::new(
+                "pec_signing_key_failures_total",
+                "Failed signing-key lifecycle steps, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let signing_key_revocations = IntCounter::new(
+            "pec_signing_key_revocations_total",
+            "Certificates revoked after a declared compromise.",
+        )?;
+        registry.register(Box::new(signing_key_rotations.clone()))?;
+        registry.register(Box::new(signing_key_failures.clone()))?;
+        registry.register(Box::new(signing_key_revocations.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -81,6 +108,9 @@ impl Metrics {
             leader,
             failovers,
             detection_to_switch,
+            signing_key_rotations,
+            signing_key_failures,
+            signing_key_revocations,
         })
     }
 
@@ -410,6 +440,90 @@ impl Collector for SlaCollector {
             });
         }
         families
+    }
+}
+
+/// Certificate expiry and renewal per SigningKey, computed at scrape time
+/// from the controller's store (a deleted key leaves no stale series).
+pub struct CertificateCollector {
+    keys: kube::runtime::reflector::Store<crate::api::SigningKey>,
+    descs: Vec<prometheus::core::Desc>,
+}
+
+const KEY_LABELS: [&str; 2] = ["namespace", "signingkey"];
+
+fn certificate_gauges() -> Result<[prometheus::GaugeVec; 3], prometheus::Error> {
+    Ok([
+        prometheus::GaugeVec::new(
+            Opts::new(
+                "pec_certificate_not_after_timestamp_seconds",
+                "Expiry of the active certificate, Unix seconds.",
+            ),
+            &KEY_LABELS,
+        )?,
+        prometheus::GaugeVec::new(
+            Opts::new(
+                "pec_certificate_renewal_timestamp_seconds",
+                "When the active certificate's successor is due, Unix seconds.",
+            ),
+            &KEY_LABELS,
+        )?,
+        prometheus::GaugeVec::new(
+            Opts::new(
+                "pec_certificate_expiring",
+                "1 while the active certificate is within renewBefore of expiry without a successor.",
+            ),
+            &KEY_LABELS,
+        )?,
+    ])
+}
+
+impl CertificateCollector {
+    /// A collector over `keys`.
+    pub fn new(
+        keys: kube::runtime::reflector::Store<crate::api::SigningKey>,
+    ) -> Result<Self, prometheus::Error> {
+        let descs = certificate_gauges()?
+            .iter()
+            .flat_map(|g| g.desc().into_iter().cloned())
+            .collect();
+        Ok(Self { keys, descs })
+    }
+}
+
+impl Collector for CertificateCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Ok([not_after, renewal, expiring]) = certificate_gauges() else {
+            return Vec::new();
+        };
+        for key in self.keys.state() {
+            let ns = key.metadata.namespace.clone().unwrap_or_default();
+            let name = key.metadata.name.clone().unwrap_or_default();
+            let labels = [ns.as_str(), name.as_str()];
+            let Some(status) = &key.status else { continue };
+            if let Some(end) = status.current.as_ref().and_then(|c| c.not_after.as_ref()) {
+                not_after
+                    .with_label_values(&labels)
+                    .set(crate::time::from_k8s(end).timestamp() as f64);
+            }
+            if let Some(at) = &status.renewal_time {
+                renewal
+                    .with_label_values(&labels)
+                    .set(crate::time::from_k8s(at).timestamp() as f64);
+            }
+            let is = crate::conditions::is_true(&status.conditions, "Expiring");
+            expiring
+                .with_label_values(&labels)
+                .set(if is { 1.0 } else { 0.0 });
+        }
+        [not_after, renewal, expiring]
+            .iter()
+            .flat_map(|g| g.collect())
+            .collect()
     }
 }
 

@@ -226,6 +226,10 @@ pub struct MailDomainStatus {
     /// The serving site, in ActivePassive mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_site: Option<String>,
+    /// The SigningKey generation every gateway of the domain runs (set once a
+    /// rollout to it is complete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_generation: Option<i64>,
     /// The last change of the serving sites.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover: Option<Failover>,

@@ -7,6 +7,7 @@
 //! bad input is refused at `kubectl apply` time with a message naming the field.
 
 pub mod mail_domain;
+pub mod signing_key;
 pub mod site;
 pub mod sla_target;
 
@@ -16,6 +17,11 @@ use kube::CustomResourceExt;
 pub use mail_domain::{
     AntivirusSpec, Failover, FailoverMode, FailoverSpec, GatewayPort, GatewaySpec, MailDomain,
     MailDomainSpec, MailDomainStatus, Profile, SiteGatewayStatus,
+};
+pub use signing_key::{
+    BackoffStatus, CertificatePolicy, ExportPolicy, IssuerSpec, KeyAlgorithm, KeyGeneration,
+    RetiredKeyPolicy, RevocationReason, Revoke, RevokedCertificate, SigningKey, SigningKeySpec,
+    SigningKeyStatus, Subject,
 };
 pub use site::{HealthSpec, Site, SitePhase, SiteSpec, SiteStatus};
 pub use sla_target::{
@@ -32,6 +38,7 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("site.yaml", Site::crd()),
         ("maildomain.yaml", MailDomain::crd()),
         ("slatarget.yaml", SlaTarget::crd()),
+        ("signingkey.yaml", SigningKey::crd()),
     ]
 }
 

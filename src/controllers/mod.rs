@@ -5,6 +5,7 @@
 //! write). Only `mod.rs` and the fetch/apply code of each controller await.
 
 pub mod mail_domain;
+pub mod signing_key;
 pub mod site;
 pub mod sla_target;
 
@@ -41,6 +42,8 @@ pub struct Context {
     pub dns: mail_domain::dns::DnsSupport,
     /// The SLA controller's ledgers and latest evaluations.
     pub sla: Arc<sla_target::SlaState>,
+    /// The PKCS#11 module, when the operator was given one (`--pkcs11-module`).
+    pub hsm: Option<Arc<crate::hsm::Hsm>>,
 }
 
 impl Context {
@@ -58,7 +61,14 @@ impl Context {
             site_probes: Mutex::default(),
             dns: mail_domain::dns::DnsSupport::default(),
             sla: Arc::default(),
+            hsm: None,
         }
+    }
+
+    /// The same context with the PKCS#11 module `hsm`.
+    pub fn with_hsm(mut self, hsm: Option<Arc<crate::hsm::Hsm>>) -> Self {
+        self.hsm = hsm;
+        self
     }
 
     /// The health-check memory of `site`.
@@ -124,10 +134,11 @@ impl Context {
 
 /// Runs every controller until they stop (on shutdown).
 pub async fn run(ctx: Arc<Context>) {
-    future::join3(
+    future::join4(
         site::run(ctx.clone()),
         mail_domain::run(ctx.clone()),
-        sla_target::run(ctx),
+        sla_target::run(ctx.clone()),
+        signing_key::run(ctx),
     )
     .await;
 }

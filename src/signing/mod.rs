@@ -8,3 +8,4 @@
 //! build on both (issue #4, in progress).
 
 pub mod lifecycle;
+pub mod x509;

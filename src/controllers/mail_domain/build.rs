@@ -114,6 +114,49 @@ pub struct GatewayConfig {
     /// The SigningKey that signs receipts and envelopes, if named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signing_key_ref: Option<String>,
+    /// Its active generation, once it has one: changing generation changes
+    /// the configuration hash, so the gateways roll to the new key under the
+    /// PodDisruptionBudget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing: Option<SigningConfig>,
+}
+
+/// The active key and certificate the gateways sign with.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SigningConfig {
+    /// The SigningKey.
+    pub key: String,
+    /// The PKCS#11 token holding it (by label).
+    pub token_label: String,
+    /// The key's `CKA_ID`, hex.
+    pub key_id: String,
+    /// The generation.
+    pub generation: i64,
+    /// The Secret with the published certificates.
+    pub certificate_secret: String,
+    /// The key of this generation's certificate in that Secret.
+    pub certificate_key: String,
+    /// SHA-256 of the certificate, hex.
+    pub certificate_sha256: String,
+}
+
+impl SigningConfig {
+    /// The active generation of `sk`, if it has one.
+    pub fn of(sk: &crate::api::SigningKey) -> Option<Self> {
+        let current = sk.status.as_ref()?.current.as_ref()?;
+        Some(Self {
+            key: sk.name_any(),
+            token_label: sk.spec.hsm.token_label.clone(),
+            key_id: current.key_id.clone(),
+            generation: current.generation,
+            certificate_secret: crate::controllers::signing_key::publish::secret_name(sk),
+            certificate_key: crate::controllers::signing_key::publish::certificate_key(
+                current.generation,
+            ),
+            certificate_sha256: current.fingerprint.clone().unwrap_or_default(),
+        })
+    }
 }
 
 /// Antivirus settings the gateway applies.
@@ -129,7 +172,11 @@ pub struct AntivirusConfig {
 }
 
 /// The gateway configuration of `md` in `site`.
-pub fn gateway_config(md: &MailDomain, site: &str) -> GatewayConfig {
+pub fn gateway_config(
+    md: &MailDomain,
+    site: &str,
+    signing: Option<&SigningConfig>,
+) -> GatewayConfig {
     GatewayConfig {
         domain: md.spec.domain.clone(),
         profile: md.spec.profile,
@@ -142,6 +189,7 @@ pub fn gateway_config(md: &MailDomain, site: &str) -> GatewayConfig {
         },
         protocols: md.spec.profile.ports().iter().map(|p| p.name).collect(),
         signing_key_ref: md.spec.signing_key_ref.clone(),
+        signing: signing.cloned(),
     }
 }
 
@@ -219,13 +267,14 @@ fn selector_labels(md: &str, site: &str) -> BTreeMap<String, String> {
 /// gateways (`serving: None` keeps the slices there are).
 pub fn children(
     md: &MailDomain,
+    signing: Option<&SigningConfig>,
     sites: &[ResolvedSite],
     serving: Option<&[String]>,
     gateways: &[ReadyGateway],
 ) -> Result<Children, serde_yaml::Error> {
     let per_site = sites
         .iter()
-        .map(|site| site_children(md, site))
+        .map(|site| site_children(md, signing, site))
         .collect::<Result<_, _>>()?;
     let md_name = md.name_any();
     let service_name = domain_service_name(&md_name);
@@ -308,7 +357,11 @@ pub fn children(
     })
 }
 
-fn site_children(md: &MailDomain, site: &ResolvedSite) -> Result<SiteChildren, serde_yaml::Error> {
+fn site_children(
+    md: &MailDomain,
+    signing: Option<&SigningConfig>,
+    site: &ResolvedSite,
+) -> Result<SiteChildren, serde_yaml::Error> {
     let md_name = md.name_any();
     let name = child_name(&md_name, &site.name);
     let meta = ObjectMeta {
@@ -318,7 +371,7 @@ fn site_children(md: &MailDomain, site: &ResolvedSite) -> Result<SiteChildren, s
         owner_references: owner(md).map(|o| vec![o]),
         ..ObjectMeta::default()
     };
-    let config = serde_yaml::to_string(&gateway_config(md, &site.name))?;
+    let config = serde_yaml::to_string(&gateway_config(md, &site.name, signing))?;
     let selector = LabelSelector {
         match_labels: Some(selector_labels(&md_name, &site.name)),
         ..LabelSelector::default()
@@ -611,7 +664,7 @@ pub(crate) mod tests {
     }
 
     fn build(md: &MailDomain) -> SiteChildren {
-        children(md, &[resolved("dc-it1")], Some(&[]), &[])
+        children(md, None, &[resolved("dc-it1")], Some(&[]), &[])
             .expect("builds")
             .sites
             .remove(0)
@@ -635,7 +688,8 @@ pub(crate) mod tests {
             gateway("dc-it2", "p3", "10.0.0.3"),
         ];
         let sites = [resolved("dc-it1"), resolved("dc-it2")];
-        let c = children(&md, &sites, Some(&["dc-it2".to_string()]), &gateways).expect("builds");
+        let c =
+            children(&md, None, &sites, Some(&["dc-it2".to_string()]), &gateways).expect("builds");
         let slices = c.endpoint_slices.expect("slices");
         assert_eq!(slices.len(), 1);
         let ips: Vec<&str> = slices[0]
@@ -657,7 +711,7 @@ pub(crate) mod tests {
     #[test]
     fn no_serving_plan_leaves_the_slices_alone() {
         let md = domain(&["dc-it1"]);
-        let c = children(&md, &[resolved("dc-it1")], None, &[]).expect("builds");
+        let c = children(&md, None, &[resolved("dc-it1")], None, &[]).expect("builds");
         assert!(c.endpoint_slices.is_none());
     }
 
@@ -788,7 +842,7 @@ pub(crate) mod tests {
 
     #[test]
     fn config_carries_limits_antivirus_and_signing_key() {
-        let config = gateway_config(&domain(&["dc-it1"]), "dc-it1");
+        let config = gateway_config(&domain(&["dc-it1"]), "dc-it1", None);
         assert_eq!(config.max_message_bytes, 104_857_600);
         assert!(config.antivirus.enabled);
         assert_eq!(config.antivirus.quarantine_retention, "30mo");

@@ -32,7 +32,7 @@ use serde_json::json;
 
 use super::Context;
 use crate::{
-    api::{MailDomain, Site},
+    api::{MailDomain, SigningKey, Site},
     conditions,
     failover::serving,
 };
@@ -51,6 +51,13 @@ pub enum Error {
     #[error("reading Site {site} failed: {source}")]
     FetchSite {
         site: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading the named SigningKey failed.
+    #[error("reading SigningKey {name} failed: {source}")]
+    FetchSigningKey {
+        name: String,
         #[source]
         source: kube::Error,
     },
@@ -91,6 +98,7 @@ impl Error {
         match self {
             Error::NoNamespace(_) => "NoNamespace",
             Error::FetchSite { .. } => "FetchSiteFailed",
+            Error::FetchSigningKey { .. } => "FetchSigningKeyFailed",
             Error::Render(_) => "RenderFailed",
             Error::Apply { .. } => "ApplyFailed",
             Error::List { .. } => "ListFailed",
@@ -123,11 +131,22 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
             })?;
         fetched.insert(site.clone(), found);
     }
+    let signing_key = match &md.spec.signing_key_ref {
+        Some(key) => Api::<SigningKey>::namespaced(ctx.client.clone(), &namespace)
+            .get_opt(key)
+            .await
+            .map_err(|source| Error::FetchSigningKey {
+                name: key.clone(),
+                source,
+            })?,
+        None => None,
+    };
     let before = apply::deployments(&ctx.client, &namespace, &name).await?;
     let pods = apply::pods(&ctx.client, &namespace, &name).await?;
 
     // validate and plan
     let resolution = validate::resolve_sites(&md, &fetched);
+    let key = status::KeyResolution::of(&md, signing_key.as_ref());
     let gateways = validate::ready_gateways(&pods);
     let candidates = validate::candidates(&md, &fetched, &gateways);
     let previous = md
@@ -155,8 +174,14 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
 
     // build
     let slices_for = (!plan.kept_last).then_some(plan.serving.as_slice());
-    let children =
-        build::children(&md, &resolution.present, slices_for, &gateways).map_err(Error::Render)?;
+    let children = build::children(
+        &md,
+        key.config(),
+        &resolution.present,
+        slices_for,
+        &gateways,
+    )
+    .map_err(Error::Render)?;
 
     // apply
     let applied = apply::apply_all(&ctx.client, &namespace, &children).await?;
@@ -182,7 +207,7 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
     let deployments = validate::current_deployments(applied, &before, &resolution.missing);
 
     // status
-    let new = status::compute(&md, &resolution, &deployments, &plan, switch, now);
+    let new = status::compute(&md, &key, &resolution, &deployments, &plan, switch, now);
     let old = md.status.clone().unwrap_or_default();
     if new != old {
         Api::<MailDomain>::namespaced(ctx.client.clone(), &namespace)
@@ -358,6 +383,22 @@ pub async fn run(ctx: Arc<Context>) {
             let namespace = pod.namespace()?;
             let md = pod.labels().get(build::DOMAIN_LABEL)?;
             Some(ObjectRef::<MailDomain>::new(md).within(&namespace))
+        })
+        // A SigningKey's new active generation rolls the domains that name it.
+        .watches(Api::<SigningKey>::all(client.clone()), Config::default(), {
+            let store = store.clone();
+            move |sk: SigningKey| {
+                let name = sk.name_any();
+                let ns = sk.namespace();
+                store
+                    .state()
+                    .iter()
+                    .filter(|md| {
+                        md.namespace() == ns && md.spec.signing_key_ref.as_deref() == Some(&name)
+                    })
+                    .map(|md| ObjectRef::from_obj(md.as_ref()))
+                    .collect::<Vec<_>>()
+            }
         })
         // A Site appearing or changing re-reconciles the domains that list it.
         .watches(

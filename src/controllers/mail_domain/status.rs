@@ -4,7 +4,44 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 
-use super::{build::SITE_LABEL, validate::Resolution};
+use super::{
+    build::{SITE_LABEL, SigningConfig},
+    validate::Resolution,
+};
+
+/// How a MailDomain's `signingKeyRef` resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyResolution {
+    /// No key named.
+    NoRef,
+    /// The named key does not exist.
+    NotFound(String),
+    /// The named key has no active generation.
+    NotReady(String),
+    /// The active generation the gateways use.
+    Active(SigningConfig),
+}
+
+impl KeyResolution {
+    /// How `md`'s reference resolves, given the SigningKey found under that name.
+    pub fn of(md: &MailDomain, found: Option<&crate::api::SigningKey>) -> Self {
+        match (&md.spec.signing_key_ref, found) {
+            (None, _) => Self::NoRef,
+            (Some(name), None) => Self::NotFound(name.clone()),
+            (Some(name), Some(sk)) => {
+                SigningConfig::of(sk).map_or_else(|| Self::NotReady(name.clone()), Self::Active)
+            }
+        }
+    }
+
+    /// The configuration the gateways get, if any.
+    pub fn config(&self) -> Option<&SigningConfig> {
+        match self {
+            Self::Active(c) => Some(c),
+            _ => None,
+        }
+    }
+}
 use crate::{
     api::{Failover, MailDomain, MailDomainStatus, SiteGatewayStatus},
     conditions::{self, Verdict},
@@ -45,8 +82,12 @@ pub mod reason {
     pub const MULTI_SITE: &str = "MultiSite";
     /// Only one site: PEC needs two data centers.
     pub const SINGLE_SITE: &str = "SingleSite";
-    /// The reference is carried to the gateways but not resolved (no SigningKey controller yet).
-    pub const UNRESOLVED: &str = "Unresolved";
+    /// The SigningKey has an active generation the gateways use.
+    pub const KEY_ACTIVE: &str = "KeyActive";
+    /// The SigningKey exists but has no active certificate.
+    pub const KEY_NOT_READY: &str = "SigningKeyNotReady";
+    /// The named SigningKey does not exist.
+    pub const KEY_NOT_FOUND: &str = "SigningKeyNotFound";
     /// No signing key named.
     pub const NO_SIGNING_KEY: &str = "NoSigningKeyRef";
     /// No listed site is healthy with a ready gateway.
@@ -96,6 +137,7 @@ impl Counts {
 /// serving plan and the reason the serving sites changed in this pass.
 pub fn compute(
     md: &MailDomain,
+    key: &KeyResolution,
     sites: &Resolution,
     deployments: &[Deployment],
     plan: &Plan,
@@ -200,21 +242,43 @@ pub fn compute(
             "PEC services must run in at least two data centers; add a second Site to spec.sites",
         )
     };
-    let signing_key = match &md.spec.signing_key_ref {
-        Some(name) => Verdict::new(
+    let signing_key = match key {
+        KeyResolution::Active(c) => Verdict::new(
             SIGNING_KEY_RESOLVED,
-            false,
-            reason::UNRESOLVED,
+            true,
+            reason::KEY_ACTIVE,
             format!(
-                "SigningKey {name} is passed to the gateway configuration but not resolved yet"
+                "gateways sign with SigningKey {} generation {}",
+                c.key, c.generation
             ),
         ),
-        None => Verdict::new(
+        KeyResolution::NotReady(name) => Verdict::new(
+            SIGNING_KEY_RESOLVED,
+            false,
+            reason::KEY_NOT_READY,
+            format!("SigningKey {name} has no active certificate yet; see its conditions"),
+        ),
+        KeyResolution::NotFound(name) => Verdict::new(
+            SIGNING_KEY_RESOLVED,
+            false,
+            reason::KEY_NOT_FOUND,
+            format!(
+                "SigningKey {name} not found in this namespace; create it or fix spec.signingKeyRef"
+            ),
+        ),
+        KeyResolution::NoRef => Verdict::new(
             SIGNING_KEY_RESOLVED,
             false,
             reason::NO_SIGNING_KEY,
             "spec.signingKeyRef is empty: receipts and envelopes cannot be signed",
         ),
+    };
+    let old_generation = md.status.as_ref().and_then(|s| s.signing_key_generation);
+    let signing_key_generation = match key {
+        KeyResolution::Active(c) if rolling.is_empty() && sites.missing.is_empty() => {
+            Some(c.generation)
+        }
+        _ => old_generation,
     };
 
     let stranded = if plan.no_healthy_site {
@@ -251,6 +315,7 @@ pub fn compute(
     MailDomainStatus {
         observed_generation: generation,
         serving_sites: plan.serving.clone(),
+        signing_key_generation,
         active_site: plan.active.clone(),
         last_failover,
         gateways: Some(format!("{ready_total}/{desired_total}")),
@@ -345,6 +410,7 @@ mod tests {
         let md = domain(&["dc-it1", "dc-it2"]);
         let s = compute(
             &md,
+            &KeyResolution::of(&md, None),
             &resolution(&["dc-it1", "dc-it2"], &[]),
             &[deployment("dc-it1", 2, 2), deployment("dc-it2", 2, 2)],
             &serving(&["dc-it1"]),
@@ -369,6 +435,7 @@ mod tests {
         let md = domain(&["dc-it1", "dc-it2"]);
         let s = compute(
             &md,
+            &KeyResolution::of(&md, None),
             &resolution(&["dc-it1", "dc-it2"], &[]),
             &[deployment("dc-it1", 2, 2), deployment("dc-it2", 1, 2)],
             &serving(&["dc-it1"]),
@@ -388,6 +455,7 @@ mod tests {
         let md = domain(&["dc-it1"]);
         let s = compute(
             &md,
+            &KeyResolution::of(&md, None),
             &resolution(&["dc-it1"], &[]),
             &[deployment("dc-it1", 2, 1)],
             &serving(&["dc-it1"]),
@@ -402,6 +470,7 @@ mod tests {
         let md = domain(&["dc-it1", "dc-it9"]);
         let s = compute(
             &md,
+            &KeyResolution::of(&md, None),
             &resolution(&["dc-it1"], &["dc-it9"]),
             &[deployment("dc-it1", 2, 2)],
             &serving(&["dc-it1"]),
@@ -418,6 +487,7 @@ mod tests {
         let md = domain(&["dc-it1"]);
         let s = compute(
             &md,
+            &KeyResolution::of(&md, None),
             &resolution(&["dc-it1"], &[]),
             &[deployment("dc-it1", 2, 2)],
             &serving(&["dc-it1"]),
@@ -438,6 +508,7 @@ mod tests {
         let mut plan = serving(&["dc-it2"]);
         let s = compute(
             &md,
+            &KeyResolution::of(&md, None),
             &resolution(&["dc-it1", "dc-it2"], &[]),
             &[],
             &plan,
@@ -453,6 +524,7 @@ mod tests {
         plan.no_healthy_site = true;
         let s = compute(
             &md,
+            &KeyResolution::of(&md, None),
             &resolution(&["dc-it1", "dc-it2"], &[]),
             &[],
             &plan,
@@ -464,16 +536,17 @@ mod tests {
     }
 
     #[test]
-    fn signing_key_reference_is_reported_unresolved() {
+    fn a_missing_signing_key_is_reported() {
         let md = domain(&["dc-it1", "dc-it2"]);
         let s = compute(
             &md,
+            &KeyResolution::of(&md, None),
             &resolution(&["dc-it1", "dc-it2"], &[]),
             &[],
             &serving(&["dc-it1"]),
             None,
             now(),
         );
-        assert_eq!(reason_of(&s, SIGNING_KEY_RESOLVED), reason::UNRESOLVED);
+        assert_eq!(reason_of(&s, SIGNING_KEY_RESOLVED), reason::KEY_NOT_FOUND);
     }
 }
