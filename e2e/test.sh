@@ -36,6 +36,10 @@ pids=()
 cleanup() {
   local code=$?
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Replicas the disruptive tests restarted.
+  if [ -n "${logs:-}" ] && [ -f "$logs/extra-pids" ]; then
+    while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$logs/extra-pids"
+  fi
   if [ $code -ne 0 ] && [ -n "${logs:-}" ]; then
     echo "== operator logs (last lines)"; tail -n 30 "$logs"/operator-*.log 2>/dev/null || true
   fi
@@ -65,7 +69,11 @@ curl -fsS --retry 50 --retry-delay 0 --retry-connrefused -o /dev/null "http://12
 
 step "end-to-end tests"
 export PEC_E2E_METRICS_PORTS="$port_a,$port_b" PEC_E2E_PIDS="${pids[0]},${pids[1]}" PEC_E2E_LOGS="$logs"
-cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive::
+export PEC_E2E_OPERATOR="$operator" PEC_E2E_OPERATOR_KUBECONFIG="$logs/operator.kubeconfig"
+# E2E_FILTER=NAME runs only the end-to-end tests whose names contain NAME
+# (a quicker loop while working on one area; CI runs everything).
+filter=${E2E_FILTER:-}
+cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive:: $filter
 
 step "end-to-end tests that stop an operator replica (alone, last)"
-cargo test --features e2e --test e2e -- --test-threads 1 disruptive::
+cargo test --features e2e --test e2e -- --test-threads 1 "disruptive::$filter"

@@ -23,7 +23,7 @@ install_chart() {
   "$bin/helm" upgrade --install "$OPERATOR_RELEASE" "$repo/charts/pec-operator" \
     --namespace "$OPERATOR_NAMESPACE" --wait=false >/dev/null
   "$bin/kubectl" wait --for condition=Established --timeout=60s \
-    crd/sites.pec.dev crd/maildomains.pec.dev >/dev/null
+    crd/sites.pec.dev crd/maildomains.pec.dev crd/signingkeys.pec.dev >/dev/null
 }
 
 # sa_kubeconfig FILE: a kubeconfig that authenticates as the chart's ServiceAccount.

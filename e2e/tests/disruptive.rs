@@ -121,3 +121,190 @@ async fn killing_the_leader_mid_outage_loses_nothing_and_records_the_gap_as_unob
     set_down(&client, &sites, false).await;
     sites.remove().await;
 }
+
+/// Whether the replica on `port` answers and leads.
+async fn leads(port: &str) -> bool {
+    if tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    scrape(port).await.lines().any(|l| l == "pec_leader 1")
+}
+
+/// Starts an operator replica as `identity`, optionally armed to abort after
+/// the step `crash_after` (see src/failpoint.rs).
+fn start_replica(identity: &str, port: &str, crash_after: Option<&str>) -> std::process::Child {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("e2e/test.sh sets {k}"));
+    let logs = var("PEC_E2E_LOGS");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{logs}/operator-restarts.log"))
+        .expect("log file");
+    let mut cmd = std::process::Command::new(var("PEC_E2E_OPERATOR"));
+    cmd.arg("run")
+        .env("KUBECONFIG", var("PEC_E2E_OPERATOR_KUBECONFIG"))
+        .env("POD_NAMESPACE", "pec-system")
+        .env("POD_NAME", identity)
+        .env("PEC_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("PEC_LOG_FORMAT", "json")
+        .env_remove("PEC_CRASH_AFTER")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    if let Some(point) = crash_after {
+        cmd.env("PEC_CRASH_AFTER", point);
+    }
+    let child = cmd.spawn().expect("start the operator");
+    // e2e/test.sh stops whatever is left when the run ends.
+    let mut pids = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{logs}/extra-pids"))
+        .expect("pid file");
+    std::io::Write::write_all(&mut pids, format!("{}\n", child.id()).as_bytes()).expect("pid");
+    child
+}
+
+/// Waits for an armed replica to abort at its crash point.
+async fn crashes(mut child: std::process::Child, point: &str) {
+    let deadline = tokio::time::Instant::now() + crate::datacenter::WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(!status.success(), "aborted at {point}: {status}");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the operator never reached {point}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
+    use crate::{
+        harness::{client, namespace},
+        hsm::token,
+        signing::{create_key, current_generation, pin_secret, real_pin, signing_key},
+    };
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::{
+        ResourceExt,
+        api::{Patch, PatchParams},
+    };
+    use pec_operator::{api::SigningKey, hsm::key_id};
+
+    let client = client().await;
+    let ns = namespace(&client, "sk-crash").await;
+    pin_secret(&client, &ns, &real_pin()).await;
+    let ports: Vec<String> = std::env::var("PEC_E2E_METRICS_PORTS")
+        .expect("ports")
+        .split(',')
+        .map(String::from)
+        .collect();
+    let pids: Vec<String> = std::env::var("PEC_E2E_PIDS")
+        .expect("pids")
+        .split(',')
+        .map(String::from)
+        .collect();
+    let identities = ["replica-a", "replica-b"];
+    let mut leader = None;
+    for (i, port) in ports.iter().enumerate() {
+        if leads(port).await {
+            leader = Some(i);
+        }
+    }
+    let leader = leader.expect("a leader");
+    let (identity, port) = (identities[leader], ports[leader].as_str());
+    // Stop the leader; its restarts take the Lease back at once under the
+    // same identity, before any other replica could.
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pids[leader]])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let manifest = signing_key(
+        "crash",
+        serde_json::json!({"selfSigned": {}}),
+        serde_json::json!({"publication": {"delay": "24h"}}),
+    );
+    let api = create_key(&client, &ns, &manifest).await;
+    let uid = api.get("crash").await.expect("get").uid().expect("uid");
+    let keys = |n| token().count_keys(&key_id(&uid, n)).expect("count");
+    let secrets = kube::Api::<Secret>::namespaced(client.clone(), &ns);
+
+    for point in ["key", "issued", "published", "activated"] {
+        crashes(start_replica(identity, port, Some(point)), point).await;
+        assert_eq!(keys(1), 1, "one key object for generation 1 after {point}");
+        let sk = api.get("crash").await.expect("get");
+        println!(
+            "after {point}: current {:?}, next {:?}",
+            sk.status
+                .as_ref()
+                .and_then(|s| s.current.as_ref())
+                .map(|g| &g.phase),
+            sk.status
+                .as_ref()
+                .and_then(|s| s.next.as_ref())
+                .map(|g| &g.phase)
+        );
+        if point == "published" {
+            let published = secrets.get("crash-certificates").await.expect("published");
+            assert!(published.data.expect("data").contains_key("g1.crt"));
+        }
+    }
+    let sk = api.get("crash").await.expect("get");
+    assert_eq!(
+        current_generation(Some(&sk)),
+        Some(1),
+        "activation was recorded before the last crash"
+    );
+
+    // An emergency rotation interrupted right after the new key is made.
+    let child = start_replica(identity, port, Some("key"));
+    api.patch(
+        "crash",
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"spec": {"revoke": {"reason": "KeyCompromise", "generation": 1}}}),
+        ),
+    )
+    .await
+    .expect("declare a compromise");
+    crashes(child, "key of generation 2").await;
+    assert_eq!(keys(2), 1);
+
+    // A plain restart converges.
+    // Left running as a replica for the rest of the run; e2e/test.sh stops it.
+    #[allow(clippy::zombie_processes)]
+    let _survivor = start_replica(identity, port, None);
+    let sk = crate::harness::wait_for(
+        &api,
+        "crash",
+        "generation 2 active",
+        |s: Option<&SigningKey>| {
+            current_generation(s) == Some(2)
+                && s.and_then(|s| s.status.as_ref()).is_some_and(|st| {
+                    st.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+        },
+    )
+    .await;
+    assert_eq!(
+        (keys(1), keys(2), keys(3)),
+        (1, 1, 0),
+        "never a second key object, never a generation too many"
+    );
+    assert_eq!(
+        sk.status.expect("status").revoked.len(),
+        1,
+        "the compromise was recorded once"
+    );
+}

@@ -125,6 +125,7 @@ macro_rules! status_conditions {
 
 status_conditions!(
     pec_operator::api::MailDomain,
+    pec_operator::api::SigningKey,
     Site,
     pec_operator::api::SlaTarget
 );
@@ -170,4 +171,29 @@ pub async fn scrape_all() -> String {
         all.push_str(&scrape(port).await);
     }
     all
+}
+
+/// The (type, reason) of every Event in `ns` about the object `name`.
+pub async fn events_of(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+        .collect()
+}
+
+/// The (reason, note) of every Event in `ns`.
+pub async fn events_text(client: &Client, ns: &str) -> Vec<(String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
 }

@@ -16,7 +16,7 @@ fn hsm() -> &'static Hsm {
     })
 }
 
-fn token() -> Token {
+pub fn token() -> Token {
     let label = std::env::var("PEC_E2E_HSM_TOKEN").expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN");
     let pin =
         AuthPin::from(std::env::var("PEC_E2E_HSM_PIN").expect("e2e/test.sh sets PEC_E2E_HSM_PIN"));

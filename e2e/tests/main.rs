@@ -14,5 +14,6 @@ mod hsm;
 mod maildomain;
 mod operator;
 mod prometheus;
+mod signing;
 mod sla;
 mod validation;

@@ -124,6 +124,21 @@ async fn the_operator_service_account_has_least_privilege() {
         ),
         ("watch", "", "pods", None, Some("any-ns")),
         ("patch", "pec.dev", "sites", None, None),
+        ("get", "", "secrets", None, Some("any-ns")),
+        (
+            "patch",
+            "pec.dev",
+            "signingkeys",
+            Some("status"),
+            Some("any-ns"),
+        ),
+        (
+            "create",
+            "cert-manager.io",
+            "certificaterequests",
+            None,
+            Some("any-ns"),
+        ),
     ];
     for (verb, group, resource, sub, ns) in needed {
         assert!(
@@ -134,7 +149,10 @@ async fn the_operator_service_account_has_least_privilege() {
     let forbidden = [
         ("create", "", "pods", None, Some("any-ns")),
         ("delete", "", "pods", None, Some("any-ns")),
-        ("get", "", "secrets", None, Some("any-ns")),
+        ("list", "", "secrets", None, Some("any-ns")),
+        ("watch", "", "secrets", None, Some("any-ns")),
+        ("delete", "", "secrets", None, Some("any-ns")),
+        ("update", "pec.dev", "signingkeys", None, Some("any-ns")),
         ("delete", "", "nodes", None, None),
         ("update", "pec.dev", "maildomains", None, Some("any-ns")),
         (

@@ -237,15 +237,17 @@ impl KeyState {
         };
     }
 
-    /// The active certificate is within `renewBefore` of expiry and no
-    /// successor is active: say so (condition, Event, metric).
+    /// The active certificate is within `renewBefore` of expiry and has no
+    /// issued successor yet (the renewal is late or failing): say so
+    /// (condition, Event, metric). A successor waiting out its publication
+    /// delay is a normal rotation, not an alarm.
     pub fn expiring(&self, policy: &Policy, now: DateTime<Utc>) -> bool {
         self.current
             .as_ref()
             .and_then(|c| c.not_after)
             .is_some_and(|end| {
                 end - now <= policy.renew_before
-                    && self.next.as_ref().is_none_or(|n| n.phase != Phase::Active)
+                    && self.next.as_ref().is_none_or(|n| n.phase == Phase::Pending)
             })
     }
 }
@@ -463,6 +465,20 @@ mod tests {
         let state = active_first_generation(t0);
         assert!(!state.expiring(&policy(), t0 + Duration::days(600)));
         assert!(state.expiring(&policy(), t0 + Duration::days(700)));
+        let mut failing = state.clone();
+        failing.begin(2);
+        failing.failed(&policy(), "IssuerRefused", t0 + Duration::days(700));
+        assert!(
+            failing.expiring(&policy(), t0 + Duration::days(700)),
+            "a failing renewal is no successor"
+        );
+        let mut issued = failing;
+        let t = t0 + Duration::days(701);
+        issued.issued(2, t, t + policy().duration);
+        assert!(
+            !issued.expiring(&policy(), t),
+            "an issued successor on its way in is a normal rotation"
+        );
     }
 
     #[test]
