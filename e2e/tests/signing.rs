@@ -50,6 +50,11 @@ pub fn real_pin() -> String {
 
 /// A SigningKey manifest named `name` with `issuer` and `extra` spec fields.
 pub fn signing_key(name: &str, issuer: serde_json::Value, extra: serde_json::Value) -> SigningKey {
+    serde_json::from_value(manifest(name, issuer, extra)).expect("SigningKey manifest")
+}
+
+/// The JSON of [`signing_key`], which may be invalid on purpose.
+fn manifest(name: &str, issuer: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
     let mut spec = json!({
         "hsm": {
             "tokenLabel": std::env::var("PEC_E2E_HSM_TOKEN").expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN"),
@@ -66,13 +71,12 @@ pub fn signing_key(name: &str, issuer: serde_json::Value, extra: serde_json::Val
             s.insert(k.clone(), v.clone());
         }
     }
-    serde_json::from_value(json!({
+    json!({
         "apiVersion": "pec.dev/v1alpha1",
         "kind": "SigningKey",
         "metadata": {"name": name},
         "spec": spec,
-    }))
-    .expect("SigningKey manifest")
+    })
 }
 
 pub async fn create_key(client: &Client, ns: &str, sk: &SigningKey) -> Api<SigningKey> {
@@ -1003,7 +1007,11 @@ async fn deleting_a_key_in_use_is_refused_and_destroy_cleans_the_token() {
 async fn bad_signing_keys_are_refused_with_the_field_named() {
     let client = client().await;
     let ns = namespace(&client, "sk-validation").await;
-    let api = Api::<SigningKey>::namespaced(client.clone(), &ns);
+    let api = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &kube::api::ApiResource::erase::<SigningKey>(&()),
+    );
     let cases = [
         (
             json!({"certificate": {"duration": "100h", "renewBefore": "200h"}}),
@@ -1029,18 +1037,21 @@ async fn bad_signing_keys_are_refused_with_the_field_named() {
         ),
     ];
     for (extra, expected) in cases {
-        let sk = signing_key("bad", json!({"selfSigned": {}}), extra.clone());
+        let sk: DynamicObject =
+            serde_json::from_value(manifest("bad", json!({"selfSigned": {}}), extra.clone()))
+                .expect("object");
         let err = api
             .create(&PostParams::default(), &sk)
             .await
             .expect_err(&format!("{extra} must be refused"));
         assert!(err.to_string().contains(expected), "{extra}: {err}");
     }
-    let both = signing_key(
+    let both: DynamicObject = serde_json::from_value(manifest(
         "bad",
         json!({"selfSigned": {}, "ca": {"secretName": "x"}}),
         json!({}),
-    );
+    ))
+    .expect("object");
     let err = api
         .create(&PostParams::default(), &both)
         .await

@@ -197,8 +197,12 @@ pub fn self_signed(params: &CertificateParams, key: &HsmSigner) -> Result<String
         .pem())
 }
 
-/// A PKCS#10 CSR, signed in the token.
+/// A PKCS#10 CSR, signed in the token. The serial number and authority key
+/// identifier are the CA's to choose, so they are left out.
 pub fn csr(params: &CertificateParams, key: &HsmSigner) -> Result<String, X509Error> {
+    let mut params = params.clone();
+    params.serial_number = None;
+    params.use_authority_key_identifier_extension = false;
     params
         .serialize_request(key)
         .map_err(build("a CSR"))?
@@ -210,6 +214,9 @@ pub fn csr(params: &CertificateParams, key: &HsmSigner) -> Result<String, X509Er
 pub struct Ca {
     cert_pem: String,
     key: KeyPair,
+    /// The CA's subject key identifier, which the CRL's authority key
+    /// identifier must repeat for verifiers to match them.
+    key_id: KeyIdMethod,
 }
 
 impl Ca {
@@ -223,9 +230,12 @@ impl Ca {
                 "tls.crt and tls.key do not belong together".into(),
             ));
         }
+        let key_id =
+            subject_key_id(cert_pem).map_or(KeyIdMethod::Sha256, KeyIdMethod::PreSpecified);
         Ok(Self {
             cert_pem: cert_pem.to_string(),
             key,
+            key_id,
         })
     }
 
@@ -272,7 +282,7 @@ impl Ca {
             crl_number: SerialNumber::from(number.to_be_bytes().to_vec()),
             issuing_distribution_point: None,
             revoked_certs,
-            key_identifier_method: KeyIdMethod::Sha256,
+            key_identifier_method: self.key_id.clone(),
         };
         params
             .signed_by(&self.issuer()?)
@@ -280,6 +290,18 @@ impl Ca {
             .pem()
             .map_err(build("a CRL"))
     }
+}
+
+/// The subject key identifier of the certificate in `pem_text`, if it has one.
+fn subject_key_id(pem_text: &str) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).ok()?;
+    let (_, cert) = X509Certificate::from_der(&pem.contents).ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
 }
 
 fn rfc5280_reason(r: RevocationReason) -> rcgen::RevocationReason {

@@ -290,9 +290,10 @@ pub async fn attempt(
     let issuer = fetch_issuer(client, sk, n).await?;
     let uid = sk.uid().unwrap_or_default();
     let id = key_id(&uid, n);
-    // Whole seconds, a minute back for clock skew between parties.
-    let not_before =
-        DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now) - Duration::minutes(1);
+    // Whole seconds; valid from a minute back for clock skew between
+    // parties, for the full duration from now.
+    let issued_at = DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now);
+    let not_before = issued_at - Duration::minutes(1);
     let job = Job {
         hsm,
         token_label: sk.spec.hsm.token_label.clone(),
@@ -308,7 +309,7 @@ pub async fn attempt(
         subject: sk.spec.subject.clone(),
         dns_names: sk.spec.dns_names.clone(),
         not_before,
-        not_after: not_before + duration,
+        not_after: issued_at + duration,
         issuer,
         csr,
     };
