@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: build, start a local two-data-center cluster, install the chart,
-# run the operator under the chart's ServiceAccount, apply examples/, wait
-# until every MailDomain is Ready, and show what runs where.
+# run the operator under the chart's ServiceAccount with a SoftHSM2 token,
+# apply examples/, wait until every SigningKey and MailDomain is Ready, and
+# show what runs where.
 #
 #   ./e2e/demo.sh          start (or restart) the demo
 #   ./e2e/demo.sh down     stop the operator and the cluster
@@ -28,6 +29,12 @@ export PATH="$bin:$PATH"
 echo "== building the operator"
 operator=$(build_operator)
 
+echo "== initialising a SoftHSM2 token (the HSM the signing keys live in)"
+# shellcheck source=lib/hsm.sh
+. "$here/lib/hsm.sh"
+rm -rf "$state/hsm"
+PEC_E2E_HSM_TOKEN=pec-hsm-1 init_hsm "$state/hsm"
+
 echo "== starting the local cluster (two sites, three kwok nodes each)"
 if [ -f "$state/operator.pid" ]; then kill "$(cat "$state/operator.pid")" 2>/dev/null || true; fi
 "$here/cluster.sh" down "$cluster" >/dev/null 2>&1 || true
@@ -42,7 +49,11 @@ start_operator "$operator" "$state/operator.kubeconfig" demo-operator "$port" "$
 wait_leader "$port"
 
 echo "== applying examples/"
+kubectl apply -f examples/00-namespace.yaml >/dev/null
+# The PIN goes from the shell into a Secret; it is never printed.
+kubectl -n pec-mail create secret generic hsm-pin --from-literal=pin="$PEC_E2E_HSM_PIN" >/dev/null
 kubectl apply -f examples/ >/dev/null
+kubectl wait --for=condition=Ready --timeout=120s -n pec-mail signingkey --all >/dev/null
 kubectl wait --for=condition=Ready --timeout=120s -n pec-mail maildomain --all >/dev/null
 kubectl wait --for=condition=NoHealthySite=false --timeout=60s -n pec-mail maildomain --all >/dev/null
 kubectl wait --for=jsonpath='{.status.state}'=Met --timeout=60s -n pec-mail slatarget --all >/dev/null
@@ -50,6 +61,10 @@ kubectl wait --for=jsonpath='{.status.state}'=Met --timeout=60s -n pec-mail slat
 echo
 echo "== kubectl get pec -A"
 kubectl get pec -A
+echo
+echo "== signing keys (in the token, never outside it) and their published certificates"
+kubectl get signingkeys -n pec-mail
+kubectl get secret,configmap -n pec-mail -l pec.dev/signingkey
 echo
 echo "== pec-operator sla report -n pec-mail"
 "$operator" sla report -n pec-mail

@@ -1,7 +1,8 @@
 # A SoftHSM2 token for the tests and benchmarks. Source it, then call
 # `init_hsm DIR`: it writes a SoftHSM configuration under DIR, initialises a
 # token and exports SOFTHSM2_CONF, PEC_PKCS11_MODULE, PEC_E2E_HSM_TOKEN and
-# PEC_E2E_HSM_PIN (random per run; never printed).
+# PEC_E2E_HSM_PIN (random per run; never printed). The token label is
+# PEC_E2E_HSM_TOKEN if set, else pec-e2e.
 
 init_hsm() {
   local dir=$1
@@ -9,7 +10,7 @@ init_hsm() {
   printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$dir/tokens" >"$dir/softhsm2.conf"
   export SOFTHSM2_CONF="$dir/softhsm2.conf"
   export PEC_PKCS11_MODULE=${PEC_PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
-  export PEC_E2E_HSM_TOKEN=pec-e2e
+  export PEC_E2E_HSM_TOKEN=${PEC_E2E_HSM_TOKEN:-pec-e2e}
   PEC_E2E_HSM_PIN=$(python3 -c 'import secrets; print(secrets.token_hex(8))')
   export PEC_E2E_HSM_PIN
   local so_pin
