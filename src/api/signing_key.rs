@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Algorithm","type":"string","jsonPath":".spec.algorithm"}"#,
     printcolumn = r#"{"name":"Generation","type":"integer","jsonPath":".status.current.generation"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.current.notAfter"}"#,
-    printcolumn = r#"{"name":"Renewal","type":"date","jsonPath":".status.renewalTime"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.current.notAfter"}"#,
+    printcolumn = r#"{"name":"Renewal","type":"string","jsonPath":".status.renewalTime"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
