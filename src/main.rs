@@ -44,6 +44,12 @@ enum Command {
         #[command(subcommand)]
         command: SlaCommand,
     },
+    /// HSM key tools for people. The PIN is read from PEC_HSM_PIN, never from
+    /// an argument (arguments are visible to every process on the machine).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Print the CustomResourceDefinitions as YAML, or write one file per kind.
     Crds {
         /// Write `<kind>.yaml` files into this directory (repeatable) instead of printing.
@@ -65,6 +71,31 @@ enum SlaCommand {
     },
     /// Print the Prometheus alerting rules for SLA burn rates and outages.
     Rules,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Export a private key generated with `export: Wrapped`, wrapped (AES key
+    /// wrap with padding, RFC 5649) under a key-encryption key that stays in
+    /// the same token; the KEK is generated there if the label is new. Keys
+    /// generated with `export: Never` refuse. There is no plaintext export.
+    ExportWrapped {
+        /// The PKCS#11 module.
+        #[arg(long, env = "PEC_PKCS11_MODULE")]
+        module: PathBuf,
+        /// Label of the token.
+        #[arg(long)]
+        token: String,
+        /// The key's CKA_ID in hex (status.current.keyId of the SigningKey).
+        #[arg(long)]
+        key_id: String,
+        /// Label of the key-encryption key in the token.
+        #[arg(long)]
+        kek: String,
+        /// Where to write the wrapped key.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -105,6 +136,16 @@ async fn main() -> Result<(), BoxError> {
         Command::Sla {
             command: SlaCommand::Report { namespace, output },
         } => sla_report(namespace, output).await,
+        Command::Key {
+            command:
+                KeyCommand::ExportWrapped {
+                    module,
+                    token,
+                    key_id,
+                    kek,
+                    out,
+                },
+        } => export_wrapped(&module, &token, &key_id, &kek, &out),
         Command::Sla {
             command: SlaCommand::Rules,
         } => {
@@ -112,6 +153,33 @@ async fn main() -> Result<(), BoxError> {
             Ok(())
         }
     }
+}
+
+fn export_wrapped(
+    module: &std::path::Path,
+    token: &str,
+    key_id: &str,
+    kek: &str,
+    out: &std::path::Path,
+) -> Result<(), BoxError> {
+    let id = (0..key_id.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(key_id.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| "--key-id must be hex, as in status.current.keyId")?;
+    let pin =
+        std::env::var("PEC_HSM_PIN").map_err(|_| "set PEC_HSM_PIN to the token's user PIN")?;
+    let hsm = pec_operator::hsm::Hsm::open(module)?;
+    let session = hsm.login(token, &cryptoki::types::AuthPin::from(pin))?;
+    let kek = session.ensure_kek(kek)?;
+    let wrapped = session.wrap(kek, &id)?;
+    std::fs::write(out, &wrapped)?;
+    println!(
+        "wrote {} bytes of wrapped key to {}",
+        wrapped.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn print_crds(out_dirs: &[PathBuf]) -> Result<(), BoxError> {

@@ -115,3 +115,61 @@ fn signatures_made_in_the_token_verify_with_openssl() {
         token.destroy(&id).expect("destroy");
     }
 }
+
+#[test]
+fn wrapped_export_needs_an_extractable_key_and_never_gives_plaintext() {
+    let token = token();
+    let wrapped_id = key_id("uid-export-wrapped", 1);
+    let never_id = key_id("uid-export-never", 1);
+    token
+        .ensure_key(&wrapped_id, "test", Algorithm::EcdsaP256, true)
+        .expect("generate");
+    token
+        .ensure_key(&never_id, "test", Algorithm::EcdsaP256, false)
+        .expect("generate");
+    for id in [&wrapped_id, &never_id] {
+        assert!(
+            !token.plaintext_readable(id).expect("read attempt"),
+            "no plaintext value"
+        );
+    }
+    // The documented action, as a person runs it.
+    let dir = std::env::temp_dir().join(format!("pec-e2e-wrap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let run = |id: &[u8], out: &str| {
+        Command::new(std::env::var("PEC_E2E_OPERATOR").expect("e2e/test.sh sets PEC_E2E_OPERATOR"))
+            .args(["key", "export-wrapped", "--token"])
+            .arg(std::env::var("PEC_E2E_HSM_TOKEN").expect("token"))
+            .args(["--kek", "pec-e2e-kek", "--key-id"])
+            .arg(pec_operator::signing::x509::hex(id))
+            .arg("--out")
+            .arg(dir.join(out))
+            .env(
+                "PEC_HSM_PIN",
+                std::env::var("PEC_E2E_HSM_PIN").expect("pin"),
+            )
+            .output()
+            .expect("run the operator binary")
+    };
+    let ok = run(&wrapped_id, "wrapped.bin");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let blob = std::fs::read(dir.join("wrapped.bin")).expect("wrapped key");
+    assert!(
+        blob.len() >= 64,
+        "a wrapped PKCS#8 key, {} bytes",
+        blob.len()
+    );
+    let refused = run(&never_id, "never.bin");
+    assert!(
+        !refused.status.success(),
+        "a non-extractable key is not exported"
+    );
+    assert!(!dir.join("never.bin").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    token.destroy(&wrapped_id).expect("destroy");
+    token.destroy(&never_id).expect("destroy");
+}

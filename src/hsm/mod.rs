@@ -332,6 +332,76 @@ impl Token {
         }
     }
 
+    /// The AES-256 key-encryption key labelled `label`, generated in the
+    /// token if there is none: a token object, sensitive, never extractable,
+    /// usable only to wrap and unwrap.
+    pub fn ensure_kek(&self, label: &str) -> Result<ObjectHandle, HsmError> {
+        let found = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(call("finding the key-encryption key"))?;
+        if let Some(kek) = found.into_iter().next() {
+            return Ok(kek);
+        }
+        self.session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Wrap(true),
+                    Attribute::Unwrap(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                ],
+            )
+            .map_err(call("generating the key-encryption key"))
+    }
+
+    /// The private key with `id`, wrapped under `kek` with AES key wrap
+    /// (RFC 5649) inside the token. Keys generated non-extractable (export
+    /// `Never`) refuse; there is no plaintext path at all.
+    pub fn wrap(&self, kek: ObjectHandle, id: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let key = self
+            .find(ObjectClass::PRIVATE_KEY, id)?
+            .into_iter()
+            .next()
+            .ok_or(HsmError::Unexpected("no private key for the id"))?;
+        self.session
+            .wrap_key(&Mechanism::AesKeyWrapPad, kek, key)
+            .map_err(call("wrapping the key"))
+    }
+
+    /// Whether the plaintext value of the private key with `id` can be read
+    /// (it never should: keys are sensitive).
+    pub fn plaintext_readable(&self, id: &[u8]) -> Result<bool, HsmError> {
+        let key = self
+            .find(ObjectClass::PRIVATE_KEY, id)?
+            .into_iter()
+            .next()
+            .ok_or(HsmError::Unexpected("no private key for the id"))?;
+        let kind = self
+            .session
+            .get_attributes(key, &[AttributeType::KeyType])
+            .map_err(call("reading the key type"))?;
+        let secret = if kind.contains(&Attribute::KeyType(KeyType::EC)) {
+            AttributeType::Value
+        } else {
+            AttributeType::PrivateExponent
+        };
+        Ok(self
+            .session
+            .get_attributes(key, &[secret])
+            .is_ok_and(|a| !a.is_empty()))
+    }
+
     /// Destroys the key pair with `id`; already gone counts as done.
     pub fn destroy(&self, id: &[u8]) -> Result<(), HsmError> {
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
