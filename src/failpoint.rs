@@ -1,20 +1,22 @@
 //! Crash points for the restart tests.
 //!
-//! `PEC_CRASH_AFTER=<point>` in the operator's environment makes the process
-//! abort right after the side effect named `<point>` and before the status
-//! write that records it: the worst moment to die. The e2e test
+//! `PEC_CRASH_AFTER=<point>@<namespace>/<name>` in the operator's
+//! environment makes the process abort right after the side effect named
+//! `<point>` for that object, before the status write that records it: the
+//! worst moment to die. The e2e test
 //! `killing_the_operator_at_each_signing_key_step_makes_no_second_key` uses
 //! it to prove a restart finds the work already done instead of repeating
 //! it. Unset (always, in production) it costs one environment read.
 
 use std::sync::OnceLock;
 
-/// Aborts the process if `PEC_CRASH_AFTER` names `point`.
-pub fn hit(point: &str) {
-    static POINT: OnceLock<Option<String>> = OnceLock::new();
-    let armed = POINT.get_or_init(|| std::env::var("PEC_CRASH_AFTER").ok());
-    if armed.as_deref() == Some(point) {
-        tracing::error!(point, "PEC_CRASH_AFTER: aborting on purpose");
+/// Aborts the process if `PEC_CRASH_AFTER` names `point` for `object`
+/// (`namespace/name`).
+pub fn hit(point: &str, object: &str) {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("PEC_CRASH_AFTER").ok());
+    if armed.as_deref() == Some(&format!("{point}@{object}")) {
+        tracing::error!(point, object, "PEC_CRASH_AFTER: aborting on purpose");
         std::process::abort();
     }
 }

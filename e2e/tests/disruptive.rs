@@ -134,7 +134,7 @@ async fn leads(port: &str) -> bool {
 }
 
 /// Starts an operator replica as `identity`, optionally armed to abort after
-/// the step `crash_after` (see src/failpoint.rs).
+/// the step `crash_after` (`point@namespace/name`, see src/failpoint.rs).
 fn start_replica(identity: &str, port: &str, crash_after: Option<&str>) -> std::process::Child {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("e2e/test.sh sets {k}"));
     let logs = var("PEC_E2E_LOGS");
@@ -239,16 +239,9 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
     let secrets = kube::Api::<Secret>::namespaced(client.clone(), &ns);
 
     for point in ["key", "issued", "published", "activated"] {
-        crashes(start_replica(identity, port, Some(point)), point).await;
-        // Another process's new token object may take a moment to show in
-        // this process's view of the token; a second object never goes away.
-        let seen = eventually(&format!("the generation 1 key after {point}"), || async {
-            let n = keys(1);
-            assert!(n <= 1, "a second key object for generation 1 after {point}");
-            (n == 1).then_some(n)
-        })
-        .await;
-        assert_eq!(seen, 1);
+        let armed = format!("{point}@{ns}/crash");
+        crashes(start_replica(identity, port, Some(&armed)), point).await;
+        assert_eq!(keys(1), 1, "one key object for generation 1 after {point}");
         let sk = api.get("crash").await.expect("get");
         println!(
             "after {point}: current {:?}, next {:?}",
@@ -274,7 +267,7 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
     );
 
     // An emergency rotation interrupted right after the new key is made.
-    let child = start_replica(identity, port, Some("key"));
+    let child = start_replica(identity, port, Some(&format!("key@{ns}/crash")));
     api.patch(
         "crash",
         &PatchParams::default(),

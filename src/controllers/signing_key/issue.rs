@@ -212,6 +212,8 @@ async fn fetch_issuer(client: &Client, sk: &SigningKey, n: u32) -> Result<Issuer
 
 /// Everything the blocking HSM task needs, owned.
 struct Job {
+    /// `namespace/name` of the SigningKey.
+    object: String,
     hsm: Arc<Hsm>,
     token_label: String,
     pin: AuthPin,
@@ -240,7 +242,7 @@ enum Made {
 fn run_job(job: Job) -> Result<Made, IssueError> {
     let token = job.hsm.login(&job.token_label, &job.pin)?;
     let handle = token.ensure_key(&job.key_id, &job.key_label, job.algorithm, job.extractable)?;
-    crate::failpoint::hit("key");
+    crate::failpoint::hit("key", &job.object);
     let spki = token.public_key(&job.key_id)?;
     let signer = HsmSigner::new(&token, handle, job.algorithm, &spki)?;
     let serial = x509::serial_for(&job.key_id, job.not_before);
@@ -295,6 +297,7 @@ pub async fn attempt(
     let issued_at = DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now);
     let not_before = issued_at - Duration::minutes(1);
     let job = Job {
+        object: format!("{}/{}", sk.namespace().unwrap_or_default(), sk.name_any()),
         hsm,
         token_label: sk.spec.hsm.token_label.clone(),
         pin,

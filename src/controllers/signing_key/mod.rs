@@ -215,7 +215,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                         .await;
                 match outcome {
                     Ok(issue::Outcome::Issued(info)) => {
-                        crate::failpoint::hit("issued");
+                        crate::failpoint::hit("issued", &format!("{ns}/{name}"));
                         work.state.issued(n, info.not_before, info.not_after);
                         work.waiting = None;
                         let note = format!(
@@ -254,7 +254,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                 publish::apply(&ctx.client, &sk, &ns, &published, &work.details)
                     .await
                     .map_err(api("publishing the certificates"))?;
-                crate::failpoint::hit("published");
+                crate::failpoint::hit("published", &format!("{ns}/{name}"));
                 work.state = published;
                 let note = format!(
                     "generation {n}: certificate published in Secret {} and ConfigMap {}",
@@ -269,7 +269,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                 let first = work.state.current.is_none();
                 work.state.activated(n);
                 commit(&ctx, &sk, &ns, &mut work, &policy, now).await?;
-                crate::failpoint::hit("activated");
+                crate::failpoint::hit("activated", &format!("{ns}/{name}"));
                 let kind = match (first, emergency) {
                     (true, _) => "Initial",
                     (false, true) => "Emergency",
