@@ -294,13 +294,17 @@ async fn a_self_signed_key_is_made_in_the_token_and_its_certificate_verifies() {
         .expect("index ConfigMap");
     assert!(index.data.expect("data")["index.yaml"].contains(&current.serial.expect("serial")));
     assert!(status(&sk).renewal_time.is_some());
-    let metrics = scrape_all().await;
-    assert!(
-        metrics.lines().any(|l| l.starts_with(&format!(
-            "pec_certificate_not_after_timestamp_seconds{{namespace=\"{ns}\",signingkey=\"self\"}}"
-        ))),
-        "expiry metric for the key"
+    let series = format!(
+        "pec_certificate_not_after_timestamp_seconds{{namespace=\"{ns}\",signingkey=\"self\"}}"
     );
+    eventually("the expiry metric for the key", || async {
+        scrape_all()
+            .await
+            .lines()
+            .any(|l| l.starts_with(&series))
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -846,12 +850,14 @@ async fn a_failing_issuer_backs_off_keeps_the_key_in_use_and_raises_expiring() {
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True")
     );
-    let metrics = scrape_all().await;
-    assert!(
-        metrics.lines().any(|l| l
-            == format!("pec_certificate_expiring{{namespace=\"{ns}\",signingkey=\"fail\"}} 1")),
-        "expiring metric"
-    );
+    // The gauge is computed from the operator's informer at scrape time,
+    // which sees the status a moment after the API server does.
+    let line = format!("pec_certificate_expiring{{namespace=\"{ns}\",signingkey=\"fail\"}} 1");
+    let metrics = eventually("the expiring metric", || async {
+        let m = scrape_all().await;
+        m.lines().any(|l| l == line).then_some(m)
+    })
+    .await;
     assert!(
         metrics
             .lines()
