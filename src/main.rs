@@ -162,11 +162,8 @@ fn export_wrapped(
     kek: &str,
     out: &std::path::Path,
 ) -> Result<(), BoxError> {
-    let id = (0..key_id.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(key_id.get(i..i + 2).unwrap_or("zz"), 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .map_err(|_| "--key-id must be hex, as in status.current.keyId")?;
+    let id = pec_operator::signing::x509::from_hex(key_id)
+        .ok_or("--key-id must be hex, as in status.current.keyId")?;
     let pin =
         std::env::var("PEC_HSM_PIN").map_err(|_| "set PEC_HSM_PIN to the token's user PIN")?;
     let hsm = pec_operator::hsm::Hsm::open(module)?;

@@ -144,23 +144,35 @@ pub fn request_name(sk: &SigningKey, n: u32) -> String {
     format!("{}-g{n}", sk.name_any())
 }
 
+/// The `ca` issuer's CA, read from its Secret (`tls.crt`, `tls.key`).
+pub async fn read_ca(client: &Client, sk: &SigningKey) -> Result<x509::Ca, IssueError> {
+    let ns = sk.namespace().unwrap_or_default();
+    let name = sk
+        .spec
+        .issuer
+        .ca
+        .as_ref()
+        .map(|ca| ca.secret_name.clone())
+        .unwrap_or_default();
+    let missing = || IssueError::CaMissing(format!("{ns}/{name}"));
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get_opt(&name)
+        .await?
+        .ok_or_else(missing)?;
+    let text = |k| {
+        secret_value(&secret, k)
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(missing)
+    };
+    Ok(x509::Ca::new(&text("tls.crt")?, &text("tls.key")?)?)
+}
+
 async fn fetch_issuer(client: &Client, sk: &SigningKey, n: u32) -> Result<Issuer, IssueError> {
     let ns = sk.namespace().unwrap_or_default();
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
     let issuer = &sk.spec.issuer;
-    if let Some(ca) = &issuer.ca {
-        let missing = || IssueError::CaMissing(format!("{ns}/{}", ca.secret_name));
-        let secret = secrets
-            .get_opt(&ca.secret_name)
-            .await?
-            .ok_or_else(missing)?;
-        let text = |k| {
-            secret_value(&secret, k)
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(missing)
-        };
-        let ca = x509::Ca::new(&text("tls.crt")?, &text("tls.key")?)?;
-        return Ok(Issuer::Ca(Box::new(ca)));
+    if issuer.ca.is_some() {
+        return Ok(Issuer::Ca(Box::new(read_ca(client, sk).await?)));
     }
     if let Some(ext) = &issuer.external {
         let cert = secrets

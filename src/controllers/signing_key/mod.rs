@@ -66,6 +66,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The CA that signs the CRL could not be read.
+    #[error("reading the CA for the CRL failed: {0}")]
+    Ca(#[source] issue::IssueError),
     /// Building the CRL failed.
     #[error("building the CRL failed: {0}")]
     Crl(#[source] crate::signing::x509::X509Error),
@@ -77,6 +80,7 @@ impl Error {
         match self {
             Error::NoNamespace(_) => "NoNamespace",
             Error::Api { .. } => "ApiError",
+            Error::Ca(e) => e.reason(),
             Error::Crl(_) => "CrlFailed",
         }
     }
@@ -156,14 +160,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
     if !sk.finalizers().iter().any(|f| f == FINALIZER) {
         let mut finalizers = sk.finalizers().to_vec();
         finalizers.push(FINALIZER.to_string());
-        Api::<SigningKey>::namespaced(ctx.client.clone(), &ns)
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-            )
-            .await
-            .map_err(api("adding the finalizer"))?;
+        set_finalizers(&ctx, &sk, &ns, finalizers).await?;
         return Ok(Action::await_change());
     }
     let now = ctx.clock.now();
@@ -557,12 +554,23 @@ async fn finalize(sk: &SigningKey, ctx: &Context, ns: &str) -> Result<Action, Er
                 .await;
         }
     }
-    let finalizers: Vec<String> = sk
+    let finalizers = sk
         .finalizers()
         .iter()
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
+    set_finalizers(ctx, sk, ns, finalizers).await?;
+    Ok(Action::await_change())
+}
+
+/// Writes `metadata.finalizers` of `sk` (the only metadata the operator writes).
+async fn set_finalizers(
+    ctx: &Context,
+    sk: &SigningKey,
+    ns: &str,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
     Api::<SigningKey>::namespaced(ctx.client.clone(), ns)
         .patch(
             &sk.name_any(),
@@ -570,8 +578,8 @@ async fn finalize(sk: &SigningKey, ctx: &Context, ns: &str) -> Result<Action, Er
             &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
         )
         .await
-        .map_err(api("removing the finalizer"))?;
-    Ok(Action::await_change())
+        .map_err(api("writing the finalizers"))?;
+    Ok(())
 }
 
 /// An Event when the active certificate starts expiring without a successor.

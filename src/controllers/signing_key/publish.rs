@@ -138,26 +138,10 @@ pub async fn crl(
     revoked: &[RevokedCertificate],
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
-    let Some(ca) = &sk.spec.issuer.ca else {
+    if sk.spec.issuer.ca.is_none() {
         return Ok(());
-    };
-    let secret = kube::Api::<Secret>::namespaced(client.clone(), ns)
-        .get(&ca.secret_name)
-        .await
-        .map_err(|source| Error::Api {
-            what: "reading the CA Secret",
-            source,
-        })?;
-    let text = |k: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .unwrap_or_default()
-    };
-    let ca =
-        crate::signing::x509::Ca::new(&text("tls.crt"), &text("tls.key")).map_err(Error::Crl)?;
+    }
+    let ca = super::issue::read_ca(client, sk).await.map_err(Error::Ca)?;
     let entries: Vec<_> = revoked
         .iter()
         .filter_map(|r| {
