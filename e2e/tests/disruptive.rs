@@ -226,7 +226,13 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
         .status()
         .expect("kill");
     assert!(killed.success());
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    eventually("the killed leader to stop answering", || async {
+        tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
 
     let manifest = signing_key(
         "crash",

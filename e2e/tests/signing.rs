@@ -79,6 +79,15 @@ fn manifest(name: &str, issuer: serde_json::Value, extra: serde_json::Value) -> 
     })
 }
 
+/// A fresh namespace for `test` with the PIN Secret and the SigningKey `sk`.
+async fn new_key(test: &str, sk: &SigningKey) -> (Client, String, Api<SigningKey>) {
+    let client = client().await;
+    let ns = namespace(&client, test).await;
+    pin_secret(&client, &ns, &real_pin()).await;
+    let api = create_key(&client, &ns, sk).await;
+    (client, ns, api)
+}
+
 pub async fn create_key(client: &Client, ns: &str, sk: &SigningKey) -> Api<SigningKey> {
     let api = Api::<SigningKey>::namespaced(client.clone(), ns);
     api.create(&PostParams::default(), sk)
@@ -252,12 +261,8 @@ async fn wait_ready(api: &Api<SigningKey>, name: &str) -> SigningKey {
 
 #[tokio::test]
 async fn a_self_signed_key_is_made_in_the_token_and_its_certificate_verifies() {
-    let client = client().await;
-    let ns = namespace(&client, "sk-self-signed").await;
-    pin_secret(&client, &ns, &real_pin()).await;
-    let api = create_key(
-        &client,
-        &ns,
+    let (client, ns, api) = new_key(
+        "sk-self-signed",
         &signing_key("self", json!({"selfSigned": {}}), json!({})),
     )
     .await;
@@ -309,12 +314,8 @@ async fn a_self_signed_key_is_made_in_the_token_and_its_certificate_verifies() {
 
 #[tokio::test]
 async fn rsa_keys_get_certificates_signed_in_the_token() {
-    let client = client().await;
-    let ns = namespace(&client, "sk-rsa").await;
-    pin_secret(&client, &ns, &real_pin()).await;
-    let api = create_key(
-        &client,
-        &ns,
+    let (_, _, api) = new_key(
+        "sk-rsa",
         &signing_key(
             "rsa",
             json!({"selfSigned": {}}),
@@ -946,12 +947,8 @@ async fn a_wrong_pin_is_reported_retried_and_never_printed() {
 
 #[tokio::test]
 async fn deleting_a_key_in_use_is_refused_and_destroy_cleans_the_token() {
-    let client = client().await;
-    let ns = namespace(&client, "sk-finalizer").await;
-    pin_secret(&client, &ns, &real_pin()).await;
-    let api = create_key(
-        &client,
-        &ns,
+    let (client, ns, api) = new_key(
+        "sk-finalizer",
         &signing_key(
             "fin",
             json!({"selfSigned": {}}),
