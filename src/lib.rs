@@ -8,7 +8,8 @@
 //! - [`sla`]: pure SLA measurement: periods, outage ledgers, evaluation.
 //! - [`signing`]: pure signing-key lifecycle (generations, rotation, backoff).
 //! - [`conditions`]: `metav1.Condition` bookkeeping.
-//! - [`hsm`]: signing keys inside a PKCS#11 token; DER helpers.
+//! - [`hsm`]: signing keys inside a PKCS#11 token; DER helpers (the
+//!   `pec-core` crate, shared with the gateway).
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`], [`http`], [`telemetry`]: what SREs scrape, probe and read.
 #![forbid(unsafe_code)]
@@ -19,7 +20,7 @@ pub mod conditions;
 pub mod controllers;
 pub mod failover;
 pub mod failpoint;
-pub mod hsm;
+pub use pec_core::hsm;
 pub mod http;
 pub mod leader;
 pub mod metrics;

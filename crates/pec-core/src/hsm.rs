@@ -10,8 +10,6 @@
 //!
 //! PKCS#11 calls block; async callers run them on a blocking thread.
 
-pub mod der;
-
 use std::path::Path;
 
 use cryptoki::{
@@ -23,6 +21,8 @@ use cryptoki::{
     types::AuthPin,
 };
 use sha2::{Digest, Sha256};
+
+pub use crate::der;
 
 /// Key algorithms the operator generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,9 @@ pub enum HsmError {
         #[source]
         source: cryptoki::error::Error,
     },
+    /// No private key carries the id.
+    #[error("no private key with that id in the token")]
+    KeyNotFound,
     /// The token returned something this module cannot use.
     #[error("unexpected token data: {0}")]
     Unexpected(&'static str),
@@ -75,6 +78,7 @@ impl HsmError {
             HsmError::TokenNotFound(_) => "TokenNotFound",
             HsmError::Login { .. } => "HsmLoginFailed",
             HsmError::Call { .. } => "HsmCallFailed",
+            HsmError::KeyNotFound => "KeyNotFound",
             HsmError::Unexpected(_) => "HsmUnexpectedData",
         }
     }
@@ -219,6 +223,15 @@ impl Token {
             .generate_key_pair(&mechanism, &public, &private)
             .map_err(call("generating a key pair"))?;
         Ok(private_key)
+    }
+
+    /// The existing private key with `id`, without generating one (what a
+    /// gateway signs with: the operator made the key, the gateway only uses it).
+    pub fn existing_key(&self, id: &[u8]) -> Result<ObjectHandle, HsmError> {
+        self.find(ObjectClass::PRIVATE_KEY, id)?
+            .into_iter()
+            .next()
+            .ok_or(HsmError::KeyNotFound)
     }
 
     /// How many private-key objects carry `id` (a test and a guard: never more than one).
