@@ -107,18 +107,7 @@ pub struct CertInfo {
     pub spki: Vec<u8>,
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Bytes from lowercase or uppercase hex; `None` if it is not hex.
-pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+pub use crate::hsm::der::{from_hex, hex};
 
 fn odt(t: DateTime<Utc>) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(t.timestamp()).unwrap_or(OffsetDateTime::UNIX_EPOCH)

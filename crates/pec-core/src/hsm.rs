@@ -16,13 +16,16 @@ use cryptoki::{
     context::{CInitializeArgs, CInitializeFlags, Pkcs11},
     error::RvError,
     mechanism::Mechanism,
-    object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle},
+    object::{Attribute, AttributeType, KeyType, ObjectClass},
     session::{Session, UserType},
-    types::AuthPin,
 };
 use sha2::{Digest, Sha256};
 
 pub use crate::der;
+/// A PIN, kept in memory that is zeroed on drop and never formatted.
+pub use cryptoki::types::AuthPin;
+/// A handle to an object in the token.
+pub use cryptoki::object::ObjectHandle;
 
 /// Key algorithms the operator generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

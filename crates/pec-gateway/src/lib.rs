@@ -28,9 +28,16 @@
 #![forbid(unsafe_code)]
 
 pub mod antivirus;
+pub mod clock;
 pub mod credentials;
+pub mod failpoint;
+pub mod gateway;
 pub mod http;
 pub mod legal_log;
 pub mod metrics;
 pub mod pec;
+pub mod queue;
+pub mod relay;
+pub mod signer;
+pub mod smtp;
 pub mod store;

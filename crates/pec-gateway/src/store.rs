@@ -1,1 +1,432 @@
-//! (being written)
+//! The mailboxes, as Maildirs on disk, and the one durable-write routine the
+//! spool, queue and quarantine share.
+//!
+//! A message handed to [`Maildirs::deliver`] is on stable storage when it
+//! returns: the file is fsync'd, renamed into `new/`, and the directory entry
+//! fsync'd too, because a delivery receipt is signed on the strength of it.
+//! This module touches only the directories it is given; every function here
+//! blocks, so async callers use `spawn_blocking`.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::OnceLock,
+    time::UNIX_EPOCH,
+};
+
+use sha2::{Digest, Sha256};
+
+/// The longest local part RFC 5321 allows, and so the longest mailbox name.
+const MAX_MAILBOX_LEN: usize = 64;
+
+/// Whether `local_part` may name a mailbox: 1 to 64 characters from
+/// `[a-z0-9._+-]`, not starting with `.`. Lowercase only: callers fold case
+/// first, so that one mailbox never has two directories.
+pub fn is_valid_mailbox(local_part: &str) -> bool {
+    !local_part.is_empty()
+        && local_part.len() <= MAX_MAILBOX_LEN
+        && !local_part.starts_with('.')
+        && local_part
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'+' | b'-'))
+}
+
+/// The mailboxes of one domain: `<root>/<local part>/{tmp,new,cur}`.
+#[derive(Debug, Clone)]
+pub struct Maildirs {
+    root: PathBuf,
+}
+
+impl Maildirs {
+    /// Mailboxes under `root`; nothing is created until the first delivery.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// Delivers `message` into `mailbox`'s `new/` and returns the file's
+    /// path once it is durable. Creates the Maildir on first use. A mailbox
+    /// name that [`is_valid_mailbox`] refuses is `InvalidInput`.
+    pub fn deliver(&self, mailbox: &str, message: &[u8]) -> io::Result<PathBuf> {
+        let maildir = self.prepare(mailbox)?;
+        // A collision needs the same second, host and 64 random bits; the
+        // retry is for the impossible, not the likely.
+        let mut attempts = 0;
+        loop {
+            let tag = format!("{:016x}", rand::random::<u64>());
+            match write_into_new(&maildir, &tag, message) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 3 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// Delivers `message` into `mailbox` at most once per `key` (the
+    /// Message-ID): the random part of the file name is a digest of `key`,
+    /// so a second delivery with the same key (a job replayed after a crash,
+    /// perhaps by another replica) finds the first in `new/` or `cur/` and
+    /// returns its path without writing. Once the reader deletes the
+    /// message the key is forgotten, which is why callers keep their own
+    /// record too. Looks through the whole mailbox, so it costs a directory
+    /// listing. Two deliveries of one key in the same second race for one
+    /// temporary file: the loser gets `AlreadyExists` and should retry.
+    pub fn deliver_keyed(&self, mailbox: &str, key: &str, message: &[u8]) -> io::Result<PathBuf> {
+        let maildir = self.prepare(mailbox)?;
+        let tag = key_tag(key);
+        if let Some(existing) = find_tagged(&maildir, &tag)? {
+            return Ok(existing);
+        }
+        write_into_new(&maildir, &tag, message)
+    }
+
+    /// The messages of `mailbox` (in `new/` and `cur/`), sorted by file
+    /// name, which starts with the delivery time. A mailbox never delivered
+    /// to has none.
+    pub fn messages(&self, mailbox: &str) -> io::Result<Vec<PathBuf>> {
+        let maildir = self.maildir(mailbox)?;
+        let mut found = Vec::new();
+        for sub in ["new", "cur"] {
+            let entries = match fs::read_dir(maildir.join(sub)) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                // Dot files are other tools' work in progress, per Maildir.
+                if entry.file_type()?.is_file()
+                    && !entry.file_name().to_string_lossy().starts_with('.')
+                {
+                    found.push(entry.path());
+                }
+            }
+        }
+        found.sort_by(|a, b| a.file_name().cmp(&b.file_name()).then_with(|| a.cmp(b)));
+        Ok(found)
+    }
+
+    /// The Maildir of a valid `mailbox`, with its three directories.
+    fn prepare(&self, mailbox: &str) -> io::Result<PathBuf> {
+        let maildir = self.maildir(mailbox)?;
+        for sub in ["tmp", "new", "cur"] {
+            create_dir_durably(&maildir.join(sub))?;
+        }
+        Ok(maildir)
+    }
+
+    fn maildir(&self, mailbox: &str) -> io::Result<PathBuf> {
+        if is_valid_mailbox(mailbox) {
+            Ok(self.root.join(mailbox))
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{mailbox:?} is not a valid mailbox name"),
+            ))
+        }
+    }
+}
+
+/// Writes `bytes` to `dir/name` so that, once this returns, the file is on
+/// stable storage with exactly these bytes, or (after a crash) absent or
+/// still its previous version — never partial. An existing `name` is
+/// replaced atomically. Creates `dir` if it is missing.
+///
+/// The bytes go first to `dir/.<name>.tmp`; a leftover from a crash is
+/// overwritten by the next write of the same name. `name` must be a plain
+/// file name (no `/`, not `.` or `..`), else `InvalidInput`.
+pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a plain file name"),
+        ));
+    }
+    create_dir_durably(dir)?;
+    write_then_rename(&dir.join(format!(".{name}.tmp")), dir, name, bytes, false)
+}
+
+/// The one copy of the durability dance: write `temp`, fsync it, rename it
+/// to `dir/name`, fsync `dir` so the rename itself survives a crash. With
+/// `exclusive`, an existing `temp` is an error instead of being truncated.
+/// The temporary file is removed if anything fails.
+fn write_then_rename(
+    temp: &Path,
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    exclusive: bool,
+) -> io::Result<PathBuf> {
+    let mut options = OpenOptions::new();
+    options.write(true);
+    if exclusive {
+        options.create_new(true);
+    } else {
+        options.create(true).truncate(true);
+    }
+    let mut file = options.open(temp)?;
+    let target = dir.join(name);
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| {
+            drop(file);
+            fs::rename(temp, &target)
+        });
+    if let Err(e) = written {
+        let _ = fs::remove_file(temp);
+        return Err(e);
+    }
+    sync_dir(dir)?;
+    Ok(target)
+}
+
+/// Creates `dir` and any missing parents, fsyncing each parent after the
+/// entry is added: a message fsync'd into a directory whose own entry was
+/// never persisted would vanish with it.
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        create_dir_durably(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        // Another delivery to the same new mailbox got there first; it may
+        // not have fsync'd the parent yet, so fsync it here too.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(e),
+    }
+    sync_dir(parent.unwrap_or(Path::new(".")))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `message` as `tmp/<name>` and moves it to `new/<name>`, where
+/// `<name>` is `<unix seconds>.<tag>.<host>`, the classic Maildir shape:
+/// sortable by time, unique across processes and hosts sharing a volume as
+/// long as `tag` is.
+fn write_into_new(maildir: &Path, tag: &str, message: &[u8]) -> io::Result<PathBuf> {
+    let name = format!("{}.{tag}.{}", unix_seconds(), host_tag());
+    let temp = maildir.join("tmp").join(&name);
+    write_then_rename(&temp, &maildir.join("new"), &name, message, true)
+}
+
+/// The tag of a keyed delivery: 64 bits of SHA-256, like the random tags.
+fn key_tag(key: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"pec-gateway maildir key\0")
+        .chain_update(key.as_bytes())
+        .finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The message in `new/` or `cur/` whose name carries `tag` as its second
+/// part, whatever its time, host or (in `cur/`) flags.
+fn find_tagged(maildir: &Path, tag: &str) -> io::Result<Option<PathBuf>> {
+    for sub in ["new", "cur"] {
+        for entry in fs::read_dir(maildir.join(sub))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let base = name.split(':').next().unwrap_or_default();
+            if base.split('.').nth(1) == Some(tag) {
+                return Ok(Some(entry.path()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn unix_seconds() -> u64 {
+    crate::clock::system_now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The host name, reduced to characters that are safe in a Maildir name
+/// (`/` and `:` are not), or `pec` when there is none.
+fn host_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let raw = fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        let tag: String = raw
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+            .take(64)
+            .collect();
+        if tag.is_empty() {
+            "pec".to_owned()
+        } else {
+            tag
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashSet, sync::Arc, thread};
+
+    use super::*;
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_delivery_lands_in_new_with_the_exact_bytes() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Maildirs::new(root.path());
+        let message = b"From: a@b\r\nSubject: x\r\n\r\n\x00\xffbinary\r\n";
+        let path = maildirs.deliver("mario.rossi", message).unwrap();
+        assert_eq!(path.parent().unwrap(), root.path().join("mario.rossi/new"));
+        assert_eq!(fs::read(&path).unwrap(), message);
+        for sub in ["tmp", "new", "cur"] {
+            assert!(root.path().join("mario.rossi").join(sub).is_dir(), "{sub}");
+        }
+        assert_eq!(maildirs.messages("mario.rossi").unwrap(), vec![path]);
+    }
+
+    #[test]
+    fn the_file_name_is_time_random_and_host() {
+        let root = tempfile::tempdir().unwrap();
+        let path = Maildirs::new(root.path()).deliver("info", b"x").unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let parts: Vec<&str> = name.splitn(3, '.').collect();
+        assert_eq!(parts.len(), 3, "{name}");
+        assert!(parts[0].parse::<u64>().unwrap() > 1_600_000_000);
+        assert_eq!(parts[1].len(), 16);
+        assert!(parts[1].chars().all(|c| c.is_ascii_hexdigit()));
+        assert!(!parts[2].is_empty() && !parts[2].contains(['/', ':']));
+    }
+
+    #[test]
+    fn bad_mailbox_names_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Maildirs::new(root.path());
+        let too_long = "a".repeat(65);
+        for bad in [
+            "../x",
+            "a/b",
+            "",
+            ".x",
+            "Mario",
+            "a b",
+            "a:b",
+            "..",
+            too_long.as_str(),
+        ] {
+            let err = maildirs.deliver(bad, b"x").unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+            let err = maildirs.messages(bad).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+        }
+        assert!(names_in(root.path()).is_empty(), "nothing was created");
+        assert!(is_valid_mailbox(&"a".repeat(64)));
+        assert!(is_valid_mailbox("info+pec_2024-x.y"));
+    }
+
+    #[test]
+    fn twenty_concurrent_deliveries_give_twenty_distinct_files() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Arc::new(Maildirs::new(root.path()));
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let maildirs = maildirs.clone();
+                thread::spawn(move || maildirs.deliver("info", format!("message {i}").as_bytes()))
+            })
+            .collect();
+        let paths: HashSet<PathBuf> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(paths.len(), 20);
+        let bodies: HashSet<Vec<u8>> = paths.iter().map(|p| fs::read(p).unwrap()).collect();
+        assert_eq!(bodies.len(), 20, "every message kept its own bytes");
+        assert_eq!(maildirs.messages("info").unwrap().len(), 20);
+        assert!(
+            names_in(&root.path().join("info/tmp")).is_empty(),
+            "tmp is empty"
+        );
+    }
+
+    #[test]
+    fn a_keyed_delivery_happens_once_even_after_the_reader_moved_it() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Maildirs::new(root.path());
+        let key = "<opec.20240101.1@example.pec.it>";
+        let first = maildirs.deliver_keyed("info", key, b"receipt").unwrap();
+        assert_eq!(
+            maildirs.deliver_keyed("info", key, b"receipt").unwrap(),
+            first
+        );
+        assert_eq!(maildirs.messages("info").unwrap(), vec![first.clone()]);
+        let name = first.file_name().unwrap().to_string_lossy().into_owned();
+        let seen = root.path().join("info/cur").join(format!("{name}:2,S"));
+        fs::rename(&first, &seen).unwrap();
+        assert_eq!(
+            maildirs.deliver_keyed("info", key, b"receipt").unwrap(),
+            seen
+        );
+        let other = maildirs
+            .deliver_keyed("info", "<another@x>", b"other")
+            .unwrap();
+        assert_ne!(other, seen);
+        assert_eq!(maildirs.messages("info").unwrap().len(), 2);
+        assert_eq!(
+            maildirs
+                .deliver_keyed("../x", key, b"x")
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
+
+    #[test]
+    fn messages_lists_new_and_cur_sorted_and_a_missing_mailbox_is_empty() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Maildirs::new(root.path());
+        assert!(maildirs.messages("nobody").unwrap().is_empty());
+        maildirs.deliver("info", b"one").unwrap();
+        let cur = root.path().join("info/cur");
+        fs::write(cur.join("1.seen.pec:2,S"), b"read").unwrap();
+        fs::write(cur.join(".in-progress"), b"ignored").unwrap();
+        let listed = maildirs.messages("info").unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed[0].ends_with("cur/1.seen.pec:2,S"), "{listed:?}");
+    }
+
+    #[test]
+    fn write_durably_writes_and_replaces_without_leaving_temp_files() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue/outbound");
+        let path = write_durably(&dir, "msg-1", b"first").unwrap();
+        assert_eq!(path, dir.join("msg-1"));
+        fs::write(dir.join(".msg-1.tmp"), b"left over from a crash").unwrap();
+        write_durably(&dir, "msg-1", b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(names_in(&dir), vec!["msg-1".to_owned()]);
+    }
+
+    #[test]
+    fn write_durably_refuses_names_that_are_not_plain() {
+        let root = tempfile::tempdir().unwrap();
+        for bad in ["", ".", "..", "a/b", "../x", "nul\0"] {
+            let err = write_durably(root.path(), bad, b"x").unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+        }
+        assert!(names_in(root.path()).is_empty());
+    }
+}

@@ -1,0 +1,777 @@
+//! The gateway's state and what happens to a message once the SMTP
+//! dialogue has it: the access point's [`Gateway::submit`], the incoming
+//! point's [`Gateway::receive`], and the jobs that deliver, emit receipts and
+//! relay ([`Gateway::process`]).
+//!
+//! The order of every step is the durability contract: a message is in the
+//! queue and its acceptance in the legal log before the client hears 250;
+//! a job is dropped only after everything it emitted is on disk or handed
+//! over; and what it emitted is keyed by Message-ID, so a job replayed after
+//! a crash delivers and sends nothing twice.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use chrono::{DateTime, Duration, Utc};
+use pec_core::{config::GatewayConfig, smime::TrustedSigners};
+use tokio::sync::mpsc;
+
+use crate::{
+    antivirus::{Clamd, ScanError, Verdict},
+    clock,
+    credentials::{AuthLimiter, Credentials},
+    failpoint,
+    legal_log::{Entry, LegalLog},
+    metrics::Metrics,
+    pec::{
+        checks::{self, Limits, Refusal, SmtpEnvelope},
+        classify::{self, Incoming},
+        compose::{self, Composed, Issuer, Notice, Transmission},
+        daticert::{Destinatario, Tipo, TipoDestinatario, TipoRicevuta},
+    },
+    queue::{Deadline, Job, Queue, Tracked, Work},
+    relay::{Relay, RelayError},
+    signer::Signer,
+    smtp::Reply,
+    store::{Maildirs, write_durably},
+};
+
+/// Everything a gateway process holds.
+pub struct Gateway {
+    /// The configuration it started with.
+    pub config: GatewayConfig,
+    /// Signs in the HSM.
+    pub signer: Signer,
+    /// The antivirus.
+    pub clamd: Clamd,
+    /// Mailbox passwords and which mailboxes exist.
+    pub credentials: Credentials,
+    /// AUTH failures per client address.
+    pub auth_limiter: AuthLimiter,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    mailboxes: Maildirs,
+    quarantine: PathBuf,
+    log: LegalLog,
+    queue: Queue,
+    relay: Relay,
+    trusted: RwLock<TrustedSigners>,
+    gestore: String,
+    clamd_ok: AtomicBool,
+    jobs: mpsc::UnboundedSender<String>,
+    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A directory or file the configuration names is unusable.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration value is wrong.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError + use<> {
+    let path = path.display().to_string();
+    move |source| StartError::Io { what, path, source }
+}
+
+impl Gateway {
+    /// Builds the gateway from its configuration; returns the receiving end
+    /// of the job channel for [`Gateway::run_jobs`].
+    pub fn start(config: GatewayConfig) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>), StartError> {
+        let paths = &config.paths;
+        let credentials = match Credentials::load(&paths.credentials) {
+            Ok(c) => c,
+            // A receive-only domain without a credentials file has no
+            // mailboxes that log in; it still needs the list to deliver.
+            Err(e) => return Err(StartError::Config(format!("mailbox credentials: {e}"))),
+        };
+        let queue = Queue::open(&paths.queue).map_err(io_err("queue", &paths.queue))?;
+        let log = LegalLog::open(&paths.log).map_err(io_err("legal log", &paths.log))?;
+        std::fs::create_dir_all(&paths.mailboxes).map_err(io_err("mailboxes", &paths.mailboxes))?;
+        std::fs::create_dir_all(&paths.quarantine).map_err(io_err("quarantine", &paths.quarantine))?;
+        let clamd = Clamd::parse(&config.antivirus.clamd).map_err(StartError::Config)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let limits = &config.smtp;
+        let gateway = Arc::new(Self {
+            signer: Signer::new(&config),
+            clamd,
+            credentials,
+            auth_limiter: AuthLimiter::new(
+                limits.auth_failures_allowed,
+                std::time::Duration::from_secs(limits.auth_lockout_seconds),
+            ),
+            metrics: Arc::new(Metrics::new()),
+            mailboxes: Maildirs::new(&paths.mailboxes),
+            quarantine: paths.quarantine.clone(),
+            log,
+            queue,
+            relay: Relay::new(config.relay.clone(), &config.domain),
+            trusted: RwLock::new(TrustedSigners::default()),
+            gestore: format!("Gestore PEC di {}", config.domain),
+            clamd_ok: AtomicBool::new(true),
+            jobs: tx,
+            in_flight: std::sync::Mutex::new(Default::default()),
+            config,
+        });
+        gateway.reload_trusted();
+        Ok((gateway, rx))
+    }
+
+    fn issuer(&self) -> Issuer<'_> {
+        Issuer {
+            domain: &self.config.domain,
+            gestore: &self.gestore,
+        }
+    }
+
+    /// Re-reads the providers' index: every PEM certificate in the
+    /// configured provider files and directories, and the certificates this
+    /// domain's own key published. Returns how many are trusted.
+    pub fn reload_trusted(&self) -> usize {
+        let mut trusted = TrustedSigners::default();
+        let mut sources: Vec<PathBuf> = self.config.paths.providers.clone();
+        sources.push(self.config.paths.certificates.clone());
+        for source in sources {
+            for file in pem_files(&source) {
+                if let Ok(text) = std::fs::read_to_string(&file) {
+                    trusted.add_pem(&text);
+                }
+            }
+        }
+        let n = trusted.len();
+        *self.trusted.write().unwrap_or_else(|e| e.into_inner()) = trusted;
+        n
+    }
+
+    /// Whether the gateway can take mail: HSM session with the named key,
+    /// clamd answering, the store writable.
+    pub async fn readiness(&self) -> Result<(), String> {
+        self.signer.ensure().map_err(|e| format!("signing key: {e}"))?;
+        match self.clamd.ping().await {
+            Ok(()) => self.clamd_ok.store(true, Ordering::Relaxed),
+            Err(e) => {
+                self.clamd_ok.store(false, Ordering::Relaxed);
+                return Err(format!("antivirus: {e}"));
+            }
+        }
+        let probe = self.config.paths.mailboxes.join(".ready-probe");
+        std::fs::write(&probe, b"ok")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| format!("mailbox store not writable: {e}"))?;
+        Ok(())
+    }
+
+    fn log(&self, identificativo: &str, message_id: &str, kind: &str, sender: &str, recipients: &[String], outcome: &str) {
+        let entry = Entry {
+            time: clock::now(),
+            identificativo: identificativo.to_string(),
+            message_id: message_id.to_string(),
+            kind: kind.to_string(),
+            sender: sender.to_string(),
+            recipients: recipients.to_vec(),
+            outcome: outcome.to_string(),
+        };
+        self.metrics.messages.with_label_values(&[kind, outcome]).inc();
+        if let Err(e) = self.log.append(&entry) {
+            // The legal log is evidence: losing a line is an alarm.
+            tracing::error!(error = %e, identificativo, kind, "writing the legal log failed");
+        }
+    }
+
+    async fn scan(&self, message: &[u8]) -> Result<Verdict, Reply> {
+        match self.clamd.scan(message).await {
+            Ok(v) => {
+                self.clamd_ok.store(true, Ordering::Relaxed);
+                let label = if v == Verdict::Clean { "clean" } else { "infected" };
+                self.metrics.antivirus_verdicts.with_label_values(&[label]).inc();
+                Ok(v)
+            }
+            Err(e) => {
+                if matches!(e, ScanError::Unreachable(_)) {
+                    self.clamd_ok.store(false, Ordering::Relaxed);
+                }
+                self.metrics.antivirus_verdicts.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, "antivirus scan failed; refusing temporarily");
+                Err(Reply::new(451, "4.7.1", "antivirus unavailable, message not accepted; try again later"))
+            }
+        }
+    }
+
+    fn quarantine(&self, id: &str, message: &[u8]) {
+        let name = format!("{}.eml", safe_file_name(id));
+        if let Err(e) = write_durably(&self.quarantine, &name, message) {
+            tracing::error!(error = %e, "quarantining an infected message failed");
+        }
+    }
+
+    async fn sign(&self, composed: &Composed) -> Result<Vec<u8>, String> {
+        let started = Instant::now();
+        let result = self
+            .signer
+            .sign(composed, clock::system_now())
+            .map_err(|e| e.to_string());
+        self.metrics.signing_seconds.observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Delivers `message` into a local mailbox once per Message-ID: the
+    /// file name is derived from it, and a record of the delivery keeps a
+    /// replayed job from delivering again after the reader moved the file.
+    fn deliver_local(&self, address: &str, message_id: &str, message: &[u8]) -> Result<(), String> {
+        let mailbox = checks::local_part(address);
+        let record = format!("delivered:{mailbox}:{message_id}");
+        if self.queue.was_emitted(&record) {
+            return Ok(());
+        }
+        self.mailboxes
+            .deliver_keyed(&mailbox, message_id, message)
+            .map_err(|e| format!("delivering into {mailbox}: {e}"))?;
+        self.queue.mark_emitted(&record).map_err(|e| e.to_string())
+    }
+
+    /// Emits a signed receipt or notice to `to`: into the mailbox when `to`
+    /// is in this domain, else queued for its provider. Once per Message-ID.
+    async fn emit(&self, composed: Composed, kind: Tipo, t: &Transmission) -> Result<(), String> {
+        let to = composed.to.first().cloned().unwrap_or_default();
+        if self.queue.was_emitted(&composed.message_id) {
+            return Ok(());
+        }
+        let signed = self.sign(&composed).await?;
+        let domain = checks::domain_of(&to);
+        if domain == self.config.domain {
+            self.deliver_local(&to, &composed.message_id, &signed)?;
+        } else {
+            let job = Job::new(
+                format!("emit:{}", composed.message_id),
+                Work::Send {
+                    from: self.issuer().system_address(),
+                    to: vec![to.clone()],
+                    domain,
+                    envelope_of: None,
+                },
+                clock::now(),
+            );
+            self.queue.put(&job, &signed).map_err(|e| e.to_string())?;
+            self.wake(&job.id);
+        }
+        self.queue.mark_emitted(&composed.message_id).map_err(|e| e.to_string())?;
+        self.log(&t.identificativo, &composed.message_id, kind.as_str(), &self.issuer().system_address(), &[to], "emitted");
+        Ok(())
+    }
+
+    fn wake(&self, job: &str) {
+        let _ = self.jobs.send(job.to_string());
+    }
+
+    /// The access point: a mailbox owner's message after DATA.
+    pub async fn submit(&self, envelope: SmtpEnvelope, message: Vec<u8>) -> Reply {
+        let limits = Limits {
+            max_message_bytes: self.config.max_message_bytes.max(0) as u64,
+            max_recipients: self.config.max_recipients,
+        };
+        let now = clock::now();
+        let identificativo = compose::new_identificativo(&self.config.domain, now, rand::random());
+        let submission = match checks::check_submission(&envelope, &message, limits) {
+            Ok(s) => s,
+            Err(refusal) => return self.refuse_submission(&envelope, &message, &refusal).await,
+        };
+        let t = Transmission {
+            identificativo: identificativo.clone(),
+            msgid: submission.message_id.clone(),
+            mittente: submission.sender.clone(),
+            destinatari: certified(&[submission.to.clone(), submission.cc.clone()].concat()),
+            oggetto: submission.subject.clone(),
+            tipo_ricevuta: submission.tipo_ricevuta,
+        };
+        match self.scan(&message).await {
+            Err(reply) => return reply,
+            Ok(Verdict::Infected(name)) => {
+                self.quarantine(&identificativo, &message);
+                self.log(&identificativo, &t.msgid, "rilevazione-virus", &t.mittente, &envelope.forward_paths, "virus");
+                let notice = compose::receipt(&t, Notice::Virus(&name), &t.mittente, self.issuer(), now, None);
+                if let Err(e) = self.emit(notice, Tipo::NonAccettazione, &t).await {
+                    tracing::warn!(error = %e, "the virus notice could not be delivered");
+                }
+                return Reply::new(554, "5.7.1", format!("not accepted: virus found ({name}); the message is kept in quarantine"));
+            }
+            Ok(Verdict::Clean) => {}
+        }
+        let job = Job::new(
+            identificativo.clone(),
+            Work::Submitted {
+                identificativo: identificativo.clone(),
+                sender: submission.sender.clone(),
+                recipients: envelope.forward_paths.iter().map(|r| r.to_ascii_lowercase()).collect(),
+                to: submission.to,
+                cc: submission.cc,
+                subject: submission.subject,
+                message_id: submission.message_id,
+                tipo_ricevuta: submission.tipo_ricevuta.as_str().to_string(),
+            },
+            now,
+        );
+        if let Err(e) = self.queue.put(&job, &message) {
+            tracing::error!(error = %e, "spooling an accepted message failed");
+            return Reply::new(451, "4.3.0", "could not store the message; try again later");
+        }
+        self.log(&identificativo, &t.msgid, Tipo::Accettazione.as_str(), &t.mittente, &envelope.forward_paths, "accepted");
+        failpoint::hit("accepted");
+        self.wake(&job.id);
+        Reply::new(250, "2.0.0", format!("accepted as {identificativo}"))
+    }
+
+    /// Refuses a submission: a signed non-acceptance notice into the
+    /// sender's mailbox, a legal log line, and the SMTP reply.
+    pub async fn refuse_submission(&self, envelope: &SmtpEnvelope, message: &[u8], refusal: &Refusal) -> Reply {
+        let now = clock::now();
+        let identificativo = compose::new_identificativo(&self.config.domain, now, rand::random());
+        let summary = classify::summary(message);
+        let t = Transmission {
+            identificativo: identificativo.clone(),
+            msgid: summary.message_id,
+            mittente: envelope.reverse_path.clone(),
+            destinatari: certified(&envelope.forward_paths),
+            oggetto: summary.subject,
+            tipo_ricevuta: TipoRicevuta::default(),
+        };
+        self.log(&identificativo, &t.msgid, Tipo::NonAccettazione.as_str(), &envelope.reverse_path, &envelope.forward_paths, refusal.reason);
+        let notice = compose::receipt(&t, Notice::NotAccepted(&refusal.detail), &envelope.reverse_path, self.issuer(), now, None);
+        if let Err(e) = self.emit(notice, Tipo::NonAccettazione, &t).await {
+            tracing::warn!(error = %e, "the non-acceptance notice could not be delivered");
+        }
+        let (code, enhanced) = if refusal.reason == "TooLarge" { (552, "5.3.4") } else { (550, "5.7.1") };
+        Reply::new(code, enhanced, format!("not accepted: {}", refusal.detail))
+    }
+
+    /// The incoming point: a message from another provider after DATA.
+    pub async fn receive(&self, peer: &str, envelope: SmtpEnvelope, message: Vec<u8>) -> Reply {
+        let now = clock::now();
+        let summary = classify::summary(&message);
+        let id = format!("in:{}:{}", now.timestamp_nanos_opt().unwrap_or_default(), rand::random::<u64>());
+        match self.scan(&message).await {
+            Err(reply) => return reply,
+            Ok(Verdict::Infected(name)) => {
+                self.quarantine(&id, &message);
+                self.log(&id, &summary.message_id, "rilevazione-virus", &envelope.reverse_path, &envelope.forward_paths, "virus");
+                return Reply::new(554, "5.7.1", format!("virus found ({name}); the message is kept in quarantine"));
+            }
+            Ok(Verdict::Clean) => {}
+        }
+        let job = Job::new(
+            id.clone(),
+            Work::Received {
+                peer: peer.to_string(),
+                reverse_path: envelope.reverse_path.clone(),
+                recipients: envelope.forward_paths.clone(),
+            },
+            now,
+        );
+        if let Err(e) = self.queue.put(&job, &message) {
+            tracing::error!(error = %e, "spooling a received message failed");
+            return Reply::new(451, "4.3.0", "could not store the message; try again later");
+        }
+        self.log(&id, &summary.message_id, "ricezione", &envelope.reverse_path, &envelope.forward_paths, "received");
+        failpoint::hit("received");
+        self.wake(&job.id);
+        Reply::new(250, "2.0.0", "taken")
+    }
+
+    /// Runs jobs as they come, and every few seconds the ones whose retry is
+    /// due and the receipt deadlines. Returns when the channel closes.
+    pub async fn run_jobs(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<String>, workers: usize) {
+        let (work_tx, work_rx) = async_channel();
+        let mut handles = Vec::new();
+        for _ in 0..workers.max(1) {
+            let gw = self.clone();
+            let rx = work_rx.clone();
+            handles.push(tokio::spawn(async move {
+                loop {
+                    let next = rx.lock().await.recv().await;
+                    let Some(id) = next else { break };
+                    gw.run_one(&id).await;
+                }
+            }));
+        }
+        drop(work_rx);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                id = rx.recv() => match id {
+                    Some(id) => { let _ = work_tx.send(id); }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.metrics.queue_depth.set(self.queue.depth() as i64);
+                    self.reload_trusted();
+                    match self.queue.pending() {
+                        Ok((jobs, broken)) => {
+                            for path in broken {
+                                tracing::error!(path = %path.display(), "a queue record does not parse; set aside");
+                            }
+                            let now = clock::now();
+                            for job in jobs.into_iter().filter(|j| j.next_attempt <= now) {
+                                let _ = work_tx.send(job.id);
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "reading the queue failed"),
+                    }
+                    self.check_deadlines().await;
+                }
+            }
+        }
+        drop(work_tx);
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+
+    async fn run_one(&self, id: &str) {
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if !in_flight.insert(id.to_string()) {
+                return;
+            }
+        }
+        let result = self.process(id).await;
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        if let Err(e) = result {
+            tracing::warn!(job = id, error = %e, "job failed; it stays queued");
+        }
+    }
+
+    /// Runs one job to completion, or reschedules it.
+    pub async fn process(&self, id: &str) -> Result<(), String> {
+        let (jobs, _) = self.queue.pending().map_err(|e| e.to_string())?;
+        let Some(mut job) = jobs.into_iter().find(|j| j.id == id) else {
+            return Ok(()); // Done already.
+        };
+        let now = clock::now();
+        if job.next_attempt > now {
+            return Ok(());
+        }
+        let data = self.queue.data(&job.id).map_err(|e| format!("job data: {e}"))?;
+        match job.work.clone() {
+            Work::Submitted {
+                identificativo,
+                sender,
+                recipients,
+                to,
+                cc,
+                subject,
+                message_id,
+                tipo_ricevuta,
+            } => {
+                let t = Transmission {
+                    identificativo,
+                    msgid: message_id,
+                    mittente: sender,
+                    destinatari: certified(&[to, cc].concat()),
+                    oggetto: subject,
+                    tipo_ricevuta: tipo_ricevuta.parse().unwrap_or_default(),
+                };
+                self.dispatch_submission(&t, &recipients, &data).await?;
+            }
+            Work::Received { peer, reverse_path, recipients } => {
+                self.deliver_received(&peer, &reverse_path, &recipients, &data).await?;
+            }
+            Work::Send { from, to, domain, envelope_of } => {
+                failpoint::hit("before-relay");
+                match self.relay.send(&domain, &from, &to, &data).await {
+                    Ok(()) => {
+                        self.log(envelope_of.as_deref().unwrap_or(&job.id), "", "inoltro", &from, &to, "relayed");
+                    }
+                    Err(RelayError::Temporary(e)) => {
+                        job.retry_later(e.clone(), now);
+                        self.queue.update(&job).map_err(|e| e.to_string())?;
+                        return Err(format!("relay to {domain}: {e}; retry at {}", job.next_attempt));
+                    }
+                    Err(e @ (RelayError::Permanent(_) | RelayError::NoRoute(_))) => {
+                        self.log(envelope_of.as_deref().unwrap_or(&job.id), "", "inoltro", &from, &to, "failed");
+                        if let Some(ident) = envelope_of {
+                            self.settle_as_failed(&ident, &to, &e.to_string()).await?;
+                        }
+                    }
+                }
+            }
+        }
+        self.queue.done(&job.id).map_err(|e| e.to_string())
+    }
+
+    async fn dispatch_submission(&self, t: &Transmission, recipients: &[String], original: &[u8]) -> Result<(), String> {
+        let now = clock::now();
+        let acceptance = compose::receipt(t, Notice::Accepted, &t.mittente, self.issuer(), now, None);
+        self.emit(acceptance, Tipo::Accettazione, t).await?;
+        let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in recipients {
+            by_domain.entry(checks::domain_of(r)).or_default().push(r.clone());
+        }
+        let remote: Vec<String> = by_domain
+            .iter()
+            .filter(|(d, _)| **d != self.config.domain)
+            .flat_map(|(_, r)| r.clone())
+            .collect();
+        if !remote.is_empty() && !self.queue.is_tracked(&t.identificativo) {
+            self.queue
+                .track(&Tracked {
+                    identificativo: t.identificativo.clone(),
+                    sender: t.mittente.clone(),
+                    message_id: t.msgid.clone(),
+                    subject: t.oggetto.clone(),
+                    recipients: remote,
+                    all_recipients: recipients.to_vec(),
+                    sent_at: now,
+                    taken: Default::default(),
+                    settled: Default::default(),
+                    warned: false,
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        for (domain, rcpts) in by_domain {
+            let job_id = format!("{}>{domain}", t.identificativo);
+            if self.queue.was_emitted(&job_id) {
+                continue;
+            }
+            let envelope = compose::transport_envelope(t, original, &rcpts, self.issuer(), now);
+            let signed = self.sign(&envelope).await?;
+            let work = if domain == self.config.domain {
+                Work::Received {
+                    peer: "local".into(),
+                    reverse_path: self.issuer().system_address(),
+                    recipients: rcpts.clone(),
+                }
+            } else {
+                Work::Send {
+                    from: self.issuer().system_address(),
+                    to: rcpts.clone(),
+                    domain: domain.clone(),
+                    envelope_of: Some(t.identificativo.clone()),
+                }
+            };
+            let job = Job::new(job_id.clone(), work, now);
+            self.queue.put(&job, &signed).map_err(|e| e.to_string())?;
+            self.queue.mark_emitted(&job_id).map_err(|e| e.to_string())?;
+            self.log(&t.identificativo, &t.msgid, Tipo::PostaCertificata.as_str(), &t.mittente, &rcpts, "queued");
+            self.wake(&job.id);
+        }
+        Ok(())
+    }
+
+    async fn deliver_received(&self, peer: &str, reverse_path: &str, recipients: &[String], message: &[u8]) -> Result<(), String> {
+        let now = clock::now();
+        let trusted = self.trusted.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let incoming = classify::classify(message, &trusted);
+        let ours: Vec<String> = recipients
+            .iter()
+            .filter(|r| checks::domain_of(r) == self.config.domain)
+            .cloned()
+            .collect();
+        match incoming {
+            Incoming::Envelope { daticert, .. } => {
+                let t = Transmission::from_daticert(&daticert);
+                let from_elsewhere = checks::domain_of(&t.mittente) != self.config.domain;
+                if from_elsewhere {
+                    let taken = compose::receipt(&t, Notice::TakenInCharge, &t.mittente, self.issuer(), now, None);
+                    self.emit(taken, Tipo::PresaInCarico, &t).await?;
+                }
+                let original = classify::original(message).unwrap_or_default();
+                for rcpt in &ours {
+                    let mailbox = checks::local_part(rcpt);
+                    if self.credentials.mailbox_exists(&mailbox) {
+                        self.deliver_local(rcpt, &t.identificativo, message)?;
+                        self.log(&t.identificativo, &t.msgid, "consegna", &t.mittente, std::slice::from_ref(rcpt), "delivered");
+                        let receipt = compose::receipt(&t, Notice::Delivered(rcpt), &t.mittente, self.issuer(), now, Some(&original));
+                        self.emit(receipt, Tipo::AvvenutaConsegna, &t).await?;
+                    } else {
+                        self.log(&t.identificativo, &t.msgid, "consegna", &t.mittente, std::slice::from_ref(rcpt), "no-mailbox");
+                        let notice = compose::receipt(&t, Notice::NotDelivered(rcpt, "casella inesistente"), &t.mittente, self.issuer(), now, None);
+                        self.emit(notice, Tipo::ErroreConsegna, &t).await?;
+                    }
+                }
+            }
+            Incoming::Receipt { daticert, .. } => {
+                let t = Transmission::from_daticert(&daticert);
+                // The issuing provider, from the receipt's sender address.
+                let issuer_domain = checks::domain_of(&classify::summary(message).from);
+                let sent_here = checks::domain_of(&t.mittente) == self.config.domain
+                    && self
+                        .queue
+                        .was_emitted(&format!("{}>{issuer_domain}", t.identificativo));
+                if !sent_here {
+                    return self
+                        .deliver_anomaly(message, reverse_path, &ours, "receipt for a message this provider never sent")
+                        .await;
+                }
+                let settles = matches!(daticert.tipo, Tipo::AvvenutaConsegna | Tipo::ErroreConsegna);
+                self.queue
+                    .update_tracked(&t.identificativo, |tr| {
+                        tr.taken.insert(issuer_domain.clone());
+                        if settles && let Some(c) = &daticert.consegna {
+                            tr.settled.insert(c.to_ascii_lowercase());
+                        }
+                    })
+                    .map_err(|e| e.to_string())?;
+                if daticert.tipo == Tipo::PresaInCarico {
+                    // Between providers only: recorded, not delivered.
+                    self.log(&t.identificativo, &t.msgid, Tipo::PresaInCarico.as_str(), reverse_path, &ours, "recorded");
+                } else {
+                    let msgid = classify::summary(message).message_id;
+                    for rcpt in &ours {
+                        self.deliver_local(rcpt, &msgid, message)?;
+                    }
+                    self.log(&t.identificativo, &t.msgid, daticert.tipo.as_str(), reverse_path, &ours, "delivered");
+                }
+            }
+            Incoming::Anomaly { reason, code } => {
+                tracing::info!(peer, code, "not a valid PEC message; wrapping it in an anomaly envelope");
+                return self.deliver_anomaly(message, reverse_path, &ours, &format!("{code}: {reason}")).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver_anomaly(&self, message: &[u8], reverse_path: &str, ours: &[String], reason: &str) -> Result<(), String> {
+        let summary = classify::summary(message);
+        let sender = if summary.from.is_empty() { reverse_path.to_string() } else { summary.from.clone() };
+        let existing: Vec<String> = ours
+            .iter()
+            .filter(|r| self.credentials.mailbox_exists(&checks::local_part(r)))
+            .cloned()
+            .collect();
+        if existing.is_empty() {
+            self.log("", &summary.message_id, "anomalia", &sender, ours, "no-mailbox");
+            return Ok(());
+        }
+        let composed = compose::anomaly_envelope(message, &sender, &summary.subject, &summary.message_id, reason, &existing, self.issuer(), clock::now());
+        let signed = self.sign(&composed).await?;
+        for rcpt in &existing {
+            self.deliver_local(rcpt, &composed.message_id, &signed)?;
+        }
+        self.log("", &summary.message_id, "anomalia", &sender, &existing, "delivered");
+        Ok(())
+    }
+
+    async fn settle_as_failed(&self, identificativo: &str, recipients: &[String], reason: &str) -> Result<(), String> {
+        let Some(tracked) = self
+            .queue
+            .update_tracked(identificativo, |t| {
+                t.settled.extend(recipients.iter().cloned());
+            })
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let t = transmission_of(&tracked);
+        for r in recipients {
+            let notice = compose::receipt(&t, Notice::NotDelivered(r, reason), &t.mittente, self.issuer(), clock::now(), None);
+            self.emit(notice, Tipo::ErroreConsegna, &t).await?;
+        }
+        Ok(())
+    }
+
+    async fn check_deadlines(&self) {
+        let Ok(all) = self.queue.tracked() else { return };
+        let limits = &self.config.smtp;
+        let now = clock::now();
+        for tracked in all {
+            let deadline = tracked.deadline(
+                now,
+                Duration::hours(limits.warn_after_hours as i64),
+                Duration::hours(limits.give_up_after_hours as i64),
+            );
+            let t = transmission_of(&tracked);
+            let result = match deadline {
+                Deadline::Wait => Ok(()),
+                Deadline::Warn(rcpts) => self.notify_deadline(&t, &rcpts, false, now).await,
+                Deadline::GiveUp(rcpts) => self.notify_deadline(&t, &rcpts, true, now).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, identificativo = t.identificativo, "a deadline notice failed");
+            }
+        }
+    }
+
+    async fn notify_deadline(&self, t: &Transmission, rcpts: &[String], final_notice: bool, now: DateTime<Utc>) -> Result<(), String> {
+        for r in rcpts {
+            let (notice, kind) = if final_notice {
+                (Notice::TimedOut(r), Tipo::ErroreConsegna)
+            } else {
+                (Notice::StillUndelivered(r), Tipo::PreavvisoErroreConsegna)
+            };
+            let composed = compose::receipt(t, notice, &t.mittente, self.issuer(), now, None);
+            self.emit(composed, kind, t).await?;
+        }
+        self.queue
+            .update_tracked(&t.identificativo, |tr| {
+                tr.warned = true;
+                if final_notice {
+                    tr.settled.extend(rcpts.iter().cloned());
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+fn transmission_of(t: &Tracked) -> Transmission {
+    Transmission {
+        identificativo: t.identificativo.clone(),
+        msgid: t.message_id.clone(),
+        mittente: t.sender.clone(),
+        destinatari: certified(&t.all_recipients),
+        oggetto: t.subject.clone(),
+        tipo_ricevuta: TipoRicevuta::default(),
+    }
+}
+
+fn certified(addresses: &[String]) -> Vec<Destinatario> {
+    addresses
+        .iter()
+        .map(|a| Destinatario {
+            address: a.clone(),
+            tipo: TipoDestinatario::Certificato,
+        })
+        .collect()
+}
+
+fn safe_file_name(id: &str) -> String {
+    id.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+        .collect()
+}
+
+fn pem_files(source: &Path) -> Vec<PathBuf> {
+    if source.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(source)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_file()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+    } else if source.is_file() {
+        vec![source.to_path_buf()]
+    } else {
+        Vec::new()
+    }
+}
+
+type SharedReceiver = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>;
+
+fn async_channel() -> (mpsc::UnboundedSender<String>, SharedReceiver) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (tx, Arc::new(tokio::sync::Mutex::new(rx)))
+}
