@@ -126,6 +126,21 @@ struct RunArgs {
     /// HsmModuleUnavailable.
     #[arg(long, env = "PEC_PKCS11_MODULE")]
     pkcs11_module: Option<PathBuf>,
+    /// The gateway image for MailDomains that name none (default: the
+    /// reference gateway of this version).
+    #[arg(long, env = "PEC_GATEWAY_IMAGE")]
+    gateway_image: Option<String>,
+    /// The PKCS#11 module inside the gateway image.
+    #[arg(
+        long,
+        env = "PEC_GATEWAY_PKCS11_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so"
+    )]
+    gateway_pkcs11_module: String,
+    /// A PersistentVolumeClaim holding SoftHSM2's token directory, mounted
+    /// into every gateway pod (leave unset for a network HSM).
+    #[arg(long, env = "PEC_GATEWAY_HSM_TOKEN_CLAIM")]
+    gateway_hsm_token_claim: Option<String>,
 }
 
 #[tokio::main]
@@ -237,6 +252,12 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         },
         None => None,
     };
+    let defaults = controllers::mail_domain::gateway::GatewayDefaults::default();
+    let gateway_defaults = controllers::mail_domain::gateway::GatewayDefaults {
+        image: args.gateway_image.clone().unwrap_or(defaults.image),
+        pkcs11_module: args.gateway_pkcs11_module.clone(),
+        token_claim: args.gateway_hsm_token_claim.clone(),
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let timing = Timing::default();
     let leases = Api::namespaced(client.clone(), &args.lease_namespace);
@@ -263,7 +284,9 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     tracing::info!(lease = %args.lease_name, "became leader; starting controllers");
 
     let ctx = Arc::new(
-        Context::new(client, clock.clone(), metrics.clone(), elector.identity()).with_hsm(hsm),
+        Context::new(client, clock.clone(), metrics.clone(), elector.identity())
+            .with_hsm(hsm)
+            .with_gateway_defaults(gateway_defaults),
     );
     // The controllers stop by themselves on SIGTERM or Ctrl-C.
     let lost = tokio::select! {

@@ -28,7 +28,7 @@ repo=docker.io/pec
 binary=
 what=all
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --out) out=$2; shift 2 ;;

@@ -62,7 +62,7 @@ done <"$tmp/1.txt"
 
 while read -r name ref digest archive; do
   python3 - "${archive%.tar}" "$digest" "$tmp/rootfs-$name" <<'EOF'
-import gzip, hashlib, json, os, posixpath, subprocess, sys, tarfile
+import datetime, gzip, hashlib, io, json, os, posixpath, subprocess, sys, tarfile
 layout, want_digest, rootfs = sys.argv[1:4]
 name = os.path.basename(layout).rsplit("-", 1)[0]
 def ok(msg): print(f"check.sh: ok: {name}: {msg}")
@@ -92,7 +92,7 @@ config = canon(blob(manifest["config"]))
 layers = [blob(d) for d in manifest["layers"]]
 diff_ids = config["rootfs"]["diff_ids"]
 if len(diff_ids) != len(layers): fail("diff_ids/layers count")
-epoch = int(__import__("datetime").datetime.strptime(config["created"], "%Y-%m-%dT%H:%M:%S%z").timestamp())
+epoch = int(datetime.datetime.strptime(config["created"], "%Y-%m-%dT%H:%M:%S%z").timestamp())
 tars = []
 for gz, diff_id in zip(layers, diff_ids):
     if gz[3] & 0x08 or gz[4:8] != b"\0\0\0\0": fail("gzip header has a file name or an mtime")
@@ -103,7 +103,6 @@ unref = set(os.listdir(f"{layout}/blobs/sha256")) - seen
 if unref: fail(f"unreferenced blobs {unref}")
 ok(f"{len(seen)} blobs: sha256 and sizes match; {len(diff_ids)} diff_ids match the uncompressed layers; JSON canonical")
 
-import io
 for i, raw in enumerate(tars):
     with tarfile.open(fileobj=io.BytesIO(raw)) as t:
         members = t.getmembers()

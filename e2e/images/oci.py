@@ -357,6 +357,7 @@ def build(args):
     epoch = args.epoch
     arch = elf_arch(args.binary)
     ref = f"{args.repo}/{args.name}:{args.version}"
+    args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
     final_layout = os.path.join(args.out, f"{args.name}-{args.version}.oci")
     final_archive = final_layout + ".tar"

@@ -151,9 +151,46 @@ fn default_dns_ttl() -> i32 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewaySpec {
-    /// Container image of the PEC gateway.
-    #[schemars(length(min = 1, max = 512))]
+    /// Container image of the PEC gateway. Default: the reference gateway
+    /// image of this operator's version (the operator's `--gateway-image`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 512))]
     pub image: String,
+
+    /// A `kubernetes.io/tls` Secret (same namespace) with the certificate
+    /// the gateways present: STARTTLS on port 25 and implicit TLS on port
+    /// 465. A `Standard` domain needs it (passwords never cross in clear).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub tls_secret_ref: Option<String>,
+
+    /// A Secret (same namespace) whose key `mailboxes` lists the domain's
+    /// mailboxes, one `local-part:hash` line each (argon2id PHC hashes from
+    /// `pec-gateway passwd`; `!` for a mailbox that receives but never logs
+    /// in). Mail for an unlisted mailbox gets a non-delivery notice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub mailboxes_secret_ref: Option<String>,
+
+    /// ConfigMaps (same namespace) whose `bundle.crt` holds certificates of
+    /// other providers to trust: the providers' index. The certificates the
+    /// domain's own SigningKey publishes are always trusted; list the
+    /// `<key>-index` ConfigMaps of the platform's other domains here too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub providers: Vec<String>,
+
+    /// Where mail for other domains goes.
+    #[serde(default, skip_serializing_if = "RelaySpec::is_empty")]
+    pub relay: RelaySpec,
+
+    /// A PersistentVolumeClaim (same namespace, ReadWriteMany network
+    /// storage) for mailboxes, queue, quarantine and the legal log; each pod
+    /// writes under its own name. Without it the gateways use an emptyDir,
+    /// which a deleted pod takes with it: for tests only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_claim_name: Option<String>,
 
     /// Gateway replicas in each site, each on a distinct node. At least 2
     /// (every PEC service runs on at least two machines); default 2.
@@ -172,6 +209,26 @@ pub struct GatewaySpec {
     /// Extra annotations on the gateway pods (for example for a log collector).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+}
+
+/// Where a gateway hands mail for other domains.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RelaySpec {
+    /// `host:port` of the incoming point of other domains on this platform
+    /// (their domain Service), by domain.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, String>,
+    /// `host:port` every other domain goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 261))]
+    pub smarthost: Option<String>,
+}
+
+impl RelaySpec {
+    fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.smarthost.is_none()
+    }
 }
 
 /// Antivirus settings. There is deliberately no way to disable scanning.
@@ -196,6 +253,16 @@ pub struct AntivirusSpec {
         "quarantineRetention must be a whole number of months or years (30mo, 3y) and at least the legal 30 months"
     ))]
     pub quarantine_retention: String,
+
+    /// The clamd the gateways ask: `tcp:HOST:PORT` or `unix:PATH`. Default
+    /// `tcp:127.0.0.1:3310` (a clamd beside the gateway). When clamd does not
+    /// answer, the gateways refuse mail temporarily and report not ready.
+    #[serde(default = "default_clamd")]
+    #[schemars(length(min = 6, max = 512))]
+    #[x_kube(validation = Rule::new("self.startsWith('tcp:') || self.startsWith('unix:/')").message(
+        "antivirus.clamd must be tcp:HOST:PORT or unix:/absolute/path"
+    ))]
+    pub clamd: String,
 }
 
 impl Default for AntivirusSpec {
@@ -203,8 +270,13 @@ impl Default for AntivirusSpec {
         Self {
             enabled: true,
             quarantine_retention: default_quarantine_retention(),
+            clamd: default_clamd(),
         }
     }
+}
+
+fn default_clamd() -> String {
+    "tcp:127.0.0.1:3310".into()
 }
 
 /// Observed state of a MailDomain.

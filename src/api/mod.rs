@@ -16,12 +16,12 @@ use kube::CustomResourceExt;
 
 pub use mail_domain::{
     AntivirusSpec, Failover, FailoverMode, FailoverSpec, GatewayPort, GatewaySpec, MailDomain,
-    MailDomainSpec, MailDomainStatus, Profile, SiteGatewayStatus,
+    MailDomainSpec, MailDomainStatus, Profile, RelaySpec, SiteGatewayStatus,
 };
 pub use signing_key::{
     BackoffStatus, CertificatePolicy, ExportPolicy, IssuerSpec, KeyAlgorithm, KeyGeneration,
-    RetiredKeyPolicy, RevocationReason, Revoke, RevokedCertificate, SigningKey, SigningKeySpec,
-    SigningKeyStatus, Subject,
+    RetiredKeyPolicy, RevocationReason, Revoke, RevokedCertificate, SecretKeyRef, SigningKey,
+    SigningKeySpec, SigningKeyStatus, Subject,
 };
 pub use site::{HealthSpec, Site, SitePhase, SiteSpec, SiteStatus};
 pub use sla_target::{

@@ -44,6 +44,8 @@ pub struct Context {
     pub sla: Arc<sla_target::SlaState>,
     /// The PKCS#11 module, when the operator was given one (`--pkcs11-module`).
     pub hsm: Option<Arc<crate::hsm::Hsm>>,
+    /// What every gateway pod gets (image, PKCS#11 module, token store).
+    pub gateway: mail_domain::gateway::GatewayDefaults,
 }
 
 impl Context {
@@ -62,7 +64,14 @@ impl Context {
             dns: mail_domain::dns::DnsSupport::default(),
             sla: Arc::default(),
             hsm: None,
+            gateway: mail_domain::gateway::GatewayDefaults::default(),
         }
+    }
+
+    /// The same context with gateway defaults `gateway`.
+    pub fn with_gateway_defaults(mut self, gateway: mail_domain::gateway::GatewayDefaults) -> Self {
+        self.gateway = gateway;
+        self
     }
 
     /// The same context with the PKCS#11 module `hsm`.

@@ -254,8 +254,7 @@ fn default_clamd() -> String {
 impl GatewayConfig {
     /// Parses `gateway.yaml`, naming what is wrong.
     pub fn from_yaml(text: &str) -> Result<Self, String> {
-        let config: Self =
-            serde_yaml::from_str(text).map_err(|e| format!("gateway.yaml: {e}"))?;
+        let config: Self = serde_yaml::from_str(text).map_err(|e| format!("gateway.yaml: {e}"))?;
         config.check()?;
         Ok(config)
     }

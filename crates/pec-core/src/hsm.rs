@@ -22,10 +22,10 @@ use cryptoki::{
 use sha2::{Digest, Sha256};
 
 pub use crate::der;
-/// A PIN, kept in memory that is zeroed on drop and never formatted.
-pub use cryptoki::types::AuthPin;
 /// A handle to an object in the token.
 pub use cryptoki::object::ObjectHandle;
+/// A PIN, kept in memory that is zeroed on drop and never formatted.
+pub use cryptoki::types::AuthPin;
 
 /// Key algorithms the operator generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

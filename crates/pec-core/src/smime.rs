@@ -242,7 +242,9 @@ pub fn sign_detached(
     }
     // The signature covers the attributes DER-encoded as a SET (tag 0x31),
     // not as the [0] IMPLICIT they travel in (RFC 5652, 5.4).
-    let to_sign = signed_attrs.to_der().map_err(malformed("signed attributes"))?;
+    let to_sign = signed_attrs
+        .to_der()
+        .map_err(malformed("signed attributes"))?;
     let signature = sign(&to_sign).map_err(SmimeError::Sign)?;
     let signature_algorithm = match signer.algorithm {
         Algorithm::EcdsaP256 => ECDSA_WITH_SHA256,
@@ -434,24 +436,25 @@ pub fn verify_detached(
     let signed_bytes = attrs.to_der().map_err(malformed("signed attributes"))?;
     let spki = &cert.tbs_certificate.subject_public_key_info;
     let public = spki.subject_public_key.raw_bytes();
-    let algorithm: &dyn ring::signature::VerificationAlgorithm =
-        if signer.signature_algorithm.oid == ECDSA_WITH_SHA256 && spki.algorithm.oid == EC_PUBLIC_KEY
-        {
-            &ring::signature::ECDSA_P256_SHA256_ASN1
-        } else if spki.algorithm.oid == RSA_ENCRYPTION
-            && (signer.signature_algorithm.oid == SHA256_WITH_RSA
-                || signer.signature_algorithm.oid == RSA_ENCRYPTION)
-        {
-            &ring::signature::RSA_PKCS1_2048_8192_SHA256
-        } else {
-            return Err(SmimeError::Malformed {
-                what: "CMS signer",
-                detail: format!(
-                    "unsupported signature algorithm {}",
-                    signer.signature_algorithm.oid
-                ),
-            });
-        };
+    let algorithm: &dyn ring::signature::VerificationAlgorithm = if signer.signature_algorithm.oid
+        == ECDSA_WITH_SHA256
+        && spki.algorithm.oid == EC_PUBLIC_KEY
+    {
+        &ring::signature::ECDSA_P256_SHA256_ASN1
+    } else if spki.algorithm.oid == RSA_ENCRYPTION
+        && (signer.signature_algorithm.oid == SHA256_WITH_RSA
+            || signer.signature_algorithm.oid == RSA_ENCRYPTION)
+    {
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256
+    } else {
+        return Err(SmimeError::Malformed {
+            what: "CMS signer",
+            detail: format!(
+                "unsupported signature algorithm {}",
+                signer.signature_algorithm.oid
+            ),
+        });
+    };
     ring::signature::UnparsedPublicKey::new(algorithm, public)
         .verify(&signed_bytes, signer.signature.as_bytes())
         .map_err(|_| SmimeError::BadSignature)?;
@@ -591,7 +594,6 @@ pub fn canonical_crlf(text: &[u8]) -> Vec<u8> {
     }
     out
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -93,7 +93,9 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Sta
 impl Gateway {
     /// Builds the gateway from its configuration; returns the receiving end
     /// of the job channel for [`Gateway::run_jobs`].
-    pub fn start(config: GatewayConfig) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>), StartError> {
+    pub fn start(
+        config: GatewayConfig,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>), StartError> {
         let paths = &config.paths;
         let credentials = match Credentials::load(&paths.credentials) {
             Ok(c) => c,
@@ -104,7 +106,8 @@ impl Gateway {
         let queue = Queue::open(&paths.queue).map_err(io_err("queue", &paths.queue))?;
         let log = LegalLog::open(&paths.log).map_err(io_err("legal log", &paths.log))?;
         std::fs::create_dir_all(&paths.mailboxes).map_err(io_err("mailboxes", &paths.mailboxes))?;
-        std::fs::create_dir_all(&paths.quarantine).map_err(io_err("quarantine", &paths.quarantine))?;
+        std::fs::create_dir_all(&paths.quarantine)
+            .map_err(io_err("quarantine", &paths.quarantine))?;
         let clamd = Clamd::parse(&config.antivirus.clamd).map_err(StartError::Config)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let limits = &config.smtp;
@@ -162,7 +165,9 @@ impl Gateway {
     /// Whether the gateway can take mail: HSM session with the named key,
     /// clamd answering, the store writable.
     pub async fn readiness(&self) -> Result<(), String> {
-        self.signer.ensure().map_err(|e| format!("signing key: {e}"))?;
+        self.signer
+            .ensure()
+            .map_err(|e| format!("signing key: {e}"))?;
         match self.clamd.ping().await {
             Ok(()) => self.clamd_ok.store(true, Ordering::Relaxed),
             Err(e) => {
@@ -177,7 +182,15 @@ impl Gateway {
         Ok(())
     }
 
-    fn log(&self, identificativo: &str, message_id: &str, kind: &str, sender: &str, recipients: &[String], outcome: &str) {
+    fn log(
+        &self,
+        identificativo: &str,
+        message_id: &str,
+        kind: &str,
+        sender: &str,
+        recipients: &[String],
+        outcome: &str,
+    ) {
         let entry = Entry {
             time: clock::now(),
             identificativo: identificativo.to_string(),
@@ -187,7 +200,10 @@ impl Gateway {
             recipients: recipients.to_vec(),
             outcome: outcome.to_string(),
         };
-        self.metrics.messages.with_label_values(&[kind, outcome]).inc();
+        self.metrics
+            .messages
+            .with_label_values(&[kind, outcome])
+            .inc();
         if let Err(e) = self.log.append(&entry) {
             // The legal log is evidence: losing a line is an alarm.
             tracing::error!(error = %e, identificativo, kind, "writing the legal log failed");
@@ -198,17 +214,31 @@ impl Gateway {
         match self.clamd.scan(message).await {
             Ok(v) => {
                 self.clamd_ok.store(true, Ordering::Relaxed);
-                let label = if v == Verdict::Clean { "clean" } else { "infected" };
-                self.metrics.antivirus_verdicts.with_label_values(&[label]).inc();
+                let label = if v == Verdict::Clean {
+                    "clean"
+                } else {
+                    "infected"
+                };
+                self.metrics
+                    .antivirus_verdicts
+                    .with_label_values(&[label])
+                    .inc();
                 Ok(v)
             }
             Err(e) => {
                 if matches!(e, ScanError::Unreachable(_)) {
                     self.clamd_ok.store(false, Ordering::Relaxed);
                 }
-                self.metrics.antivirus_verdicts.with_label_values(&["error"]).inc();
+                self.metrics
+                    .antivirus_verdicts
+                    .with_label_values(&["error"])
+                    .inc();
                 tracing::warn!(error = %e, "antivirus scan failed; refusing temporarily");
-                Err(Reply::new(451, "4.7.1", "antivirus unavailable, message not accepted; try again later"))
+                Err(Reply::new(
+                    451,
+                    "4.7.1",
+                    "antivirus unavailable, message not accepted; try again later",
+                ))
             }
         }
     }
@@ -226,7 +256,9 @@ impl Gateway {
             .signer
             .sign(composed, clock::system_now())
             .map_err(|e| e.to_string());
-        self.metrics.signing_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .signing_seconds
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -270,8 +302,17 @@ impl Gateway {
             self.queue.put(&job, &signed).map_err(|e| e.to_string())?;
             self.wake(&job.id);
         }
-        self.queue.mark_emitted(&composed.message_id).map_err(|e| e.to_string())?;
-        self.log(&t.identificativo, &composed.message_id, kind.as_str(), &self.issuer().system_address(), &[to], "emitted");
+        self.queue
+            .mark_emitted(&composed.message_id)
+            .map_err(|e| e.to_string())?;
+        self.log(
+            &t.identificativo,
+            &composed.message_id,
+            kind.as_str(),
+            &self.issuer().system_address(),
+            &[to],
+            "emitted",
+        );
         Ok(())
     }
 
@@ -303,12 +344,32 @@ impl Gateway {
             Err(reply) => return reply,
             Ok(Verdict::Infected(name)) => {
                 self.quarantine(&identificativo, &message);
-                self.log(&identificativo, &t.msgid, "rilevazione-virus", &t.mittente, &envelope.forward_paths, "virus");
-                let notice = compose::receipt(&t, Notice::Virus(&name), &t.mittente, self.issuer(), now, None);
+                self.log(
+                    &identificativo,
+                    &t.msgid,
+                    "rilevazione-virus",
+                    &t.mittente,
+                    &envelope.forward_paths,
+                    "virus",
+                );
+                let notice = compose::receipt(
+                    &t,
+                    Notice::Virus(&name),
+                    &t.mittente,
+                    self.issuer(),
+                    now,
+                    None,
+                );
                 if let Err(e) = self.emit(notice, Tipo::NonAccettazione, &t).await {
                     tracing::warn!(error = %e, "the virus notice could not be delivered");
                 }
-                return Reply::new(554, "5.7.1", format!("not accepted: virus found ({name}); the message is kept in quarantine"));
+                return Reply::new(
+                    554,
+                    "5.7.1",
+                    format!(
+                        "not accepted: virus found ({name}); the message is kept in quarantine"
+                    ),
+                );
             }
             Ok(Verdict::Clean) => {}
         }
@@ -317,7 +378,11 @@ impl Gateway {
             Work::Submitted {
                 identificativo: identificativo.clone(),
                 sender: submission.sender.clone(),
-                recipients: envelope.forward_paths.iter().map(|r| r.to_ascii_lowercase()).collect(),
+                recipients: envelope
+                    .forward_paths
+                    .iter()
+                    .map(|r| r.to_ascii_lowercase())
+                    .collect(),
                 to: submission.to,
                 cc: submission.cc,
                 subject: submission.subject,
@@ -330,7 +395,14 @@ impl Gateway {
             tracing::error!(error = %e, "spooling an accepted message failed");
             return Reply::new(451, "4.3.0", "could not store the message; try again later");
         }
-        self.log(&identificativo, &t.msgid, Tipo::Accettazione.as_str(), &t.mittente, &envelope.forward_paths, "accepted");
+        self.log(
+            &identificativo,
+            &t.msgid,
+            Tipo::Accettazione.as_str(),
+            &t.mittente,
+            &envelope.forward_paths,
+            "accepted",
+        );
         failpoint::hit("accepted");
         self.wake(&job.id);
         Reply::new(250, "2.0.0", format!("accepted as {identificativo}"))
@@ -338,7 +410,12 @@ impl Gateway {
 
     /// Refuses a submission: a signed non-acceptance notice into the
     /// sender's mailbox, a legal log line, and the SMTP reply.
-    pub async fn refuse_submission(&self, envelope: &SmtpEnvelope, message: &[u8], refusal: &Refusal) -> Reply {
+    pub async fn refuse_submission(
+        &self,
+        envelope: &SmtpEnvelope,
+        message: &[u8],
+        refusal: &Refusal,
+    ) -> Reply {
         let now = clock::now();
         let identificativo = compose::new_identificativo(&self.config.domain, now, rand::random());
         let summary = classify::summary(message);
@@ -350,12 +427,30 @@ impl Gateway {
             oggetto: summary.subject,
             tipo_ricevuta: TipoRicevuta::default(),
         };
-        self.log(&identificativo, &t.msgid, Tipo::NonAccettazione.as_str(), &envelope.reverse_path, &envelope.forward_paths, refusal.reason);
-        let notice = compose::receipt(&t, Notice::NotAccepted(&refusal.detail), &envelope.reverse_path, self.issuer(), now, None);
+        self.log(
+            &identificativo,
+            &t.msgid,
+            Tipo::NonAccettazione.as_str(),
+            &envelope.reverse_path,
+            &envelope.forward_paths,
+            refusal.reason,
+        );
+        let notice = compose::receipt(
+            &t,
+            Notice::NotAccepted(&refusal.detail),
+            &envelope.reverse_path,
+            self.issuer(),
+            now,
+            None,
+        );
         if let Err(e) = self.emit(notice, Tipo::NonAccettazione, &t).await {
             tracing::warn!(error = %e, "the non-acceptance notice could not be delivered");
         }
-        let (code, enhanced) = if refusal.reason == "TooLarge" { (552, "5.3.4") } else { (550, "5.7.1") };
+        let (code, enhanced) = if refusal.reason == "TooLarge" {
+            (552, "5.3.4")
+        } else {
+            (550, "5.7.1")
+        };
         Reply::new(code, enhanced, format!("not accepted: {}", refusal.detail))
     }
 
@@ -363,13 +458,28 @@ impl Gateway {
     pub async fn receive(&self, peer: &str, envelope: SmtpEnvelope, message: Vec<u8>) -> Reply {
         let now = clock::now();
         let summary = classify::summary(&message);
-        let id = format!("in:{}:{}", now.timestamp_nanos_opt().unwrap_or_default(), rand::random::<u64>());
+        let id = format!(
+            "in:{}:{}",
+            now.timestamp_nanos_opt().unwrap_or_default(),
+            rand::random::<u64>()
+        );
         match self.scan(&message).await {
             Err(reply) => return reply,
             Ok(Verdict::Infected(name)) => {
                 self.quarantine(&id, &message);
-                self.log(&id, &summary.message_id, "rilevazione-virus", &envelope.reverse_path, &envelope.forward_paths, "virus");
-                return Reply::new(554, "5.7.1", format!("virus found ({name}); the message is kept in quarantine"));
+                self.log(
+                    &id,
+                    &summary.message_id,
+                    "rilevazione-virus",
+                    &envelope.reverse_path,
+                    &envelope.forward_paths,
+                    "virus",
+                );
+                return Reply::new(
+                    554,
+                    "5.7.1",
+                    format!("virus found ({name}); the message is kept in quarantine"),
+                );
             }
             Ok(Verdict::Clean) => {}
         }
@@ -386,7 +496,14 @@ impl Gateway {
             tracing::error!(error = %e, "spooling a received message failed");
             return Reply::new(451, "4.3.0", "could not store the message; try again later");
         }
-        self.log(&id, &summary.message_id, "ricezione", &envelope.reverse_path, &envelope.forward_paths, "received");
+        self.log(
+            &id,
+            &summary.message_id,
+            "ricezione",
+            &envelope.reverse_path,
+            &envelope.forward_paths,
+            "received",
+        );
         failpoint::hit("received");
         self.wake(&job.id);
         Reply::new(250, "2.0.0", "taken")
@@ -394,7 +511,11 @@ impl Gateway {
 
     /// Runs jobs as they come, and every few seconds the ones whose retry is
     /// due and the receipt deadlines. Returns when the channel closes.
-    pub async fn run_jobs(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<String>, workers: usize) {
+    pub async fn run_jobs(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<String>,
+        workers: usize,
+    ) {
         let (work_tx, work_rx) = async_channel();
         let mut handles = Vec::new();
         for _ in 0..workers.max(1) {
@@ -449,7 +570,10 @@ impl Gateway {
             }
         }
         let result = self.process(id).await;
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         if let Err(e) = result {
             tracing::warn!(job = id, error = %e, "job failed; it stays queued");
         }
@@ -465,7 +589,10 @@ impl Gateway {
         if job.next_attempt > now {
             return Ok(());
         }
-        let data = self.queue.data(&job.id).map_err(|e| format!("job data: {e}"))?;
+        let data = self
+            .queue
+            .data(&job.id)
+            .map_err(|e| format!("job data: {e}"))?;
         match job.work.clone() {
             Work::Submitted {
                 identificativo,
@@ -487,22 +614,49 @@ impl Gateway {
                 };
                 self.dispatch_submission(&t, &recipients, &data).await?;
             }
-            Work::Received { peer, reverse_path, recipients } => {
-                self.deliver_received(&peer, &reverse_path, &recipients, &data).await?;
+            Work::Received {
+                peer,
+                reverse_path,
+                recipients,
+            } => {
+                self.deliver_received(&peer, &reverse_path, &recipients, &data)
+                    .await?;
             }
-            Work::Send { from, to, domain, envelope_of } => {
+            Work::Send {
+                from,
+                to,
+                domain,
+                envelope_of,
+            } => {
                 failpoint::hit("before-relay");
                 match self.relay.send(&domain, &from, &to, &data).await {
                     Ok(()) => {
-                        self.log(envelope_of.as_deref().unwrap_or(&job.id), "", "inoltro", &from, &to, "relayed");
+                        self.log(
+                            envelope_of.as_deref().unwrap_or(&job.id),
+                            "",
+                            "inoltro",
+                            &from,
+                            &to,
+                            "relayed",
+                        );
                     }
                     Err(RelayError::Temporary(e)) => {
                         job.retry_later(e.clone(), now);
                         self.queue.update(&job).map_err(|e| e.to_string())?;
-                        return Err(format!("relay to {domain}: {e}; retry at {}", job.next_attempt));
+                        return Err(format!(
+                            "relay to {domain}: {e}; retry at {}",
+                            job.next_attempt
+                        ));
                     }
                     Err(e @ (RelayError::Permanent(_) | RelayError::NoRoute(_))) => {
-                        self.log(envelope_of.as_deref().unwrap_or(&job.id), "", "inoltro", &from, &to, "failed");
+                        self.log(
+                            envelope_of.as_deref().unwrap_or(&job.id),
+                            "",
+                            "inoltro",
+                            &from,
+                            &to,
+                            "failed",
+                        );
                         if let Some(ident) = envelope_of {
                             self.settle_as_failed(&ident, &to, &e.to_string()).await?;
                         }
@@ -513,13 +667,22 @@ impl Gateway {
         self.queue.done(&job.id).map_err(|e| e.to_string())
     }
 
-    async fn dispatch_submission(&self, t: &Transmission, recipients: &[String], original: &[u8]) -> Result<(), String> {
+    async fn dispatch_submission(
+        &self,
+        t: &Transmission,
+        recipients: &[String],
+        original: &[u8],
+    ) -> Result<(), String> {
         let now = clock::now();
-        let acceptance = compose::receipt(t, Notice::Accepted, &t.mittente, self.issuer(), now, None);
+        let acceptance =
+            compose::receipt(t, Notice::Accepted, &t.mittente, self.issuer(), now, None);
         self.emit(acceptance, Tipo::Accettazione, t).await?;
         let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for r in recipients {
-            by_domain.entry(checks::domain_of(r)).or_default().push(r.clone());
+            by_domain
+                .entry(checks::domain_of(r))
+                .or_default()
+                .push(r.clone());
         }
         let remote: Vec<String> = by_domain
             .iter()
@@ -565,16 +728,35 @@ impl Gateway {
             };
             let job = Job::new(job_id.clone(), work, now);
             self.queue.put(&job, &signed).map_err(|e| e.to_string())?;
-            self.queue.mark_emitted(&job_id).map_err(|e| e.to_string())?;
-            self.log(&t.identificativo, &t.msgid, Tipo::PostaCertificata.as_str(), &t.mittente, &rcpts, "queued");
+            self.queue
+                .mark_emitted(&job_id)
+                .map_err(|e| e.to_string())?;
+            self.log(
+                &t.identificativo,
+                &t.msgid,
+                Tipo::PostaCertificata.as_str(),
+                &t.mittente,
+                &rcpts,
+                "queued",
+            );
             self.wake(&job.id);
         }
         Ok(())
     }
 
-    async fn deliver_received(&self, peer: &str, reverse_path: &str, recipients: &[String], message: &[u8]) -> Result<(), String> {
+    async fn deliver_received(
+        &self,
+        peer: &str,
+        reverse_path: &str,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Result<(), String> {
         let now = clock::now();
-        let trusted = self.trusted.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let trusted = self
+            .trusted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let incoming = classify::classify(message, &trusted);
         let ours: Vec<String> = recipients
             .iter()
@@ -586,7 +768,14 @@ impl Gateway {
                 let t = Transmission::from_daticert(&daticert);
                 let from_elsewhere = checks::domain_of(&t.mittente) != self.config.domain;
                 if from_elsewhere {
-                    let taken = compose::receipt(&t, Notice::TakenInCharge, &t.mittente, self.issuer(), now, None);
+                    let taken = compose::receipt(
+                        &t,
+                        Notice::TakenInCharge,
+                        &t.mittente,
+                        self.issuer(),
+                        now,
+                        None,
+                    );
                     self.emit(taken, Tipo::PresaInCarico, &t).await?;
                 }
                 let original = classify::original(message).unwrap_or_default();
@@ -594,12 +783,40 @@ impl Gateway {
                     let mailbox = checks::local_part(rcpt);
                     if self.credentials.mailbox_exists(&mailbox) {
                         self.deliver_local(rcpt, &t.identificativo, message)?;
-                        self.log(&t.identificativo, &t.msgid, "consegna", &t.mittente, std::slice::from_ref(rcpt), "delivered");
-                        let receipt = compose::receipt(&t, Notice::Delivered(rcpt), &t.mittente, self.issuer(), now, Some(&original));
+                        self.log(
+                            &t.identificativo,
+                            &t.msgid,
+                            "consegna",
+                            &t.mittente,
+                            std::slice::from_ref(rcpt),
+                            "delivered",
+                        );
+                        let receipt = compose::receipt(
+                            &t,
+                            Notice::Delivered(rcpt),
+                            &t.mittente,
+                            self.issuer(),
+                            now,
+                            Some(&original),
+                        );
                         self.emit(receipt, Tipo::AvvenutaConsegna, &t).await?;
                     } else {
-                        self.log(&t.identificativo, &t.msgid, "consegna", &t.mittente, std::slice::from_ref(rcpt), "no-mailbox");
-                        let notice = compose::receipt(&t, Notice::NotDelivered(rcpt, "casella inesistente"), &t.mittente, self.issuer(), now, None);
+                        self.log(
+                            &t.identificativo,
+                            &t.msgid,
+                            "consegna",
+                            &t.mittente,
+                            std::slice::from_ref(rcpt),
+                            "no-mailbox",
+                        );
+                        let notice = compose::receipt(
+                            &t,
+                            Notice::NotDelivered(rcpt, "casella inesistente"),
+                            &t.mittente,
+                            self.issuer(),
+                            now,
+                            None,
+                        );
                         self.emit(notice, Tipo::ErroreConsegna, &t).await?;
                     }
                 }
@@ -614,10 +831,16 @@ impl Gateway {
                         .was_emitted(&format!("{}>{issuer_domain}", t.identificativo));
                 if !sent_here {
                     return self
-                        .deliver_anomaly(message, reverse_path, &ours, "receipt for a message this provider never sent")
+                        .deliver_anomaly(
+                            message,
+                            reverse_path,
+                            &ours,
+                            "receipt for a message this provider never sent",
+                        )
                         .await;
                 }
-                let settles = matches!(daticert.tipo, Tipo::AvvenutaConsegna | Tipo::ErroreConsegna);
+                let settles =
+                    matches!(daticert.tipo, Tipo::AvvenutaConsegna | Tipo::ErroreConsegna);
                 self.queue
                     .update_tracked(&t.identificativo, |tr| {
                         tr.taken.insert(issuer_domain.clone());
@@ -628,45 +851,101 @@ impl Gateway {
                     .map_err(|e| e.to_string())?;
                 if daticert.tipo == Tipo::PresaInCarico {
                     // Between providers only: recorded, not delivered.
-                    self.log(&t.identificativo, &t.msgid, Tipo::PresaInCarico.as_str(), reverse_path, &ours, "recorded");
+                    self.log(
+                        &t.identificativo,
+                        &t.msgid,
+                        Tipo::PresaInCarico.as_str(),
+                        reverse_path,
+                        &ours,
+                        "recorded",
+                    );
                 } else {
                     let msgid = classify::summary(message).message_id;
                     for rcpt in &ours {
                         self.deliver_local(rcpt, &msgid, message)?;
                     }
-                    self.log(&t.identificativo, &t.msgid, daticert.tipo.as_str(), reverse_path, &ours, "delivered");
+                    self.log(
+                        &t.identificativo,
+                        &t.msgid,
+                        daticert.tipo.as_str(),
+                        reverse_path,
+                        &ours,
+                        "delivered",
+                    );
                 }
             }
             Incoming::Anomaly { reason, code } => {
-                tracing::info!(peer, code, "not a valid PEC message; wrapping it in an anomaly envelope");
-                return self.deliver_anomaly(message, reverse_path, &ours, &format!("{code}: {reason}")).await;
+                tracing::info!(
+                    peer,
+                    code,
+                    "not a valid PEC message; wrapping it in an anomaly envelope"
+                );
+                return self
+                    .deliver_anomaly(message, reverse_path, &ours, &format!("{code}: {reason}"))
+                    .await;
             }
         }
         Ok(())
     }
 
-    async fn deliver_anomaly(&self, message: &[u8], reverse_path: &str, ours: &[String], reason: &str) -> Result<(), String> {
+    async fn deliver_anomaly(
+        &self,
+        message: &[u8],
+        reverse_path: &str,
+        ours: &[String],
+        reason: &str,
+    ) -> Result<(), String> {
         let summary = classify::summary(message);
-        let sender = if summary.from.is_empty() { reverse_path.to_string() } else { summary.from.clone() };
+        let sender = if summary.from.is_empty() {
+            reverse_path.to_string()
+        } else {
+            summary.from.clone()
+        };
         let existing: Vec<String> = ours
             .iter()
             .filter(|r| self.credentials.mailbox_exists(&checks::local_part(r)))
             .cloned()
             .collect();
         if existing.is_empty() {
-            self.log("", &summary.message_id, "anomalia", &sender, ours, "no-mailbox");
+            self.log(
+                "",
+                &summary.message_id,
+                "anomalia",
+                &sender,
+                ours,
+                "no-mailbox",
+            );
             return Ok(());
         }
-        let composed = compose::anomaly_envelope(message, &sender, &summary.subject, &summary.message_id, reason, &existing, self.issuer(), clock::now());
+        let arrived = compose::Arrived {
+            original: message,
+            sender: &sender,
+            subject: &summary.subject,
+            message_id: &summary.message_id,
+        };
+        let composed =
+            compose::anomaly_envelope(arrived, reason, &existing, self.issuer(), clock::now());
         let signed = self.sign(&composed).await?;
         for rcpt in &existing {
             self.deliver_local(rcpt, &composed.message_id, &signed)?;
         }
-        self.log("", &summary.message_id, "anomalia", &sender, &existing, "delivered");
+        self.log(
+            "",
+            &summary.message_id,
+            "anomalia",
+            &sender,
+            &existing,
+            "delivered",
+        );
         Ok(())
     }
 
-    async fn settle_as_failed(&self, identificativo: &str, recipients: &[String], reason: &str) -> Result<(), String> {
+    async fn settle_as_failed(
+        &self,
+        identificativo: &str,
+        recipients: &[String],
+        reason: &str,
+    ) -> Result<(), String> {
         let Some(tracked) = self
             .queue
             .update_tracked(identificativo, |t| {
@@ -678,14 +957,23 @@ impl Gateway {
         };
         let t = transmission_of(&tracked);
         for r in recipients {
-            let notice = compose::receipt(&t, Notice::NotDelivered(r, reason), &t.mittente, self.issuer(), clock::now(), None);
+            let notice = compose::receipt(
+                &t,
+                Notice::NotDelivered(r, reason),
+                &t.mittente,
+                self.issuer(),
+                clock::now(),
+                None,
+            );
             self.emit(notice, Tipo::ErroreConsegna, &t).await?;
         }
         Ok(())
     }
 
     async fn check_deadlines(&self) {
-        let Ok(all) = self.queue.tracked() else { return };
+        let Ok(all) = self.queue.tracked() else {
+            return;
+        };
         let limits = &self.config.smtp;
         let now = clock::now();
         for tracked in all {
@@ -706,7 +994,13 @@ impl Gateway {
         }
     }
 
-    async fn notify_deadline(&self, t: &Transmission, rcpts: &[String], final_notice: bool, now: DateTime<Utc>) -> Result<(), String> {
+    async fn notify_deadline(
+        &self,
+        t: &Transmission,
+        rcpts: &[String],
+        final_notice: bool,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
         for r in rcpts {
             let (notice, kind) = if final_notice {
                 (Notice::TimedOut(r), Tipo::ErroreConsegna)
@@ -751,14 +1045,25 @@ fn certified(addresses: &[String]) -> Vec<Destinatario> {
 
 fn safe_file_name(id: &str) -> String {
     id.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 fn pem_files(source: &Path) -> Vec<PathBuf> {
     if source.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(source)
-            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_file()).collect())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         files

@@ -33,7 +33,11 @@ enum Command {
     /// Serve the domain described by gateway.yaml.
     Serve {
         /// The configuration the operator renders.
-        #[arg(long, env = "PEC_GATEWAY_CONFIG", default_value = "/etc/pec/gateway/gateway.yaml")]
+        #[arg(
+            long,
+            env = "PEC_GATEWAY_CONFIG",
+            default_value = "/etc/pec/gateway/gateway.yaml"
+        )]
         config: PathBuf,
         /// Log format: text or json.
         #[arg(long, env = "PEC_LOG_FORMAT", default_value = "json")]
@@ -64,9 +68,19 @@ enum LogCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, log_format, workers } => serve(config, &log_format, workers),
-        Command::Log { command: LogCommand::Verify { path } } => {
-            let file = if path.is_dir() { path.join("legal.log") } else { path };
+        Command::Serve {
+            config,
+            log_format,
+            workers,
+        } => serve(config, &log_format, workers),
+        Command::Log {
+            command: LogCommand::Verify { path },
+        } => {
+            let file = if path.is_dir() {
+                path.join("legal.log")
+            } else {
+                path
+            };
             match legal_log::verify(&file) {
                 Ok(lines) => {
                     println!("{}: {lines} lines, chain intact", file.display());
@@ -99,11 +113,19 @@ fn main() -> ExitCode {
 }
 
 fn serve(path: PathBuf, log_format: &str, workers: usize) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if log_format == "text" {
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     } else {
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     }
     let config = match std::fs::read_to_string(&path)
         .map_err(|e| format!("reading {}: {e}", path.display()))
@@ -115,7 +137,10 @@ fn serve(path: PathBuf, log_format: &str, workers: usize) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pec-gateway: starting the runtime: {e}");
@@ -150,22 +175,27 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, String> {
     let key = rustls_pemfile::private_key(&mut read(&tls.key_file)?.as_slice())
         .map_err(|e| format!("TLS key {}: {e}", tls.key_file.display()))?
         .ok_or_else(|| format!("no private key in {}", tls.key_file.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS certificate and key: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("TLS certificate and key: {e}"))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 async fn bind(addr: &str, what: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| format!("listening for {what} on {addr}: {e}"))
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("listening for {what} on {addr}: {e}"))
 }
 
 async fn run(config: GatewayConfig, workers: usize) -> Result<(), String> {
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
-    let access_point = config.has_access_point() && config.protocols.iter().any(|p| p == "submissions");
+    let access_point =
+        config.has_access_point() && config.protocols.iter().any(|p| p == "submissions");
     if access_point && tls.is_none() {
         return Err("the access point (465) needs tls.certFile and tls.keyFile: passwords never cross in clear".into());
     }
@@ -179,7 +209,11 @@ async fn run(config: GatewayConfig, workers: usize) -> Result<(), String> {
 
     let http_listener = bind(&http_addr, "/metrics and probes").await?;
     let smtp_listener = bind(&smtp_addr, "SMTP").await?;
-    let submission_listener = if access_point { Some(bind(&submissions_addr, "submission").await?) } else { None };
+    let submission_listener = if access_point {
+        Some(bind(&submissions_addr, "submission").await?)
+    } else {
+        None
+    };
     tracing::info!(
         domain = gateway.config.domain,
         smtp = smtp_addr,
@@ -207,15 +241,35 @@ async fn run(config: GatewayConfig, workers: usize) -> Result<(), String> {
             }
         })
     };
-    let http_task = tokio::spawn(http::serve(http_listener, gateway.metrics.clone(), readiness.clone(), stop_rx.clone()));
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        gateway.metrics.clone(),
+        readiness.clone(),
+        stop_rx.clone(),
+    ));
     let jobs_task = tokio::spawn(gateway.clone().run_jobs(jobs, workers));
-    let mut servers = vec![tokio::spawn(smtp::serve(smtp_listener, Listener::Incoming, tls.clone(), gateway.clone(), stop_rx.clone()))];
+    let mut servers = vec![tokio::spawn(smtp::serve(
+        smtp_listener,
+        Listener::Incoming,
+        tls.clone(),
+        gateway.clone(),
+        stop_rx.clone(),
+    ))];
     if let Some(l) = submission_listener {
-        servers.push(tokio::spawn(smtp::serve(l, Listener::Submission, tls.clone(), gateway.clone(), stop_rx.clone())));
+        servers.push(tokio::spawn(smtp::serve(
+            l,
+            Listener::Submission,
+            tls.clone(),
+            gateway.clone(),
+            stop_rx.clone(),
+        )));
     }
 
     wait_for_signal().await;
-    tracing::info!(grace_seconds = grace.as_secs(), "stopping: no new sessions, finishing the ones in flight");
+    tracing::info!(
+        grace_seconds = grace.as_secs(),
+        "stopping: no new sessions, finishing the ones in flight"
+    );
     // Not ready at once, so the Service stops sending new connections.
     checker.abort();
     *readiness.0.write().unwrap_or_else(|e| e.into_inner()) = Err("shutting down".into());

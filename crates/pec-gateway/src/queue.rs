@@ -233,7 +233,11 @@ impl Queue {
     /// Rewrites the job record (its schedule after an attempt).
     pub fn update(&self, job: &Job) -> io::Result<()> {
         let json = serde_json::to_vec(job).map_err(invalid)?;
-        write_durably(&self.dir("jobs"), &format!("{}.json", safe_name(&job.id)), &json)?;
+        write_durably(
+            &self.dir("jobs"),
+            &format!("{}.json", safe_name(&job.id)),
+            &json,
+        )?;
         Ok(())
     }
 
@@ -290,7 +294,11 @@ impl Queue {
 
     /// Records that something with this Message-ID was emitted.
     pub fn mark_emitted(&self, message_id: &str) -> io::Result<()> {
-        write_durably(&self.dir("emitted"), &safe_name(message_id), message_id.as_bytes())?;
+        write_durably(
+            &self.dir("emitted"),
+            &safe_name(message_id),
+            message_id.as_bytes(),
+        )?;
         Ok(())
     }
 
@@ -298,7 +306,11 @@ impl Queue {
     pub fn track(&self, t: &Tracked) -> io::Result<()> {
         let _guard = self.tracked_lock.lock().unwrap_or_else(|e| e.into_inner());
         let json = serde_json::to_vec(t).map_err(invalid)?;
-        write_durably(&self.dir("sent"), &format!("{}.json", safe_name(&t.identificativo)), &json)?;
+        write_durably(
+            &self.dir("sent"),
+            &format!("{}.json", safe_name(&t.identificativo)),
+            &json,
+        )?;
         Ok(())
     }
 
@@ -310,7 +322,9 @@ impl Queue {
         change: impl FnOnce(&mut Tracked),
     ) -> io::Result<Option<Tracked>> {
         let _guard = self.tracked_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let path = self.dir("sent").join(format!("{}.json", safe_name(identificativo)));
+        let path = self
+            .dir("sent")
+            .join(format!("{}.json", safe_name(identificativo)));
         let mut t: Tracked = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(invalid)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -321,7 +335,11 @@ impl Queue {
             remove_if_present(&path)?;
         } else {
             let json = serde_json::to_vec(&t).map_err(invalid)?;
-            write_durably(&self.dir("sent"), &format!("{}.json", safe_name(identificativo)), &json)?;
+            write_durably(
+                &self.dir("sent"),
+                &format!("{}.json", safe_name(identificativo)),
+                &json,
+            )?;
         }
         Ok(Some(t))
     }
@@ -359,7 +377,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn t0() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0).single().expect("valid")
+        Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0)
+            .single()
+            .expect("valid")
     }
 
     fn send_job(id: &str) -> Job {
@@ -443,20 +463,29 @@ mod tests {
         let (warn, give_up) = (Duration::hours(12), Duration::hours(24));
         let mut t = tracked();
         t.taken.insert("pec.c.it".into());
-        assert_eq!(t.deadline(t0() + Duration::hours(11), warn, give_up), Deadline::Wait);
+        assert_eq!(
+            t.deadline(t0() + Duration::hours(11), warn, give_up),
+            Deadline::Wait
+        );
         assert_eq!(
             t.deadline(t0() + Duration::hours(12), warn, give_up),
             Deadline::Warn(vec!["b@pec.b.it".into()])
         );
         t.warned = true;
-        assert_eq!(t.deadline(t0() + Duration::hours(13), warn, give_up), Deadline::Wait);
+        assert_eq!(
+            t.deadline(t0() + Duration::hours(13), warn, give_up),
+            Deadline::Wait
+        );
         t.settled.insert("c@pec.c.it".into());
         assert_eq!(
             t.deadline(t0() + Duration::hours(24), warn, give_up),
             Deadline::GiveUp(vec!["b@pec.b.it".into()])
         );
         t.settled.insert("b@pec.b.it".into());
-        assert_eq!(t.deadline(t0() + Duration::hours(30), warn, give_up), Deadline::Wait);
+        assert_eq!(
+            t.deadline(t0() + Duration::hours(30), warn, give_up),
+            Deadline::Wait
+        );
     }
 
     #[test]
@@ -475,7 +504,10 @@ mod tests {
         })
         .expect("update");
         assert!(!q.is_tracked("opec.1@pec.a.it"));
-        assert_eq!(q.update_tracked("opec.1@pec.a.it", |_| {}).expect("update"), None);
+        assert_eq!(
+            q.update_tracked("opec.1@pec.a.it", |_| {}).expect("update"),
+            None
+        );
     }
 
     #[test]
@@ -484,6 +516,10 @@ mod tests {
         let q = Queue::open(dir.path()).expect("open");
         assert!(!q.was_emitted("r1@pec.a.it"));
         q.mark_emitted("r1@pec.a.it").expect("mark");
-        assert!(Queue::open(dir.path()).expect("reopen").was_emitted("r1@pec.a.it"));
+        assert!(
+            Queue::open(dir.path())
+                .expect("reopen")
+                .was_emitted("r1@pec.a.it")
+        );
     }
 }

@@ -85,7 +85,13 @@ impl Relay {
     }
 
     /// Hands `message` from `from` to `to` (all in `domain`).
-    pub async fn send(&self, domain: &str, from: &str, to: &[String], message: &[u8]) -> Result<(), RelayError> {
+    pub async fn send(
+        &self,
+        domain: &str,
+        from: &str,
+        to: &[String],
+        message: &[u8],
+    ) -> Result<(), RelayError> {
         let target = self
             .route(domain)
             .ok_or_else(|| RelayError::NoRoute(domain.to_string()))?
@@ -96,9 +102,13 @@ impl Relay {
             .map_err(|e| RelayError::Permanent(format!("sender {from:?}: {e}")))?;
         let to = to
             .iter()
-            .map(|t| t.parse().map_err(|e| RelayError::Permanent(format!("recipient {t:?}: {e}"))))
+            .map(|t| {
+                t.parse()
+                    .map_err(|e| RelayError::Permanent(format!("recipient {t:?}: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let envelope = Envelope::new(Some(from), to).map_err(|e| RelayError::Permanent(e.to_string()))?;
+        let envelope =
+            Envelope::new(Some(from), to).map_err(|e| RelayError::Permanent(e.to_string()))?;
         match transport.send_raw(&envelope, message).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(RelayError::Permanent(e.to_string())),

@@ -137,31 +137,45 @@ impl Signer {
     fn open(&self, state: &mut State) -> Result<Session, SignerError> {
         let config = self.config.as_ref().ok_or(SignerError::NotConfigured)?;
         if state.hsm.is_none() {
-            state.hsm = Some(Hsm::open(&self.module).map_err(|e| unavailable(e.reason(), e.to_string()))?);
+            state.hsm =
+                Some(Hsm::open(&self.module).map_err(|e| unavailable(e.reason(), e.to_string()))?);
         }
         let Some(hsm) = state.hsm.as_ref() else {
             return Err(unavailable("HsmModuleUnavailable", "module not loaded"));
         };
-        let pin = std::fs::read_to_string(&self.pin_file)
-            .map_err(|e| unavailable("PinUnreadable", format!("reading {}: {e}", self.pin_file.display())))?;
+        let pin = std::fs::read_to_string(&self.pin_file).map_err(|e| {
+            unavailable(
+                "PinUnreadable",
+                format!("reading {}: {e}", self.pin_file.display()),
+            )
+        })?;
         let pin = AuthPin::from(pin.trim_end_matches(['\r', '\n']).to_string());
         let token = hsm
             .login(&config.token_label, &pin)
             .map_err(|e| unavailable(e.reason(), e.to_string()))?;
         drop(pin);
-        let id = pec_core::der::from_hex(&config.key_id).ok_or_else(|| unavailable("BadKeyId", "keyId is not hex"))?;
-        let key = token
-            .existing_key(&id)
-            .map_err(|e| unavailable(e.reason(), format!("key {} in token {:?}: {e}", config.key_id, config.token_label)))?;
+        let id = pec_core::der::from_hex(&config.key_id)
+            .ok_or_else(|| unavailable("BadKeyId", "keyId is not hex"))?;
+        let key = token.existing_key(&id).map_err(|e| {
+            unavailable(
+                e.reason(),
+                format!(
+                    "key {} in token {:?}: {e}",
+                    config.key_id, config.token_label
+                ),
+            )
+        })?;
         let pem = std::fs::read_to_string(&self.certificate_file).map_err(|e| {
             unavailable(
                 "CertificateMissing",
                 format!("reading {}: {e}", self.certificate_file.display()),
             )
         })?;
-        let certificate =
-            SignerCertificate::from_pem(&pem).map_err(|e| unavailable("CertificateInvalid", e.to_string()))?;
-        if !config.certificate_sha256.is_empty() && certificate.sha256() != config.certificate_sha256.to_ascii_lowercase() {
+        let certificate = SignerCertificate::from_pem(&pem)
+            .map_err(|e| unavailable("CertificateInvalid", e.to_string()))?;
+        if !config.certificate_sha256.is_empty()
+            && certificate.sha256() != config.certificate_sha256.to_ascii_lowercase()
+        {
             return Err(unavailable(
                 "CertificateMismatch",
                 format!(
@@ -172,7 +186,9 @@ impl Signer {
                 ),
             ));
         }
-        let token_spki = token.public_key(&id).map_err(|e| unavailable(e.reason(), e.to_string()))?;
+        let token_spki = token
+            .public_key(&id)
+            .map_err(|e| unavailable(e.reason(), e.to_string()))?;
         let cert_spki = certificate
             .spki_der()
             .map_err(|e| unavailable("CertificateInvalid", e.to_string()))?;
@@ -197,13 +213,20 @@ impl Signer {
             return Err(unavailable("HsmSessionLost", "no session"));
         };
         let result = smime::sign_detached(&composed.entity, &session.certificate, now, |data| {
-            session.token.sign(session.key, session.certificate.algorithm(), data)
+            session
+                .token
+                .sign(session.key, session.certificate.algorithm(), data)
         });
         match result {
             Ok(signature) => {
                 let boundary = format!("pec-signed-{}", &composed.message_id.len());
                 let boundary = unique_boundary(&boundary, &composed.entity);
-                Ok(smime::multipart_signed(&composed.headers, &composed.entity, &signature, &boundary))
+                Ok(smime::multipart_signed(
+                    &composed.headers,
+                    &composed.entity,
+                    &signature,
+                    &boundary,
+                ))
             }
             Err(e) => {
                 // A failed signature may mean a lost session (token removed,
@@ -238,6 +261,8 @@ fn unique_boundary(seed: &str, entity: &[u8]) -> String {
         if !entity.windows(needle.len()).any(|w| w == needle.as_bytes()) {
             return candidate;
         }
-        n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        n = n
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
     }
 }

@@ -22,9 +22,13 @@ fn with_attachment(from: &str, to: &str, subject: &str, content: &[u8]) -> Strin
 
 fn daticert_of(message: &[u8]) -> pec_gateway::pec::daticert::Daticert {
     let parts = pec_core::smime::split_signed(message).expect("a signed message");
-    let entity = mail_parser::MessageParser::default().parse(parts.entity).expect("entity");
-    let xml = pec_gateway::pec::classify::attachment(&entity, "daticert.xml").expect("daticert.xml");
-    pec_gateway::pec::daticert::Daticert::from_xml(std::str::from_utf8(xml).expect("utf-8")).expect("daticert parses")
+    let entity = mail_parser::MessageParser::default()
+        .parse(parts.entity)
+        .expect("entity");
+    let xml =
+        pec_gateway::pec::classify::attachment(&entity, "daticert.xml").expect("daticert.xml");
+    pec_gateway::pec::daticert::Daticert::from_xml(std::str::from_utf8(xml).expect("utf-8"))
+        .expect("daticert parses")
 }
 
 #[test]
@@ -33,36 +37,55 @@ fn a_message_crosses_all_three_points_and_every_receipt_verifies() {
     let ca = p.ca_file();
     let (mario, anna) = (p.mario(), p.anna());
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Contratto", "In allegato il contratto."));
+    let (code, text) = c.send_mail(
+        &mario,
+        &[&anna],
+        &message(&mario, &[&anna], "Contratto", "In allegato il contratto."),
+    );
     assert_eq!(code, 250, "{text}");
     c.expect("QUIT", 221);
 
     let accepted = p.a.wait_for_mail("mario", "X-Ricevuta: accettazione", 1);
-    let envelope = p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
-    let delivered = p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
+    let envelope =
+        p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
+    let delivered =
+        p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
 
     for (what, msg, cert) in [
         ("acceptance", &accepted[0], &p.da.cert_pem),
         ("envelope", &envelope[0], &p.da.cert_pem),
         ("delivery receipt", &delivered[0], &p.db.cert_pem),
     ] {
-        let signer = openssl_verify(msg, &ca).unwrap_or_else(|e| panic!("{what} does not verify: {e}"));
-        assert_eq!(pem_der(&signer), pem_der(cert), "{what} is signed by the issuing domain's key");
+        let signer =
+            openssl_verify(msg, &ca).unwrap_or_else(|e| panic!("{what} does not verify: {e}"));
+        assert_eq!(
+            pem_der(&signer),
+            pem_der(cert),
+            "{what} is signed by the issuing domain's key"
+        );
     }
     let d = daticert_of(&delivered[0]);
     assert_eq!(d.tipo.as_str(), "avvenuta-consegna");
     assert_eq!(d.consegna.as_deref(), Some(anna.as_str()));
     assert_eq!(d.mittente, mario);
     let e = daticert_of(&envelope[0]);
-    assert_eq!(e.identificativo, d.identificativo, "the receipt names the transmission");
+    assert_eq!(
+        e.identificativo, d.identificativo,
+        "the receipt names the transmission"
+    );
     assert!(header_block(&envelope[0]).contains("Subject: POSTA CERTIFICATA: Contratto"));
     let original = pec_gateway::pec::classify::original(&envelope[0]).expect("postacert.eml");
     assert!(String::from_utf8_lossy(&original).contains("In allegato il contratto."));
 
     // The taking-charge receipt stays between providers: recorded, not delivered.
-    wait_for(Duration::from_secs(10), "the taking-charge receipt in A's legal log", || {
-        std::fs::read_to_string(p.a.legal_log()).is_ok_and(|l| l.contains("\"kind\":\"presa-in-carico\""))
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the taking-charge receipt in A's legal log",
+        || {
+            std::fs::read_to_string(p.a.legal_log())
+                .is_ok_and(|l| l.contains("\"kind\":\"presa-in-carico\""))
+        },
+    );
     assert!(p.a.find("mario", "presa-in-carico").is_empty());
     for g in [&p.a, &p.b] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pec-gateway"))
@@ -70,7 +93,11 @@ fn a_message_crosses_all_three_points_and_every_receipt_verifies() {
             .arg(g.legal_log())
             .output()
             .expect("log verify");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -81,10 +108,16 @@ fn a_message_within_one_domain_is_delivered_with_receipts() {
     let mario = p.mario();
     let luigi = format!("luigi@{}", p.da.name);
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(&mario, &[&luigi], &message(&mario, &[&luigi], "Interno", "ciao"));
+    let (code, text) = c.send_mail(
+        &mario,
+        &[&luigi],
+        &message(&mario, &[&luigi], "Interno", "ciao"),
+    );
     assert_eq!(code, 250, "{text}");
-    let envelope = p.a.wait_for_mail("luigi", "X-Trasporto: posta-certificata", 1);
-    let delivered = p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
+    let envelope =
+        p.a.wait_for_mail("luigi", "X-Trasporto: posta-certificata", 1);
+    let delivered =
+        p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
     openssl_verify(&envelope[0], &ca).expect("envelope verifies");
     openssl_verify(&delivered[0], &ca).expect("receipt verifies");
 }
@@ -95,15 +128,23 @@ fn eicar_is_refused_with_a_virus_notice_and_kept_in_quarantine() {
     let mario = p.mario();
     let anna = p.anna();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(&mario, &[&anna], &with_attachment(&mario, &anna, "Allegato", EICAR.as_bytes()));
+    let (code, text) = c.send_mail(
+        &mario,
+        &[&anna],
+        &with_attachment(&mario, &anna, "Allegato", EICAR.as_bytes()),
+    );
     assert_eq!(code, 554, "{text}");
     assert!(text.contains("virus"), "{text}");
-    let notice = p.a.wait_for_mail("mario", "X-Ricevuta: non-accettazione", 1);
+    let notice =
+        p.a.wait_for_mail("mario", "X-Ricevuta: non-accettazione", 1);
     openssl_verify(&notice[0], &p.ca_file()).expect("notice verifies");
     assert_eq!(daticert_of(&notice[0]).errore.as_str(), "virus");
     assert_eq!(p.a.quarantined(), 1);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(p.b.mailbox("anna").is_empty(), "nothing infected is delivered");
+    assert!(
+        p.b.mailbox("anna").is_empty(),
+        "nothing infected is delivered"
+    );
 }
 
 #[test]
@@ -117,10 +158,17 @@ fn oversize_gets_the_non_acceptance_notice() {
     assert_eq!(code, 552, "{text}");
     // Not announced: read, refused after DATA, with a signed notice.
     let big = "x".repeat(990);
-    let body = std::iter::repeat_n(big.as_str(), 250).collect::<Vec<_>>().join("\r\n");
-    let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Grande", &body));
+    let body = std::iter::repeat_n(big.as_str(), 250)
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let (code, text) = c.send_mail(
+        &mario,
+        &[&anna],
+        &message(&mario, &[&anna], "Grande", &body),
+    );
     assert_eq!(code, 552, "{text}");
-    let notice = p.a.wait_for_mail("mario", "X-Ricevuta: non-accettazione", 1);
+    let notice =
+        p.a.wait_for_mail("mario", "X-Ricevuta: non-accettazione", 1);
     openssl_verify(&notice[0], &p.ca_file()).expect("notice verifies");
     // The session goes on after a refusal.
     c.expect("NOOP", 250);
@@ -140,9 +188,24 @@ fn formal_errors_are_refused_with_a_reply_and_a_notice() {
             vec![anna],
             format!("From: {mario}\r\nTo: {anna}\r\nBcc: {bruno}\r\nSubject: b\r\n\r\nx\r\n"),
         ),
-        ("From", vec![anna], format!("From: other@{}\r\nTo: {anna}\r\nSubject: f\r\n\r\nx\r\n", p.da.name)),
-        ("neither To nor Cc", vec![anna, bruno], format!("From: {mario}\r\nTo: {anna}\r\nSubject: r\r\n\r\nx\r\n")),
-        ("no valid To", vec![anna], format!("From: {mario}\r\nSubject: t\r\n\r\nx\r\n")),
+        (
+            "From",
+            vec![anna],
+            format!(
+                "From: other@{}\r\nTo: {anna}\r\nSubject: f\r\n\r\nx\r\n",
+                p.da.name
+            ),
+        ),
+        (
+            "neither To nor Cc",
+            vec![anna, bruno],
+            format!("From: {mario}\r\nTo: {anna}\r\nSubject: r\r\n\r\nx\r\n"),
+        ),
+        (
+            "no valid To",
+            vec![anna],
+            format!("From: {mario}\r\nSubject: t\r\n\r\nx\r\n"),
+        ),
     ];
     for (n, (what, rcpts, msg)) in cases.iter().enumerate() {
         let (code, text) = c.send_mail(&mario, rcpts, msg);
@@ -168,7 +231,11 @@ fn the_smtp_dialogue_refuses_abuse() {
     assert_eq!(c.cmd("MAIL FROM:<x@y.test>").0, 503);
     c.expect("EHLO peer.test", 250);
     c.expect("MAIL FROM:<x@y.test>", 250);
-    assert_eq!(c.cmd("RCPT TO:<someone@elsewhere.test>").0, 550, "no open relay");
+    assert_eq!(
+        c.cmd("RCPT TO:<someone@elsewhere.test>").0,
+        550,
+        "no open relay"
+    );
     // Too many recipients.
     for i in 0..5 {
         c.expect(&format!("RCPT TO:<r{i}@{}>", p.db.name), 250);
@@ -225,7 +292,11 @@ fn failed_logins_are_rate_limited_and_never_logged() {
         base64::engine::general_purpose::STANDARD.encode(format!("\0{mario}\0{pw}"))
     };
     for _ in 0..3 {
-        assert_eq!(c.cmd(&format!("AUTH PLAIN {}", bad("wrong-password-123"))).0, 535);
+        assert_eq!(
+            c.cmd(&format!("AUTH PLAIN {}", bad("wrong-password-123")))
+                .0,
+            535
+        );
     }
     // Locked out now, even with the right password.
     let (code, text) = c.cmd(&format!("AUTH PLAIN {}", bad(MARIO_PASSWORD)));
@@ -233,9 +304,15 @@ fn failed_logins_are_rate_limited_and_never_logged() {
     // Unauthenticated submission is refused.
     assert_eq!(c.cmd(&format!("MAIL FROM:<{mario}>")).0, 530);
     let log = p.a.output();
-    assert!(!log.contains("wrong-password-123") && !log.contains(MARIO_PASSWORD), "a password reached the log");
+    assert!(
+        !log.contains("wrong-password-123") && !log.contains(MARIO_PASSWORD),
+        "a password reached the log"
+    );
     let (_, _, metrics) = p.a.http_get("/metrics");
-    assert!(metrics.contains("pec_gateway_auth_failures_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("pec_gateway_auth_failures_total 3"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -244,7 +321,11 @@ fn plain_mail_from_outside_becomes_an_anomaly_envelope() {
     let anna = p.anna();
     let mut c = Client::plain(p.b.smtp);
     c.expect("EHLO mx.example.test", 250);
-    let (code, text) = c.send_mail("someone@example.test", &[&anna], &message("someone@example.test", &[&anna], "Ciao", "plain mail"));
+    let (code, text) = c.send_mail(
+        "someone@example.test",
+        &[&anna],
+        &message("someone@example.test", &[&anna], "Ciao", "plain mail"),
+    );
     assert_eq!(code, 250, "{text}");
     let anomaly = p.b.wait_for_mail("anna", "X-Trasporto: errore", 1);
     assert!(header_block(&anomaly[0]).contains("ANOMALIA MESSAGGIO: Ciao"));
@@ -272,11 +353,27 @@ fn forged_envelope(p: &Pair, key_id: &str, cert_pem: &str, tamper: bool) -> Vec<
         domain: &p.da.name,
         gestore: "test",
     };
-    let mut composed = compose::transport_envelope(&t, message(&mario, &[&anna], "Forged", "x").as_bytes(), &[anna.clone()], issuer, pec_gateway::clock::now());
+    let mut composed = compose::transport_envelope(
+        &t,
+        message(&mario, &[&anna], "Forged", "x").as_bytes(),
+        std::slice::from_ref(&anna),
+        issuer,
+        pec_gateway::clock::now(),
+    );
     let cert = pec_core::smime::SignerCertificate::from_pem(cert_pem).expect("cert");
-    let sig = pec_core::smime::sign_detached(&composed.entity, &cert, pec_gateway::clock::system_now(), |d| token().sign(key_id, d)).expect("sign");
+    let sig = pec_core::smime::sign_detached(
+        &composed.entity,
+        &cert,
+        pec_gateway::clock::system_now(),
+        |d| token().sign(key_id, d),
+    )
+    .expect("sign");
     if tamper {
-        let pos = composed.entity.windows(1).position(|w| w == b"x").expect("a byte to change");
+        let pos = composed
+            .entity
+            .windows(1)
+            .position(|w| w == b"x")
+            .expect("a byte to change");
         composed.entity[pos] = b'y';
     }
     pec_core::smime::multipart_signed(&composed.headers, &composed.entity, &sig, "forged-boundary")
@@ -290,25 +387,40 @@ fn unknown_signers_and_tampered_envelopes_become_anomalies() {
     let (rogue_id, rogue_spki) = token().new_key("rogue");
     let rogue_cert = pki().signing_cert(&rogue_spki, &p.da.name);
     for (what, msg) in [
-        ("UnknownSigner", forged_envelope(&p, &rogue_id, &rogue_cert, false)),
-        ("altered", forged_envelope(&p, &p.da.key_id, &p.da.cert_pem, true)),
+        (
+            "UnknownSigner",
+            forged_envelope(&p, &rogue_id, &rogue_cert, false),
+        ),
+        (
+            "altered",
+            forged_envelope(&p, &p.da.key_id, &p.da.cert_pem, true),
+        ),
     ] {
         let mut c = Client::plain(p.b.smtp);
         c.expect("EHLO peer.test", 250);
         let text = String::from_utf8(msg).expect("ascii");
-        let (code, reply) = c.send_mail(&format!("posta-certificata@{}", p.da.name), &[&anna], &text);
+        let (code, reply) =
+            c.send_mail(&format!("posta-certificata@{}", p.da.name), &[&anna], &text);
         assert_eq!(code, 250, "{what}: {reply}");
         let anomalies = p.b.wait_for_mail("anna", "X-Trasporto: errore", 1);
         let body = String::from_utf8_lossy(anomalies.last().expect("one"));
         assert!(body.contains(what), "{what} named in the anomaly: {body}");
         std::fs::remove_dir_all(p.b.dir.join("mailboxes/anna")).expect("clear mailbox");
     }
-    assert!(p.b.find("anna", "X-Trasporto: posta-certificata").is_empty(), "nothing forged is delivered as certified");
+    assert!(
+        p.b.find("anna", "X-Trasporto: posta-certificata")
+            .is_empty(),
+        "nothing forged is delivered as certified"
+    );
     // The same envelope, properly signed, is delivered.
     let good = forged_envelope(&p, &p.da.key_id, &p.da.cert_pem, false);
     let mut c = Client::plain(p.b.smtp);
     c.expect("EHLO peer.test", 250);
-    let (code, _) = c.send_mail(&format!("posta-certificata@{}", p.da.name), &[&anna], &String::from_utf8(good).expect("ascii"));
+    let (code, _) = c.send_mail(
+        &format!("posta-certificata@{}", p.da.name),
+        &[&anna],
+        &String::from_utf8(good).expect("ascii"),
+    );
     assert_eq!(code, 250);
     p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
 }
@@ -334,17 +446,37 @@ fn a_receipt_for_a_message_never_sent_is_an_anomaly() {
         domain: &p.db.name,
         gestore: "B",
     };
-    let composed = compose::receipt(&t, compose::Notice::Delivered(&anna), &mario, issuer, pec_gateway::clock::now(), None);
+    let composed = compose::receipt(
+        &t,
+        compose::Notice::Delivered(&anna),
+        &mario,
+        issuer,
+        pec_gateway::clock::now(),
+        None,
+    );
     let cert = pec_core::smime::SignerCertificate::from_pem(&p.db.cert_pem).expect("cert");
-    let sig = pec_core::smime::sign_detached(&composed.entity, &cert, pec_gateway::clock::system_now(), |d| token().sign(&p.db.key_id, d)).expect("sign");
+    let sig = pec_core::smime::sign_detached(
+        &composed.entity,
+        &cert,
+        pec_gateway::clock::system_now(),
+        |d| token().sign(&p.db.key_id, d),
+    )
+    .expect("sign");
     let msg = pec_core::smime::multipart_signed(&composed.headers, &composed.entity, &sig, "b");
     let mut c = Client::plain(p.a.smtp);
     c.expect("EHLO peer.test", 250);
-    let (code, _) = c.send_mail(&format!("posta-certificata@{}", p.db.name), &[&mario], &String::from_utf8(msg).expect("ascii"));
+    let (code, _) = c.send_mail(
+        &format!("posta-certificata@{}", p.db.name),
+        &[&mario],
+        &String::from_utf8(msg).expect("ascii"),
+    );
     assert_eq!(code, 250);
     let anomaly = p.a.wait_for_mail("mario", "X-Trasporto: errore", 1);
     assert!(String::from_utf8_lossy(&anomaly[0]).contains("never sent"));
-    assert!(p.a.find("mario", "X-Ricevuta: avvenuta-consegna").is_empty());
+    assert!(
+        p.a.find("mario", "X-Ricevuta: avvenuta-consegna")
+            .is_empty()
+    );
 }
 
 #[test]
@@ -354,14 +486,18 @@ fn clamd_down_gives_a_temporary_failure_and_not_ready_then_recovers() {
     let mario = p.mario();
     let anna = p.anna();
     clamd.stop();
-    wait_for(Duration::from_secs(15), "gateway A not ready", || !p.a.ready());
+    wait_for(Duration::from_secs(15), "gateway A not ready", || {
+        !p.a.ready()
+    });
     let (_, _, body) = p.a.http_get("/readyz");
     assert!(body.contains("antivirus"), "{body}");
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
     let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Durante", "x"));
     assert_eq!(code / 100, 4, "fail closed, temporarily: {text}");
     clamd.restart();
-    wait_for(Duration::from_secs(15), "gateway A ready again", || p.a.ready());
+    wait_for(Duration::from_secs(15), "gateway A ready again", || {
+        p.a.ready()
+    });
     let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Dopo", "x"));
     assert_eq!(code, 250, "{text}");
     p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
@@ -392,7 +528,10 @@ fn a_gateway_killed_during_data_after_the_250_and_before_the_relay_loses_and_dup
     assert_eq!(code, 250, "{text}");
     let status = p.a.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
-    assert!(p.a.output().contains("crash point before-relay"), "it died at the named step");
+    assert!(
+        p.a.output().contains("crash point before-relay"),
+        "it died at the named step"
+    );
     assert!(p.b.mailbox("anna").is_empty(), "not relayed yet");
     p.a.set_env("PEC_GATEWAY_CRASH_AT", None);
     p.a.restart();
@@ -404,10 +543,26 @@ fn a_gateway_killed_during_data_after_the_250_and_before_the_relay_loses_and_dup
     p.a.restart();
     wait_for(Duration::from_secs(20), "A ready", || p.a.ready());
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(p.b.find("anna", "X-Trasporto: posta-certificata").len(), 1, "one envelope");
-    assert_eq!(p.a.find("mario", "X-Ricevuta: accettazione").len(), 1, "one acceptance");
-    assert_eq!(p.a.find("mario", "X-Ricevuta: avvenuta-consegna").len(), 1, "one delivery receipt");
-    assert!(p.b.find("anna", "Subject: POSTA CERTIFICATA: half").is_empty(), "the half message was never accepted");
+    assert_eq!(
+        p.b.find("anna", "X-Trasporto: posta-certificata").len(),
+        1,
+        "one envelope"
+    );
+    assert_eq!(
+        p.a.find("mario", "X-Ricevuta: accettazione").len(),
+        1,
+        "one acceptance"
+    );
+    assert_eq!(
+        p.a.find("mario", "X-Ricevuta: avvenuta-consegna").len(),
+        1,
+        "one delivery receipt"
+    );
+    assert!(
+        p.b.find("anna", "Subject: POSTA CERTIFICATA: half")
+            .is_empty(),
+        "the half message was never accepted"
+    );
 }
 
 #[test]
@@ -417,22 +572,43 @@ fn a_rotated_key_signs_from_the_next_start_and_both_generations_verify() {
     let mario = p.mario();
     let anna = p.anna();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    assert_eq!(c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Prima", "g1")).0, 250);
+    assert_eq!(
+        c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Prima", "g1"))
+            .0,
+        250
+    );
     let before = p.a.wait_for_mail("mario", "ACCETTAZIONE: Prima", 1);
     let g1 = p.da.cert_pem.clone();
 
     // Generation 2: a new key and certificate, published in the index.
     p.da.rotate(2);
     std::fs::write(p.providers.join("a-g2.pem"), &p.da.cert_pem).expect("index");
-    let config = p.da.config(&p.clamd, &p.providers, &[(&p.db.name, p.db.smtp)], &p.pin_file);
+    let config = p.da.config(
+        &p.clamd,
+        &p.providers,
+        &[(&p.db.name, p.db.smtp)],
+        &p.pin_file,
+    );
     p.a.rewrite_config(&config);
     p.a.restart();
-    wait_for(Duration::from_secs(20), "A ready on generation 2", || p.a.ready());
+    wait_for(Duration::from_secs(20), "A ready on generation 2", || {
+        p.a.ready()
+    });
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    assert_eq!(c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Dopo", "g2")).0, 250);
+    assert_eq!(
+        c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Dopo", "g2"))
+            .0,
+        250
+    );
     let after = p.a.wait_for_mail("mario", "ACCETTAZIONE: Dopo", 1);
-    assert_eq!(pem_der(&openssl_verify(&before[0], &ca).expect("g1 receipt")), pem_der(&g1));
-    assert_eq!(pem_der(&openssl_verify(&after[0], &ca).expect("g2 receipt")), pem_der(&p.da.cert_pem));
+    assert_eq!(
+        pem_der(&openssl_verify(&before[0], &ca).expect("g1 receipt")),
+        pem_der(&g1)
+    );
+    assert_eq!(
+        pem_der(&openssl_verify(&after[0], &ca).expect("g2 receipt")),
+        pem_der(&p.da.cert_pem)
+    );
     // B trusts both generations: the envelope signed with generation 2 is delivered.
     p.b.wait_for_mail("anna", "POSTA CERTIFICATA: Dopo", 1);
 }
@@ -444,15 +620,28 @@ fn a_wrong_pin_keeps_the_gateway_unready_until_fixed() {
     std::fs::write(&pin_file, "0000-wrong").expect("pin");
     let clamd = shared_clamd();
     let domain = Domain::new(root.path(), "pec-pin.test", &[("carla", "c")]);
-    let g = Gateway::start(&domain, &domain.config(&clamd, root.path(), &[], &pin_file), &[]);
-    wait_for(Duration::from_secs(10), "a readiness verdict", || g.http_get("/readyz").2 != "starting");
+    let g = Gateway::start(
+        &domain,
+        &domain.config(&clamd, root.path(), &[], &pin_file),
+        &[],
+    );
+    wait_for(Duration::from_secs(10), "a readiness verdict", || {
+        g.http_get("/readyz").2 != "starting"
+    });
     let (code, _, body) = g.http_get("/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("HsmLoginFailed"), "{body}");
     // Mail is refused temporarily while the gateway cannot sign.
     std::fs::write(&pin_file, &token().pin).expect("pin");
-    wait_for(Duration::from_secs(20), "ready once the PIN is right", || g.ready());
-    assert!(!g.output().contains("0000-wrong") && !g.output().contains(&token().pin), "the PIN never reaches the log");
+    wait_for(
+        Duration::from_secs(20),
+        "ready once the PIN is right",
+        || g.ready(),
+    );
+    assert!(
+        !g.output().contains("0000-wrong") && !g.output().contains(&token().pin),
+        "the PIN never reaches the log"
+    );
 }
 
 #[test]
@@ -478,7 +667,10 @@ fn sigterm_finishes_the_session_in_flight_and_exits_in_time() {
     assert_eq!(code, 250, "the transaction in flight completes: {text}");
     assert_eq!(next, 421, "then the session is told to go");
     assert!(status.success(), "clean exit: {status:?}");
-    assert!(took < Duration::from_secs(10), "within the grace period: {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "within the grace period: {took:?}"
+    );
     p.a.restart();
     p.b.wait_for_mail("anna", "POSTA CERTIFICATA: in volo", 1);
 }
@@ -488,18 +680,45 @@ fn metrics_and_probes_answer_with_content_types() {
     let p = Pair::start();
     let (mario, anna) = (p.mario(), p.anna());
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    assert_eq!(c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Metriche", "x")).0, 250);
+    assert_eq!(
+        c.send_mail(
+            &mario,
+            &[&anna],
+            &message(&mario, &[&anna], "Metriche", "x")
+        )
+        .0,
+        250
+    );
     p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
     let (code, head, body) = p.a.http_get("/metrics");
     assert_eq!(code, 200);
-    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
-    for family in ["pec_gateway_messages_total", "pec_gateway_signing_seconds", "pec_gateway_queue_depth", "pec_gateway_antivirus_verdicts_total", "pec_gateway_build_info"] {
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    for family in [
+        "pec_gateway_messages_total",
+        "pec_gateway_signing_seconds",
+        "pec_gateway_queue_depth",
+        "pec_gateway_antivirus_verdicts_total",
+        "pec_gateway_build_info",
+    ] {
         assert!(body.contains(family), "{family} missing");
     }
-    assert!(body.contains("pec_gateway_messages_total{kind=\"accettazione\",outcome=\"accepted\"} 1"), "{body}");
+    assert!(
+        body.contains("pec_gateway_messages_total{kind=\"accettazione\",outcome=\"accepted\"} 1"),
+        "{body}"
+    );
     // The submission and the receipts coming back were all scanned.
-    assert!(!body.contains("pec_gateway_antivirus_verdicts_total{verdict=\"clean\"} 0"), "{body}");
-    assert!(body.contains("pec_gateway_antivirus_verdicts_total{verdict=\"infected\"} 0"), "{body}");
+    assert!(
+        !body.contains("pec_gateway_antivirus_verdicts_total{verdict=\"clean\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains("pec_gateway_antivirus_verdicts_total{verdict=\"infected\"} 0"),
+        "{body}"
+    );
     let signed: u64 = body
         .lines()
         .find_map(|l| l.strip_prefix("pec_gateway_signing_seconds_count "))

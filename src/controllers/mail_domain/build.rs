@@ -12,11 +12,10 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         core::v1::{
-            Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-            EmptyDirVolumeSource, EnvVar, ObjectReference, PodAffinityTerm, PodAntiAffinity,
-            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-            SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
-            Volume, VolumeMount,
+            Affinity, Capabilities, ConfigMap, Container, ContainerPort, HTTPGetAction,
+            ObjectReference, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+            PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+            ServicePort, ServiceSpec, Sysctl,
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
         networking::v1::{
@@ -31,12 +30,14 @@ use k8s_openapi::{
     },
 };
 use kube::{Resource, ResourceExt};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::validate::ResolvedSite;
+use super::{
+    gateway::{self, GatewayDefaults, GatewaySigning, METRICS_PORT},
+    validate::ResolvedSite,
+};
 use crate::{
-    api::{GatewayPort, MailDomain, Profile},
+    api::{GatewayPort, MailDomain},
     controllers::MANAGED_BY,
 };
 
@@ -48,7 +49,6 @@ pub const SITE_LABEL: &str = "pec.dev/site";
 pub const CONFIG_HASH_ANNOTATION: &str = "pec.dev/config-hash";
 /// The key of the gateway configuration in its ConfigMap.
 pub const CONFIG_KEY: &str = "gateway.yaml";
-const CONFIG_DIR: &str = "/etc/pec-gateway";
 /// Gateways run as this unprivileged user (restricted Pod Security).
 const GATEWAY_UID: i64 = 10_000;
 
@@ -93,104 +93,6 @@ pub struct SiteChildren {
     pub pdb: PodDisruptionBudget,
     /// Admits ingress only on the profile's ports.
     pub network_policy: NetworkPolicy,
-}
-
-/// The configuration a gateway reads, rendered into its ConfigMap.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct GatewayConfig {
-    /// The PEC domain.
-    pub domain: String,
-    /// The profile.
-    pub profile: Profile,
-    /// The site this gateway runs in.
-    pub site: String,
-    /// Maximum message size in bytes.
-    pub max_message_bytes: i64,
-    /// What the gateway does with infected messages.
-    pub antivirus: AntivirusConfig,
-    /// Enabled protocols, by port name.
-    pub protocols: Vec<&'static str>,
-    /// The SigningKey that signs receipts and envelopes, if named.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub signing_key_ref: Option<String>,
-    /// Its active generation, once it has one: changing generation changes
-    /// the configuration hash, so the gateways roll to the new key under the
-    /// PodDisruptionBudget.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub signing: Option<SigningConfig>,
-}
-
-/// The active key and certificate the gateways sign with.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct SigningConfig {
-    /// The SigningKey.
-    pub key: String,
-    /// The PKCS#11 token holding it (by label).
-    pub token_label: String,
-    /// The key's `CKA_ID`, hex.
-    pub key_id: String,
-    /// The generation.
-    pub generation: i64,
-    /// The Secret with the published certificates.
-    pub certificate_secret: String,
-    /// The key of this generation's certificate in that Secret.
-    pub certificate_key: String,
-    /// SHA-256 of the certificate, hex.
-    pub certificate_sha256: String,
-}
-
-impl SigningConfig {
-    /// The active generation of `sk`, if it has one.
-    pub fn of(sk: &crate::api::SigningKey) -> Option<Self> {
-        let current = sk.status.as_ref()?.current.as_ref()?;
-        Some(Self {
-            key: sk.name_any(),
-            token_label: sk.spec.hsm.token_label.clone(),
-            key_id: current.key_id.clone(),
-            generation: current.generation,
-            certificate_secret: crate::controllers::signing_key::publish::secret_name(sk),
-            certificate_key: crate::controllers::signing_key::publish::certificate_key(
-                current.generation,
-            ),
-            certificate_sha256: current.fingerprint.clone().unwrap_or_default(),
-        })
-    }
-}
-
-/// Antivirus settings the gateway applies.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct AntivirusConfig {
-    /// Always on.
-    pub enabled: bool,
-    /// Infected messages are never delivered.
-    pub infected_action: &'static str,
-    /// How long quarantined messages are kept.
-    pub quarantine_retention: String,
-}
-
-/// The gateway configuration of `md` in `site`.
-pub fn gateway_config(
-    md: &MailDomain,
-    site: &str,
-    signing: Option<&SigningConfig>,
-) -> GatewayConfig {
-    GatewayConfig {
-        domain: md.spec.domain.clone(),
-        profile: md.spec.profile,
-        site: site.to_string(),
-        max_message_bytes: md.spec.max_message_bytes,
-        antivirus: AntivirusConfig {
-            enabled: true,
-            infected_action: "RefuseNotifySenderQuarantine",
-            quarantine_retention: md.spec.antivirus.quarantine_retention.clone(),
-        },
-        protocols: md.spec.profile.ports().iter().map(|p| p.name).collect(),
-        signing_key_ref: md.spec.signing_key_ref.clone(),
-        signing: signing.cloned(),
-    }
 }
 
 /// The name of the children of `md` in `site`: `<domain>-<site>`, shortened
@@ -267,14 +169,15 @@ fn selector_labels(md: &str, site: &str) -> BTreeMap<String, String> {
 /// gateways (`serving: None` keeps the slices there are).
 pub fn children(
     md: &MailDomain,
-    signing: Option<&SigningConfig>,
+    signing: Option<&GatewaySigning>,
+    defaults: &GatewayDefaults,
     sites: &[ResolvedSite],
     serving: Option<&[String]>,
     gateways: &[ReadyGateway],
 ) -> Result<Children, serde_yaml::Error> {
     let per_site = sites
         .iter()
-        .map(|site| site_children(md, signing, site))
+        .map(|site| site_children(md, signing, defaults, site))
         .collect::<Result<_, _>>()?;
     let md_name = md.name_any();
     let service_name = domain_service_name(&md_name);
@@ -359,7 +262,8 @@ pub fn children(
 
 fn site_children(
     md: &MailDomain,
-    signing: Option<&SigningConfig>,
+    signing: Option<&GatewaySigning>,
+    defaults: &GatewayDefaults,
     site: &ResolvedSite,
 ) -> Result<SiteChildren, serde_yaml::Error> {
     let md_name = md.name_any();
@@ -371,7 +275,10 @@ fn site_children(
         owner_references: owner(md).map(|o| vec![o]),
         ..ObjectMeta::default()
     };
-    let config = serde_yaml::to_string(&gateway_config(md, &site.name, signing))?;
+    let config =
+        serde_yaml::to_string(&gateway::gateway_config(md, &site.name, signing, defaults))?;
+    let mut data: BTreeMap<String, String> = [(CONFIG_KEY.to_string(), config.clone())].into();
+    data.extend(gateway::softhsm_conf(defaults));
     let selector = LabelSelector {
         match_labels: Some(selector_labels(&md_name, &site.name)),
         ..LabelSelector::default()
@@ -381,10 +288,18 @@ fn site_children(
         site: site.name.clone(),
         config_map: ConfigMap {
             metadata: meta.clone(),
-            data: Some([(CONFIG_KEY.to_string(), config.clone())].into()),
+            data: Some(data),
             ..ConfigMap::default()
         },
-        deployment: deployment(md, site, meta.clone(), selector.clone(), &config),
+        deployment: deployment(
+            md,
+            signing,
+            defaults,
+            site,
+            meta.clone(),
+            selector.clone(),
+            &config,
+        ),
         service: Service {
             metadata: meta.clone(),
             spec: Some(ServiceSpec {
@@ -409,7 +324,13 @@ fn site_children(
                 pod_selector: Some(selector),
                 policy_types: Some(vec!["Ingress".into()]),
                 ingress: Some(vec![NetworkPolicyIngressRule {
-                    ports: Some(ports.iter().map(policy_port).collect()),
+                    ports: Some(
+                        ports
+                            .iter()
+                            .map(policy_port)
+                            .chain([metrics_policy_port()])
+                            .collect(),
+                    ),
                     ..NetworkPolicyIngressRule::default()
                 }]),
                 ..NetworkPolicySpec::default()
@@ -420,6 +341,8 @@ fn site_children(
 
 fn deployment(
     md: &MailDomain,
+    signing: Option<&GatewaySigning>,
+    defaults: &GatewayDefaults,
     site: &ResolvedSite,
     meta: ObjectMeta,
     selector: LabelSelector,
@@ -432,7 +355,20 @@ fn deployment(
     );
     let name = meta.name.clone().unwrap_or_default();
     let pod_labels = meta.labels.clone();
-    let smtp = IntOrString::String(GatewayPort::SMTP.name.into());
+    let (volumes, volume_mounts, env) = gateway::volumes(md, signing, defaults, &name);
+    let image = if md.spec.gateway.image.is_empty() {
+        defaults.image.clone()
+    } else {
+        md.spec.gateway.image.clone()
+    };
+    let mut container_ports: Vec<ContainerPort> =
+        md.spec.profile.ports().iter().map(container_port).collect();
+    container_ports.push(ContainerPort {
+        name: Some("metrics".into()),
+        container_port: METRICS_PORT,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    });
     Deployment {
         metadata: meta,
         spec: DeploymentSpec {
@@ -475,6 +411,15 @@ fn deployment(
                         run_as_user: Some(GATEWAY_UID),
                         run_as_group: Some(GATEWAY_UID),
                         fs_group: Some(GATEWAY_UID),
+                        // Ports 25 and 465 without root: a capability added to
+                        // a non-root container is dropped at exec, so the pod
+                        // lowers the privileged port range instead (a sysctl
+                        // restricted Pod Security allows, scoped to the pod's
+                        // network namespace).
+                        sysctls: Some(vec![Sysctl {
+                            name: "net.ipv4.ip_unprivileged_port_start".into(),
+                            value: "0".into(),
+                        }]),
                         seccomp_profile: Some(SeccompProfile {
                             type_: "RuntimeDefault".into(),
                             ..SeccompProfile::default()
@@ -483,13 +428,9 @@ fn deployment(
                     }),
                     containers: vec![Container {
                         name: "gateway".into(),
-                        image: Some(md.spec.gateway.image.clone()),
-                        ports: Some(md.spec.profile.ports().iter().map(container_port).collect()),
-                        env: Some(vec![EnvVar {
-                            name: "PEC_GATEWAY_CONFIG".into(),
-                            value: Some(format!("{CONFIG_DIR}/{CONFIG_KEY}")),
-                            ..EnvVar::default()
-                        }]),
+                        image: Some(image),
+                        ports: Some(container_ports),
+                        env: Some(env),
                         resources: Some(
                             md.spec
                                 .gateway
@@ -497,49 +438,24 @@ fn deployment(
                                 .clone()
                                 .unwrap_or_else(default_resources),
                         ),
-                        readiness_probe: Some(tcp_probe(smtp.clone(), 5, 2)),
-                        liveness_probe: Some(tcp_probe(smtp, 10, 3)),
+                        // Ready only with an HSM session, clamd answering and
+                        // a writable store; alive while the process answers.
+                        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+                        liveness_probe: Some(http_probe("/healthz", 10, 3)),
                         security_context: Some(SecurityContext {
                             allow_privilege_escalation: Some(false),
                             read_only_root_filesystem: Some(true),
                             run_as_non_root: Some(true),
-                            // Ports below 1024 without root: the one capability restricted allows.
                             capabilities: Some(Capabilities {
                                 drop: Some(vec!["ALL".into()]),
-                                add: Some(vec!["NET_BIND_SERVICE".into()]),
+                                add: None,
                             }),
                             ..SecurityContext::default()
                         }),
-                        volume_mounts: Some(vec![
-                            VolumeMount {
-                                name: "config".into(),
-                                mount_path: CONFIG_DIR.into(),
-                                read_only: Some(true),
-                                ..VolumeMount::default()
-                            },
-                            VolumeMount {
-                                name: "tmp".into(),
-                                mount_path: "/tmp".into(),
-                                ..VolumeMount::default()
-                            },
-                        ]),
+                        volume_mounts: Some(volume_mounts),
                         ..Container::default()
                     }],
-                    volumes: Some(vec![
-                        Volume {
-                            name: "config".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name,
-                                ..ConfigMapVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                        Volume {
-                            name: "tmp".into(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Volume::default()
-                        },
-                    ]),
+                    volumes: Some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -553,11 +469,12 @@ fn owner(md: &MailDomain) -> Option<OwnerReference> {
     md.controller_owner_ref(&())
 }
 
-fn tcp_probe(port: IntOrString, period: i32, failures: i32) -> Probe {
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
-        tcp_socket: Some(TCPSocketAction {
-            port,
-            ..TCPSocketAction::default()
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
@@ -602,6 +519,14 @@ fn policy_port(p: &GatewayPort) -> NetworkPolicyPort {
     }
 }
 
+fn metrics_policy_port() -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::Int(METRICS_PORT)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    }
+}
+
 fn default_resources() -> ResourceRequirements {
     let q = |s: &str| Quantity(s.to_string());
     ResourceRequirements {
@@ -620,7 +545,9 @@ fn short_hash(data: &[u8], hex_chars: usize) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::api::{AntivirusSpec, FailoverSpec, GatewaySpec, MailDomainSpec, Site, SiteSpec};
+    use crate::api::{
+        AntivirusSpec, FailoverSpec, GatewaySpec, MailDomainSpec, Profile, Site, SiteSpec,
+    };
 
     pub(crate) fn domain(sites: &[&str]) -> MailDomain {
         let mut md = MailDomain::new(
@@ -634,6 +561,11 @@ pub(crate) mod tests {
                     replicas_per_site: 2,
                     resources: None,
                     pod_annotations: BTreeMap::new(),
+                    tls_secret_ref: None,
+                    mailboxes_secret_ref: None,
+                    providers: Vec::new(),
+                    relay: Default::default(),
+                    storage_claim_name: None,
                 },
                 max_message_bytes: 104_857_600,
                 antivirus: AntivirusSpec::default(),
@@ -664,10 +596,17 @@ pub(crate) mod tests {
     }
 
     fn build(md: &MailDomain) -> SiteChildren {
-        children(md, None, &[resolved("dc-it1")], Some(&[]), &[])
-            .expect("builds")
-            .sites
-            .remove(0)
+        children(
+            md,
+            None,
+            &GatewayDefaults::default(),
+            &[resolved("dc-it1")],
+            Some(&[]),
+            &[],
+        )
+        .expect("builds")
+        .sites
+        .remove(0)
     }
 
     fn gateway(site: &str, pod: &str, ip: &str) -> ReadyGateway {
@@ -688,8 +627,15 @@ pub(crate) mod tests {
             gateway("dc-it2", "p3", "10.0.0.3"),
         ];
         let sites = [resolved("dc-it1"), resolved("dc-it2")];
-        let c =
-            children(&md, None, &sites, Some(&["dc-it2".to_string()]), &gateways).expect("builds");
+        let c = children(
+            &md,
+            None,
+            &GatewayDefaults::default(),
+            &sites,
+            Some(&["dc-it2".to_string()]),
+            &gateways,
+        )
+        .expect("builds");
         let slices = c.endpoint_slices.expect("slices");
         assert_eq!(slices.len(), 1);
         let ips: Vec<&str> = slices[0]
@@ -711,7 +657,15 @@ pub(crate) mod tests {
     #[test]
     fn no_serving_plan_leaves_the_slices_alone() {
         let md = domain(&["dc-it1"]);
-        let c = children(&md, None, &[resolved("dc-it1")], None, &[]).expect("builds");
+        let c = children(
+            &md,
+            None,
+            &GatewayDefaults::default(),
+            &[resolved("dc-it1")],
+            None,
+            &[],
+        )
+        .expect("builds");
         assert!(c.endpoint_slices.is_none());
     }
 
@@ -761,7 +715,8 @@ pub(crate) mod tests {
     fn standard_profile_exposes_all_mailbox_ports() {
         assert_eq!(
             policy_ports(&build(&domain(&["dc-it1"]))),
-            [25, 465, 993, 995, 443]
+            [25, 465, 993, 995, 443, METRICS_PORT],
+            "the profile's ports and the metrics and probe port"
         );
     }
 
@@ -770,7 +725,7 @@ pub(crate) mod tests {
         let mut md = domain(&["dc-it1"]);
         md.spec.profile = Profile::ReceiveOnly;
         let c = build(&md);
-        assert_eq!(policy_ports(&c), [25, 443]);
+        assert_eq!(policy_ports(&c), [25, 443, METRICS_PORT]);
         let service_ports: Vec<i32> = c
             .service
             .spec
@@ -787,7 +742,7 @@ pub(crate) mod tests {
             .iter()
             .map(|p| p.container_port)
             .collect();
-        assert_eq!(container_ports, [25, 443]);
+        assert_eq!(container_ports, [25, 443, METRICS_PORT]);
     }
 
     #[test]
@@ -818,7 +773,9 @@ pub(crate) mod tests {
         assert_eq!(c.allow_privilege_escalation, Some(false));
         let caps = c.capabilities.expect("capabilities");
         assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
-        assert_eq!(caps.add, Some(vec!["NET_BIND_SERVICE".to_string()]));
+        assert_eq!(caps.add, None, "no capability is added");
+        let sysctls = pod.sysctls.expect("sysctls");
+        assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
     }
 
     #[test]
@@ -842,7 +799,12 @@ pub(crate) mod tests {
 
     #[test]
     fn config_carries_limits_antivirus_and_signing_key() {
-        let config = gateway_config(&domain(&["dc-it1"]), "dc-it1", None);
+        let config = gateway::gateway_config(
+            &domain(&["dc-it1"]),
+            "dc-it1",
+            None,
+            &GatewayDefaults::default(),
+        );
         assert_eq!(config.max_message_bytes, 104_857_600);
         assert!(config.antivirus.enabled);
         assert_eq!(config.antivirus.quarantine_retention, "30mo");

@@ -8,6 +8,7 @@
 mod apply;
 pub mod build;
 pub mod dns;
+pub mod gateway;
 pub mod status;
 pub mod validate;
 
@@ -177,6 +178,7 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
     let children = build::children(
         &md,
         key.config(),
+        &ctx.gateway,
         &resolution.present,
         slices_for,
         &gateways,

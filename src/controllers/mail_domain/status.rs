@@ -4,10 +4,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 
-use super::{
-    build::{SITE_LABEL, SigningConfig},
-    validate::Resolution,
-};
+use super::{build::SITE_LABEL, gateway::GatewaySigning, validate::Resolution};
 
 /// How a MailDomain's `signingKeyRef` resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,7 +16,7 @@ pub enum KeyResolution {
     /// The named key has no active generation.
     NotReady(String),
     /// The active generation the gateways use.
-    Active(SigningConfig),
+    Active(GatewaySigning),
 }
 
 impl KeyResolution {
@@ -29,13 +26,13 @@ impl KeyResolution {
             (None, _) => Self::NoRef,
             (Some(name), None) => Self::NotFound(name.clone()),
             (Some(name), Some(sk)) => {
-                SigningConfig::of(sk).map_or_else(|| Self::NotReady(name.clone()), Self::Active)
+                GatewaySigning::of(sk).map_or_else(|| Self::NotReady(name.clone()), Self::Active)
             }
         }
     }
 
     /// The configuration the gateways get, if any.
-    pub fn config(&self) -> Option<&SigningConfig> {
+    pub fn config(&self) -> Option<&GatewaySigning> {
         match self {
             Self::Active(c) => Some(c),
             _ => None,
@@ -249,7 +246,7 @@ pub fn compute(
             reason::KEY_ACTIVE,
             format!(
                 "gateways sign with SigningKey {} generation {}",
-                c.key, c.generation
+                c.config.key, c.config.generation
             ),
         ),
         KeyResolution::NotReady(name) => Verdict::new(
@@ -276,7 +273,7 @@ pub fn compute(
     let old_generation = md.status.as_ref().and_then(|s| s.signing_key_generation);
     let signing_key_generation = match key {
         KeyResolution::Active(c) if rolling.is_empty() && sites.missing.is_empty() => {
-            Some(c.generation)
+            Some(c.config.generation)
         }
         _ => old_generation,
     };

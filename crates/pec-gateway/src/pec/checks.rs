@@ -184,9 +184,9 @@ pub fn is_address(addr: &str) -> bool {
         && local.len() <= 64
         && domain.contains('.')
         && domain.len() <= 253
-        && addr
-            .chars()
-            .all(|c| c.is_ascii_graphic() && !matches!(c, '<' | '>' | '(' | ')' | ',' | ';' | '\\' | '"'))
+        && addr.chars().all(|c| {
+            c.is_ascii_graphic() && !matches!(c, '<' | '>' | '(' | ')' | ',' | ';' | '\\' | '"')
+        })
         && domain
             .split('.')
             .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
@@ -228,7 +228,9 @@ mod tests {
 
     #[test]
     fn a_well_formed_message_passes_with_what_the_receipts_need() {
-        let msg = message("From: Mario <mario@pec.a.it>\r\nTo: anna@pec.b.it\r\nCc: Bob <bob@pec.c.it>\r\n");
+        let msg = message(
+            "From: Mario <mario@pec.a.it>\r\nTo: anna@pec.b.it\r\nCc: Bob <bob@pec.c.it>\r\n",
+        );
         let ok = check_submission(
             &envelope("mario@pec.a.it", &["anna@pec.b.it", "bob@pec.c.it"]),
             &msg,
@@ -246,7 +248,11 @@ mod tests {
     #[test]
     fn each_formal_error_is_refused_with_its_reason() {
         let cases: [(&str, SmtpEnvelope, &str); 7] = [
-            ("NoFrom", envelope("mario@pec.a.it", &["anna@pec.b.it"]), "To: anna@pec.b.it\r\n"),
+            (
+                "NoFrom",
+                envelope("mario@pec.a.it", &["anna@pec.b.it"]),
+                "To: anna@pec.b.it\r\n",
+            ),
             (
                 "FromMismatch",
                 envelope("other@pec.a.it", &["anna@pec.b.it"]),
@@ -257,7 +263,11 @@ mod tests {
                 envelope("mario@pec.a.it", &["anna@pec.b.it"]),
                 "From: mario@pec.a.it\r\nTo: anna@pec.b.it\r\nBcc: x@pec.b.it\r\n",
             ),
-            ("NoTo", envelope("mario@pec.a.it", &["anna@pec.b.it"]), "From: mario@pec.a.it\r\n"),
+            (
+                "NoTo",
+                envelope("mario@pec.a.it", &["anna@pec.b.it"]),
+                "From: mario@pec.a.it\r\n",
+            ),
             (
                 "RecipientNotInHeaders",
                 envelope("mario@pec.a.it", &["eve@pec.e.it"]),
@@ -286,8 +296,12 @@ mod tests {
         msg.extend(std::iter::repeat_n(b'x', 6_000));
         msg.extend(b"\r\n");
         assert!(check_submission(&envelope("mario@pec.a.it", &["a@x.it"]), &msg, LIMITS).is_ok());
-        let refusal = check_submission(&envelope("mario@pec.a.it", &["a@x.it", "b@x.it"]), &msg, LIMITS)
-            .expect_err("two recipients exceed the limit");
+        let refusal = check_submission(
+            &envelope("mario@pec.a.it", &["a@x.it", "b@x.it"]),
+            &msg,
+            LIMITS,
+        )
+        .expect_err("two recipients exceed the limit");
         assert_eq!(refusal.reason, "TooLarge");
     }
 
@@ -309,7 +323,15 @@ mod tests {
     #[test]
     fn addresses_are_plain() {
         assert!(is_address("mario.rossi@pec.a.it"));
-        for bad in ["mario", "@pec.a.it", "a@b", "a b@pec.it", "a@pec..it", "a\r\n@pec.it", "<a@pec.it>"] {
+        for bad in [
+            "mario",
+            "@pec.a.it",
+            "a@b",
+            "a b@pec.it",
+            "a@pec..it",
+            "a\r\n@pec.it",
+            "<a@pec.it>",
+        ] {
             assert!(!is_address(bad), "{bad:?}");
         }
     }

@@ -77,8 +77,12 @@ pub fn classify(message: &[u8], trusted: &TrustedSigners) -> Incoming {
     let Some(outer) = MessageParser::default().parse_headers(message) else {
         return anomaly("Malformed", "the message could not be parsed");
     };
-    let trasporto = outer.header_raw(header::TRASPORTO).map(|v| v.trim().to_ascii_lowercase());
-    let ricevuta = outer.header_raw(header::RICEVUTA).map(|v| v.trim().to_ascii_lowercase());
+    let trasporto = outer
+        .header_raw(header::TRASPORTO)
+        .map(|v| v.trim().to_ascii_lowercase());
+    let ricevuta = outer
+        .header_raw(header::RICEVUTA)
+        .map(|v| v.trim().to_ascii_lowercase());
     let claimed: Tipo = match (trasporto.as_deref(), ricevuta.as_deref()) {
         (Some("posta-certificata"), None) => Tipo::PostaCertificata,
         (None, Some(kind)) => match kind.parse() {
@@ -87,8 +91,18 @@ pub fn classify(message: &[u8], trusted: &TrustedSigners) -> Incoming {
             }
             Ok(t) => t,
         },
-        (None, None) => return anomaly("NotPec", "not a certified message (no X-Trasporto or X-Ricevuta)"),
-        _ => return anomaly("UnknownKind", "contradictory or unknown X-Trasporto/X-Ricevuta headers"),
+        (None, None) => {
+            return anomaly(
+                "NotPec",
+                "not a certified message (no X-Trasporto or X-Ricevuta)",
+            );
+        }
+        _ => {
+            return anomaly(
+                "UnknownKind",
+                "contradictory or unknown X-Trasporto/X-Ricevuta headers",
+            );
+        }
     };
     let Some(parts) = smime::split_signed(message) else {
         return anomaly("NotSigned", "not an S/MIME signed message");

@@ -14,7 +14,9 @@ use mail_builder::{
 };
 use sha2::{Digest, Sha256};
 
-use super::daticert::{Daticert, Destinatario, Errore, Tipo, TipoDestinatario, TipoRicevuta, italian_time};
+use super::daticert::{
+    Daticert, Destinatario, Errore, Tipo, TipoDestinatario, TipoRicevuta, italian_time,
+};
 
 /// Headers the system sets on what it emits (never trusted from a user).
 pub mod header {
@@ -129,7 +131,9 @@ impl Notice<'_> {
             Notice::TakenInCharge => "PRESA IN CARICO: ",
             Notice::Delivered(_) => "CONSEGNA: ",
             Notice::NotDelivered(..) => "AVVISO DI MANCATA CONSEGNA: ",
-            Notice::StillUndelivered(_) => "AVVISO DI MANCATA CONSEGNA PER SUP. TEMPO MASSIMO (PREAVVISO): ",
+            Notice::StillUndelivered(_) => {
+                "AVVISO DI MANCATA CONSEGNA PER SUP. TEMPO MASSIMO (PREAVVISO): "
+            }
             Notice::TimedOut(_) => "AVVISO DI MANCATA CONSEGNA PER SUP. TEMPO MASSIMO: ",
         }
     }
@@ -176,7 +180,13 @@ fn derived_message_id(t: &Transmission, kind: &str, about: &str, domain: &str) -
     format!("{kind}.{hex}@{domain}")
 }
 
-fn daticert(t: &Transmission, tipo: Tipo, errore: Errore, issuer: Issuer<'_>, now: DateTime<Utc>) -> Daticert {
+fn daticert(
+    t: &Transmission,
+    tipo: Tipo,
+    errore: Errore,
+    issuer: Issuer<'_>,
+    now: DateTime<Utc>,
+) -> Daticert {
     Daticert {
         tipo,
         errore,
@@ -196,7 +206,12 @@ fn daticert(t: &Transmission, tipo: Tipo, errore: Errore, issuer: Issuer<'_>, no
 
 fn when(now: DateTime<Utc>) -> String {
     let local = italian_time(now);
-    format!("Il giorno {} alle ore {} ({})", local.format("%d/%m/%Y"), local.format("%H:%M:%S"), local.format("%z"))
+    format!(
+        "Il giorno {} alle ore {} ({})",
+        local.format("%d/%m/%Y"),
+        local.format("%H:%M:%S"),
+        local.format("%z")
+    )
 }
 
 fn header_line(out: &mut String, name: &str, value: &impl Header) {
@@ -218,11 +233,18 @@ fn outer_headers(
 ) -> String {
     let mut h = String::new();
     header_line(&mut h, "From", &from);
-    let to_list = Address::new_list(to.iter().map(|a| Address::new_address(None::<&str>, a.as_str())).collect());
+    let to_list = Address::new_list(
+        to.iter()
+            .map(|a| Address::new_address(None::<&str>, a.as_str()))
+            .collect(),
+    );
     header_line(&mut h, "To", &to_list);
     // A subject comes from a user: no control character may reach the
     // header, or CR/LF would start a header of the user's choosing.
-    let subject: String = subject.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let subject: String = subject
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     header_line(&mut h, "Subject", &Text::new(subject));
     h.push_str(&format!("Date: {}\r\n", now.to_rfc2822()));
     h.push_str(&format!("Message-ID: <{message_id}>\r\n"));
@@ -243,7 +265,9 @@ fn entity(text: String, daticert: Option<&Daticert>, original: Option<&[u8]>) ->
         );
     }
     if let Some(d) = daticert {
-        parts.push(MimePart::new("application/xml", d.to_xml().into_bytes()).attachment("daticert.xml"));
+        parts.push(
+            MimePart::new("application/xml", d.to_xml().into_bytes()).attachment("daticert.xml"),
+        );
     }
     let mut out = Vec::new();
     // Writing to a Vec cannot fail.
@@ -269,7 +293,10 @@ pub fn transport_envelope(
         list(&t.destinatari),
         t.identificativo
     );
-    let from = Address::new_address(Some(format!("Per conto di: {}", t.mittente)), issuer.system_address());
+    let from = Address::new_address(
+        Some(format!("Per conto di: {}", t.mittente)),
+        issuer.system_address(),
+    );
     let to: Vec<String> = t.destinatari.iter().map(|d| d.address.clone()).collect();
     let mut headers = outer_headers(
         from,
@@ -325,22 +352,44 @@ pub fn receipt(
         t.mittente
     );
     text.push_str(&match notice {
-        Notice::Accepted => format!("ed indirizzato a:\r\n{}\r\ne' stato accettato dal sistema ed inoltrato.\r\n", list(&t.destinatari)),
+        Notice::Accepted => format!(
+            "ed indirizzato a:\r\n{}\r\ne' stato accettato dal sistema ed inoltrato.\r\n",
+            list(&t.destinatari)
+        ),
         Notice::NotAccepted(r) => format!("non e' stato accettato: {r}\r\n"),
         Notice::Virus(r) => format!("non e' stato accettato perche' contiene un virus: {r}\r\n"),
-        Notice::TakenInCharge => "e' stato preso in carico dal gestore del destinatario.\r\n".into(),
-        Notice::Delivered(a) => format!("ed indirizzato a \"{a}\" e' stato consegnato nella casella di destinazione.\r\n"),
-        Notice::NotDelivered(a, r) => format!("ed indirizzato a \"{a}\" non e' stato consegnato: {r}\r\n"),
-        Notice::StillUndelivered(a) => format!("ed indirizzato a \"{a}\" non ha ancora ricevuto ricevute entro 12 ore.\r\n"),
-        Notice::TimedOut(a) => format!("ed indirizzato a \"{a}\" non e' stato consegnato entro 24 ore.\r\n"),
+        Notice::TakenInCharge => {
+            "e' stato preso in carico dal gestore del destinatario.\r\n".into()
+        }
+        Notice::Delivered(a) => format!(
+            "ed indirizzato a \"{a}\" e' stato consegnato nella casella di destinazione.\r\n"
+        ),
+        Notice::NotDelivered(a, r) => {
+            format!("ed indirizzato a \"{a}\" non e' stato consegnato: {r}\r\n")
+        }
+        Notice::StillUndelivered(a) => {
+            format!("ed indirizzato a \"{a}\" non ha ancora ricevuto ricevute entro 12 ore.\r\n")
+        }
+        Notice::TimedOut(a) => {
+            format!("ed indirizzato a \"{a}\" non e' stato consegnato entro 24 ore.\r\n")
+        }
     });
-    if t.tipo_ricevuta == TipoRicevuta::Breve && matches!(notice, Notice::Delivered(_))
+    if t.tipo_ricevuta == TipoRicevuta::Breve
+        && matches!(notice, Notice::Delivered(_))
         && let Some(original) = original
     {
-        let hash: String = Sha256::digest(original).iter().map(|b| format!("{b:02x}")).collect();
-        text.push_str(&format!("Impronta SHA-256 del messaggio consegnato: {hash}\r\n"));
+        let hash: String = Sha256::digest(original)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        text.push_str(&format!(
+            "Impronta SHA-256 del messaggio consegnato: {hash}\r\n"
+        ));
     }
-    text.push_str(&format!("Identificativo messaggio: {}\r\n", t.identificativo));
+    text.push_str(&format!(
+        "Identificativo messaggio: {}\r\n",
+        t.identificativo
+    ));
     let message_id = derived_message_id(t, tipo.as_str(), notice.about(), issuer.domain);
     let headers = outer_headers(
         Address::new_address(None::<&str>, issuer.system_address()),
@@ -348,7 +397,10 @@ pub fn receipt(
         &format!("{}{}", notice.subject_prefix(), t.oggetto),
         &message_id,
         now,
-        &[(header::RICEVUTA, tipo.as_str()), (header::RIFERIMENTO, &t.msgid)],
+        &[
+            (header::RICEVUTA, tipo.as_str()),
+            (header::RIFERIMENTO, &t.msgid),
+        ],
     );
     Composed {
         headers,
@@ -358,18 +410,34 @@ pub fn receipt(
     }
 }
 
+/// A message as it arrived at the incoming point.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived<'a> {
+    /// The bytes.
+    pub original: &'a [u8],
+    /// Its sender (From, else the reverse path).
+    pub sender: &'a str,
+    /// Its subject.
+    pub subject: &'a str,
+    /// Its Message-ID.
+    pub message_id: &'a str,
+}
+
 /// An anomaly envelope: mail that arrived at the incoming point but is not a
 /// valid PEC message, wrapped and delivered as such to `recipients`.
 pub fn anomaly_envelope(
-    original: &[u8],
-    sender: &str,
-    subject: &str,
-    original_id: &str,
+    arrived: Arrived<'_>,
     reason: &str,
     recipients: &[String],
     issuer: Issuer<'_>,
     now: DateTime<Utc>,
 ) -> Composed {
+    let Arrived {
+        original,
+        sender,
+        subject,
+        message_id: original_id,
+    } = arrived;
     let id_source = Transmission {
         identificativo: format!("{original_id}\0{}", hex_digest(original)),
         msgid: original_id.into(),
@@ -378,18 +446,25 @@ pub fn anomaly_envelope(
         oggetto: subject.into(),
         tipo_ricevuta: TipoRicevuta::Sintetica,
     };
-    let message_id = derived_message_id(&id_source, "anomalia", &recipients.join(","), issuer.domain);
+    let message_id =
+        derived_message_id(&id_source, "anomalia", &recipients.join(","), issuer.domain);
     let text = format!(
         "Anomalia nel messaggio\r\n\r\n{} e' stato ricevuto il messaggio \"{subject}\" proveniente da \"{sender}\".\r\nIl messaggio non e' un messaggio di posta certificata valido ({reason}) ed e' incluso in allegato.\r\n",
         when(now)
     );
     let headers = outer_headers(
-        Address::new_address(Some(format!("Per conto di: {sender}")), issuer.system_address()),
+        Address::new_address(
+            Some(format!("Per conto di: {sender}")),
+            issuer.system_address(),
+        ),
         recipients,
         &format!("ANOMALIA MESSAGGIO: {subject}"),
         &message_id,
         now,
-        &[(header::TRASPORTO, "errore"), (header::RIFERIMENTO, original_id)],
+        &[
+            (header::TRASPORTO, "errore"),
+            (header::RIFERIMENTO, original_id),
+        ],
     );
     Composed {
         headers,
@@ -400,7 +475,10 @@ pub fn anomaly_envelope(
 }
 
 fn hex_digest(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn title(notice: &Notice<'_>) -> &'static str {
@@ -455,25 +533,38 @@ mod tests {
     };
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 23, 16, 0, 0).single().expect("valid")
+        Utc.with_ymd_and_hms(2026, 11, 23, 16, 0, 0)
+            .single()
+            .expect("valid")
     }
 
     fn daticert_of(c: &Composed) -> Daticert {
-        let parsed = mail_parser::MessageParser::default().parse(&c.entity).expect("entity parses");
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&c.entity)
+            .expect("entity parses");
         let xml = parsed
             .attachments()
             .find(|a| a.attachment_name() == Some("daticert.xml"))
             .expect("daticert.xml attached");
-        Daticert::from_xml(std::str::from_utf8(xml.contents()).expect("utf-8")).expect("daticert parses")
+        Daticert::from_xml(std::str::from_utf8(xml.contents()).expect("utf-8"))
+            .expect("daticert parses")
     }
 
     #[test]
     fn an_envelope_carries_the_original_and_the_certification_data() {
-        let c = transport_envelope(&transmission(), b"Subject: x\n\nbody\n", &["anna@pec.b.it".into()], ISSUER, now());
+        let c = transport_envelope(
+            &transmission(),
+            b"Subject: x\n\nbody\n",
+            &["anna@pec.b.it".into()],
+            ISSUER,
+            now(),
+        );
         assert!(c.headers.contains("X-Trasporto: posta-certificata\r\n"));
         assert!(c.headers.contains("Message-ID: <opec.1@pec.a.it>\r\n"));
         assert!(c.headers.contains("posta-certificata@pec.a.it"));
-        let parsed = mail_parser::MessageParser::default().parse(&c.entity).expect("parses");
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&c.entity)
+            .expect("parses");
         let eml = parsed
             .attachments()
             .find(|a| a.attachment_name() == Some("postacert.eml"))
@@ -488,12 +579,25 @@ mod tests {
     #[test]
     fn a_delivery_receipt_names_the_mailbox_and_follows_the_receipt_kind() {
         let t = transmission();
-        let full = receipt(&t, Notice::Delivered("anna@pec.b.it"), "mario@pec.a.it", ISSUER, now(), Some(b"Subject: x\r\n\r\nb\r\n"));
+        let full = receipt(
+            &t,
+            Notice::Delivered("anna@pec.b.it"),
+            "mario@pec.a.it",
+            ISSUER,
+            now(),
+            Some(b"Subject: x\r\n\r\nb\r\n"),
+        );
         let d = daticert_of(&full);
-        assert_eq!((d.tipo, d.consegna.as_deref()), (Tipo::AvvenutaConsegna, Some("anna@pec.b.it")));
+        assert_eq!(
+            (d.tipo, d.consegna.as_deref()),
+            (Tipo::AvvenutaConsegna, Some("anna@pec.b.it"))
+        );
         assert!(String::from_utf8_lossy(&full.entity).contains("postacert.eml"));
         let short = receipt(
-            &Transmission { tipo_ricevuta: TipoRicevuta::Sintetica, ..t },
+            &Transmission {
+                tipo_ricevuta: TipoRicevuta::Sintetica,
+                ..t
+            },
             Notice::Delivered("anna@pec.b.it"),
             "mario@pec.a.it",
             ISSUER,
@@ -508,22 +612,46 @@ mod tests {
     fn the_same_receipt_twice_has_the_same_message_id() {
         let t = transmission();
         let a = receipt(&t, Notice::Accepted, "mario@pec.a.it", ISSUER, now(), None);
-        let b = receipt(&t, Notice::Accepted, "mario@pec.a.it", ISSUER, now() + chrono::Duration::seconds(5), None);
-        let c = receipt(&t, Notice::Delivered("anna@pec.b.it"), "mario@pec.a.it", ISSUER, now(), None);
+        let b = receipt(
+            &t,
+            Notice::Accepted,
+            "mario@pec.a.it",
+            ISSUER,
+            now() + chrono::Duration::seconds(5),
+            None,
+        );
+        let c = receipt(
+            &t,
+            Notice::Delivered("anna@pec.b.it"),
+            "mario@pec.a.it",
+            ISSUER,
+            now(),
+            None,
+        );
         assert_eq!(a.message_id, b.message_id);
         assert_ne!(a.message_id, c.message_id);
     }
 
     #[test]
     fn hostile_subjects_do_not_inject_headers() {
-        let t = Transmission { oggetto: "x\r\nBcc: eve@evil.it".into(), ..transmission() };
+        let t = Transmission {
+            oggetto: "x\r\nBcc: eve@evil.it".into(),
+            ..transmission()
+        };
         let c = receipt(&t, Notice::Accepted, "mario@pec.a.it", ISSUER, now(), None);
         assert!(!c.headers.contains("\r\nBcc:"), "{}", c.headers);
     }
 
     #[test]
     fn a_notice_says_why() {
-        let c = receipt(&transmission(), Notice::NotAccepted("Bcc present"), "mario@pec.a.it", ISSUER, now(), None);
+        let c = receipt(
+            &transmission(),
+            Notice::NotAccepted("Bcc present"),
+            "mario@pec.a.it",
+            ISSUER,
+            now(),
+            None,
+        );
         let d = daticert_of(&c);
         assert_eq!((d.tipo, d.errore), (Tipo::NonAccettazione, Errore::Altro));
         assert_eq!(d.errore_esteso.as_deref(), Some("Bcc present"));

@@ -10,7 +10,10 @@ use std::time::Instant;
 use base64::Engine as _;
 use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Listener, Reply, session::{MAX_LINE, State, read_line}};
+use super::{
+    Listener, Reply,
+    session::{MAX_LINE, State, read_line},
+};
 
 /// Runs an AUTH exchange (it may prompt the client) and returns the final reply.
 pub async fn auth<S: AsyncBufReadExt + AsyncWrite + Unpin>(
@@ -20,7 +23,11 @@ pub async fn auth<S: AsyncBufReadExt + AsyncWrite + Unpin>(
     initial: String,
 ) -> std::io::Result<Reply> {
     if state.listener != Listener::Submission || !state.secure {
-        return Ok(Reply::new(502, "5.5.1", "AUTH is offered on the submission port over TLS only"));
+        return Ok(Reply::new(
+            502,
+            "5.5.1",
+            "AUTH is offered on the submission port over TLS only",
+        ));
     }
     if state.helo.is_none() {
         return Ok(Reply::new(503, "5.5.1", "say EHLO first"));
@@ -34,7 +41,10 @@ pub async fn auth<S: AsyncBufReadExt + AsyncWrite + Unpin>(
         return Ok(Reply::new(
             454,
             "4.7.0",
-            format!("too many failed logins from your address; try again in {} s", wait.as_secs().max(1)),
+            format!(
+                "too many failed logins from your address; try again in {} s",
+                wait.as_secs().max(1)
+            ),
         ));
     }
     let credentials = if mechanism == smtp_proto::AUTH_PLAIN {
@@ -70,7 +80,11 @@ pub async fn auth<S: AsyncBufReadExt + AsyncWrite + Unpin>(
             _ => None,
         }
     } else {
-        return Ok(Reply::new(504, "5.5.4", "unsupported mechanism; use PLAIN or LOGIN"));
+        return Ok(Reply::new(
+            504,
+            "5.5.4",
+            "unsupported mechanism; use PLAIN or LOGIN",
+        ));
     };
     let Some((user, password)) = credentials else {
         return Ok(Reply::new(501, "5.5.2", "cannot decode the credentials"));
@@ -78,7 +92,9 @@ pub async fn auth<S: AsyncBufReadExt + AsyncWrite + Unpin>(
     // argon2 takes tens of milliseconds by design: off the async threads.
     let verify = {
         let gw = gw.clone();
-        tokio::task::spawn_blocking(move || gw.credentials.verify(&user, &password, &gw.config.domain))
+        tokio::task::spawn_blocking(move || {
+            gw.credentials.verify(&user, &password, &gw.config.domain)
+        })
     };
     match verify.await.ok().flatten() {
         Some(mailbox) => {
@@ -90,14 +106,22 @@ pub async fn auth<S: AsyncBufReadExt + AsyncWrite + Unpin>(
             gw.auth_limiter.failed(ip, Instant::now());
             gw.metrics.auth_failures.inc();
             tracing::info!(peer = %state.peer, "authentication failed");
-            Ok(Reply::new(535, "5.7.8", "authentication credentials invalid"))
+            Ok(Reply::new(
+                535,
+                "5.7.8",
+                "authentication credentials invalid",
+            ))
         }
     }
 }
 
 /// Sends a 334 challenge and reads the answer; `None` if the client cancels.
-async fn prompt<S: AsyncBufReadExt + AsyncWrite + Unpin>(io: &mut S, challenge: &str) -> std::io::Result<Option<String>> {
-    io.write_all(format!("334 {challenge}\r\n").as_bytes()).await?;
+async fn prompt<S: AsyncBufReadExt + AsyncWrite + Unpin>(
+    io: &mut S,
+    challenge: &str,
+) -> std::io::Result<Option<String>> {
+    io.write_all(format!("334 {challenge}\r\n").as_bytes())
+        .await?;
     io.flush().await?;
     let line = match read_line(io, MAX_LINE).await? {
         Ok(Some(line)) => line,
@@ -108,5 +132,7 @@ async fn prompt<S: AsyncBufReadExt + AsyncWrite + Unpin>(io: &mut S, challenge: 
 }
 
 fn decode(b64: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()
 }

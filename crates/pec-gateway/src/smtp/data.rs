@@ -2,7 +2,10 @@
 
 use tokio::io::AsyncBufReadExt;
 
-use super::{Listener, Reply, session::{MAX_LINE, State, read_line}};
+use super::{
+    Listener, Reply,
+    session::{MAX_LINE, State, read_line},
+};
 use crate::pec::checks::{Refusal, SmtpEnvelope};
 
 /// The body of a DATA transfer.
@@ -23,7 +26,10 @@ pub fn can_start(state: &State) -> Option<Reply> {
 
 /// Reads lines up to the lone dot, keeping at most `limit` bytes; the rest
 /// is read and dropped so the dialogue stays in step.
-pub async fn read_body<R: AsyncBufReadExt + Unpin>(reader: &mut R, limit: usize) -> std::io::Result<Body> {
+pub async fn read_body<R: AsyncBufReadExt + Unpin>(
+    reader: &mut R,
+    limit: usize,
+) -> std::io::Result<Body> {
     let mut bytes = Vec::new();
     let mut total = 0usize;
     loop {
@@ -31,7 +37,12 @@ pub async fn read_body<R: AsyncBufReadExt + Unpin>(reader: &mut R, limit: usize)
         // 998 characters; tolerate much more, but never unbounded).
         let line = match read_line(reader, MAX_LINE * 64).await? {
             Ok(Some(line)) => line,
-            Ok(None) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed in DATA")),
+            Ok(None) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed in DATA",
+                ));
+            }
             Err(_) => {
                 // An absurd line: count it as over the limit.
                 total = total.saturating_add(limit + 1);
@@ -61,7 +72,10 @@ pub async fn finish(state: &mut State, body: Body) -> Reply {
     if body.total > limit {
         let refusal = Refusal {
             reason: "TooLarge",
-            detail: format!("the message is {} bytes, more than the {limit} allowed", body.total),
+            detail: format!(
+                "the message is {} bytes, more than the {limit} allowed",
+                body.total
+            ),
         };
         return match state.listener {
             Listener::Submission => gw.refuse_submission(&envelope, &body.bytes, &refusal).await,
@@ -70,6 +84,9 @@ pub async fn finish(state: &mut State, body: Body) -> Reply {
     }
     match state.listener {
         Listener::Submission => gw.submit(envelope, body.bytes).await,
-        Listener::Incoming => gw.receive(&state.peer.to_string(), envelope, body.bytes).await,
+        Listener::Incoming => {
+            gw.receive(&state.peer.to_string(), envelope, body.bytes)
+                .await
+        }
     }
 }

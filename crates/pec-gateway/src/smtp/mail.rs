@@ -26,7 +26,11 @@ pub fn mail_from(state: &mut State, from: MailFrom<String>) -> Reply {
             return Reply::new(530, "5.7.0", "authentication required");
         };
         if address != format!("{user}@{}", config.domain) {
-            return Reply::new(553, "5.7.1", format!("you may only send as {user}@{}", config.domain));
+            return Reply::new(
+                553,
+                "5.7.1",
+                format!("you may only send as {user}@{}", config.domain),
+            );
         }
     } else if !address.is_empty() && !is_address(&address) {
         return Reply::new(501, "5.1.7", "invalid sender address");
@@ -35,7 +39,10 @@ pub fn mail_from(state: &mut State, from: MailFrom<String>) -> Reply {
         return Reply::new(
             552,
             "5.3.4",
-            format!("message size {} exceeds the limit of {} bytes", from.size, config.max_message_bytes),
+            format!(
+                "message size {} exceeds the limit of {} bytes",
+                from.size, config.max_message_bytes
+            ),
         );
     }
     state.declared_size = from.size;
@@ -54,18 +61,32 @@ pub fn rcpt_to(state: &mut State, to: RcptTo<String>) -> Reply {
         return Reply::new(501, "5.1.3", "invalid recipient address");
     }
     if state.rcpts.len() >= config.max_recipients {
-        return Reply::new(452, "4.5.3", format!("too many recipients (at most {})", config.max_recipients));
+        return Reply::new(
+            452,
+            "4.5.3",
+            format!("too many recipients (at most {})", config.max_recipients),
+        );
     }
     let total = state.declared_size.saturating_mul(state.rcpts.len() + 1);
     if state.declared_size > 0 && total > config.max_message_bytes.max(0) as usize {
         return Reply::new(
             552,
             "5.3.4",
-            format!("size x recipients would be {total} bytes, more than the {} allowed", config.max_message_bytes),
+            format!(
+                "size x recipients would be {total} bytes, more than the {} allowed",
+                config.max_message_bytes
+            ),
         );
     }
     if state.listener == Listener::Incoming && domain_of(&address) != config.domain {
-        return Reply::new(550, "5.7.1", format!("relaying denied: this gateway receives for {} only", config.domain));
+        return Reply::new(
+            550,
+            "5.7.1",
+            format!(
+                "relaying denied: this gateway receives for {} only",
+                config.domain
+            ),
+        );
     }
     if !state.rcpts.contains(&address) {
         state.rcpts.push(address);

@@ -48,7 +48,11 @@ impl Reply {
 
     /// The reply on the wire.
     pub fn to_wire(&self) -> Vec<u8> {
-        let lines: Vec<&str> = self.text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
+        let lines: Vec<&str> = self
+            .text
+            .split('\n')
+            .map(|l| l.trim_end_matches('\r'))
+            .collect();
         let mut out = String::new();
         for (i, line) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };

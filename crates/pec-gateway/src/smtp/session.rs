@@ -51,7 +51,13 @@ pub struct State {
 }
 
 impl State {
-    fn new(listener: Listener, gateway: Arc<Gateway>, peer: SocketAddr, secure: bool, can_starttls: bool) -> Self {
+    fn new(
+        listener: Listener,
+        gateway: Arc<Gateway>,
+        peer: SocketAddr,
+        secure: bool,
+        can_starttls: bool,
+    ) -> Self {
         Self {
             listener,
             gateway,
@@ -95,7 +101,9 @@ pub async fn run(
             match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => {
                     let state = State::new(listener, gateway, peer, true, false);
-                    converse(tls_stream, state, shutdown, true).await.map(|_| ())
+                    converse(tls_stream, state, shutdown, true)
+                        .await
+                        .map(|_| ())
                 }
                 Ok(Err(e)) => Err(e),
                 Err(_) => Ok(()),
@@ -109,15 +117,19 @@ pub async fn run(
             let state = State::new(listener, gateway.clone(), peer, false, tls.is_some());
             match converse(stream, state, shutdown.clone(), true).await {
                 Ok(Outcome::StartTls(stream)) => match tls {
-                    Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            // RFC 3207: after STARTTLS the session starts over.
-                            let state = State::new(listener, gateway, peer, true, false);
-                            converse(tls_stream, state, shutdown, false).await.map(|_| ())
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                            Ok(Ok(tls_stream)) => {
+                                // RFC 3207: after STARTTLS the session starts over.
+                                let state = State::new(listener, gateway, peer, true, false);
+                                converse(tls_stream, state, shutdown, false)
+                                    .await
+                                    .map(|_| ())
+                            }
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Ok(()),
                         }
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Ok(()),
-                    },
+                    }
                     None => Ok(()),
                 },
                 Ok(Outcome::Closed) => Ok(()),
@@ -130,20 +142,34 @@ pub async fn run(
     }
 }
 
-async fn write<S: AsyncWrite + Unpin>(stream: &mut S, gateway: &Gateway, listener: Listener, reply: &Reply) -> std::io::Result<()> {
+async fn write<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    gateway: &Gateway,
+    listener: Listener,
+    reply: &Reply,
+) -> std::io::Result<()> {
     gateway.metrics.smtp_reply(listener.label(), reply.code);
     stream.write_all(&reply.to_wire()).await
 }
 
 /// Reads one line ending in LF, at most `max` bytes. `Ok(None)` at end of
 /// stream; an over-long line is consumed and reported as `Err(TooLong)`.
-pub(crate) async fn read_line<R: AsyncBufReadExt + Unpin>(reader: &mut R, max: usize) -> std::io::Result<Result<Option<Vec<u8>>, TooLong>> {
+pub(crate) async fn read_line<R: AsyncBufReadExt + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<Result<Option<Vec<u8>>, TooLong>> {
     let mut line = Vec::new();
     let mut too_long = false;
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
-            return Ok(if line.is_empty() && !too_long { Ok(None) } else if too_long { Err(TooLong) } else { Ok(Some(line)) });
+            return Ok(if line.is_empty() && !too_long {
+                Ok(None)
+            } else if too_long {
+                Err(TooLong)
+            } else {
+                Ok(Some(line))
+            });
         }
         let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
             Some(i) => (&buf[..=i], true),
@@ -160,7 +186,11 @@ pub(crate) async fn read_line<R: AsyncBufReadExt + Unpin>(reader: &mut R, max: u
         let n = chunk.len();
         reader.consume(n);
         if done {
-            return Ok(if too_long { Err(TooLong) } else { Ok(Some(line)) });
+            return Ok(if too_long {
+                Err(TooLong)
+            } else {
+                Ok(Some(line))
+            });
         }
     }
 }
@@ -232,12 +262,21 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
                     // encrypted session: refuse and hang up.
                     return close(io, &gw, listener, "improper pipelining after STARTTLS").await;
                 } else {
-                    write(io.get_mut(), &gw, listener, &Reply::new(220, "2.0.0", "ready to start TLS")).await?;
+                    write(
+                        io.get_mut(),
+                        &gw,
+                        listener,
+                        &Reply::new(220, "2.0.0", "ready to start TLS"),
+                    )
+                    .await?;
                     io.get_mut().flush().await?;
                     return Ok(Outcome::StartTls(io.into_inner()));
                 }
             }
-            Ok(Request::Auth { mechanism, initial_response }) => {
+            Ok(Request::Auth {
+                mechanism,
+                initial_response,
+            }) => {
                 let initial = initial_response.into_owned();
                 auth::auth(&mut state, &mut io, mechanism, initial).await?
             }
@@ -247,12 +286,29 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(refusal) = data::can_start(&state) {
                     refusal
                 } else if !io.buffer().is_empty() {
-                    return close(io, &gw, listener, "improper pipelining: data sent before the 354 reply").await;
+                    return close(
+                        io,
+                        &gw,
+                        listener,
+                        "improper pipelining: data sent before the 354 reply",
+                    )
+                    .await;
                 } else {
-                    write(io.get_mut(), &gw, listener, &Reply::new(354, "", "end data with <CR><LF>.<CR><LF>")).await?;
+                    write(
+                        io.get_mut(),
+                        &gw,
+                        listener,
+                        &Reply::new(354, "", "end data with <CR><LF>.<CR><LF>"),
+                    )
+                    .await?;
                     io.get_mut().flush().await?;
                     let deadline = Duration::from_secs(limits.data_timeout_seconds);
-                    match tokio::time::timeout(deadline, data::read_body(&mut io, gw.config.max_message_bytes.max(0) as usize)).await {
+                    match tokio::time::timeout(
+                        deadline,
+                        data::read_body(&mut io, gw.config.max_message_bytes.max(0) as usize),
+                    )
+                    .await
+                    {
                         Err(_) => return close(io, &gw, listener, "DATA took too long").await,
                         Ok(body) => data::finish(&mut state, body?).await,
                     }
@@ -264,11 +320,19 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
                 Reply::new(250, "2.0.0", "reset")
             }
             Ok(Request::Noop { .. }) => Reply::new(250, "2.0.0", "ok"),
-            Ok(Request::Vrfy { .. }) => Reply::new(252, "2.5.2", "cannot verify, but will try delivery"),
+            Ok(Request::Vrfy { .. }) => {
+                Reply::new(252, "2.5.2", "cannot verify, but will try delivery")
+            }
             Ok(Request::Expn { .. }) => Reply::new(502, "5.5.1", "EXPN is not offered"),
             Ok(Request::Help { .. }) => Reply::new(214, "2.0.0", "see RFC 5321 and RFC 6109"),
             Ok(Request::Quit) => {
-                write(io.get_mut(), &gw, listener, &Reply::new(221, "2.0.0", "bye")).await?;
+                write(
+                    io.get_mut(),
+                    &gw,
+                    listener,
+                    &Reply::new(221, "2.0.0", "bye"),
+                )
+                .await?;
                 io.get_mut().flush().await?;
                 return Ok(Outcome::Closed);
             }
@@ -322,7 +386,9 @@ fn syntax_error(e: smtp_proto::Error) -> Reply {
         Error::InvalidSenderAddress => Reply::new(501, "5.1.7", "invalid sender address"),
         Error::InvalidRecipientAddress => Reply::new(501, "5.1.3", "invalid recipient address"),
         Error::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("syntax: {syntax}")),
-        Error::InvalidParameter { param } => Reply::new(501, "5.5.4", format!("invalid parameter {param}")),
+        Error::InvalidParameter { param } => {
+            Reply::new(501, "5.5.4", format!("invalid parameter {param}"))
+        }
         Error::UnsupportedParameter { .. } => Reply::new(504, "5.5.4", "unsupported parameter"),
         _ => Reply::new(500, "5.5.2", "syntax error"),
     }

@@ -107,11 +107,17 @@ pub fn pki() -> &'static Pki {
     PKI.get_or_init(|| {
         let key = KeyPair::generate().expect("CA key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.distinguished_name.push(DnType::CommonName, "pec-gateway test CA");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "pec-gateway test CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_pem = params.self_signed(&key).expect("CA certificate").pem();
-        Pki { key, params, ca_pem }
+        Pki {
+            key,
+            params,
+            ca_pem,
+        }
     })
 }
 
@@ -120,14 +126,24 @@ impl Pki {
     pub fn signing_cert(&self, spki: &[u8], domain: &str) -> String {
         let public = rcgen::SubjectPublicKeyInfo::from_der(spki).expect("token public key");
         let mut params = CertificateParams::new(vec![domain.to_string()]).expect("params");
-        params.distinguished_name.push(DnType::CommonName, format!("posta-certificata@{domain}"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("posta-certificata@{domain}"));
         params.subject_alt_names.push(SanType::Rfc822Name(
-            format!("posta-certificata@{domain}").try_into().expect("address"),
+            format!("posta-certificata@{domain}")
+                .try_into()
+                .expect("address"),
         ));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::ContentCommitment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::ContentCommitment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::EmailProtection];
         let issuer = Issuer::from_params(&self.params, &self.key);
-        params.signed_by(&public, &issuer).expect("sign the certificate").pem()
+        params
+            .signed_by(&public, &issuer)
+            .expect("sign the certificate")
+            .pem()
     }
 
     /// A TLS server certificate and key for `host`.
@@ -163,9 +179,17 @@ impl Clamd {
         let db = dir.path().join("db");
         std::fs::create_dir_all(&db).expect("db dir");
         let md5 = md5_hex(EICAR.as_bytes());
-        std::fs::write(db.join("test.hdb"), format!("{md5}:{}:Eicar-Test-Signature\n", EICAR.len())).expect("hdb");
+        std::fs::write(
+            db.join("test.hdb"),
+            format!("{md5}:{}:Eicar-Test-Signature\n", EICAR.len()),
+        )
+        .expect("hdb");
         let port = free_port();
-        let mut c = Clamd { port, dir, child: None };
+        let mut c = Clamd {
+            port,
+            dir,
+            child: None,
+        };
         c.spawn();
         c
     }
@@ -190,7 +214,9 @@ impl Clamd {
             .spawn()
             .expect("start clamd (Debian package clamav-daemon)");
         self.child = Some(child);
-        wait_for(Duration::from_secs(60), "clamd to answer PING", || self.ping());
+        wait_for(Duration::from_secs(60), "clamd to answer PING", || {
+            self.ping()
+        });
     }
 
     fn ping(&self) -> bool {
@@ -269,14 +295,21 @@ fn md5_hex(data: &[u8]) -> String {
             c.wait_with_output()
         })
         .expect("md5sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Polls `check` every 50 ms until it holds, or panics naming `what`.
 pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -308,7 +341,10 @@ impl Domain {
             key_id,
             cert_pem,
             generation: 1,
-            mailboxes: mailboxes.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect(),
+            mailboxes: mailboxes
+                .iter()
+                .map(|(m, p)| (m.to_string(), p.to_string()))
+                .collect(),
             smtp: free_port(),
             submissions: free_port(),
             http: free_port(),
@@ -324,12 +360,24 @@ impl Domain {
         self.cert_pem = pki().signing_cert(&spki, &self.name);
         self.key_id = key_id;
         self.generation = generation;
-        std::fs::write(self.dir.join(format!("certificates/g{generation}.crt")), &self.cert_pem).expect("cert");
+        std::fs::write(
+            self.dir.join(format!("certificates/g{generation}.crt")),
+            &self.cert_pem,
+        )
+        .expect("cert");
     }
 
     /// The gateway.yaml of this domain.
-    pub fn config(&self, clamd: &str, providers: &Path, routes: &[(&str, u16)], pin_file: &Path) -> String {
-        let cert = self.dir.join(format!("certificates/g{}.crt", self.generation));
+    pub fn config(
+        &self,
+        clamd: &str,
+        providers: &Path,
+        routes: &[(&str, u16)],
+        pin_file: &Path,
+    ) -> String {
+        let cert = self
+            .dir
+            .join(format!("certificates/g{}.crt", self.generation));
         let sha = sha256_hex(&pem_der(&std::fs::read_to_string(&cert).expect("cert")));
         let (tls_cert, tls_key) = pki().tls("localhost");
         std::fs::write(self.dir.join("tls.crt"), tls_cert).expect("tls.crt");
@@ -338,7 +386,11 @@ impl Domain {
             .mailboxes
             .iter()
             .map(|(m, p)| {
-                let hash = if p.is_empty() { "!".to_string() } else { cheap_hash(p) };
+                let hash = if p.is_empty() {
+                    "!".to_string()
+                } else {
+                    cheap_hash(p)
+                };
                 format!("{m}:{hash}\n")
             })
             .collect();
@@ -347,8 +399,16 @@ impl Domain {
             .iter()
             .map(|(d, port)| format!("    {d}: 127.0.0.1:{port}\n"))
             .collect();
-        let profile = if self.receive_only { "ReceiveOnly" } else { "Standard" };
-        let protocols = if self.receive_only { "[smtp, https]" } else { "[smtp, submissions, imaps, pop3s, https]" };
+        let profile = if self.receive_only {
+            "ReceiveOnly"
+        } else {
+            "Standard"
+        };
+        let protocols = if self.receive_only {
+            "[smtp, https]"
+        } else {
+            "[smtp, submissions, imaps, pop3s, https]"
+        };
         format!(
             r#"domain: {name}
 profile: {profile}
@@ -418,17 +478,26 @@ relay:
 fn cheap_hash(password: &str) -> String {
     // Tests log in a lot: a low-cost argon2id hash keeps them quick. The
     // gateway verifies whatever cost the PHC string names.
-    use argon2::{Algorithm as A, Argon2, Params, PasswordHasher, Version, password_hash::SaltString};
+    use argon2::{
+        Algorithm as A, Argon2, Params, PasswordHasher, Version, password_hash::SaltString,
+    };
     let salt = SaltString::encode_b64(b"pec-test-salt-16").expect("salt");
-    Argon2::new(A::Argon2id, Version::V0x13, Params::new(1024, 1, 1, None).expect("params"))
-        .hash_password(password.as_bytes(), &salt)
-        .expect("hash")
-        .to_string()
+    Argon2::new(
+        A::Argon2id,
+        Version::V0x13,
+        Params::new(1024, 1, 1, None).expect("params"),
+    )
+    .hash_password(password.as_bytes(), &salt)
+    .expect("hash")
+    .to_string()
 }
 
 /// DER of the first PEM certificate.
 pub fn pem_der(pem: &str) -> Vec<u8> {
-    pec_core::smime::pem_certificates(pem).into_iter().next().expect("a certificate")
+    pec_core::smime::pem_certificates(pem)
+        .into_iter()
+        .next()
+        .expect("a certificate")
 }
 
 /// SHA-256, hex.
@@ -462,7 +531,10 @@ impl Gateway {
             http: domain.http,
             config: path,
             child: None,
-            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         g.spawn();
         g
@@ -521,7 +593,10 @@ impl Gateway {
     pub fn sigterm(&mut self) -> (std::process::ExitStatus, Duration) {
         let mut child = self.child.take().expect("running");
         let start = Instant::now();
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         let status = child.wait().expect("wait");
         (status, start.elapsed())
     }
@@ -553,11 +628,19 @@ impl Gateway {
     pub fn http_get(&self, path: &str) -> (u16, String, String) {
         let mut s = TcpStream::connect(("127.0.0.1", self.http)).expect("http connect");
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
         (status, head.to_string(), body.to_string())
     }
 
@@ -571,11 +654,16 @@ impl Gateway {
         let mut out = Vec::new();
         for sub in ["new", "cur"] {
             let dir = self.dir.join("mailboxes").join(name).join(sub);
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             let mut paths: Vec<PathBuf> = entries
                 .filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
                 .collect();
             paths.sort();
             out.extend(paths.iter().filter_map(|p| std::fs::read(p).ok()));
@@ -612,7 +700,11 @@ impl Gateway {
     /// Files in the quarantine.
     pub fn quarantined(&self) -> usize {
         std::fs::read_dir(self.dir.join("quarantine"))
-            .map(|d| d.filter_map(Result::ok).filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
             .unwrap_or(0)
     }
 
@@ -635,8 +727,13 @@ impl Drop for Gateway {
 
 /// The header block of a message, unfolded, as text.
 pub fn header_block(message: &[u8]) -> String {
-    let end = message.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(message.len());
-    String::from_utf8_lossy(&message[..end]).replace("\r\n ", " ").replace("\r\n\t", " ")
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(message.len());
+    String::from_utf8_lossy(&message[..end])
+        .replace("\r\n ", " ")
+        .replace("\r\n\t", " ")
 }
 
 /// Two Standard domains that route to each other, sharing one providers'
@@ -666,16 +763,32 @@ impl Pair {
     pub fn start_with(clamd: &str, env_a: &[(&str, &str)]) -> Pair {
         let root = tempfile::tempdir().expect("tempdir");
         let n = unique();
-        let da = Domain::new(root.path(), &format!("pec-a{n}.test"), &[("mario", MARIO_PASSWORD), ("luigi", "luigi-secret")]);
-        let db = Domain::new(root.path(), &format!("pec-b{n}.test"), &[("anna", "anna-secret"), ("bruno", "bruno-secret")]);
+        let da = Domain::new(
+            root.path(),
+            &format!("pec-a{n}.test"),
+            &[("mario", MARIO_PASSWORD), ("luigi", "luigi-secret")],
+        );
+        let db = Domain::new(
+            root.path(),
+            &format!("pec-b{n}.test"),
+            &[("anna", "anna-secret"), ("bruno", "bruno-secret")],
+        );
         let providers = root.path().join("providers");
         std::fs::create_dir_all(&providers).expect("providers");
         std::fs::write(providers.join("a.pem"), &da.cert_pem).expect("a.pem");
         std::fs::write(providers.join("b.pem"), &db.cert_pem).expect("b.pem");
         let pin_file = root.path().join("pin");
         std::fs::write(&pin_file, &token().pin).expect("pin");
-        let ca = Gateway::start(&da, &da.config(clamd, &providers, &[(&db.name, db.smtp)], &pin_file), env_a);
-        let cb = Gateway::start(&db, &db.config(clamd, &providers, &[(&da.name, da.smtp)], &pin_file), &[]);
+        let ca = Gateway::start(
+            &da,
+            &da.config(clamd, &providers, &[(&db.name, db.smtp)], &pin_file),
+            env_a,
+        );
+        let cb = Gateway::start(
+            &db,
+            &db.config(clamd, &providers, &[(&da.name, da.smtp)], &pin_file),
+            &[],
+        );
         let pair = Pair {
             a: ca,
             b: cb,
@@ -686,7 +799,9 @@ impl Pair {
             clamd: clamd.to_string(),
             root,
         };
-        wait_for(Duration::from_secs(30), "both gateways ready", || pair.a.ready() && pair.b.ready());
+        wait_for(Duration::from_secs(30), "both gateways ready", || {
+            pair.a.ready() && pair.b.ready()
+        });
         pair
     }
 
@@ -746,7 +861,8 @@ impl Client {
     /// Port 25, in clear; reads the greeting.
     pub fn plain(port: u16) -> Client {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
         let mut c = Client {
             socket: s.try_clone().expect("clone"),
             reader: BufReader::new(Box::new(s)),
@@ -759,15 +875,20 @@ impl Client {
     /// Port 465, implicit TLS trusting the test CA; reads the greeting.
     pub fn tls(port: u16) -> Client {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
         let mut roots = rustls::RootCertStore::empty();
         roots.add(pem_der(&pki().ca_pem).into()).expect("CA");
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let conn = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().expect("name")).expect("tls");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let conn =
+            rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().expect("name"))
+                .expect("tls");
         let socket = s.try_clone().expect("clone");
         let stream = rustls::StreamOwned::new(conn, s);
         let mut c = Client {
@@ -783,7 +904,8 @@ impl Client {
     pub fn login(port: u16, user: &str, password: &str) -> Client {
         let mut c = Client::tls(port);
         c.expect("EHLO client.test", 250);
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         c.expect(&format!("AUTH PLAIN {token}"), 235);
         c
     }
