@@ -15,16 +15,22 @@ ensure_prereqs
 
 step "format and lints"
 cargo fmt --all -- --check
-cargo clippy --all-targets --features e2e --quiet -- -D warnings
+cargo clippy --workspace --all-targets --features e2e --quiet -- -D warnings
 
-step "unit tests"
-cargo test --lib --bins
+step "unit tests (operator, pec-core, pec-gateway)"
+cargo test --workspace --lib --bins
 
 step "SoftHSM2 token"
 # shellcheck source=lib/hsm.sh
 . "$here/lib/hsm.sh"
 hsm_dir=$(mktemp -d "${TMPDIR:-/tmp}/pec-e2e-hsm.XXXXXX")
 init_hsm "$hsm_dir"
+
+step "gateway: two real gateways, SMTP, signatures in the token, clamd"
+cargo test -p pec-gateway --test gateway -- --test-threads 4
+
+step "images: built twice without a daemon, same digest, complete"
+"$here/images/check.sh" --profile debug all
 
 step "local cluster"
 bin=$("$here/lib/tools.sh")

@@ -20,8 +20,9 @@ use kube::{
 };
 use pec_operator::{
     api::{MailDomain, Profile, Site, SiteSpec},
-    controllers::mail_domain::build::{
-        CONFIG_HASH_ANNOTATION, DOMAIN_LABEL, SITE_LABEL, child_name,
+    controllers::mail_domain::{
+        build::{CONFIG_HASH_ANNOTATION, DOMAIN_LABEL, SITE_LABEL, child_name},
+        gateway::{GatewayDefaults, METRICS_PORT},
     },
 };
 use serde_json::json;
@@ -174,8 +175,69 @@ async fn examples_get_redundant_gateways_in_each_site() {
                     _ => None,
                 })
                 .collect();
-            let expected: BTreeSet<i32> = profile.ports().iter().map(|p| p.port).collect();
+            let expected: BTreeSet<i32> = profile
+                .ports()
+                .iter()
+                .map(|p| p.port)
+                .chain([METRICS_PORT])
+                .collect();
             assert_eq!(ports, expected, "{name}/{site}: NetworkPolicy ports");
+
+            // The gateway reads what the operator rendered, and every file it
+            // names is mounted.
+            let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                .get(&child)
+                .await
+                .expect("ConfigMap");
+            let yaml = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("gateway.yaml"))
+                .expect("gateway.yaml");
+            let config = pec_core::config::GatewayConfig::from_yaml(yaml).unwrap_or_else(|e| {
+                panic!("{name}/{site}: the gateway refuses its configuration: {e}")
+            });
+            assert_eq!(config.site, site);
+            assert!(config.tls.is_some(), "{name}: TLS configured");
+            assert_eq!(config.has_access_point(), profile == Profile::Standard);
+            let deployment = Api::<Deployment>::namespaced(client.clone(), &ns)
+                .get(&child)
+                .await
+                .expect("Deployment");
+            let pod = deployment
+                .spec
+                .and_then(|s| s.template.spec)
+                .expect("pod spec");
+            let container = &pod.containers[0];
+            assert_eq!(
+                container.image.as_deref(),
+                Some(GatewayDefaults::default().image.as_str()),
+                "the reference gateway image by default"
+            );
+            let mounts: Vec<String> = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.clone())
+                .collect();
+            for path in [
+                config.paths.credentials.clone(),
+                config.paths.providers[0].clone(),
+                config.paths.queue.clone(),
+                config.tls.clone().expect("tls").key_file,
+            ] {
+                assert!(
+                    mounts.iter().any(|m| path.starts_with(m)),
+                    "{name}/{site}: {} is not mounted ({mounts:?})",
+                    path.display()
+                );
+            }
+            let probe = container
+                .readiness_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .expect("HTTP readiness probe");
+            assert_eq!(probe.path.as_deref(), Some("/readyz"));
             if profile == Profile::ReceiveOnly {
                 for forbidden in [465, 993, 995] {
                     assert!(!ports.contains(&forbidden), "{name}: port {forbidden} open");
