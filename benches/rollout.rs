@@ -181,7 +181,17 @@ async fn run_plain(client: &Client, ns: &str, n: usize) -> Result<(Duration, Dur
         })
         .collect();
     let children: Vec<SiteChildren> = (0..n)
-        .map(|i| build::children(&domain(ns, i), None, &sites, Some(&[]), &[]).map(|c| c.sites))
+        .map(|i| {
+            build::children(
+                &domain(ns, i),
+                None,
+                &Default::default(),
+                &sites,
+                Some(&[]),
+                &[],
+            )
+            .map(|c| c.sites)
+        })
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .flatten()
