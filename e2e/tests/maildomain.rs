@@ -204,10 +204,7 @@ async fn examples_get_redundant_gateways_in_each_site() {
                 .get(&child)
                 .await
                 .expect("Deployment");
-            let pod = deployment
-                .spec
-                .and_then(|s| s.template.spec)
-                .expect("pod spec");
+            let pod = deployment.spec.template.spec.expect("pod spec");
             let container = &pod.containers[0];
             assert_eq!(
                 container.image.as_deref(),
