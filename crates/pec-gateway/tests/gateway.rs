@@ -728,3 +728,53 @@ fn metrics_and_probes_answer_with_content_types() {
     assert_eq!(p.a.http_get("/healthz").0, 200);
     assert_eq!(p.a.http_get("/readyz").0, 200);
 }
+
+#[test]
+fn a_receive_only_domain_has_no_access_point_but_receives_certified_mail() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let clamd = shared_clamd();
+    let mut ufficio = Domain::new(root.path(), "ufficio-ro.test", &[("protocollo", "")]);
+    ufficio.receive_only = true;
+    let sender = Domain::new(
+        root.path(),
+        "pec-ro-sender.test",
+        &[("mario", MARIO_PASSWORD)],
+    );
+    let providers = root.path().join("providers");
+    std::fs::create_dir_all(&providers).expect("providers");
+    std::fs::write(providers.join("u.pem"), &ufficio.cert_pem).expect("u.pem");
+    std::fs::write(providers.join("s.pem"), &sender.cert_pem).expect("s.pem");
+    let pin = root.path().join("pin");
+    std::fs::write(&pin, &token().pin).expect("pin");
+    let u = Gateway::start(
+        &ufficio,
+        &ufficio.config(&clamd, &providers, &[(&sender.name, sender.smtp)], &pin),
+        &[],
+    );
+    let s = Gateway::start(
+        &sender,
+        &sender.config(&clamd, &providers, &[(&ufficio.name, ufficio.smtp)], &pin),
+        &[],
+    );
+    wait_for(Duration::from_secs(20), "both ready", || {
+        u.ready() && s.ready()
+    });
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", ufficio.submissions)).is_err(),
+        "no listener on the submission port of a receive-only domain"
+    );
+    let mario = format!("mario@{}", sender.name);
+    let protocollo = format!("protocollo@{}", ufficio.name);
+    let mut c = Client::login(sender.submissions, &mario, MARIO_PASSWORD);
+    assert_eq!(
+        c.send_mail(
+            &mario,
+            &[&protocollo],
+            &message(&mario, &[&protocollo], "Istanza", "x")
+        )
+        .0,
+        250
+    );
+    u.wait_for_mail("protocollo", "X-Trasporto: posta-certificata", 1);
+    s.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
+}

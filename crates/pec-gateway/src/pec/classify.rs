@@ -161,3 +161,78 @@ pub fn original(envelope: &[u8]) -> Option<Vec<u8>> {
     let entity = MessageParser::default().parse(parts.entity)?;
     attachment(&entity, "postacert.eml").map(<[u8]>::to_vec)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ENVELOPE: &str = "From: posta-certificata@pec.a.it\r\nX-Trasporto: posta-certificata\r\nMIME-Version: 1.0\r\nContent-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; micalg=\"sha-256\"; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: multipart/mixed; boundary=\"m\"\r\n\r\n--m\r\nContent-Type: text/plain\r\n\r\nciao\r\n--m\r\nContent-Type: application/xml\r\nContent-Disposition: attachment; filename=\"daticert.xml\"\r\n\r\n<postacert tipo=\"posta-certificata\" errore=\"nessuno\"/>\r\n--m--\r\n\r\n--b\r\nContent-Type: application/pkcs7-signature; name=\"smime.p7s\"\r\nContent-Transfer-Encoding: base64\r\n\r\nMIIBAAYJ\r\n\r\n--b--\r\n";
+
+    #[test]
+    fn an_unsigned_message_is_an_anomaly_with_its_reason() {
+        let plain = b"From: a@b.it\r\nSubject: x\r\n\r\nhi\r\n";
+        assert!(matches!(
+            classify(plain, &TrustedSigners::default()),
+            Incoming::Anomaly { code: "NotPec", .. }
+        ));
+        let claimed = b"From: a@b.it\r\nX-Trasporto: posta-certificata\r\n\r\nhi\r\n";
+        assert!(matches!(
+            classify(claimed, &TrustedSigners::default()),
+            Incoming::Anomaly {
+                code: "NotSigned",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_signature_that_is_not_cms_is_malformed() {
+        let r = classify(ENVELOPE.as_bytes(), &TrustedSigners::default());
+        assert!(
+            matches!(
+                r,
+                Incoming::Anomaly {
+                    code: "Malformed",
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn random_bytes_never_panic_the_parsers(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = classify(&bytes, &TrustedSigners::default());
+            let _ = summary(&bytes);
+            let _ = original(&bytes);
+            let envelope = super::super::checks::SmtpEnvelope {
+                reverse_path: "a@b.it".into(),
+                forward_paths: vec!["c@d.it".into()],
+            };
+            let limits = super::super::checks::Limits { max_message_bytes: 1 << 20, max_recipients: 10 };
+            let _ = super::super::checks::check_submission(&envelope, &bytes, limits);
+        }
+
+        #[test]
+        fn mangled_envelopes_never_panic_the_parsers(
+            edits in proptest::collection::vec((0usize..ENVELOPE.len(), any::<u8>(), any::<bool>()), 1..24)
+        ) {
+            let mut bytes = ENVELOPE.as_bytes().to_vec();
+            for (at, byte, insert) in edits {
+                let at = at.min(bytes.len());
+                if insert || at == bytes.len() {
+                    bytes.insert(at, byte);
+                } else {
+                    bytes[at] = byte;
+                }
+            }
+            let _ = classify(&bytes, &TrustedSigners::default());
+            let _ = original(&bytes);
+            let _ = pec_core::smime::split_signed(&bytes);
+        }
+    }
+}
