@@ -19,7 +19,10 @@ use pec_gateway::{
     smtp::{self, Listener},
 };
 use tokio::{net::TcpListener, sync::watch};
-use tokio_rustls::{TlsAcceptor, rustls};
+use tokio_rustls::{
+    TlsAcceptor, rustls,
+    rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+};
 
 #[derive(Parser)]
 #[command(name = "pec-gateway", version, about = "Reference PEC gateway")]
@@ -169,12 +172,14 @@ impl Readiness for CachedReadiness {
 
 fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, String> {
     let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
-    let certs = rustls_pemfile::certs(&mut read(&tls.cert_file)?.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&read(&tls.cert_file)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("TLS certificate {}: {e}", tls.cert_file.display()))?;
-    let key = rustls_pemfile::private_key(&mut read(&tls.key_file)?.as_slice())
-        .map_err(|e| format!("TLS key {}: {e}", tls.key_file.display()))?
-        .ok_or_else(|| format!("no private key in {}", tls.key_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", tls.cert_file.display()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&tls.key_file)?)
+        .map_err(|e| format!("TLS key {}: {e}", tls.key_file.display()))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
