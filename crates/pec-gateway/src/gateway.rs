@@ -322,6 +322,9 @@ impl Gateway {
 
     /// The access point: a mailbox owner's message after DATA.
     pub async fn submit(&self, envelope: SmtpEnvelope, message: Vec<u8>) -> Reply {
+        if let Some(reply) = self.cannot_certify() {
+            return reply;
+        }
         let limits = Limits {
             max_message_bytes: self.config.max_message_bytes.max(0) as u64,
             max_recipients: self.config.max_recipients,
@@ -408,6 +411,25 @@ impl Gateway {
         Reply::new(250, "2.0.0", format!("accepted as {identificativo}"))
     }
 
+    /// A temporary refusal while the gateway cannot sign: what it cannot
+    /// certify it does not accept, and the sender tries again later.
+    fn cannot_certify(&self) -> Option<Reply> {
+        self.signer.ensure().err().map(|e| {
+            tracing::warn!(
+                reason = e.reason(),
+                "refusing mail temporarily: cannot sign"
+            );
+            Reply::new(
+                451,
+                "4.7.0",
+                format!(
+                    "cannot certify messages now ({}); try again later",
+                    e.reason()
+                ),
+            )
+        })
+    }
+
     /// Refuses a submission: a signed non-acceptance notice into the
     /// sender's mailbox, a legal log line, and the SMTP reply.
     pub async fn refuse_submission(
@@ -456,6 +478,9 @@ impl Gateway {
 
     /// The incoming point: a message from another provider after DATA.
     pub async fn receive(&self, peer: &str, envelope: SmtpEnvelope, message: Vec<u8>) -> Reply {
+        if let Some(reply) = self.cannot_certify() {
+            return reply;
+        }
         let now = clock::now();
         let summary = classify::summary(&message);
         let id = format!(
