@@ -805,45 +805,37 @@ impl Gateway {
                 }
                 let original = classify::original(message).unwrap_or_default();
                 for rcpt in &ours {
-                    let mailbox = checks::local_part(rcpt);
-                    if self.credentials.mailbox_exists(&mailbox) {
-                        self.deliver_local(rcpt, &t.identificativo, message)?;
-                        self.log(
-                            &t.identificativo,
-                            &t.msgid,
-                            "consegna",
-                            &t.mittente,
-                            std::slice::from_ref(rcpt),
-                            "delivered",
-                        );
-                        let receipt = compose::receipt(
-                            &t,
-                            Notice::Delivered(rcpt),
-                            &t.mittente,
-                            self.issuer(),
-                            now,
-                            Some(&original),
-                        );
-                        self.emit(receipt, Tipo::AvvenutaConsegna, &t).await?;
-                    } else {
-                        self.log(
-                            &t.identificativo,
-                            &t.msgid,
-                            "consegna",
-                            &t.mittente,
-                            std::slice::from_ref(rcpt),
-                            "no-mailbox",
-                        );
-                        let notice = compose::receipt(
-                            &t,
-                            Notice::NotDelivered(rcpt, "casella inesistente"),
-                            &t.mittente,
-                            self.issuer(),
-                            now,
-                            None,
-                        );
-                        self.emit(notice, Tipo::ErroreConsegna, &t).await?;
-                    }
+                    let (outcome, notice, kind) =
+                        if self.credentials.mailbox_exists(&checks::local_part(rcpt)) {
+                            self.deliver_local(rcpt, &t.identificativo, message)?;
+                            ("delivered", Notice::Delivered(rcpt), Tipo::AvvenutaConsegna)
+                        } else {
+                            let reason = "casella inesistente";
+                            (
+                                "no-mailbox",
+                                Notice::NotDelivered(rcpt, reason),
+                                Tipo::ErroreConsegna,
+                            )
+                        };
+                    let to = std::slice::from_ref(rcpt);
+                    self.log(
+                        &t.identificativo,
+                        &t.msgid,
+                        "consegna",
+                        &t.mittente,
+                        to,
+                        outcome,
+                    );
+                    // Only a complete delivery receipt carries the original.
+                    let receipt = compose::receipt(
+                        &t,
+                        notice,
+                        &t.mittente,
+                        self.issuer(),
+                        now,
+                        Some(&original),
+                    );
+                    self.emit(receipt, kind, &t).await?;
                 }
             }
             Incoming::Receipt { daticert, .. } => {

@@ -79,7 +79,7 @@ fn a_message_crosses_all_three_points_and_every_receipt_verifies() {
 
     // The taking-charge receipt stays between providers: recorded, not delivered.
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the taking-charge receipt in A's legal log",
         || {
             std::fs::read_to_string(p.a.legal_log())
@@ -332,23 +332,35 @@ fn plain_mail_from_outside_becomes_an_anomaly_envelope() {
     openssl_verify(&anomaly[0], &p.ca_file()).expect("anomaly envelope verifies");
 }
 
+/// A transmission from `from` to `to` with identifier `id`.
+fn transmission(
+    id: &str,
+    from: &str,
+    to: &str,
+    subject: &str,
+) -> pec_gateway::pec::compose::Transmission {
+    use pec_gateway::pec::daticert;
+    pec_gateway::pec::compose::Transmission {
+        identificativo: id.to_string(),
+        msgid: format!("{}@client.test", id.replace('@', ".")),
+        mittente: from.to_string(),
+        destinatari: vec![daticert::Destinatario {
+            address: to.to_string(),
+            tipo: daticert::TipoDestinatario::Certificato,
+        }],
+        oggetto: subject.to_string(),
+        tipo_ricevuta: daticert::TipoRicevuta::Completa,
+    }
+}
+
 /// A transport envelope from domain A to Anna, signed by `key_id` with
 /// certificate `cert_pem` (valid, unknown or tampered as the test wants).
 fn forged_envelope(p: &Pair, key_id: &str, cert_pem: &str, tamper: bool) -> Vec<u8> {
-    use pec_gateway::pec::{compose, daticert};
+    use pec_gateway::pec::compose;
     let mario = p.mario();
     let anna = p.anna();
-    let t = compose::Transmission {
-        identificativo: format!("opec.forged.{}@{}", std::process::id(), p.da.name),
-        msgid: "forged@client.test".into(),
-        mittente: mario.clone(),
-        destinatari: vec![daticert::Destinatario {
-            address: anna.clone(),
-            tipo: daticert::TipoDestinatario::Certificato,
-        }],
-        oggetto: "Forged".into(),
-        tipo_ricevuta: daticert::TipoRicevuta::Completa,
-    };
+    let id = format!("opec.forged.{}@{}", std::process::id(), p.da.name);
+    let t = transmission(&id, &mario, &anna, "Forged");
     let issuer = compose::Issuer {
         domain: &p.da.name,
         gestore: "test",
@@ -427,21 +439,16 @@ fn unknown_signers_and_tampered_envelopes_become_anomalies() {
 
 #[test]
 fn a_receipt_for_a_message_never_sent_is_an_anomaly() {
-    use pec_gateway::pec::{compose, daticert};
+    use pec_gateway::pec::compose;
     let p = Pair::start();
     let mario = p.mario();
     let anna = p.anna();
-    let t = compose::Transmission {
-        identificativo: format!("opec.never-sent@{}", p.da.name),
-        msgid: "never@client.test".into(),
-        mittente: mario.clone(),
-        destinatari: vec![daticert::Destinatario {
-            address: anna.clone(),
-            tipo: daticert::TipoDestinatario::Certificato,
-        }],
-        oggetto: "Mai inviato".into(),
-        tipo_ricevuta: daticert::TipoRicevuta::Completa,
-    };
+    let t = transmission(
+        &format!("opec.never-sent@{}", p.da.name),
+        &mario,
+        &anna,
+        "Mai inviato",
+    );
     let issuer = compose::Issuer {
         domain: &p.db.name,
         gestore: "B",
@@ -486,7 +493,7 @@ fn clamd_down_gives_a_temporary_failure_and_not_ready_then_recovers() {
     let mario = p.mario();
     let anna = p.anna();
     clamd.stop();
-    wait_for(Duration::from_secs(15), "gateway A not ready", || {
+    wait_for(Duration::from_secs(30), "gateway A not ready", || {
         !p.a.ready()
     });
     let (_, _, body) = p.a.http_get("/readyz");
@@ -495,9 +502,7 @@ fn clamd_down_gives_a_temporary_failure_and_not_ready_then_recovers() {
     let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Durante", "x"));
     assert_eq!(code / 100, 4, "fail closed, temporarily: {text}");
     clamd.restart();
-    wait_for(Duration::from_secs(15), "gateway A ready again", || {
-        p.a.ready()
-    });
+    p.a.wait_ready();
     let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Dopo", "x"));
     assert_eq!(code, 250, "{text}");
     p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
@@ -522,7 +527,7 @@ fn a_gateway_killed_during_data_after_the_250_and_before_the_relay_loses_and_dup
     // 2. Killed right before relaying: the 250 was given, the envelope is queued.
     p.a.set_env("PEC_GATEWAY_CRASH_AT", Some("before-relay"));
     p.a.restart();
-    wait_for(Duration::from_secs(20), "A ready", || p.a.ready());
+    p.a.wait_ready();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
     let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Uno", "primo"));
     assert_eq!(code, 250, "{text}");
@@ -541,8 +546,15 @@ fn a_gateway_killed_during_data_after_the_250_and_before_the_relay_loses_and_dup
     p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
     // Kill and restart once more: nothing is sent again.
     p.a.restart();
-    wait_for(Duration::from_secs(20), "A ready", || p.a.ready());
-    std::thread::sleep(Duration::from_secs(3));
+    p.a.wait_ready();
+    // Both queues empty (the gauge is refreshed every 2 s): nothing is left to send.
+    for g in [&p.a, &p.b] {
+        g.wait_until(Duration::from_secs(30), "drained", |g| {
+            g.http_get("/metrics")
+                .2
+                .contains("pec_gateway_queue_depth 0")
+        });
+    }
     assert_eq!(
         p.b.find("anna", "X-Trasporto: posta-certificata").len(),
         1,
@@ -591,9 +603,7 @@ fn a_rotated_key_signs_from_the_next_start_and_both_generations_verify() {
     );
     p.a.rewrite_config(&config);
     p.a.restart();
-    wait_for(Duration::from_secs(20), "A ready on generation 2", || {
-        p.a.ready()
-    });
+    p.a.wait_ready();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
     assert_eq!(
         c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Dopo", "g2"))
@@ -625,7 +635,7 @@ fn a_wrong_pin_keeps_the_gateway_unready_until_fixed() {
         &domain.config(&clamd, root.path(), &[], &pin_file),
         &[],
     );
-    wait_for(Duration::from_secs(10), "a readiness verdict", || {
+    wait_for(Duration::from_secs(30), "a readiness verdict", || {
         g.http_get("/readyz").2 != "starting"
     });
     let (code, _, body) = g.http_get("/readyz");
@@ -633,11 +643,7 @@ fn a_wrong_pin_keeps_the_gateway_unready_until_fixed() {
     assert!(body.contains("HsmLoginFailed"), "{body}");
     // Mail is refused temporarily while the gateway cannot sign.
     std::fs::write(&pin_file, &token().pin).expect("pin");
-    wait_for(
-        Duration::from_secs(20),
-        "ready once the PIN is right",
-        || g.ready(),
-    );
+    g.wait_ready();
     assert!(
         !g.output().contains("0000-wrong") && !g.output().contains(&token().pin),
         "the PIN never reaches the log"
@@ -756,9 +762,8 @@ fn a_receive_only_domain_has_no_access_point_but_receives_certified_mail() {
         &sender.config(&clamd, &providers, &[(&ufficio.name, ufficio.smtp)], &pin),
         &[],
     );
-    wait_for(Duration::from_secs(20), "both ready", || {
-        u.ready() && s.ready()
-    });
+    u.wait_ready();
+    s.wait_ready();
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", ufficio.submissions)).is_err(),
         "no listener on the submission port of a receive-only domain"

@@ -557,9 +557,32 @@ impl Gateway {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().expect("start pec-gateway"));
-        wait_for(Duration::from_secs(20), "the gateway to listen", || {
-            TcpStream::connect(("127.0.0.1", self.smtp)).is_ok()
+        self.wait_until(Duration::from_secs(60), "listening", |g| {
+            TcpStream::connect(("127.0.0.1", g.smtp)).is_ok()
         });
+    }
+
+    /// Polls `check` until it holds; on time-out panics with the end of the
+    /// gateway's own log, which says why.
+    pub fn wait_until(&self, timeout: Duration, what: &str, check: impl Fn(&Gateway) -> bool) {
+        let start = Instant::now();
+        while !check(self) {
+            if start.elapsed() > timeout {
+                let log = self.output();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {} to be {what}; its log ends:\n{}",
+                    self.domain,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `/readyz` says ready.
+    pub fn wait_ready(&self) {
+        self.wait_until(Duration::from_secs(60), "ready", Gateway::ready);
     }
 
     /// Sets an environment variable for the next start.
@@ -683,7 +706,7 @@ impl Gateway {
     pub fn wait_for_mail(&self, mailbox: &str, needle: &str, n: usize) -> Vec<Vec<u8>> {
         let start = Instant::now();
         while self.find(mailbox, needle).len() < n {
-            if start.elapsed() > Duration::from_secs(30) {
+            if start.elapsed() > Duration::from_secs(60) {
                 let log = self.output();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
                 panic!(
