@@ -20,162 +20,100 @@ use quick_xml::escape::{escape, resolve_xml_entity};
 use quick_xml::events::{BytesRef, BytesStart, Event};
 use quick_xml::reader::Reader;
 
-/// The kind of PEC message a `daticert.xml` describes (`postacert/@tipo`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tipo {
-    /// A transport envelope carrying the sender's original message.
-    PostaCertificata,
-    /// The acceptance receipt the sender's provider returns.
-    Accettazione,
-    /// The notice that the sender's provider refused the message.
-    NonAccettazione,
-    /// The taking-charge receipt exchanged between providers.
-    PresaInCarico,
-    /// The delivery receipt from the recipient's provider.
-    AvvenutaConsegna,
-    /// The notice that delivery failed.
-    ErroreConsegna,
-    /// The warning that delivery has not happened within the deadline.
-    PreavvisoErroreConsegna,
-    /// The notice that a virus was found.
-    RilevazioneVirus,
-}
-
-impl Tipo {
-    /// Every kind, in the order RFC 6109 lists them; handy for tests and
-    /// tools that enumerate.
-    pub const ALL: [Tipo; 8] = [
-        Tipo::PostaCertificata,
-        Tipo::Accettazione,
-        Tipo::NonAccettazione,
-        Tipo::PresaInCarico,
-        Tipo::AvvenutaConsegna,
-        Tipo::ErroreConsegna,
-        Tipo::PreavvisoErroreConsegna,
-        Tipo::RilevazioneVirus,
-    ];
-
-    /// The attribute value as written in `daticert.xml`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tipo::PostaCertificata => "posta-certificata",
-            Tipo::Accettazione => "accettazione",
-            Tipo::NonAccettazione => "non-accettazione",
-            Tipo::PresaInCarico => "presa-in-carico",
-            Tipo::AvvenutaConsegna => "avvenuta-consegna",
-            Tipo::ErroreConsegna => "errore-consegna",
-            Tipo::PreavvisoErroreConsegna => "preavviso-errore-consegna",
-            Tipo::RilevazioneVirus => "rilevazione-virus",
+/// An enumeration of the fixed words `daticert.xml` uses in one attribute:
+/// the type, its `ALL` list, `as_str`, `Display`, and `FromStr` whose error
+/// names the element and attribute.
+macro_rules! keywords {
+    (
+        $(#[$meta:meta])*
+        $name:ident in $element:literal / $attribute:literal {
+            $($(#[$vmeta:meta])* $variant:ident = $word:literal,)+
         }
-    }
-}
-
-impl fmt::Display for Tipo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Tipo {
-    type Err = DaticertError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Tipo::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| invalid_value("postacert", "tipo", s))
-    }
-}
-
-/// The error class a receipt reports (`postacert/@errore`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Errore {
-    /// No error; the default when the attribute is absent.
-    Nessuno,
-    /// The recipient mailbox does not exist.
-    NoDest,
-    /// The recipient domain is not a PEC domain.
-    NoDominio,
-    /// A virus was found.
-    Virus,
-    /// Any other error.
-    Altro,
-}
-
-impl Errore {
-    /// Every error class.
-    pub const ALL: [Errore; 5] = [
-        Errore::Nessuno,
-        Errore::NoDest,
-        Errore::NoDominio,
-        Errore::Virus,
-        Errore::Altro,
-    ];
-
-    /// The attribute value as written in `daticert.xml`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Errore::Nessuno => "nessuno",
-            Errore::NoDest => "no-dest",
-            Errore::NoDominio => "no-dominio",
-            Errore::Virus => "virus",
-            Errore::Altro => "altro",
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
         }
-    }
-}
 
-impl fmt::Display for Errore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+        impl $name {
+            /// Every value, in the order the format lists them.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
 
-impl FromStr for Errore {
-    type Err = DaticertError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Errore::ALL
-            .into_iter()
-            .find(|e| e.as_str() == s)
-            .ok_or_else(|| invalid_value("postacert", "errore", s))
-    }
-}
-
-/// Whether a recipient is a PEC mailbox or an ordinary e-mail address
-/// (`destinatari/@tipo`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TipoDestinatario {
-    /// A PEC mailbox: its provider will return receipts.
-    Certificato,
-    /// An ordinary mailbox outside PEC: no delivery receipt will come.
-    Esterno,
-}
-
-impl TipoDestinatario {
-    /// The attribute value as written in `daticert.xml`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TipoDestinatario::Certificato => "certificato",
-            TipoDestinatario::Esterno => "esterno",
+            /// The attribute value as written in `daticert.xml`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word,)+
+                }
+            }
         }
-    }
-}
 
-impl fmt::Display for TipoDestinatario {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for TipoDestinatario {
-    type Err = DaticertError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "certificato" => Ok(TipoDestinatario::Certificato),
-            "esterno" => Ok(TipoDestinatario::Esterno),
-            _ => Err(invalid_value("destinatari", "tipo", s)),
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
         }
+
+        impl FromStr for $name {
+            type Err = DaticertError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $name::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| invalid_value($element, $attribute, s))
+            }
+        }
+    };
+}
+
+keywords! {
+    /// The kind of PEC message a `daticert.xml` describes (`postacert/@tipo`).
+    Tipo in "postacert" / "tipo" {
+        /// A transport envelope carrying the sender's original message.
+        PostaCertificata = "posta-certificata",
+        /// The acceptance receipt the sender's provider returns.
+        Accettazione = "accettazione",
+        /// The notice that the sender's provider refused the message.
+        NonAccettazione = "non-accettazione",
+        /// The taking-charge receipt exchanged between providers.
+        PresaInCarico = "presa-in-carico",
+        /// The delivery receipt from the recipient's provider.
+        AvvenutaConsegna = "avvenuta-consegna",
+        /// The notice that delivery failed.
+        ErroreConsegna = "errore-consegna",
+        /// The warning that delivery has not happened within the deadline.
+        PreavvisoErroreConsegna = "preavviso-errore-consegna",
+        /// The notice that a virus was found.
+        RilevazioneVirus = "rilevazione-virus",
+    }
+}
+
+keywords! {
+    /// The error class a receipt reports (`postacert/@errore`).
+    Errore in "postacert" / "errore" {
+        /// No error; the default when the attribute is absent.
+        Nessuno = "nessuno",
+        /// The recipient mailbox does not exist.
+        NoDest = "no-dest",
+        /// The recipient domain is not a PEC domain.
+        NoDominio = "no-dominio",
+        /// A virus was found.
+        Virus = "virus",
+        /// Any other error.
+        Altro = "altro",
+    }
+}
+
+keywords! {
+    /// Whether a recipient is a PEC mailbox or an ordinary e-mail address
+    /// (`destinatari/@tipo`).
+    TipoDestinatario in "destinatari" / "tipo" {
+        /// A PEC mailbox: its provider will return receipts.
+        Certificato = "certificato",
+        /// An ordinary mailbox outside PEC: no delivery receipt will come.
+        Esterno = "esterno",
     }
 }
 
@@ -188,45 +126,22 @@ pub struct Destinatario {
     pub tipo: TipoDestinatario,
 }
 
-/// The delivery-receipt form the sender asked for (`ricevuta/@tipo`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TipoRicevuta {
-    /// The receipt carries the whole original message.
-    #[default]
-    Completa,
-    /// The receipt carries the original message's hashes only.
-    Breve,
-    /// The receipt carries the certification data only.
-    Sintetica,
-}
-
-impl TipoRicevuta {
-    /// The attribute value as written in `daticert.xml`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TipoRicevuta::Completa => "completa",
-            TipoRicevuta::Breve => "breve",
-            TipoRicevuta::Sintetica => "sintetica",
-        }
+keywords! {
+    /// The delivery-receipt form the sender asked for (`ricevuta/@tipo`).
+    TipoRicevuta in "ricevuta" / "tipo" {
+        /// The receipt carries the whole original message (the default).
+        Completa = "completa",
+        /// The receipt carries the original message's hashes only.
+        Breve = "breve",
+        /// The receipt carries the certification data only.
+        Sintetica = "sintetica",
     }
 }
 
-impl fmt::Display for TipoRicevuta {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for TipoRicevuta {
-    type Err = DaticertError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "completa" => Ok(TipoRicevuta::Completa),
-            "breve" => Ok(TipoRicevuta::Breve),
-            "sintetica" => Ok(TipoRicevuta::Sintetica),
-            _ => Err(invalid_value("ricevuta", "tipo", s)),
-        }
+#[allow(clippy::derivable_impls)] // the keywords! macro owns the derives
+impl Default for TipoRicevuta {
+    fn default() -> Self {
+        TipoRicevuta::Completa
     }
 }
 
@@ -1015,10 +930,10 @@ mod tests {
 
     #[test]
     fn all_enum_values_parse_back_from_their_names() {
-        for t in Tipo::ALL {
+        for &t in Tipo::ALL {
             assert_eq!(t.as_str().parse::<Tipo>().unwrap(), t);
         }
-        for e in Errore::ALL {
+        for &e in Errore::ALL {
             assert_eq!(e.as_str().parse::<Errore>().unwrap(), e);
         }
         for r in [
