@@ -60,7 +60,7 @@ pub async fn serve(
 fn route<B>(req: &Request<B>, probe: &Probe) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => match probe.metrics.render() {
-            Ok(text) => reply(StatusCode::OK, text),
+            Ok(text) => with_type(reply(StatusCode::OK, text), METRICS_CONTENT_TYPE),
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
         "/healthz" => reply(StatusCode::OK, "ok".into()),
@@ -73,9 +73,20 @@ fn route<B>(req: &Request<B>, probe: &Probe) -> Response<Full<Bytes>> {
     }
 }
 
+/// The Prometheus text format; Prometheus 3 refuses a scrape without it.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
+    with_type(resp, "text/plain; charset=utf-8")
+}
+
+fn with_type(mut resp: Response<Full<Bytes>>, content_type: &'static str) -> Response<Full<Bytes>> {
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     resp
 }
 
@@ -104,6 +115,28 @@ mod tests {
             route(&get("/readyz"), &probe(true)).status(),
             StatusCode::OK
         );
+    }
+
+    #[test]
+    fn every_answer_names_its_content_type() {
+        let content_type = |path: &str| {
+            route(&get(path), &probe(true))
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        assert_eq!(
+            content_type("/metrics").as_deref(),
+            Some(METRICS_CONTENT_TYPE)
+        );
+        for path in ["/healthz", "/readyz", "/nope"] {
+            assert_eq!(
+                content_type(path).as_deref(),
+                Some("text/plain; charset=utf-8"),
+                "{path}"
+            );
+        }
     }
 
     #[test]

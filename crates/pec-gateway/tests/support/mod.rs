@@ -156,12 +156,21 @@ impl Pki {
     }
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, never the same twice in this process (the
+/// kernel may hand out a port again once its probe socket is closed, before
+/// the gateway it was meant for has bound it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: OnceLock<Mutex<std::collections::HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Mutex::default);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if given.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A clamd of the tests' own: a temporary directory, a TCP port, and one
