@@ -130,9 +130,9 @@ async fn invalid_maildomains_are_refused_with_the_field_named() {
             "spec.antivirus.quarantineRetention",
         ),
         (
-            "no gateway image",
-            with("gateway.image", json!("")),
-            "spec.gateway.image",
+            "a clamd address of another scheme",
+            with("antivirus.clamd", json!("http://clamd:3310")),
+            "spec.antivirus.clamd",
         ),
     ];
     assert!(cases.len() >= 8);
