@@ -150,6 +150,15 @@ impl Hsm {
     }
 }
 
+impl Drop for Hsm {
+    /// Finalizes the module, so opening it again (to recover from a lost
+    /// token, or to see objects another process wrote) starts afresh
+    /// instead of finding it already initialised.
+    fn drop(&mut self) {
+        let _ = self.ctx.clone().finalize();
+    }
+}
+
 /// A logged-in session on one token.
 pub struct Token {
     session: Session,

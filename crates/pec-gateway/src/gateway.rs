@@ -66,7 +66,8 @@ pub struct Gateway {
     gestore: String,
     clamd_ok: AtomicBool,
     jobs: mpsc::UnboundedSender<String>,
-    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Jobs waiting for a worker or running.
+    scheduled: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why a gateway could not start.
@@ -129,7 +130,7 @@ impl Gateway {
             gestore: format!("Gestore PEC di {}", config.domain),
             clamd_ok: AtomicBool::new(true),
             jobs: tx,
-            in_flight: std::sync::Mutex::new(Default::default()),
+            scheduled: std::sync::Mutex::new(Default::default()),
             config,
         });
         gateway.reload_trusted();
@@ -204,7 +205,7 @@ impl Gateway {
             .messages
             .with_label_values(&[kind, outcome])
             .inc();
-        if let Err(e) = self.log.append(&entry) {
+        if let Err(e) = blocking(|| self.log.append(&entry)) {
             // The legal log is evidence: losing a line is an alarm.
             tracing::error!(error = %e, identificativo, kind, "writing the legal log failed");
         }
@@ -252,10 +253,8 @@ impl Gateway {
 
     async fn sign(&self, composed: &Composed) -> Result<Vec<u8>, String> {
         let started = Instant::now();
-        let result = self
-            .signer
-            .sign(composed, clock::system_now())
-            .map_err(|e| e.to_string());
+        let result =
+            blocking(|| self.signer.sign(composed, clock::system_now())).map_err(|e| e.to_string());
         self.metrics
             .signing_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -271,10 +270,9 @@ impl Gateway {
         if self.queue.was_emitted(&record) {
             return Ok(());
         }
-        self.mailboxes
-            .deliver_keyed(&mailbox, message_id, message)
+        blocking(|| self.mailboxes.deliver_keyed(&mailbox, message_id, message))
             .map_err(|e| format!("delivering into {mailbox}: {e}"))?;
-        self.queue.mark_emitted(&record).map_err(|e| e.to_string())
+        blocking(|| self.queue.mark_emitted(&record)).map_err(|e| e.to_string())
     }
 
     /// Emits a signed receipt or notice to `to`: into the mailbox when `to`
@@ -299,7 +297,7 @@ impl Gateway {
                 },
                 clock::now(),
             );
-            self.queue.put(&job, &signed).map_err(|e| e.to_string())?;
+            blocking(|| self.queue.put(&job, &signed)).map_err(|e| e.to_string())?;
             self.wake(&job.id);
         }
         self.queue
@@ -394,7 +392,7 @@ impl Gateway {
             },
             now,
         );
-        if let Err(e) = self.queue.put(&job, &message) {
+        if let Err(e) = blocking(|| self.queue.put(&job, &message)) {
             tracing::error!(error = %e, "spooling an accepted message failed");
             return Reply::new(451, "4.3.0", "could not store the message; try again later");
         }
@@ -517,7 +515,7 @@ impl Gateway {
             },
             now,
         );
-        if let Err(e) = self.queue.put(&job, &message) {
+        if let Err(e) = blocking(|| self.queue.put(&job, &message)) {
             tracing::error!(error = %e, "spooling a received message failed");
             return Reply::new(451, "4.3.0", "could not store the message; try again later");
         }
@@ -559,7 +557,7 @@ impl Gateway {
         loop {
             tokio::select! {
                 id = rx.recv() => match id {
-                    Some(id) => { let _ = work_tx.send(id); }
+                    Some(id) => self.schedule(id, &work_tx),
                     None => break,
                 },
                 _ = tick.tick() => {
@@ -572,7 +570,7 @@ impl Gateway {
                             }
                             let now = clock::now();
                             for job in jobs.into_iter().filter(|j| j.next_attempt <= now) {
-                                let _ = work_tx.send(job.id);
+                                self.schedule(job.id, &work_tx);
                             }
                         }
                         Err(e) => tracing::error!(error = %e, "reading the queue failed"),
@@ -587,15 +585,18 @@ impl Gateway {
         }
     }
 
-    async fn run_one(&self, id: &str) {
-        {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            if !in_flight.insert(id.to_string()) {
-                return;
-            }
+    /// Hands `id` to the workers unless it is already waiting for one or
+    /// running: a job is in `scheduled` from here until its run ends.
+    fn schedule(&self, id: String, work: &mpsc::UnboundedSender<String>) {
+        let mut scheduled = self.scheduled.lock().unwrap_or_else(|e| e.into_inner());
+        if scheduled.insert(id.clone()) {
+            let _ = work.send(id);
         }
+    }
+
+    async fn run_one(&self, id: &str) {
         let result = self.process(id).await;
-        self.in_flight
+        self.scheduled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
@@ -606,18 +607,14 @@ impl Gateway {
 
     /// Runs one job to completion, or reschedules it.
     pub async fn process(&self, id: &str) -> Result<(), String> {
-        let (jobs, _) = self.queue.pending().map_err(|e| e.to_string())?;
-        let Some(mut job) = jobs.into_iter().find(|j| j.id == id) else {
+        let Some(mut job) = blocking(|| self.queue.get(id)).map_err(|e| e.to_string())? else {
             return Ok(()); // Done already.
         };
         let now = clock::now();
         if job.next_attempt > now {
             return Ok(());
         }
-        let data = self
-            .queue
-            .data(&job.id)
-            .map_err(|e| format!("job data: {e}"))?;
+        let data = blocking(|| self.queue.data(&job.id)).map_err(|e| format!("job data: {e}"))?;
         match job.work.clone() {
             Work::Submitted {
                 identificativo,
@@ -667,7 +664,7 @@ impl Gateway {
                     }
                     Err(RelayError::Temporary(e)) => {
                         job.retry_later(e.clone(), now);
-                        self.queue.update(&job).map_err(|e| e.to_string())?;
+                        blocking(|| self.queue.update(&job)).map_err(|e| e.to_string())?;
                         return Err(format!(
                             "relay to {domain}: {e}; retry at {}",
                             job.next_attempt
@@ -689,7 +686,7 @@ impl Gateway {
                 }
             }
         }
-        self.queue.done(&job.id).map_err(|e| e.to_string())
+        blocking(|| self.queue.done(&job.id)).map_err(|e| e.to_string())
     }
 
     async fn dispatch_submission(
@@ -752,7 +749,7 @@ impl Gateway {
                 }
             };
             let job = Job::new(job_id.clone(), work, now);
-            self.queue.put(&job, &signed).map_err(|e| e.to_string())?;
+            blocking(|| self.queue.put(&job, &signed)).map_err(|e| e.to_string())?;
             self.queue
                 .mark_emitted(&job_id)
                 .map_err(|e| e.to_string())?;
@@ -1089,6 +1086,13 @@ fn pem_files(source: &Path) -> Vec<PathBuf> {
     } else {
         Vec::new()
     }
+}
+
+/// Runs blocking work (an fsync, a token call) on this runtime thread after
+/// telling the runtime, which moves the other sessions and jobs elsewhere
+/// meanwhile, so a slow disk never stalls the SMTP dialogue.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
 }
 
 type SharedReceiver = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>;

@@ -233,10 +233,17 @@ async fn run(config: GatewayConfig, workers: usize) -> Result<(), String> {
         let cache = readiness.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
+            let mut last: Option<Result<(), String>> = None;
             loop {
                 let state = gw.readiness().await;
-                if let Err(reason) = &state {
-                    tracing::debug!(reason, "not ready");
+                // Say so when readiness changes, with the reason: the one
+                // line an operator needs when a pod stays unready.
+                if last.as_ref() != Some(&state) {
+                    match &state {
+                        Ok(()) => tracing::info!("ready"),
+                        Err(reason) => tracing::warn!(reason, "not ready"),
+                    }
+                    last = Some(state.clone());
                 }
                 *cache.0.write().unwrap_or_else(|e| e.into_inner()) = state;
                 tokio::select! {

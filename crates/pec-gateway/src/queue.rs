@@ -241,6 +241,16 @@ impl Queue {
         Ok(())
     }
 
+    /// The job `id`, if it is still queued.
+    pub fn get(&self, id: &str) -> io::Result<Option<Job>> {
+        let path = self.dir("jobs").join(format!("{}.json", safe_name(id)));
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(invalid),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The message of job `id`.
     pub fn data(&self, id: &str) -> io::Result<Vec<u8>> {
         std::fs::read(self.dir("data").join(format!("{}.eml", safe_name(id))))
@@ -403,6 +413,8 @@ mod tests {
         let q = Queue::open(dir.path()).expect("reopen");
         let (jobs, broken) = q.pending().expect("pending");
         assert_eq!(jobs, vec![send_job("j1")]);
+        assert_eq!(q.get("j1").expect("get"), Some(send_job("j1")));
+        assert_eq!(q.get("j2").expect("get"), None);
         assert!(broken.is_empty());
         assert_eq!(q.data("j1").expect("data"), b"message");
         assert_eq!(q.depth(), 1);

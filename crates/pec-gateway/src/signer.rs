@@ -128,6 +128,12 @@ impl Signer {
                 Ok(())
             }
             Err(e) => {
+                // Start the next try from a fresh module load: a token
+                // re-inserted, or objects another process wrote while this one
+                // read the store, are only seen after C_Initialize again.
+                if e.reason() != "NotConfigured" {
+                    state.hsm = None;
+                }
                 state.last_error = Some(e.clone());
                 Err(e)
             }

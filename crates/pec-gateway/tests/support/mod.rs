@@ -580,8 +580,9 @@ impl Gateway {
                 let log = self.output();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
                 panic!(
-                    "timed out after {timeout:?} waiting for {} to be {what}; its log ends:\n{}",
+                    "timed out after {timeout:?} waiting for {} to be {what}; /readyz says {:?}; its log ends:\n{}",
                     self.domain,
+                    self.http_get("/readyz").2,
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
