@@ -46,7 +46,7 @@ enum Command {
         #[arg(long, env = "PEC_LOG_FORMAT", default_value = "json")]
         log_format: String,
         /// Jobs run at once (receipts, envelopes, relays).
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 16)]
         workers: usize,
     },
     /// The legal log.
