@@ -34,6 +34,8 @@ wait_leader "$port"
 . "$here/lib/hsm.sh"
 init_hsm "$state/hsm"
 cargo bench --quiet --bench hsm
+# The gateway end to end (needs the token and clamd, not the cluster).
+cargo bench --quiet -p pec-gateway --bench pec_e2e
 cargo bench --quiet --bench sla
 cargo bench --quiet --bench failover
 cargo bench --quiet --bench rollout

@@ -18,7 +18,7 @@
 //!   relay A writes the message durably to its spool (the gateway's own
 //!   `store::write_durably`: temporary file, fsync, rename, directory
 //!   fsync), replies 250 and forwards it over a persistent SMTP connection
-//!   (4 forwarders, like the gateway's 4 job workers) to relay B, which
+//!   (4 forwarders; the gateway runs up to 16 jobs at once) to relay B, which
 //!   delivers it into each recipient's Maildir (the gateway's
 //!   `store::Maildirs::deliver`, fsync'd) before its 250. Latency is from
 //!   `MAIL FROM` to the message being in every recipient's Maildir on B.
@@ -337,7 +337,7 @@ fn report(sessions: usize, results: &[(Case, PecRun, Measured)], direct: f64, ha
     print_machine("at end");
     println!(
         "  messages: text/plain, unique pseudo-random body, total size incl. headers ~ the case size;\n\
-         \x20 gateways: default 4 job workers, RUST_LOG=info, antivirus on (own clamd, 1 signature);\n\
+         \x20 gateways: default 16 job workers, RUST_LOG=info, antivirus on (own clamd, 1 signature);\n\
          \x20 gateway config from the harness with maxMessageBytes 64 MiB, maxRecipients 20 and SMTP\n\
          \x20 timeouts 120 s; floor: plain TCP (no TLS, no AUTH), in this process."
     );
