@@ -24,6 +24,21 @@ pub fn token() -> Token {
 }
 
 #[test]
+fn a_wrong_pin_is_refused_even_while_another_session_is_logged_in() {
+    // PKCS#11 answers "already logged in" without checking the PIN while any
+    // session of the process is logged in; the wrong PIN must still fail.
+    let held = token();
+    let label = std::env::var("PEC_E2E_HSM_TOKEN").expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN");
+    let wrong = hsm().login(&label, &AuthPin::from("not-the-pin".to_string()));
+    assert!(
+        matches!(wrong, Err(pec_operator::hsm::HsmError::Login { .. })),
+        "a wrong PIN logged in"
+    );
+    let again = token();
+    drop((held, again));
+}
+
+#[test]
 fn keys_are_generated_sensitive_non_extractable_and_never_twice() {
     let token = token();
     let id = key_id("uid-generated-once", 1);

@@ -102,6 +102,12 @@ pub fn key_id(uid: &str, generation: u32) -> Vec<u8> {
 /// A loaded PKCS#11 module. Initialise once per process.
 pub struct Hsm {
     ctx: Pkcs11,
+    /// SHA-256 of the PIN each token was last logged in with. PKCS#11 login
+    /// state belongs to the whole process: while one session is logged in,
+    /// `C_Login` on another answers "already logged in" without looking at
+    /// the PIN. Comparing with the PIN that did log in keeps a wrong PIN
+    /// wrong even then (a token has one user PIN).
+    logged_in: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
 }
 
 impl Hsm {
@@ -114,7 +120,10 @@ impl Hsm {
         let ctx = Pkcs11::new(module).map_err(err)?;
         ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .map_err(err)?;
-        Ok(Self { ctx })
+        Ok(Self {
+            ctx,
+            logged_in: std::sync::Mutex::default(),
+        })
     }
 
     /// A logged-in read-write session on the token labelled `label` (by
@@ -136,9 +145,25 @@ impl Hsm {
             .ctx
             .open_rw_session(slot)
             .map_err(call("opening a session"))?;
+        let digest: [u8; 32] = {
+            use secrecy::ExposeSecret as _;
+            Sha256::digest(pin.expose_secret().as_bytes()).into()
+        };
+        let mut logged_in = self.logged_in.lock().unwrap_or_else(|e| e.into_inner());
         match session.login(UserType::User, Some(pin)) {
-            // Login state is per application: another session already did it.
-            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Ok(()) => {
+                logged_in.insert(label.to_string(), digest);
+            }
+            // Another session of this process is logged in: the PIN was not
+            // checked, so it must be the one that logged in.
+            Err(source @ cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                if logged_in.get(label) != Some(&digest) {
+                    return Err(HsmError::Login {
+                        token: label.to_string(),
+                        source,
+                    });
+                }
+            }
             Err(source) => {
                 return Err(HsmError::Login {
                     token: label.to_string(),
