@@ -133,16 +133,21 @@ async fn leads(port: &str) -> bool {
     scrape(port).await.lines().any(|l| l == "pec_leader 1")
 }
 
+/// An operator replica started by a test, with its own log file.
+struct Replica {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
 /// Starts an operator replica as `identity`, optionally armed to abort after
 /// the step `crash_after` (`point@namespace/name`, see src/failpoint.rs).
-fn start_replica(identity: &str, port: &str, crash_after: Option<&str>) -> std::process::Child {
+fn start_replica(identity: &str, port: &str, crash_after: Option<&str>) -> Replica {
+    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("e2e/test.sh sets {k}"));
     let logs = var("PEC_E2E_LOGS");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(format!("{logs}/operator-restarts.log"))
-        .expect("log file");
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::path::PathBuf::from(format!("{logs}/operator-restart-{identity}-{n}.log"));
+    let log = std::fs::File::create(&path).expect("log file");
     let mut cmd = std::process::Command::new(var("PEC_E2E_OPERATOR"));
     cmd.arg("run")
         .env("KUBECONFIG", var("PEC_E2E_OPERATOR_KUBECONFIG"))
@@ -164,20 +169,33 @@ fn start_replica(identity: &str, port: &str, crash_after: Option<&str>) -> std::
         .open(format!("{logs}/extra-pids"))
         .expect("pid file");
     std::io::Write::write_all(&mut pids, format!("{}\n", child.id()).as_bytes()).expect("pid");
-    child
+    Replica { child, log: path }
 }
 
-/// Waits for an armed replica to abort at its crash point.
-async fn crashes(mut child: std::process::Child, point: &str) {
+/// Waits for a replica armed with `armed` (`point@namespace/name`) to abort,
+/// and checks from its own log that it aborted at that step for that
+/// object, not for some other reason.
+async fn crashes(mut replica: Replica, armed: &str) {
+    let (point, object) = armed.split_once('@').expect("point@namespace/name");
     let deadline = tokio::time::Instant::now() + crate::datacenter::WAIT;
     loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(!status.success(), "aborted at {point}: {status}");
+        if let Some(status) = replica.child.try_wait().expect("wait") {
+            assert!(!status.success(), "aborted at {armed}: {status}");
+            let log = std::fs::read_to_string(&replica.log).expect("replica log");
+            let aborted_here = log.lines().any(|line| {
+                line.contains("aborting on purpose")
+                    && line.contains(&format!("\"point\":\"{point}\""))
+                    && line.contains(&format!("\"object\":\"{object}\""))
+            });
+            assert!(
+                aborted_here,
+                "the replica exited without reaching {armed}; its log:\n{log}"
+            );
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the operator never reached {point}"
+            "the operator never reached {armed}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
@@ -246,7 +264,7 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
 
     for point in ["key", "issued", "published", "activated"] {
         let armed = format!("{point}@{ns}/crash");
-        crashes(start_replica(identity, port, Some(&armed)), point).await;
+        crashes(start_replica(identity, port, Some(&armed)), &armed).await;
         assert_eq!(keys(1), 1, "one key object for generation 1 after {point}");
         let sk = api.get("crash").await.expect("get");
         println!(
@@ -273,7 +291,8 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
     );
 
     // An emergency rotation interrupted right after the new key is made.
-    let child = start_replica(identity, port, Some(&format!("key@{ns}/crash")));
+    let armed = format!("key@{ns}/crash");
+    let replica = start_replica(identity, port, Some(&armed));
     api.patch(
         "crash",
         &PatchParams::default(),
@@ -283,7 +302,8 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
     )
     .await
     .expect("declare a compromise");
-    crashes(child, "key of generation 2").await;
+    // The key of generation 2 is made, then the replica dies.
+    crashes(replica, &armed).await;
     eventually("the generation 2 key", || async {
         (keys(2) == 1).then_some(())
     })
