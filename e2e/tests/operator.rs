@@ -17,7 +17,12 @@ const SERVICE_ACCOUNT: &str = "system:serviceaccount:pec-system:pec-operator";
 #[tokio::test]
 async fn crds_are_established() {
     let crds = Api::<CustomResourceDefinition>::all(client().await);
-    for name in ["sites.pec.dev", "maildomains.pec.dev"] {
+    for name in [
+        "sites.pec.dev",
+        "maildomains.pec.dev",
+        "signingkeys.pec.dev",
+        "slatargets.pec.dev",
+    ] {
         let crd = crds.get(name).await.expect("CRD installed");
         let established = crd
             .status

@@ -135,7 +135,6 @@ async fn invalid_maildomains_are_refused_with_the_field_named() {
             "spec.antivirus.clamd",
         ),
     ];
-    assert!(cases.len() >= 8);
     for (what, spec, field) in cases {
         match create(&api, maildomain(spec)).await {
             Ok(()) => panic!("{what}: was accepted"),

@@ -425,11 +425,14 @@ mod tests {
     }
 
     #[test]
-    fn backoff_state_is_data_that_survives_a_restart() {
+    fn a_failure_schedules_the_retry_from_the_backoff_state_alone() {
+        // The state is plain data; that it survives a restart through the
+        // status subresource is checked by the status round-trip test of the
+        // SigningKey controller.
         let mut state = KeyState::default();
         state.begin(1);
         state.failed(&policy(), "HsmLoginFailed", start());
-        let restored = state.clone();
+        let restored = state;
         assert_eq!(
             decide(&restored, &policy(), start() + Duration::seconds(10)),
             Step::WaitUntil(start() + Duration::seconds(30))

@@ -635,15 +635,41 @@ fn a_wrong_pin_keeps_the_gateway_unready_until_fixed() {
         &domain.config(&clamd, root.path(), &[], &pin_file),
         &[],
     );
-    wait_for(Duration::from_secs(30), "a readiness verdict", || {
-        g.http_get("/readyz").2 != "starting"
+    // SoftHSM2's file store can briefly look empty to one process while
+    // another writes it (TokenNotFound): wait for the verdict on the PIN.
+    g.wait_until(Duration::from_secs(30), "refused by the token", |g| {
+        g.http_get("/readyz").2.contains("HsmLoginFailed")
     });
-    let (code, _, body) = g.http_get("/readyz");
-    assert_eq!(code, 503, "{body}");
-    assert!(body.contains("HsmLoginFailed"), "{body}");
-    // Mail is refused temporarily while the gateway cannot sign.
+    let (code, _, _) = g.http_get("/readyz");
+    assert_eq!(code, 503);
+    // Mail is refused temporarily while the gateway cannot sign, on both ports.
+    let carla = format!("carla@{}", domain.name);
+    let mut c = Client::login(domain.submissions, &carla, "c");
+    let (code, text) = c.send_mail(
+        &carla,
+        &[&carla],
+        &message(&carla, &[&carla], "Senza firma", "x"),
+    );
+    assert_eq!(code, 451, "{text}");
+    let mut p25 = Client::plain(domain.smtp);
+    p25.expect("EHLO peer.test", 250);
+    let (code, text) = p25.send_mail(
+        "x@peer.test",
+        &[&carla],
+        &message("x@peer.test", &[&carla], "s", "x"),
+    );
+    assert_eq!(code, 451, "{text}");
     std::fs::write(&pin_file, &token().pin).expect("pin");
     g.wait_ready();
+    // A new session: the first one has idled out (3 s in the test configuration).
+    let mut c = Client::login(domain.submissions, &carla, "c");
+    let (code, text) = c.send_mail(
+        &carla,
+        &[&carla],
+        &message(&carla, &[&carla], "Con firma", "x"),
+    );
+    assert_eq!(code, 250, "accepted once it can sign: {text}");
+    g.wait_for_mail("carla", "X-Ricevuta: avvenuta-consegna", 1);
     assert!(
         !g.output().contains("0000-wrong") && !g.output().contains(&token().pin),
         "the PIN never reaches the log"

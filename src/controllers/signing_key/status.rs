@@ -352,7 +352,15 @@ issuer: {selfSigned: {}}
             },
         );
         let status = with_state(SigningKeyStatus::default(), &st, &details, &p);
+        // Through JSON, as the API server keeps it across an operator restart.
+        let stored = serde_json::to_string(&status).expect("serialize");
+        let status: SigningKeyStatus = serde_json::from_str(&stored).expect("deserialize");
         assert_eq!(state(&status), st);
+        assert_eq!(
+            crate::signing::lifecycle::decide(&state(&status), &p, t0 + Duration::seconds(10)),
+            crate::signing::lifecycle::Step::WaitUntil(t0 + Duration::seconds(30)),
+            "the restored backoff waits out the retry the failure scheduled"
+        );
         assert_eq!(
             status.current.as_ref().and_then(|c| c.serial.as_deref()),
             Some("01")
