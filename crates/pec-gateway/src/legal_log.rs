@@ -16,6 +16,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
@@ -103,6 +104,12 @@ impl<'a> Line<'a> {
 pub struct LegalLog {
     path: PathBuf,
     state: Mutex<State>,
+    /// Lines written so far (their sequence numbers, from 1).
+    written: AtomicU64,
+    /// The highest sequence number known to be on disk; held while syncing.
+    synced: Mutex<u64>,
+    /// A second handle on the file, for syncing outside the write lock.
+    sync_file: File,
 }
 
 #[derive(Debug)]
@@ -159,6 +166,7 @@ impl LegalLog {
             file.read_exact(&mut line)?;
             sha256_hex(&line)
         };
+        let sync_file = file.try_clone()?;
         Ok(LegalLog {
             path,
             state: Mutex::new(State {
@@ -167,6 +175,9 @@ impl LegalLog {
                 len: whole,
                 unusable: false,
             }),
+            written: AtomicU64::new(0),
+            synced: Mutex::new(0),
+            sync_file,
         })
     }
 
@@ -174,16 +185,40 @@ impl LegalLog {
     ///
     /// Safe to call from many threads at once: appends are serialised, so
     /// lines never interleave and each `prev` is the line written just
-    /// before.
+    /// before. Syncs are shared (group commit): a caller whose line an
+    /// earlier caller's sync already covered returns without a sync of its
+    /// own, and one sync covers every line written before it started.
     ///
-    /// If the write or the sync fails, the caller must treat the step as
-    /// not logged: the chain does not advance and whatever part of the line
-    /// reached the file is cut away again. If even that fails, every later
-    /// append fails too until the log is reopened (which repairs the tail),
-    /// because a line glued to a partial one would break the chain for good.
+    /// If the write fails, the caller must treat the step as not logged: the
+    /// chain does not advance and whatever part of the line reached the file
+    /// is cut away again. If that fails, or a sync fails, every later append
+    /// fails too until the log is reopened (which repairs the tail), because
+    /// a line glued to a partial one would break the chain for good.
     /// The file must have no other writer, in this process or another.
     pub fn append(&self, entry: &Entry) -> io::Result<()> {
-        // State changes only after a successful sync, so a lock poisoned by
+        let seq = self.write(entry)?;
+        let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
+        if *synced >= seq {
+            return Ok(());
+        }
+        // Every line numbered up to `target` finished its write before this
+        // load, so the sync below covers it.
+        let target = self.written.load(Ordering::SeqCst);
+        if let Err(e) = self.sync_file.sync_data() {
+            self.state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .unusable = true;
+            return Err(e);
+        }
+        *synced = target;
+        Ok(())
+    }
+
+    /// Writes the line of `entry` (not yet synced) and returns its sequence
+    /// number.
+    fn write(&self, entry: &Entry) -> io::Result<u64> {
+        // State changes only after a successful write, so a lock poisoned by
         // a panic elsewhere still guards a consistent state.
         let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let state = &mut *guard;
@@ -196,11 +231,7 @@ impl LegalLog {
             serde_json::to_vec(&Line::new(entry, &state.prev)).map_err(io::Error::other)?;
         let hash = sha256_hex(&line);
         line.push(b'\n');
-        if let Err(e) = state
-            .file
-            .write_all(&line)
-            .and_then(|()| state.file.sync_data())
-        {
+        if let Err(e) = state.file.write_all(&line) {
             let undone = state
                 .file
                 .set_len(state.len)
@@ -210,7 +241,7 @@ impl LegalLog {
         }
         state.len += line.len() as u64;
         state.prev = hash;
-        Ok(())
+        Ok(self.written.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
     /// The path of the log file.

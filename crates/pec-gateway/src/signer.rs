@@ -12,7 +12,7 @@
 
 use std::{
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -54,7 +54,7 @@ impl SignerError {
 struct Session {
     token: Token,
     key: pec_core::hsm::ObjectHandle,
-    certificate: SignerCertificate,
+    certificate: Arc<SignerCertificate>,
 }
 
 struct State {
@@ -207,21 +207,32 @@ impl Signer {
         Ok(Session {
             token,
             key,
-            certificate,
+            certificate: Arc::new(certificate),
         })
     }
 
     /// Signs `composed` at `now` and frames it as `multipart/signed`.
     pub fn sign(&self, composed: &Composed, now: SystemTime) -> Result<Vec<u8>, SignerError> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.ensure_locked(&mut state)?;
-        let Some(session) = state.session.as_ref() else {
-            return Err(unavailable("HsmSessionLost", "no session"));
+        let certificate = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            self.ensure_locked(&mut state)?;
+            match state.session.as_ref() {
+                Some(session) => session.certificate.clone(),
+                None => return Err(unavailable("HsmSessionLost", "no session")),
+            }
         };
-        let result = smime::sign_detached(&composed.entity, &session.certificate, now, |data| {
-            session
-                .token
-                .sign(session.key, session.certificate.algorithm(), data)
+        // Hashing the entity (up to 100 MB) happens outside the lock; only
+        // the token call holds it.
+        let result = smime::sign_detached(&composed.entity, &certificate, now, |data| {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match state.session.as_ref() {
+                Some(session) => session
+                    .token
+                    .sign(session.key, certificate.algorithm(), data),
+                None => Err(pec_core::hsm::HsmError::Unexpected(
+                    "the HSM session was lost",
+                )),
+            }
         });
         match result {
             Ok(signature) => {
@@ -237,6 +248,7 @@ impl Signer {
             Err(e) => {
                 // A failed signature may mean a lost session (token removed,
                 // HSM restarted): drop it so the next call logs in again.
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 state.session = None;
                 let err = unavailable("SigningFailed", e.to_string());
                 state.last_error = Some(err.clone());
