@@ -392,9 +392,8 @@ impl Gateway {
             },
             now,
         );
-        if let Err(e) = blocking(|| self.queue.put(&job, &message)) {
-            tracing::error!(error = %e, "spooling an accepted message failed");
-            return Reply::new(451, "4.3.0", "could not store the message; try again later");
+        if let Err(reply) = self.spool(&job, &message) {
+            return reply;
         }
         self.log(
             &identificativo,
@@ -407,6 +406,15 @@ impl Gateway {
         failpoint::hit("accepted");
         self.wake(&job.id);
         Reply::new(250, "2.0.0", format!("accepted as {identificativo}"))
+    }
+
+    /// Puts a message the gateway is about to say 250 for into the queue;
+    /// the temporary refusal to give instead if the disk would not take it.
+    fn spool(&self, job: &Job, message: &[u8]) -> Result<(), Reply> {
+        blocking(|| self.queue.put(job, message)).map_err(|e| {
+            tracing::error!(error = %e, job = job.id, "spooling a message failed");
+            Reply::new(451, "4.3.0", "could not store the message; try again later")
+        })
     }
 
     /// A temporary refusal while the gateway cannot sign: what it cannot
@@ -515,9 +523,8 @@ impl Gateway {
             },
             now,
         );
-        if let Err(e) = blocking(|| self.queue.put(&job, &message)) {
-            tracing::error!(error = %e, "spooling a received message failed");
-            return Reply::new(451, "4.3.0", "could not store the message; try again later");
+        if let Err(reply) = self.spool(&job, &message) {
+            return reply;
         }
         self.log(
             &id,

@@ -516,10 +516,11 @@ fn a_gateway_killed_during_data_after_the_250_and_before_the_relay_loses_and_dup
 
     // 1. Killed during DATA: the client never hears 250, nothing is kept.
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    c.expect(&format!("MAIL FROM:<{mario}>"), 250);
-    c.expect(&format!("RCPT TO:<{anna}>"), 250);
-    c.expect("DATA", 354);
-    c.send(format!("From: {mario}\r\nTo: {anna}\r\nSubject: half\r\n\r\npart").as_bytes());
+    c.begin_data(
+        &mario,
+        &anna,
+        &format!("From: {mario}\r\nTo: {anna}\r\nSubject: half\r\n\r\npart"),
+    );
     std::thread::sleep(Duration::from_millis(200));
     p.a.kill9();
     p.a.restart();
@@ -682,10 +683,11 @@ fn sigterm_finishes_the_session_in_flight_and_exits_in_time() {
     let mario = p.mario();
     let anna = p.anna();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    c.expect(&format!("MAIL FROM:<{mario}>"), 250);
-    c.expect(&format!("RCPT TO:<{anna}>"), 250);
-    c.expect("DATA", 354);
-    c.send(format!("From: {mario}\r\nTo: {anna}\r\nSubject: in volo\r\n\r\n").as_bytes());
+    c.begin_data(
+        &mario,
+        &anna,
+        &format!("From: {mario}\r\nTo: {anna}\r\nSubject: in volo\r\n\r\n"),
+    );
     let client = std::thread::spawn(move || {
         // SIGTERM lands while the message is half sent.
         std::thread::sleep(Duration::from_millis(500));

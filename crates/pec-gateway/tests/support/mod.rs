@@ -1015,6 +1015,15 @@ impl Client {
         self.reply()
     }
 
+    /// MAIL, RCPT and DATA, then the first bytes of a message that is left
+    /// unfinished: a transaction in flight.
+    pub fn begin_data(&mut self, from: &str, to: &str, partial: &str) {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250);
+        self.expect(&format!("RCPT TO:<{to}>"), 250);
+        self.expect("DATA", 354);
+        self.send(partial.as_bytes());
+    }
+
     /// A whole transaction: MAIL, RCPT for each, DATA.
     pub fn send_mail(&mut self, from: &str, to: &[&str], message: &str) -> (u16, String) {
         self.expect(&format!("MAIL FROM:<{from}>"), 250);
