@@ -27,7 +27,11 @@ hsm_dir=$(mktemp -d "${TMPDIR:-/tmp}/pec-e2e-hsm.XXXXXX")
 init_hsm "$hsm_dir"
 
 step "gateway: two real gateways, SMTP, signatures in the token, clamd"
-cargo test -p pec-gateway --test gateway -- --test-threads 4
+# A token of their own: SoftHSM2's file store is shared by every process that
+# opens it, and the gateway tests write many keys.
+gateway_hsm_dir=$(mktemp -d "${TMPDIR:-/tmp}/pec-gateway-hsm.XXXXXX")
+(init_hsm "$gateway_hsm_dir" && cargo test -p pec-gateway --test gateway -- --test-threads 4)
+rm -rf "$gateway_hsm_dir"
 
 step "images: built twice without a daemon, same digest, complete"
 "$here/images/check.sh" --profile debug all
@@ -50,7 +54,7 @@ cleanup() {
     echo "== operator logs (last lines)"; tail -n 30 "$logs"/operator-*.log 2>/dev/null || true
   fi
   "$here/cluster.sh" down "$cluster" || true
-  rm -rf "${hsm_dir:-/nonexistent}"
+  rm -rf "${hsm_dir:-/nonexistent}" "${gateway_hsm_dir:-/nonexistent}"
   exit $code
 }
 trap cleanup EXIT

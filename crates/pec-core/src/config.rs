@@ -136,6 +136,10 @@ pub struct ListenConfig {
     pub submissions: String,
     /// `/healthz`, `/readyz` and `/metrics`.
     pub http: String,
+    /// The message API over TLS (the `https` protocol), where mailbox
+    /// owners read their mail.
+    #[serde(default = "default_https")]
+    pub https: String,
 }
 
 impl Default for ListenConfig {
@@ -144,8 +148,13 @@ impl Default for ListenConfig {
             smtp: "0.0.0.0:25".into(),
             submissions: "0.0.0.0:465".into(),
             http: "0.0.0.0:8080".into(),
+            https: default_https(),
         }
     }
+}
+
+fn default_https() -> String {
+    "0.0.0.0:443".into()
 }
 
 /// Files and directories.

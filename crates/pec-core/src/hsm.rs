@@ -129,18 +129,20 @@ impl Hsm {
     /// A logged-in read-write session on the token labelled `label` (by
     /// label, never by slot number: slot numbers change).
     pub fn login(&self, label: &str, pin: &AuthPin) -> Result<Token, HsmError> {
-        let slots = self
-            .ctx
-            .get_slots_with_initialized_token()
-            .map_err(call("listing slots"))?;
-        let slot = slots
-            .into_iter()
-            .find(|s| {
-                self.ctx
-                    .get_token_info(*s)
-                    .is_ok_and(|t| t.label().trim_end() == label)
-            })
-            .ok_or_else(|| HsmError::TokenNotFound(label.to_string()))?;
+        // A token store shared by several processes (SoftHSM2's files) can
+        // look empty or unreadable for a moment while another process
+        // writes it: look again a few times before saying it is not there.
+        let mut attempt = 0;
+        let slot = loop {
+            match self.find_slot(label) {
+                Ok(slot) => break slot,
+                Err(_) if attempt < 5 => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let session = self
             .ctx
             .open_rw_session(slot)
@@ -172,6 +174,23 @@ impl Hsm {
             }
         }
         Ok(Token { session })
+    }
+}
+
+impl Hsm {
+    fn find_slot(&self, label: &str) -> Result<cryptoki::slot::Slot, HsmError> {
+        let slots = self
+            .ctx
+            .get_slots_with_initialized_token()
+            .map_err(call("listing slots"))?;
+        slots
+            .into_iter()
+            .find(|s| {
+                self.ctx
+                    .get_token_info(*s)
+                    .is_ok_and(|t| t.label().trim_end() == label)
+            })
+            .ok_or_else(|| HsmError::TokenNotFound(label.to_string()))
     }
 }
 

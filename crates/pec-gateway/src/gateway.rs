@@ -137,6 +137,11 @@ impl Gateway {
         Ok((gateway, rx))
     }
 
+    /// The messages in a mailbox of this domain, oldest first.
+    pub fn mailbox_messages(&self, mailbox: &str) -> std::io::Result<Vec<PathBuf>> {
+        blocking(|| self.mailboxes.messages(mailbox))
+    }
+
     fn issuer(&self) -> Issuer<'_> {
         Issuer {
             domain: &self.config.domain,

@@ -24,10 +24,13 @@
 //!   `gateway.yaml` names.
 //! - [`antivirus`], [`store`], [`credentials`], [`legal_log`]: clamd, the
 //!   mailboxes, mailbox passwords, the hash-chained legal log.
+//! - [`api`]: the message API on the `https` port, where mailbox owners
+//!   read their mail.
 //! - [`http`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 #![forbid(unsafe_code)]
 
 pub mod antivirus;
+pub mod api;
 pub mod clock;
 pub mod credentials;
 pub mod failpoint;

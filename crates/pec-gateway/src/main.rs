@@ -208,12 +208,23 @@ async fn run(config: GatewayConfig, workers: usize) -> Result<(), String> {
     let smtp_addr = config.listen.smtp.clone();
     let submissions_addr = config.listen.submissions.clone();
     let http_addr = config.listen.http.clone();
+    let https_addr = config.listen.https.clone();
+    let wants_api = config.protocols.iter().any(|p| p == "https");
+    if wants_api && tls.is_none() {
+        tracing::warn!(
+            "the https protocol needs tls.certFile and tls.keyFile; the message API is off"
+        );
+    }
     let (gateway, jobs) = Gateway::start(config).map_err(|e| e.to_string())?;
     let readiness = Arc::new(CachedReadiness(RwLock::new(Err("starting".into()))));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let http_listener = bind(&http_addr, "/metrics and probes").await?;
     let smtp_listener = bind(&smtp_addr, "SMTP").await?;
+    let api_listener = match (&tls, wants_api) {
+        (Some(_), true) => Some(bind(&https_addr, "the message API").await?),
+        _ => None,
+    };
     let submission_listener = if access_point {
         Some(bind(&submissions_addr, "submission").await?)
     } else {
@@ -267,6 +278,14 @@ async fn run(config: GatewayConfig, workers: usize) -> Result<(), String> {
         gateway.clone(),
         stop_rx.clone(),
     ))];
+    if let (Some(l), Some(acceptor)) = (api_listener, tls.clone()) {
+        servers.push(tokio::spawn(pec_gateway::api::serve(
+            l,
+            acceptor,
+            gateway.clone(),
+            stop_rx.clone(),
+        )));
+    }
     if let Some(l) = submission_listener {
         servers.push(tokio::spawn(smtp::serve(
             l,

@@ -811,3 +811,99 @@ fn a_receive_only_domain_has_no_access_point_but_receives_certified_mail() {
     u.wait_for_mail("protocollo", "X-Trasporto: posta-certificata", 1);
     s.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
 }
+
+#[test]
+fn mailbox_owners_read_and_remove_their_mail_over_the_message_api() {
+    let p = Pair::start();
+    let (mario, anna) = (p.mario(), p.anna());
+    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
+    assert_eq!(
+        c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Via API", "x"))
+            .0,
+        250
+    );
+    let delivered =
+        p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
+
+    let anna_login = Some((anna.as_str(), "anna-secret"));
+    let (code, list) = https_request(p.db.https, "GET", "/api/v1/messages", anna_login);
+    assert_eq!(code, 200);
+    let list: serde_json::Value = serde_json::from_slice(&list).expect("JSON list");
+    let entries = list.as_array().expect("array");
+    assert_eq!(entries.len(), 1, "{list}");
+    let id = entries[0]["id"].as_str().expect("id").to_string();
+    let (code, fetched) = https_request(
+        p.db.https,
+        "GET",
+        &format!("/api/v1/messages/{id}"),
+        anna_login,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        fetched, delivered[0],
+        "the API returns the stored message byte for byte"
+    );
+    openssl_verify(&fetched, &p.ca_file()).expect("what the API returns verifies");
+
+    // Others get nothing: no credentials, a wrong password, another mailbox, a path outside.
+    assert_eq!(
+        https_request(p.db.https, "GET", "/api/v1/messages", None).0,
+        401
+    );
+    assert_eq!(
+        https_request(
+            p.db.https,
+            "GET",
+            "/api/v1/messages",
+            Some((anna.as_str(), "wrong"))
+        )
+        .0,
+        401
+    );
+    let bruno = format!("bruno@{}", p.db.name);
+    let bruno_login = Some((bruno.as_str(), "bruno-secret"));
+    assert_eq!(
+        https_request(
+            p.db.https,
+            "GET",
+            &format!("/api/v1/messages/{id}"),
+            bruno_login
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        https_request(
+            p.db.https,
+            "GET",
+            "/api/v1/messages/..%2f..%2fgateway.yaml",
+            anna_login
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        https_request(
+            p.db.https,
+            "GET",
+            "/api/v1/messages/../gateway.yaml",
+            anna_login
+        )
+        .0,
+        404
+    );
+
+    assert_eq!(
+        https_request(
+            p.db.https,
+            "DELETE",
+            &format!("/api/v1/messages/{id}"),
+            anna_login
+        )
+        .0,
+        204
+    );
+    let (_, list) = https_request(p.db.https, "GET", "/api/v1/messages", anna_login);
+    assert_eq!(String::from_utf8_lossy(&list), "[]");
+    assert!(p.b.mailbox("anna").is_empty());
+}

@@ -333,6 +333,7 @@ pub struct Domain {
     pub smtp: u16,
     pub submissions: u16,
     pub http: u16,
+    pub https: u16,
     pub dir: PathBuf,
     pub receive_only: bool,
 }
@@ -357,6 +358,7 @@ impl Domain {
             smtp: free_port(),
             submissions: free_port(),
             http: free_port(),
+            https: free_port(),
             dir,
             receive_only: false,
         }
@@ -446,6 +448,7 @@ listen:
   smtp: 127.0.0.1:{smtp}
   submissions: 127.0.0.1:{submissions}
   http: 127.0.0.1:{http}
+  https: 127.0.0.1:{https}
 paths:
   mailboxes: {dir}/mailboxes
   queue: {dir}/queue
@@ -478,6 +481,7 @@ relay:
             smtp = self.smtp,
             submissions = self.submissions,
             http = self.http,
+            https = self.https,
             dir = self.dir.display(),
             providers = providers.display(),
         )
@@ -1032,6 +1036,59 @@ impl Client {
         }
         self.data(message)
     }
+}
+
+/// An HTTPS request to the message API on `port` (trusting the test CA),
+/// with Basic credentials if given: the status and the body.
+pub fn https_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+) -> (u16, Vec<u8>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pem_der(&pki().ca_pem).into()).expect("CA");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().expect("name"))
+            .expect("tls");
+    let mut stream = rustls::StreamOwned::new(conn, s);
+    let authorization = auth
+        .map(|(u, p)| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        })
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{authorization}Connection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(response.len());
+    let head = String::from_utf8_lossy(&response[..end]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response.get(end + 4..).unwrap_or_default().to_vec();
+    (status, body)
 }
 
 /// A plain message from `from` to `to`.
