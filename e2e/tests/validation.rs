@@ -24,7 +24,7 @@ fn valid_spec() -> Value {
         "domain": "pec.example.it",
         "profile": "Standard",
         "sites": ["dc-it1", "dc-it2"],
-        "gateway": {"image": "pec-gateway:1.0.0"},
+        "gateway": {"image": "pec-gateway:1.0.0", "tlsSecretRef": "pec-tls"},
     })
 }
 
@@ -128,6 +128,11 @@ async fn invalid_maildomains_are_refused_with_the_field_named() {
             "quarantine under 30 months",
             with("antivirus.quarantineRetention", json!("12mo")),
             "spec.antivirus.quarantineRetention",
+        ),
+        (
+            "a Standard domain without TLS",
+            with("gateway.tlsSecretRef", json!(null)),
+            "gateway.tlsSecretRef",
         ),
         (
             "a clamd address of another scheme",

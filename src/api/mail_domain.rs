@@ -37,6 +37,9 @@ pub const MIN_REPLICAS_PER_SITE: i32 = 2;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.profile == 'ReceiveOnly' || has(self.gateway.tlsSecretRef)").message(
+    "a Standard domain needs gateway.tlsSecretRef (a kubernetes.io/tls Secret): its submission port takes passwords only over TLS"
+))]
 pub struct MailDomainSpec {
     /// The PEC domain, a fully qualified domain name such as `pec.example.it`:
     /// lowercase letters, digits and hyphens, at least two labels of 1-63

@@ -98,11 +98,17 @@ impl Gateway {
         config: GatewayConfig,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>), StartError> {
         let paths = &config.paths;
-        let credentials = match Credentials::load(&paths.credentials) {
-            Ok(c) => c,
-            // A receive-only domain without a credentials file has no
-            // mailboxes that log in; it still needs the list to deliver.
-            Err(e) => return Err(StartError::Config(format!("mailbox credentials: {e}"))),
+        // No file: a domain with no mailboxes yet (every delivery gets a
+        // non-delivery notice). A file that is there but wrong stops the start.
+        let credentials = if paths.credentials.exists() {
+            Credentials::load(&paths.credentials)
+                .map_err(|e| StartError::Config(format!("mailbox credentials: {e}")))?
+        } else {
+            tracing::warn!(
+                path = %paths.credentials.display(),
+                "no mailbox credentials file: this domain has no mailboxes"
+            );
+            Credentials::parse("").map_err(StartError::Config)?
         };
         let queue = Queue::open(&paths.queue).map_err(io_err("queue", &paths.queue))?;
         let log = LegalLog::open(&paths.log).map_err(io_err("legal log", &paths.log))?;
