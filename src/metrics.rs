@@ -62,9 +62,9 @@ impl Metrics {
         let failovers = IntCounterVec::new(
             Opts::new(
                 "pec_failovers_total",
-                "Switches of a domain's serving sites, by domain and reason.",
+                "Switches of a domain's serving sites, by MailDomain (namespace, name, PEC domain) and reason.",
             ),
-            &["domain", "reason"],
+            &["namespace", "maildomain", "domain", "reason"],
         )?;
         let detection_to_switch = Histogram::with_opts(
             HistogramOpts::new(

@@ -259,9 +259,16 @@ async fn record_switch(
     detected: &[chrono::DateTime<chrono::Utc>],
     now: chrono::DateTime<chrono::Utc>,
 ) {
+    let namespace = md.namespace().unwrap_or_default();
+    let name = md.name_any();
     ctx.metrics
         .failovers
-        .with_label_values(&[md.spec.domain.as_str(), reason])
+        .with_label_values(&[
+            namespace.as_str(),
+            name.as_str(),
+            md.spec.domain.as_str(),
+            reason,
+        ])
         .inc();
     for at in detected {
         let seconds = (now - *at).num_milliseconds().max(0) as f64 / 1000.0;
