@@ -109,7 +109,20 @@ impl Relay {
             .collect::<Result<Vec<_>, _>>()?;
         let envelope =
             Envelope::new(Some(from), to).map_err(|e| RelayError::Permanent(e.to_string()))?;
-        match transport.send_raw(&envelope, message).await {
+        let mut result = transport.send_raw(&envelope, message).await;
+        if let Err(e) = &result
+            && !e.is_response()
+        {
+            // No SMTP reply at all: most likely a pooled connection the peer
+            // closed (it restarted). Drop the pool and try once more on a
+            // fresh connection before counting it as a failure.
+            self.transports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&target);
+            result = self.transport(&target)?.send_raw(&envelope, message).await;
+        }
+        match result {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(RelayError::Permanent(e.to_string())),
             Err(e) => Err(RelayError::Temporary(e.to_string())),
