@@ -1,6 +1,7 @@
 # A SoftHSM2 token for the tests and benchmarks. Source it, then call
 # `init_hsm DIR`: it writes a SoftHSM configuration under DIR, initialises a
-# token and exports SOFTHSM2_CONF, PEC_PKCS11_MODULE, PEC_E2E_HSM_TOKEN and
+# token and exports SOFTHSM2_CONF, PEC_PKCS11_MODULE, PEC_E2E_HSM_TOKEN,
+# PEC_E2E_HSM_TOKEN_WRONG_PIN (a second token for wrong-PIN tests) and
 # PEC_E2E_HSM_PIN (random per run; never printed). The token label is
 # PEC_E2E_HSM_TOKEN if set, else pec-e2e.
 
@@ -16,4 +17,9 @@ init_hsm() {
   local so_pin
   so_pin=$(python3 -c 'import secrets; print(secrets.token_hex(8))')
   softhsm2-util --init-token --free --label "$PEC_E2E_HSM_TOKEN" --pin "$PEC_E2E_HSM_PIN" --so-pin "$so_pin" >/dev/null
+  # A second token, same PIN, for tests that log in with a wrong one: a failed
+  # login rewrites the token's files, and another process reading the same
+  # token at that moment can find them half-written.
+  export PEC_E2E_HSM_TOKEN_WRONG_PIN="$PEC_E2E_HSM_TOKEN-wrong-pin"
+  softhsm2-util --init-token --free --label "$PEC_E2E_HSM_TOKEN_WRONG_PIN" --pin "$PEC_E2E_HSM_PIN" --so-pin "$so_pin" >/dev/null
 }

@@ -27,15 +27,17 @@ pub fn token() -> Token {
 fn a_wrong_pin_is_refused_even_while_another_session_is_logged_in() {
     // PKCS#11 answers "already logged in" without checking the PIN while any
     // session of the process is logged in; the wrong PIN must still fail.
-    let held = token();
-    let label = std::env::var("PEC_E2E_HSM_TOKEN").expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN");
+    // On the token kept for wrong PINs (a failed login rewrites its files).
+    let label = std::env::var("PEC_E2E_HSM_TOKEN_WRONG_PIN")
+        .expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN_WRONG_PIN");
+    let pin = std::env::var("PEC_E2E_HSM_PIN").expect("e2e/test.sh sets PEC_E2E_HSM_PIN");
+    let held = hsm().login(&label, &AuthPin::from(pin)).expect("log in");
     let wrong = hsm().login(&label, &AuthPin::from("not-the-pin".to_string()));
     assert!(
         matches!(wrong, Err(pec_operator::hsm::HsmError::Login { .. })),
         "a wrong PIN logged in"
     );
-    let again = token();
-    drop((held, again));
+    drop((held, token()));
 }
 
 #[test]

@@ -886,10 +886,15 @@ async fn a_wrong_pin_is_reported_retried_and_never_printed() {
     let ns = namespace(&client, "sk-wrong-pin").await;
     let wrong = format!("wrong-{}", std::process::id());
     pin_secret(&client, &ns, &wrong).await;
+    // On a token of its own: failed logins rewrite the token's files, which
+    // the other tests' processes must not catch half-written.
+    let token = std::env::var("PEC_E2E_HSM_TOKEN_WRONG_PIN")
+        .expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN_WRONG_PIN");
+    let hsm = json!({"tokenLabel": token, "pinSecretRef": {"name": PIN_SECRET}});
     let api = create_key(
         &client,
         &ns,
-        &signing_key("pin", json!({"selfSigned": {}}), json!({})),
+        &signing_key("pin", json!({"selfSigned": {}}), json!({"hsm": hsm})),
     )
     .await;
     let sk = wait_for(
