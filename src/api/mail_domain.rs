@@ -10,11 +10,11 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The legal maximum size of a PEC message (recipients x size), DOMAIN.md: 100 MB.
+/// The legal maximum size of a PEC message (recipients x size): 100 MB.
 pub const MAX_MESSAGE_BYTES: i64 = 104_857_600;
-/// The legal retention of logs and quarantined messages, DOMAIN.md: 30 months.
+/// The legal retention of logs and quarantined messages: 30 months.
 pub const LEGAL_RETENTION_MONTHS: u32 = 30;
-/// Every PEC service runs on at least this many machines (DOMAIN.md).
+/// Every PEC service runs on at least this many machines.
 pub const MIN_REPLICAS_PER_SITE: i32 = 2;
 
 /// A PEC domain served by redundant gateways in one or more data centers.

@@ -1,6 +1,6 @@
 //! The reconcilers, one folder per kind, and what they share.
 //!
-//! Each reconcile runs the same pipeline (STYLE.md): fetch (client) ->
+//! Each reconcile runs the same pipeline: fetch (client) ->
 //! validate (pure) -> build (pure) -> apply (client) -> status (pure, then one
 //! write). Only `mod.rs` and the fetch/apply code of each controller await.
 
