@@ -911,23 +911,7 @@ impl Client {
 
     /// Port 465, implicit TLS trusting the test CA; reads the greeting.
     pub fn tls(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pem_der(&pki().ca_pem).into()).expect("CA");
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let conn =
-            rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().expect("name"))
-                .expect("tls");
-        let socket = s.try_clone().expect("clone");
-        let stream = rustls::StreamOwned::new(conn, s);
+        let (socket, stream) = tls_connect(port);
         let mut c = Client {
             reader: BufReader::new(Box::new(stream)),
             socket,
@@ -1038,14 +1022,14 @@ impl Client {
     }
 }
 
-/// An HTTPS request to the message API on `port` (trusting the test CA),
-/// with Basic credentials if given: the status and the body.
-pub fn https_request(
+/// A TLS connection to `port` on loopback that trusts the test CA, and a
+/// second handle on its socket (to change read timeouts).
+fn tls_connect(
     port: u16,
-    method: &str,
-    path: &str,
-    auth: Option<(&str, &str)>,
-) -> (u16, Vec<u8>) {
+) -> (
+    TcpStream,
+    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+) {
     let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
@@ -1061,7 +1045,19 @@ pub fn https_request(
     let conn =
         rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().expect("name"))
             .expect("tls");
-    let mut stream = rustls::StreamOwned::new(conn, s);
+    let socket = s.try_clone().expect("clone");
+    (socket, rustls::StreamOwned::new(conn, s))
+}
+
+/// An HTTPS request to the message API on `port` (trusting the test CA),
+/// with Basic credentials if given: the status and the body.
+pub fn https_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+) -> (u16, Vec<u8>) {
+    let (_, mut stream) = tls_connect(port);
     let authorization = auth
         .map(|(u, p)| {
             format!(
