@@ -255,11 +255,27 @@ impl Gateway {
         }
     }
 
-    fn quarantine(&self, id: &str, message: &[u8]) {
+    /// Keeps an infected message (never delivered) and logs the finding.
+    fn quarantine(
+        &self,
+        id: &str,
+        message_id: &str,
+        sender: &str,
+        recipients: &[String],
+        message: &[u8],
+    ) {
         let name = format!("{}.eml", safe_file_name(id));
-        if let Err(e) = write_durably(&self.quarantine, &name, message) {
+        if let Err(e) = blocking(|| write_durably(&self.quarantine, &name, message)) {
             tracing::error!(error = %e, "quarantining an infected message failed");
         }
+        self.log(
+            id,
+            message_id,
+            "rilevazione-virus",
+            sender,
+            recipients,
+            "virus",
+        );
     }
 
     async fn sign(&self, composed: &Composed) -> Result<Vec<u8>, String> {
@@ -355,14 +371,12 @@ impl Gateway {
         match self.scan(&message).await {
             Err(reply) => return reply,
             Ok(Verdict::Infected(name)) => {
-                self.quarantine(&identificativo, &message);
-                self.log(
+                self.quarantine(
                     &identificativo,
                     &t.msgid,
-                    "rilevazione-virus",
                     &t.mittente,
                     &envelope.forward_paths,
-                    "virus",
+                    &message,
                 );
                 let notice = compose::receipt(
                     &t,
@@ -508,14 +522,12 @@ impl Gateway {
         match self.scan(&message).await {
             Err(reply) => return reply,
             Ok(Verdict::Infected(name)) => {
-                self.quarantine(&id, &message);
-                self.log(
+                self.quarantine(
                     &id,
                     &summary.message_id,
-                    "rilevazione-virus",
                     &envelope.reverse_path,
                     &envelope.forward_paths,
-                    "virus",
+                    &message,
                 );
                 return Reply::new(
                     554,
