@@ -77,6 +77,14 @@ wait_leader "$port_a"
 pids+=("$(start_operator "$operator" "$logs/operator.kubeconfig" replica-b "$port_b" "$logs/operator-b.log")")
 curl -fsS --retry 50 --retry-delay 0 --retry-connrefused -o /dev/null "http://127.0.0.1:$port_b/healthz"
 
+step "a gateway binary and a clamd for the tests that carry PEC mail"
+(cd "$here/.." && cargo build --quiet -p pec-gateway --bin pec-gateway)
+export PEC_E2E_GATEWAY="${CARGO_TARGET_DIR:-$here/../target}/debug/pec-gateway"
+# shellcheck source=lib/clamd.sh
+. "$here/lib/clamd.sh"
+start_clamd "$logs/clamd"
+pids+=("$CLAMD_PID")
+
 step "end-to-end tests"
 export PEC_E2E_METRICS_PORTS="$port_a,$port_b" PEC_E2E_PIDS="${pids[0]},${pids[1]}" PEC_E2E_LOGS="$logs"
 export PEC_E2E_OPERATOR="$operator" PEC_E2E_OPERATOR_KUBECONFIG="$logs/operator.kubeconfig"

@@ -1,7 +1,8 @@
 # A SoftHSM2 token for the tests and benchmarks. Source it, then call
 # `init_hsm DIR`: it writes a SoftHSM configuration under DIR, initialises a
 # token and exports SOFTHSM2_CONF, PEC_PKCS11_MODULE, PEC_E2E_HSM_TOKEN,
-# PEC_E2E_HSM_TOKEN_WRONG_PIN (a second token for wrong-PIN tests) and
+# PEC_E2E_HSM_TOKEN_WRONG_PIN and PEC_E2E_HSM_TOKEN_PROBE (tokens for tests
+# that log in with a wrong PIN) and
 # PEC_E2E_HSM_PIN (random per run; never printed). The token label is
 # PEC_E2E_HSM_TOKEN if set, else pec-e2e.
 
@@ -22,4 +23,8 @@ init_hsm() {
   # token at that moment can find them half-written.
   export PEC_E2E_HSM_TOKEN_WRONG_PIN="$PEC_E2E_HSM_TOKEN-wrong-pin"
   softhsm2-util --init-token --free --label "$PEC_E2E_HSM_TOKEN_WRONG_PIN" --pin "$PEC_E2E_HSM_PIN" --so-pin "$so_pin" >/dev/null
+  # A third, for the availability probe test, whose gateway logs in with a
+  # wrong PIN while the operator uses its key.
+  export PEC_E2E_HSM_TOKEN_PROBE="$PEC_E2E_HSM_TOKEN-probe"
+  softhsm2-util --init-token --free --label "$PEC_E2E_HSM_TOKEN_PROBE" --pin "$PEC_E2E_HSM_PIN" --so-pin "$so_pin" >/dev/null
 }

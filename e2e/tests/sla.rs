@@ -206,6 +206,26 @@ async fn bad_sla_specs_are_refused_or_reported() {
         ),
         (json!({"rto": "4 hours"}), "spec.rto"),
         (json!({"period": "Year"}), "spec.period"),
+        (
+            json!({"probe": {"kind": "PecRoundTrip"}}),
+            "needs probe.pecRoundTrip",
+        ),
+        (
+            json!({"probe": {"kind": "PecRoundTrip", "pecRoundTrip": {
+                "mailbox": "Probe@x", "passwordSecretRef": {"name": "p"}}}}),
+            "spec.probe.pecRoundTrip.mailbox",
+        ),
+        (
+            json!({"selector": {"names": ["x"], "scope": "Site"},
+                "probe": {"kind": "PecRoundTrip", "pecRoundTrip": {"passwordSecretRef": {"name": "p"}}}}),
+            "use selector.scope Domain",
+        ),
+        (
+            json!({"selector": {"names": ["x", "y"]},
+                "probe": {"kind": "PecRoundTrip", "pecRoundTrip": {
+                    "passwordSecretRef": {"name": "p"}, "submissionAddress": "10.0.0.1:465"}}}),
+            "select exactly one domain",
+        ),
     ] {
         let mut spec = json!({"selector": {"names": ["x"]}});
         if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {

@@ -25,8 +25,9 @@ pub use signing_key::{
 };
 pub use site::{HealthSpec, Site, SitePhase, SiteSpec, SiteStatus};
 pub use sla_target::{
-    Exclusion, OutageStatus, PeriodKind, PeriodStatus, ProbeKind, ProbeSpec, Scope,
-    SlaObjectStatus, SlaSelector, SlaTarget, SlaTargetSpec, SlaTargetStatus,
+    Exclusion, OutageStatus, PasswordSecretRef, PecRoundTripProbe, PeriodKind, PeriodStatus,
+    ProbeKind, ProbeSpec, Scope, SlaObjectStatus, SlaSelector, SlaTarget, SlaTargetSpec,
+    SlaTargetStatus,
 };
 
 /// The API group of every resource of this operator.

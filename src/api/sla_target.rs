@@ -25,6 +25,16 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.probe) || self.probe.kind != 'PecRoundTrip' || !has(self.selector.scope) || self.selector.scope == 'Domain'"
+).message(
+    "a PecRoundTrip probe measures each domain as its clients reach it: use selector.scope Domain"
+))]
+#[x_kube(validation = Rule::new(
+    "!has(self.probe) || !has(self.probe.pecRoundTrip) || (!has(self.probe.pecRoundTrip.submissionAddress) && !has(self.probe.pecRoundTrip.apiAddress)) || (has(self.selector.names) && size(self.selector.names) == 1 && (!has(self.selector.matchLabels) || size(self.selector.matchLabels) == 0))"
+).message(
+    "probe.pecRoundTrip.submissionAddress and apiAddress point at one domain's gateways: select exactly one domain with selector.names"
+))]
 pub struct SlaTargetSpec {
     /// Availability objective in percent, strictly between 0 and 100. Default
     /// 99.8 (the legal PEC minimum per four-month period).
@@ -124,12 +134,19 @@ pub enum Scope {
 /// How availability is observed.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.kind != 'PecRoundTrip' || has(self.pecRoundTrip)").message(
+    "probe kind PecRoundTrip needs probe.pecRoundTrip (the probe mailbox and its password Secret)"
+))]
 pub struct ProbeSpec {
     /// `Endpoints` (available when the domain Service has a ready endpoint in
     /// a serving site; default), `Tcp` or `Http` (the operator connects to the
-    /// domain Service).
+    /// domain Service), or `PecRoundTrip` (the operator sends a PEC message
+    /// and waits for its signed receipts).
     #[serde(default)]
     pub kind: ProbeKind,
+    /// The probe mailbox of a `PecRoundTrip` probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pec_round_trip: Option<PecRoundTripProbe>,
     /// Seconds between observations. Default 10.
     #[serde(default = "default_interval")]
     #[schemars(range(min = 1, max = 300))]
@@ -144,6 +161,7 @@ impl Default for ProbeSpec {
     fn default() -> Self {
         Self {
             kind: ProbeKind::default(),
+            pec_round_trip: None,
             interval_seconds: default_interval(),
             timeout_seconds: default_timeout(),
         }
@@ -160,6 +178,64 @@ pub enum ProbeKind {
     Tcp,
     /// Send an HTTPS request to the domain Service (port 443).
     Http,
+    /// Send a PEC message from a probe mailbox to itself through the domain
+    /// Service (port 465) and read back, through the message API (port 443),
+    /// the acceptance and delivery receipts; available only when both arrive
+    /// within `timeoutSeconds` and verify against the certificates the
+    /// domain's SigningKey publishes. Outage causes: `NoAcceptance`,
+    /// `NoDelivery`, `BadSignature`.
+    PecRoundTrip,
+}
+
+/// The mailbox a `PecRoundTrip` probe sends from and to, in every measured
+/// domain. It must be a mailbox of the domain (in its mailboxes Secret) kept
+/// for the probe: the probe deletes its own messages from it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PecRoundTripProbe {
+    /// Local part of the probe mailbox; the address is `<mailbox>@<domain>`.
+    /// Default `sla-probe`.
+    #[serde(default = "default_probe_mailbox")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9._-]*$')").message(
+        "mailbox must be a lowercase local part such as sla-probe (no @domain)"
+    ))]
+    #[schemars(length(min = 1, max = 64))]
+    pub mailbox: String,
+    /// The Secret, in the SlaTarget's namespace, holding the probe mailbox's
+    /// password.
+    pub password_secret_ref: PasswordSecretRef,
+    /// `host:port` of the access point to submit to, instead of the domain
+    /// Service's port 465 (for example the address clients use from outside
+    /// the cluster). Only with a selector that names one domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 261))]
+    pub submission_address: Option<String>,
+    /// `host:port` of the message API, instead of the domain Service's port
+    /// 443. Only with a selector that names one domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 261))]
+    pub api_address: Option<String>,
+}
+
+/// A password in a Secret of the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PasswordSecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret. Default `password`.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_probe_mailbox() -> String {
+    "sla-probe".into()
+}
+
+fn default_password_key() -> String {
+    "password".into()
 }
 
 /// A declared maintenance window.

@@ -30,7 +30,12 @@ pub fn secret_name(sk: &SigningKey) -> String {
 
 /// Name of the index ConfigMap.
 pub fn index_name(sk: &SigningKey) -> String {
-    format!("{}-index", sk.name_any())
+    index_name_of(&sk.name_any())
+}
+
+/// Name of the index ConfigMap of the SigningKey named `key`.
+pub fn index_name_of(key: &str) -> String {
+    format!("{key}-index")
 }
 
 /// Name of the CRL Secret.

@@ -7,9 +7,12 @@
 //! leader changes; a ledger resumed from status counts the time since its
 //! last persisted observation as unobserved, never guessed. Status is written
 //! on a state change, otherwise at most every `statusIntervalSeconds`.
-//! Reads MailDomains and EndpointSlices; writes SlaTarget status and Events.
+//! Reads MailDomains and EndpointSlices (and, for `PecRoundTrip`, the probe
+//! password Secret, each domain's TLS Secret and its SigningKey's published
+//! certificates); writes SlaTarget status and Events.
 
 pub mod probe;
+pub mod round_trip;
 pub mod status;
 
 use std::{
@@ -20,7 +23,10 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Secret},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams},
@@ -32,9 +38,15 @@ use serde_json::json;
 
 use super::{Context, MANAGED_BY};
 use crate::{
-    api::{MailDomain, ProbeKind, SlaObjectStatus, SlaTarget, SlaTargetStatus},
+    api::{
+        MailDomain, PecRoundTripProbe, ProbeKind, Profile, SlaObjectStatus, SlaTarget,
+        SlaTargetStatus,
+    },
     conditions,
-    controllers::mail_domain::{build::domain_service_name, status::NO_HEALTHY_SITE},
+    controllers::{
+        mail_domain::{build::domain_service_name, status::NO_HEALTHY_SITE},
+        signing_key::publish,
+    },
     sla::{
         evaluate::{self, Targets},
         ledger::Ledger,
@@ -215,29 +227,74 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
         .filter(|n| !domains.iter().any(|d| d.name_any() == **n))
         .cloned()
         .collect();
+    // Why some objects cannot be measured: the first one is Ready's reason.
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    if !missing.is_empty() {
+        problems.push((
+            "MailDomainNotFound",
+            format!(
+                "MailDomain {} not found in this namespace; fix spec.selector.names",
+                missing.join(", ")
+            ),
+        ));
+    }
 
-    // observe and evaluate
-    let previous = sla.status.clone().unwrap_or_default();
+    // observe: every object at once (a round trip may take its whole timeout)
     let timeout = Duration::from_secs(sla.spec.probe.timeout_seconds.max(1).unsigned_abs().into());
-    let max_gap =
-        chrono::Duration::from_std(interval * 3).unwrap_or_else(|_| chrono::Duration::seconds(30));
-    let mut objects = Vec::with_capacity(measured.len());
-    for m in &measured {
+    let kind = sla.spec.probe.kind;
+    let observations = futures::future::join_all(measured.iter().map(|m| {
         let service = domain_service_name(&m.maildomain);
         let stranded = domains
             .iter()
             .find(|d| d.name_any() == m.maildomain)
             .and_then(|d| d.status.as_ref())
             .is_some_and(|s| conditions::is_true(&s.conditions, NO_HEALTHY_SITE));
-        let seen = match sla.spec.probe.kind {
-            ProbeKind::Endpoints => {
-                probe::endpoints(&slices, &service, m.site.as_deref(), stranded)
+        let slices = &slices;
+        let namespace = &namespace;
+        async move {
+            match kind {
+                ProbeKind::Endpoints => Some(probe::endpoints(
+                    slices,
+                    &service,
+                    m.site.as_deref(),
+                    stranded,
+                )),
+                ProbeKind::Tcp => {
+                    Some(probe::tcp(&format!("{service}.{namespace}.svc:25"), timeout).await)
+                }
+                ProbeKind::Http => {
+                    Some(probe::http(&format!("{service}.{namespace}.svc:443"), timeout).await)
+                }
+                ProbeKind::PecRoundTrip => None,
             }
-            ProbeKind::Tcp => probe::tcp(&format!("{service}.{namespace}.svc:25"), timeout).await,
-            ProbeKind::Http => {
-                probe::http(&format!("{service}.{namespace}.svc:443"), timeout).await
-            }
-        };
+        }
+    }))
+    .await;
+    let observations = match (sla.spec.probe.kind, &sla.spec.probe.pec_round_trip) {
+        (ProbeKind::PecRoundTrip, Some(spec)) => {
+            round_trips(
+                &ctx,
+                &sla,
+                &namespace,
+                spec,
+                &domains,
+                &measured,
+                timeout,
+                &mut problems,
+            )
+            .await
+        }
+        _ => observations,
+    };
+    // The observations are of now, after the probes, not of the tick's start.
+    let now = ctx.clock.now();
+
+    // evaluate
+    let previous = sla.status.clone().unwrap_or_default();
+    let max_gap =
+        chrono::Duration::from_std(interval * 3).unwrap_or_else(|_| chrono::Duration::seconds(30));
+    let mut objects = Vec::with_capacity(measured.len());
+    for (m, seen) in measured.iter().zip(observations) {
         let key = format!("{namespace}/{name}/{}", m.name);
         // In memory, else resumed from status (the gap since is unobserved), else new.
         let (mut ledger, gap) = match ctx.sla.take_ledger(&key) {
@@ -255,7 +312,11 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
         let closed_before = ledger.history.last().map(|p| p.start);
         // Measurement starts once the object is first seen available: a
         // domain still rolling out is not in service yet, so not in outage.
-        if ledger.last.is_some() || seen.available {
+        // An object the probe could not be pointed at is not observed: the
+        // time counts as unobserved, never as up or down.
+        if let Some(seen) = seen
+            && (ledger.last.is_some() || seen.available)
+        {
             ledger.observe(sla.spec.period, tz, now, seen.available, seen.cause, gap);
         }
         let object = evaluate::object_status(
@@ -293,7 +354,13 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
         objects.push(object);
     }
     let period = Period::containing(sla.spec.period, tz, now);
-    let new = status::compute(&sla, objects, targets.inconsistency(&period), &missing, now);
+    let new = status::compute(
+        &sla,
+        objects,
+        targets.inconsistency(&period),
+        &problems,
+        now,
+    );
 
     // status
     let status_every = chrono::Duration::seconds(sla.spec.status_interval_seconds.max(1).into());
@@ -326,6 +393,145 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
             (sla.spec.objective, new.objects),
         );
     Ok(Action::requeue(interval))
+}
+
+/// Runs a `PecRoundTrip` probe against every measured domain at once. A
+/// domain the probe cannot be pointed at (see [`round_trip_of`]) is not
+/// observed, and says why in `problems`.
+#[allow(clippy::too_many_arguments)]
+async fn round_trips(
+    ctx: &Context,
+    sla: &SlaTarget,
+    namespace: &str,
+    spec: &PecRoundTripProbe,
+    domains: &[MailDomain],
+    measured: &[status::Measured],
+    timeout: Duration,
+    problems: &mut Vec<(&'static str, String)>,
+) -> Vec<Option<probe::Seen>> {
+    let secret_ref = &spec.password_secret_ref;
+    let password = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(&secret_ref.name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| s.data?.remove(&secret_ref.key))
+        .and_then(|v| String::from_utf8(v.0).ok());
+    let Some(password) = password else {
+        problems.push((
+            "ProbeSecretNotFound",
+            format!(
+                "Secret {} with key {} (probe.pecRoundTrip.passwordSecretRef) not found in this namespace; create it with the probe mailbox's password",
+                secret_ref.name, secret_ref.key
+            ),
+        ));
+        return measured.iter().map(|_| None).collect();
+    };
+    let tag = format!("sla-probe.{namespace}.{}", sla.name_any());
+    let mut plans = Vec::with_capacity(measured.len());
+    for m in measured {
+        let Some(md) = domains.iter().find(|d| d.name_any() == m.maildomain) else {
+            plans.push(None);
+            continue;
+        };
+        match round_trip_of(ctx, namespace, spec, md, &password, &tag, timeout).await {
+            Ok(rt) => plans.push(Some(rt)),
+            Err(why) => {
+                problems.push(("ProbeNotPossible", why));
+                plans.push(None);
+            }
+        }
+    }
+    futures::future::join_all(plans.iter().map(|plan| async move {
+        match plan {
+            Some(rt) => Some(round_trip::run(rt).await),
+            None => None,
+        }
+    }))
+    .await
+}
+
+/// What a round trip to `md` needs: its probe address, the certificate its
+/// gateways present (from its TLS Secret) and the certificates its receipts
+/// are signed with (its SigningKey's index). `Err` says what to fix.
+async fn round_trip_of(
+    ctx: &Context,
+    namespace: &str,
+    spec: &PecRoundTripProbe,
+    md: &MailDomain,
+    password: &str,
+    tag: &str,
+    timeout: Duration,
+) -> Result<round_trip::RoundTrip, String> {
+    let name = md.name_any();
+    if md.spec.profile == Profile::ReceiveOnly {
+        return Err(format!(
+            "MailDomain {name} is ReceiveOnly: it has no access point a PecRoundTrip probe can submit to"
+        ));
+    }
+    let tls_secret = md
+        .spec
+        .gateway
+        .tls_secret_ref
+        .as_deref()
+        .ok_or_else(|| format!("MailDomain {name} has no gateway.tlsSecretRef"))?;
+    let pinned: Vec<Vec<u8>> = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(tls_secret)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| s.data?.remove("tls.crt"))
+        .and_then(|v| String::from_utf8(v.0).ok())
+        .map(|pem| pec_core::smime::pem_certificates(&pem))
+        .unwrap_or_default()
+        .into_iter()
+        .take(1)
+        .collect();
+    if pinned.is_empty() {
+        return Err(format!(
+            "the TLS Secret {tls_secret} of MailDomain {name} has no certificate in tls.crt"
+        ));
+    }
+    let key = md.spec.signing_key_ref.as_deref().ok_or_else(|| {
+        format!("MailDomain {name} has no signingKeyRef: nothing signs its receipts")
+    })?;
+    let index = publish::index_name_of(key);
+    let bundle = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(&index)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| c.data?.remove("bundle.crt"))
+        .unwrap_or_default();
+    let mut trusted = pec_core::smime::TrustedSigners::default();
+    if trusted.add_pem(&bundle) == 0 {
+        return Err(format!(
+            "SigningKey {key} of MailDomain {name} has published no certificate yet (ConfigMap {index})"
+        ));
+    }
+    let service = domain_service_name(&name);
+    let domain = md.spec.domain.clone();
+    Ok(round_trip::RoundTrip {
+        address: format!("{}@{domain}", spec.mailbox),
+        password: password.to_string(),
+        submission: spec
+            .submission_address
+            .clone()
+            .unwrap_or_else(|| format!("{service}.{namespace}.svc:465")),
+        api: spec
+            .api_address
+            .clone()
+            .unwrap_or_else(|| format!("{service}.{namespace}.svc:443")),
+        pinned,
+        trusted,
+        tag: tag.to_string(),
+        message_id: format!(
+            "{tag}.{}@{domain}",
+            ctx.clock.now().timestamp_nanos_opt().unwrap_or_default()
+        ),
+        timeout,
+        domain,
+    })
 }
 
 async fn write_status(

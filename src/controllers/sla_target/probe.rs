@@ -19,13 +19,13 @@ pub struct Seen {
 }
 
 impl Seen {
-    fn up() -> Self {
+    pub(crate) fn up() -> Self {
         Self {
             available: true,
             cause: "",
         }
     }
-    fn down(cause: &'static str) -> Self {
+    pub(crate) fn down(cause: &'static str) -> Self {
         Self {
             available: false,
             cause,

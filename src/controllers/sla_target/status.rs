@@ -72,12 +72,13 @@ pub fn select(sla: &SlaTarget, domains: &[MailDomain]) -> Vec<Measured> {
 }
 
 /// The status for the measured `objects`, with `inconsistency` (if any) and
-/// the names listed in `spec.selector.names` that do not exist.
+/// what keeps objects from being measured (`problems`: reason and message;
+/// the first reason is Ready's).
 pub fn compute(
     sla: &SlaTarget,
     objects: Vec<SlaObjectStatus>,
     inconsistency: Option<String>,
-    missing: &[String],
+    problems: &[(&'static str, String)],
     now: DateTime<Utc>,
 ) -> SlaTargetStatus {
     let worst = objects
@@ -93,23 +94,23 @@ pub fn compute(
             .collect::<Vec<_>>()
     };
     let (breached, at_risk) = (at("Breached"), at("AtRisk"));
-    let ready = if missing.is_empty() {
-        Verdict::new(
+    let ready = match problems {
+        [] => Verdict::new(
             READY,
             true,
             "Measuring",
             format!("measuring {} object(s)", objects.len()),
-        )
-    } else {
-        Verdict::new(
+        ),
+        [(reason, _), ..] => Verdict::new(
             READY,
             false,
-            "MailDomainNotFound",
-            format!(
-                "MailDomain {} not found in this namespace; fix spec.selector.names",
-                missing.join(", ")
-            ),
-        )
+            reason,
+            problems
+                .iter()
+                .map(|(_, message)| message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
     };
     let verdicts = [
         ready,
@@ -263,7 +264,24 @@ mod tests {
         assert!(conditions::is_true(&st.conditions, AT_RISK));
         assert!(!conditions::is_true(&st.conditions, MET));
         assert!(conditions::is_true(&st.conditions, TARGETS_INCONSISTENT));
-        let missing = compute(&s, vec![], None, &["ghost".into()], now);
+        let problems = [
+            (
+                "MailDomainNotFound",
+                "MailDomain ghost not found".to_string(),
+            ),
+            (
+                "ProbeNotPossible",
+                "MailDomain ro is ReceiveOnly".to_string(),
+            ),
+        ];
+        let missing = compute(&s, vec![], None, &problems, now);
         assert!(!conditions::is_true(&missing.conditions, READY));
+        let ready = missing
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .expect("Ready");
+        assert_eq!(ready.reason, "MailDomainNotFound");
+        assert!(ready.message.contains("ghost") && ready.message.contains("ReceiveOnly"));
     }
 }
