@@ -5,10 +5,11 @@
 #   promtool, prometheus     the SLA rules, dashboard and alert tests (prometheus)
 #   softhsm2-util            the PKCS#11 token of the HSM tests (softhsm2)
 #   clamd                    the antivirus the gateway tests scan with (clamav-daemon)
+#   dnsmasq                  the DNS server of the gateway's MX test (dnsmasq-base)
 
 ensure_prereqs() {
   local need=() tool
-  for tool in curl:curl openssl:openssl python3:python3 promtool:prometheus softhsm2-util:softhsm2 clamd:clamav-daemon; do
+  for tool in curl:curl openssl:openssl python3:python3 promtool:prometheus softhsm2-util:softhsm2 clamd:clamav-daemon dnsmasq:dnsmasq-base; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
   done
   if [ ${#need[@]} -gt 0 ]; then

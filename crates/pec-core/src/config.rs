@@ -202,19 +202,50 @@ pub struct TlsConfig {
 }
 
 /// Where mail leaves for.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RelayConfig {
     /// Domains on this platform and the `host:port` of their incoming point
     /// (the domain Service): mail for them goes straight there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub routes: BTreeMap<String, String>,
-    /// Every other domain goes through this `host:port`.
+    /// Every other domain goes through this `host:port`. Without one, mail
+    /// for other domains goes where their MX records say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smarthost: Option<String>,
+    /// Name servers for MX lookups, `ip` or `ip:port`; empty (the default):
+    /// the system's (`/etc/resolv.conf`, the cluster DNS in a pod).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// The port MX hosts are reached on: 25, unless a test bed says otherwise.
+    #[serde(
+        default = "default_mx_port",
+        skip_serializing_if = "is_default_mx_port"
+    )]
+    pub mx_port: u16,
     /// Accept the relay peer's TLS certificate without checking it (tests).
     #[serde(default)]
     pub insecure_tls: bool,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            routes: BTreeMap::new(),
+            smarthost: None,
+            nameservers: Vec::new(),
+            mx_port: default_mx_port(),
+            insecure_tls: false,
+        }
+    }
+}
+
+fn default_mx_port() -> u16 {
+    25
+}
+
+fn is_default_mx_port(port: &u16) -> bool {
+    *port == default_mx_port()
 }
 
 /// Limits of the SMTP dialogue.

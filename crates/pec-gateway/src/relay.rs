@@ -1,13 +1,33 @@
 //! Handing messages to other providers over SMTP.
 //!
-//! A domain on this platform has a route in `gateway.yaml` (its incoming
-//! point, the domain Service); any other domain goes through the smarthost.
-//! With neither, the domain cannot be reached and the sender gets a
-//! non-delivery notice. The client is lettre's, with STARTTLS whenever the
-//! peer offers it and one pooled connection set per peer.
+//! Where mail for a domain goes, in order (as Postfix does with its
+//! transport map, `relayhost` and DNS):
+//! 1. a domain on this platform has a route in `gateway.yaml` (its incoming
+//!    point, the domain Service);
+//! 2. else the smarthost, when one is configured;
+//! 3. else the domain's MX hosts (RFC 5321 section 5.1): lowest preference
+//!    first, the domain itself when it has no MX record (the implicit MX),
+//!    no delivery at all for a null MX (RFC 7505) or a domain that does not
+//!    exist. Each host's addresses are tried in turn until one answers.
+//!
+//! A DNS failure, or every host refusing for now, is temporary (the queue
+//! retries); a null MX, a missing domain or a 5xx reply is permanent (the
+//! sender gets a non-delivery notice). The client is lettre's, with STARTTLS
+//! whenever the peer offers it and one pooled connection set per peer.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Mutex,
+    time::Duration,
+};
 
+use hickory_resolver::{
+    TokioResolver,
+    config::{ConnectionConfig, NameServerConfig, ResolverConfig},
+    net::runtime::TokioRuntimeProvider,
+    proto::rr::RData,
+};
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Tokio1Executor,
     address::Envelope,
@@ -19,13 +39,17 @@ use lettre::{
 };
 use pec_core::config::RelayConfig;
 
+/// At most this many addresses are tried for one message (Postfix's
+/// `smtp_mx_address_limit`).
+const MAX_ADDRESSES: usize = 5;
+
 /// Why a message could not be handed over.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RelayError {
-    /// No route and no smarthost for the domain.
+    /// The domain takes no mail: a null MX, or it does not exist.
     #[error("no route to domain {0}")]
     NoRoute(String),
-    /// Try again later (4xx, connection refused, timeout).
+    /// Try again later (4xx, connection refused, timeout, DNS failure).
     #[error("temporary failure: {0}")]
     Temporary(String),
     /// The peer refused for good (5xx) or the addresses are unusable.
@@ -33,46 +57,133 @@ pub enum RelayError {
     Permanent(String),
 }
 
+/// One place to try: the address to connect to and the name its TLS
+/// certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// `host:port` or `ip:port`.
+    pub connect: String,
+    /// The host name for TLS.
+    pub name: String,
+}
+
 /// The SMTP client side of the gateway.
 pub struct Relay {
     config: RelayConfig,
     helo: String,
+    resolver: Result<TokioResolver, String>,
     transports: Mutex<HashMap<String, AsyncSmtpTransport<Tokio1Executor>>>,
 }
 
 impl Relay {
     /// A relay that greets peers as `helo`.
     pub fn new(config: RelayConfig, helo: &str) -> Self {
+        let resolver = resolver(&config.nameservers);
+        if let Err(e) = &resolver {
+            tracing::warn!(error = %e, "no DNS resolver: mail for domains without a route waits in the queue");
+        }
         Self {
             config,
             helo: helo.to_string(),
+            resolver,
             transports: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The `host:port` mail for `domain` goes to.
-    pub fn route(&self, domain: &str) -> Option<&str> {
-        self.config
+    /// The configured `host:port` mail for `domain` goes to (route or
+    /// smarthost), if any.
+    fn configured(&self, domain: &str) -> Option<Hop> {
+        let target = self
+            .config
             .routes
             .get(domain)
-            .or(self.config.smarthost.as_ref())
-            .map(String::as_str)
+            .or(self.config.smarthost.as_ref())?;
+        let name = target
+            .rsplit_once(':')
+            .map_or(target.as_str(), |(host, _)| host);
+        Some(Hop {
+            connect: target.clone(),
+            name: name.to_string(),
+        })
     }
 
-    fn transport(&self, target: &str) -> Result<AsyncSmtpTransport<Tokio1Executor>, RelayError> {
+    /// Where mail for `domain` goes, in the order to try.
+    pub async fn hops(&self, domain: &str) -> Result<Vec<Hop>, RelayError> {
+        if let Some(hop) = self.configured(domain) {
+            return Ok(vec![hop]);
+        }
+        let resolver = self
+            .resolver
+            .as_ref()
+            .map_err(|e| RelayError::Temporary(format!("no DNS resolver: {e}")))?;
+        let fqdn = format!("{}.", domain.trim_end_matches('.'));
+        let hosts = match resolver.mx_lookup(fqdn.as_str()).await {
+            Ok(lookup) => {
+                let mut mx: Vec<(u16, String)> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
+                        _ => None,
+                    })
+                    .collect();
+                mx.sort();
+                exchanges(domain, mx)?
+            }
+            Err(e) if e.is_nx_domain() => {
+                return Err(RelayError::NoRoute(format!(
+                    "{domain} (the domain does not exist)"
+                )));
+            }
+            Err(e) if e.is_no_records_found() => vec![domain.to_string()],
+            Err(e) => {
+                return Err(RelayError::Temporary(format!(
+                    "MX lookup for {domain}: {e}"
+                )));
+            }
+        };
+        let mut hops = Vec::new();
+        let mut last_error = None;
+        for host in hosts {
+            match resolver.lookup_ip(format!("{host}.").as_str()).await {
+                Ok(ips) => hops.extend(ips.iter().map(|ip| Hop {
+                    connect: SocketAddr::new(ip, self.config.mx_port).to_string(),
+                    name: host.clone(),
+                })),
+                Err(e) => last_error = Some(format!("addresses of {host}: {e}")),
+            }
+            if hops.len() >= MAX_ADDRESSES {
+                break;
+            }
+        }
+        hops.truncate(MAX_ADDRESSES);
+        if hops.is_empty() {
+            return Err(RelayError::Temporary(last_error.unwrap_or_else(|| {
+                format!("no address for the mail hosts of {domain}")
+            })));
+        }
+        Ok(hops)
+    }
+
+    fn transport(&self, hop: &Hop) -> Result<AsyncSmtpTransport<Tokio1Executor>, RelayError> {
+        let key = format!("{}|{}", hop.connect, hop.name);
         let mut transports = self.transports.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = transports.get(target) {
+        if let Some(t) = transports.get(&key) {
             return Ok(t.clone());
         }
-        let (host, port) = target
+        let (host, port) = hop
+            .connect
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-            .ok_or_else(|| RelayError::Permanent(format!("route {target:?} is not host:port")))?;
-        let tls = TlsParameters::builder(host.to_string())
+            .ok_or_else(|| {
+                RelayError::Permanent(format!("route {:?} is not host:port", hop.connect))
+            })?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let tls = TlsParameters::builder(hop.name.clone())
             .dangerous_accept_invalid_certs(self.config.insecure_tls)
             .dangerous_accept_invalid_hostnames(self.config.insecure_tls)
             .build_rustls()
-            .map_err(|e| RelayError::Permanent(format!("TLS settings for {host}: {e}")))?;
+            .map_err(|e| RelayError::Permanent(format!("TLS settings for {}: {e}", hop.name)))?;
         let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
             .port(port)
             .tls(Tls::Opportunistic(tls))
@@ -80,11 +191,12 @@ impl Relay {
             .timeout(Some(Duration::from_secs(60)))
             .pool_config(PoolConfig::new().max_size(8))
             .build();
-        transports.insert(target.to_string(), transport.clone());
+        transports.insert(key, transport.clone());
         Ok(transport)
     }
 
-    /// Hands `message` from `from` to `to` (all in `domain`).
+    /// Hands `message` from `from` to `to` (all in `domain`), trying each
+    /// hop in turn while the failure is temporary.
     pub async fn send(
         &self,
         domain: &str,
@@ -92,11 +204,6 @@ impl Relay {
         to: &[String],
         message: &[u8],
     ) -> Result<(), RelayError> {
-        let target = self
-            .route(domain)
-            .ok_or_else(|| RelayError::NoRoute(domain.to_string()))?
-            .to_string();
-        let transport = self.transport(&target)?;
         let from = from
             .parse()
             .map_err(|e| RelayError::Permanent(format!("sender {from:?}: {e}")))?;
@@ -109,7 +216,23 @@ impl Relay {
             .collect::<Result<Vec<_>, _>>()?;
         let envelope =
             Envelope::new(Some(from), to).map_err(|e| RelayError::Permanent(e.to_string()))?;
-        let mut result = transport.send_raw(&envelope, message).await;
+        let mut result = Err(RelayError::NoRoute(domain.to_string()));
+        for hop in self.hops(domain).await? {
+            result = self.send_to(&hop, &envelope, message).await;
+            if !matches!(result, Err(RelayError::Temporary(_))) {
+                break;
+            }
+        }
+        result
+    }
+
+    async fn send_to(
+        &self,
+        hop: &Hop,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Result<(), RelayError> {
+        let mut result = self.transport(hop)?.send_raw(envelope, message).await;
         if let Err(e) = &result
             && !e.is_response()
         {
@@ -119,13 +242,112 @@ impl Relay {
             self.transports
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&target);
-            result = self.transport(&target)?.send_raw(&envelope, message).await;
+                .remove(&format!("{}|{}", hop.connect, hop.name));
+            result = self.transport(hop)?.send_raw(envelope, message).await;
         }
         match result {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(RelayError::Permanent(e.to_string())),
-            Err(e) => Err(RelayError::Temporary(e.to_string())),
+            Err(e) => Err(RelayError::Temporary(format!("{}: {e}", hop.name))),
         }
+    }
+}
+
+/// The mail hosts of `domain` from its MX records (sorted by preference):
+/// the domain itself when there are none, `NoRoute` for a null MX.
+fn exchanges(domain: &str, mx: Vec<(u16, String)>) -> Result<Vec<String>, RelayError> {
+    if mx.is_empty() {
+        return Ok(vec![domain.to_string()]);
+    }
+    let hosts: Vec<String> = mx
+        .into_iter()
+        .map(|(_, host)| host.trim_end_matches('.').to_string())
+        .collect();
+    if hosts.iter().all(String::is_empty) {
+        return Err(RelayError::NoRoute(format!(
+            "{domain} (it publishes a null MX: it accepts no mail)"
+        )));
+    }
+    Ok(hosts.into_iter().filter(|h| !h.is_empty()).collect())
+}
+
+/// A resolver for `nameservers` (`ip` or `ip:port`), or the system's.
+fn resolver(nameservers: &[String]) -> Result<TokioResolver, String> {
+    if nameservers.is_empty() {
+        return TokioResolver::builder_tokio()
+            .and_then(|b| b.build())
+            .map_err(|e| e.to_string());
+    }
+    let mut servers = Vec::with_capacity(nameservers.len());
+    for entry in nameservers {
+        let address = entry
+            .parse::<SocketAddr>()
+            .or_else(|_| entry.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .map_err(|_| format!("name server {entry:?} is not ip or ip:port"))?;
+        let connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()].map(|mut c| {
+            c.port = address.port();
+            c
+        });
+        servers.push(NameServerConfig::new(
+            address.ip(),
+            true,
+            connections.into(),
+        ));
+    }
+    TokioResolver::builder_with_config(
+        ResolverConfig::from_parts(None, vec![], servers),
+        TokioRuntimeProvider::default(),
+    )
+    .build()
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mail_hosts_follow_preference_and_the_rfc_fallbacks() {
+        let hosts = exchanges(
+            "b.it",
+            vec![(10, "mx1.b.it.".into()), (20, "mx2.b.it.".into())],
+        )
+        .expect("hosts");
+        assert_eq!(hosts, ["mx1.b.it", "mx2.b.it"]);
+        assert_eq!(exchanges("b.it", vec![]).expect("implicit"), ["b.it"]);
+        assert!(matches!(
+            exchanges("b.it", vec![(0, ".".into())]),
+            Err(RelayError::NoRoute(_))
+        ));
+    }
+
+    #[test]
+    fn a_route_or_the_smarthost_wins_over_dns() {
+        let config = RelayConfig {
+            routes: [("a.it".to_string(), "gw-a:25".to_string())].into(),
+            smarthost: Some("smart:2525".into()),
+            ..RelayConfig::default()
+        };
+        let relay = Relay::new(config, "me.it");
+        assert_eq!(
+            relay.configured("a.it"),
+            Some(Hop {
+                connect: "gw-a:25".into(),
+                name: "gw-a".into()
+            })
+        );
+        assert_eq!(
+            relay.configured("z.it").map(|h| h.name),
+            Some("smart".into())
+        );
+    }
+
+    #[test]
+    fn name_servers_must_be_addresses() {
+        assert!(resolver(&["127.0.0.1:5353".into(), "::1".into()]).is_ok());
+        let Err(err) = resolver(&["dns.example".into()]) else {
+            panic!("a host name was taken for a name server address");
+        };
+        assert!(err.contains("dns.example"), "{err}");
     }
 }

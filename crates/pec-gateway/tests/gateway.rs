@@ -123,6 +123,78 @@ fn a_message_within_one_domain_is_delivered_with_receipts() {
 }
 
 #[test]
+fn mail_for_a_domain_without_a_route_goes_to_its_mx_hosts_in_preference_order() {
+    let mut p = Pair::start();
+    let b = p.db.name.clone();
+    let (dead, live) = (format!("dead.{b}"), format!("mx.{b}"));
+    // The preferred host hangs up on every connection (a listener on
+    // 127.0.0.2 that closes what it accepts): the relay must try it first,
+    // then go on to the next one.
+    let dead_host = std::net::TcpListener::bind(("127.0.0.2", p.db.smtp)).expect("bind 127.0.0.2");
+    let hung_up = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hung_up.clone();
+    std::thread::spawn(move || {
+        for connection in dead_host.incoming() {
+            drop(connection);
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let dns = Dns::start(
+        &[(&b, &dead, 5), (&b, &live, 10)],
+        &[(&dead, "127.0.0.2"), (&live, "127.0.0.1")],
+    );
+    let config =
+        p.da.config(&p.clamd, &p.providers, &[], &p.pin_file)
+            .replace(
+                "  routes:\n",
+                &format!(
+                    "  nameservers: [\"127.0.0.1:{}\"]\n  mxPort: {}\n  routes: {{}}\n",
+                    dns.port, p.db.smtp
+                ),
+            );
+    p.a.rewrite_config(&config);
+    p.a.restart();
+    p.a.wait_ready();
+
+    let mario = p.mario();
+    let anna = p.anna();
+    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
+    let (code, text) = c.send_mail(
+        &mario,
+        &[&anna],
+        &message(&mario, &[&anna], "Via MX", "trovato"),
+    );
+    assert_eq!(code, 250, "{text}");
+    let envelope = p.b.wait_for_mail("anna", "Via MX", 1);
+    assert!(
+        hung_up.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the preferred MX host (preference 5) was never tried"
+    );
+    let delivered =
+        p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
+    let ca = p.ca_file();
+    openssl_verify(&envelope[0], &ca).expect("envelope verifies");
+    openssl_verify(&delivered[0], &ca).expect("receipt verifies");
+
+    // A domain that does not exist: the sender gets the non-delivery
+    // notice at once, not after the relay deadlines.
+    let ghost = format!("nessuno@ghost-{b}");
+    let (code, text) = c.send_mail(
+        &mario,
+        &[&ghost],
+        &message(&mario, &[&ghost], "Nessuno", "ciao"),
+    );
+    assert_eq!(code, 250, "{text}");
+    let failed = p.a.wait_for_mail("mario", "X-Ricevuta: errore-consegna", 1);
+    openssl_verify(&failed[0], &ca).expect("the notice verifies");
+    let why = daticert_of(&failed[0]).errore_esteso.unwrap_or_default();
+    assert!(
+        why.contains("does not exist"),
+        "the notice says why: {why:?}"
+    );
+}
+
+#[test]
 fn eicar_is_refused_with_a_virus_notice_and_kept_in_quarantine() {
     let p = Pair::start();
     let mario = p.mario();

@@ -139,7 +139,7 @@ pub fn gateway_config(
         relay: RelayConfig {
             routes: spec.gateway.relay.routes.clone(),
             smarthost: spec.gateway.relay.smarthost.clone(),
-            insecure_tls: false,
+            ..RelayConfig::default()
         },
         smtp: SmtpLimits::default(),
     }

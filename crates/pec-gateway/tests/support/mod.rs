@@ -266,6 +266,57 @@ impl Drop for Clamd {
     }
 }
 
+/// A DNS server of the test's own (dnsmasq, Debian's `dnsmasq-base`) on a
+/// loopback port: authoritative for `.test` (every other `.test` name is
+/// NXDOMAIN), with the MX and address records given.
+pub struct Dns {
+    pub port: u16,
+    child: Child,
+}
+
+impl Dns {
+    /// Serves `mx` (`domain`, `host`, `preference`) and `hosts` (`name`, `ip`).
+    pub fn start(mx: &[(&str, &str, u16)], hosts: &[(&str, &str)]) -> Dns {
+        let port = free_port();
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args(["--keep-in-foreground", "--no-resolv", "--no-hosts"])
+            .args(["--bind-interfaces", "--listen-address=127.0.0.1"])
+            .args(["--conf-file=/dev/null", "--pid-file=", "--local=/test/"])
+            .arg(format!("--port={port}"));
+        for (domain, host, preference) in mx {
+            cmd.arg(format!("--mx-host={domain},{host},{preference}"));
+        }
+        for (name, ip) in hosts {
+            cmd.arg(format!("--host-record={name},{ip}"));
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq (Debian package dnsmasq-base)");
+        wait_for(Duration::from_secs(10), "dnsmasq to listen", || {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.connect(("127.0.0.1", port)).map(|_| s))
+                .and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                    // A query for `test.` (type SOA): any answer will do.
+                    s.send(b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x04test\x00\x00\x06\x00\x01")?;
+                    let mut buf = [0u8; 512];
+                    s.recv(&mut buf)
+                })
+                .is_ok()
+        });
+        Dns { port, child }
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 static SHARED_CLAMD: OnceLock<Mutex<Clamd>> = OnceLock::new();
 
 /// The clamd most tests share (started once; killed when the test process
