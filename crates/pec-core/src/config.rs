@@ -262,11 +262,12 @@ pub struct SmtpLimits {
     pub auth_lockout_seconds: u64,
     /// Seconds after SIGTERM that sessions in flight may take to finish.
     pub shutdown_grace_seconds: u64,
-    /// Hours without a taking-charge or delivery receipt before the sender
-    /// is warned (preavviso).
-    pub warn_after_hours: u64,
-    /// Hours before the relay gives up and sends the final notice.
-    pub give_up_after_hours: u64,
+    /// Seconds without a taking-charge or delivery receipt before the
+    /// sender is warned (preavviso). Default 43200 (12 hours, the rule).
+    pub warn_after_seconds: u64,
+    /// Seconds before the relay gives up and sends the final notice.
+    /// Default 86400 (24 hours, the rule).
+    pub give_up_after_seconds: u64,
 }
 
 impl Default for SmtpLimits {
@@ -277,8 +278,8 @@ impl Default for SmtpLimits {
             auth_failures_allowed: 5,
             auth_lockout_seconds: 60,
             shutdown_grace_seconds: 50,
-            warn_after_hours: 12,
-            give_up_after_hours: 24,
+            warn_after_seconds: 12 * 3600,
+            give_up_after_seconds: 24 * 3600,
         }
     }
 }

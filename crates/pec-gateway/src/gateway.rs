@@ -1023,8 +1023,8 @@ impl Gateway {
         for tracked in all {
             let deadline = tracked.deadline(
                 now,
-                Duration::hours(limits.warn_after_hours as i64),
-                Duration::hours(limits.give_up_after_hours as i64),
+                Duration::seconds(limits.warn_after_seconds as i64),
+                Duration::seconds(limits.give_up_after_seconds as i64),
             );
             let t = transmission_of(&tracked);
             let result = match deadline {

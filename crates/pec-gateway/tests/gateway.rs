@@ -195,6 +195,70 @@ fn mail_for_a_domain_without_a_route_goes_to_its_mx_hosts_in_preference_order() 
 }
 
 #[test]
+fn a_silent_peer_brings_the_warning_then_the_final_notice_on_time() {
+    let mut p = Pair::start();
+    // The peer is gone (nothing listens on its route any more), and the
+    // deadlines are seconds instead of the rule's hours.
+    p.b.kill9();
+    let config =
+        p.da.config(
+            &p.clamd,
+            &p.providers,
+            &[(&p.db.name, p.db.smtp)],
+            &p.pin_file,
+        )
+        .replace("warnAfterSeconds: 43200", "warnAfterSeconds: 3")
+        .replace("giveUpAfterSeconds: 86400", "giveUpAfterSeconds: 8");
+    p.a.rewrite_config(&config);
+    p.a.restart();
+    p.a.wait_ready();
+
+    let mario = p.mario();
+    let anna = p.anna();
+    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
+    let sent = std::time::Instant::now();
+    let (code, text) = c.send_mail(
+        &mario,
+        &[&anna],
+        &message(&mario, &[&anna], "Nessuna risposta", "ciao"),
+    );
+    assert_eq!(code, 250, "{text}");
+    let warning =
+        p.a.wait_for_mail("mario", "X-Ricevuta: preavviso-errore-consegna", 1);
+    let warned_after = sent.elapsed();
+    let final_notice = p.a.wait_for_mail("mario", "X-Ricevuta: errore-consegna", 1);
+    let gave_up_after = sent.elapsed();
+    println!("warning after {warned_after:?}, final notice after {gave_up_after:?}");
+    // Each on its deadline, give or take the 2 s tick that checks them.
+    assert!(
+        warned_after >= Duration::from_secs(3) && warned_after < Duration::from_secs(8),
+        "warning after {warned_after:?}"
+    );
+    assert!(
+        gave_up_after >= Duration::from_secs(8) && gave_up_after < Duration::from_secs(14),
+        "final notice after {gave_up_after:?}"
+    );
+    let ca = p.ca_file();
+    openssl_verify(&warning[0], &ca).expect("the warning verifies");
+    openssl_verify(&final_notice[0], &ca).expect("the final notice verifies");
+    for notice in [&warning[0], &final_notice[0]] {
+        let d = daticert_of(notice);
+        assert!(
+            d.destinatari.iter().any(|r| r.address == anna),
+            "the notice names the recipient"
+        );
+    }
+    // Nothing more: one warning, one final notice.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        p.a.find("mario", "X-Ricevuta: preavviso-errore-consegna")
+            .len(),
+        1
+    );
+    assert_eq!(p.a.find("mario", "X-Ricevuta: errore-consegna").len(), 1);
+}
+
+#[test]
 fn eicar_is_refused_with_a_virus_notice_and_kept_in_quarantine() {
     let p = Pair::start();
     let mario = p.mario();

@@ -520,8 +520,8 @@ relay:
   authFailuresAllowed: 3
   authLockoutSeconds: 60
   shutdownGraceSeconds: 10
-  warnAfterHours: 12
-  giveUpAfterHours: 24
+  warnAfterSeconds: 43200
+  giveUpAfterSeconds: 86400
 "#,
             name = self.name,
             label = token().label,
