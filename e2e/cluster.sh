@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # A real local two-data-center Kubernetes control plane for the demo and the tests.
 #
-#   e2e/cluster.sh up [NAME]     start etcd, kube-apiserver, kube-controller-manager,
+#   e2e/cluster.sh up [NAME] [--real-nodes]
+#                                start etcd, kube-apiserver, kube-controller-manager,
 #                                kube-scheduler and kwok; create six fake nodes,
 #                                three in zone dc-it1 and three in dc-it2; print
-#                                `export KUBECONFIG=...`
+#                                `export KUBECONFIG=...`. With --real-nodes also
+#                                one real node per zone (dc-it1-real, dc-it2-real:
+#                                kubelet, containerd, CNI bridge, labelled
+#                                pec.dev/node=real) and kube-proxy; see lib/nodes.sh
+#                                for what the host needs.
 #   e2e/cluster.sh down [NAME]   stop what `up` started, by pid, and remove its files
+#   e2e/cluster.sh import [NAME] ARCHIVE...
+#                                import OCI archives into every real node
 #
 # NAME (default: pec) lets several clusters run at once; each takes free
 # loopback ports. Nodes and pods are simulated by kwok: pods schedule and go
@@ -14,7 +21,16 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cmd=${1:-}
-name=${2:-${PEC_CLUSTER:-pec}}
+shift || true
+real_nodes=false
+args=()
+for arg in "$@"; do
+  case $arg in
+    --real-nodes) real_nodes=true ;;
+    *) args+=("$arg") ;;
+  esac
+done
+name=${args[0]:-${PEC_CLUSTER:-pec}}
 root=${PEC_CLUSTER_ROOT:-${TMPDIR:-/tmp}/pec-clusters}
 dir=$root/$name
 shm=/dev/shm/pec-etcd-$name
@@ -24,6 +40,8 @@ log() { echo "cluster.sh[$name]: $*" >&2; }
 
 # shellcheck source=lib/common.sh
 . "$here/lib/common.sh"
+# shellcheck source=lib/nodes.sh
+. "$here/lib/nodes.sh"
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   local limit=$1 what=$2; shift 2
@@ -61,7 +79,7 @@ make_pki() {
         -extfile "$1.ext" -out "$1.crt" 2>/dev/null
     }
     sign apiserver "/CN=kube-apiserver" \
-      "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n"
+      "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:$REAL_API_ADDRESS,IP:10.96.0.1,DNS:localhost,DNS:kubernetes.default.svc\n"
     sign admin "/O=system:masters/CN=pec-e2e-admin" \
       "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
     openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
@@ -164,10 +182,17 @@ up() {
   wait_for 30 etcd curl -fsS "http://127.0.0.1:$etcd_port/health"
 
   local issuer=https://kubernetes.default.svc.cluster.local
+  # Real pods reach the API server through the `kubernetes` Service: it then
+  # listens beyond loopback and publishes its endpoint on a bridge address.
+  local bind=127.0.0.1 advertise=127.0.0.1 reconciler=none
+  if $real_nodes; then
+    real_bridges_up
+    bind=0.0.0.0 advertise=$REAL_API_ADDRESS reconciler=lease
+  fi
   start kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-    --endpoint-reconciler-type none \
+    --bind-address "$bind" --advertise-address "$advertise" --secure-port "$api_port" \
+    --endpoint-reconciler-type "$reconciler" --kubelet-preferred-address-types InternalIP \
     --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
     --client-ca-file "$dir/pki/ca.crt" \
     --service-account-issuer "$issuer" --api-audiences "$issuer" \
@@ -199,6 +224,9 @@ up() {
   nodes_yaml | $k apply -f - >/dev/null
   wait_for 60 "six Ready nodes" $k wait --for=condition=Ready node --all --timeout=2s
   wait_for 60 "the default ServiceAccount" $k get serviceaccount default -n default
+  if $real_nodes; then
+    real_nodes_up "$kc"
+  fi
   log "up: apiserver https://127.0.0.1:$api_port, logs in $dir/logs"
   echo "export KUBECONFIG=$kc"
 }
@@ -216,13 +244,25 @@ down() {
       kill -9 "$pid" 2>/dev/null || true
     done <"$dir/pids"
   fi
+  if [ -d "$dir/nodes" ]; then
+    local bin
+    bin=$("$here/lib/tools.sh")
+    real_nodes_down
+  fi
   if [ -f "$dir/etcd-dir" ]; then rm -rf "$(cat "$dir/etcd-dir")"; fi
   rm -rf "$dir"
   log "down"
 }
 
+import_archives() {
+  [ -d "$dir/nodes" ] || { log "no real nodes (start with: up $name --real-nodes)"; return 1; }
+  local archive
+  for archive in "${args[@]:1}"; do import_image "$archive"; done
+}
+
 case "$cmd" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down [NAME]" >&2; exit 2 ;;
+  import) import_archives ;;
+  *) echo "usage: $0 up [NAME] [--real-nodes] | down [NAME] | import NAME ARCHIVE..." >&2; exit 2 ;;
 esac

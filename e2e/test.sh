@@ -54,7 +54,7 @@ cleanup() {
     echo "== operator logs (last lines)"; tail -n 30 "$logs"/operator-*.log 2>/dev/null || true
   fi
   "$here/cluster.sh" down "$cluster" || true
-  rm -rf "${hsm_dir:-/nonexistent}" "${gateway_hsm_dir:-/nonexistent}"
+  rm -rf "${hsm_dir:-/nonexistent}" "${gateway_hsm_dir:-/nonexistent}" "${real_hsm:-/nonexistent}"
   exit $code
 }
 trap cleanup EXIT
@@ -91,7 +91,21 @@ export PEC_E2E_OPERATOR="$operator" PEC_E2E_OPERATOR_KUBECONFIG="$logs/operator.
 # E2E_FILTER=NAME runs only the end-to-end tests whose names contain NAME
 # (a quicker loop while working on one area; CI runs everything).
 filter=${E2E_FILTER:-}
-cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive:: $filter
+cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive:: --skip real_nodes:: $filter
 
 step "end-to-end tests that stop an operator replica (alone, last)"
-cargo test --features e2e --test e2e -- --test-threads 1 "disruptive::$filter"
+cargo test --features e2e --test e2e -- --test-threads 1 --skip real_nodes:: "disruptive::$filter"
+
+step "real nodes: helm install runs the operator image on kubelet and containerd"
+for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+"$here/cluster.sh" down "$cluster"
+cluster=real-$$
+eval "$("$here/cluster.sh" up "$cluster" --real-nodes)"
+images="$logs/images"
+"$here/images/build.sh" --profile debug --out "$images" all >/dev/null
+"$here/cluster.sh" import "$cluster" "$images"/pec-operator-*.oci.tar "$images"/pec-gateway-*.oci.tar
+# The operator pods' token: a SoftHSM2 directory of its own, on a volume.
+real_hsm=$(mktemp -d "${TMPDIR:-/tmp}/pec-real-hsm.XXXXXX")
+init_hsm "$real_hsm"
+install_chart_on_real_nodes "$real_hsm/tokens"
+PEC_E2E_REAL_NODES=1 cargo test --features e2e --test e2e -- --test-threads 1 "real_nodes::$filter"

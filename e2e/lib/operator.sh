@@ -26,6 +26,60 @@ install_chart() {
     crd/sites.pec.dev crd/maildomains.pec.dev crd/signingkeys.pec.dev >/dev/null
 }
 
+# install_chart_on_real_nodes TOKEN_DIR: helm install the chart with the
+# operator image imported into the real nodes (nothing is pulled), its pods
+# on those nodes, and the SoftHSM2 token directory TOKEN_DIR (on this host,
+# which every real node shares) as a volume: a hostPath PersistentVolume,
+# since restricted Pod Security allows claims but no hostPath in pods.
+install_chart_on_real_nodes() {
+  local tokens=$1
+  chown -R 65532:65532 "$tokens"
+  "$bin/kubectl" create namespace "$OPERATOR_NAMESPACE" --dry-run=client -o yaml | "$bin/kubectl" apply -f - >/dev/null
+  "$bin/kubectl" apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: pec-hsm-tokens}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  persistentVolumeReclaimPolicy: Retain
+  hostPath: {path: "$tokens", type: Directory}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: hsm-tokens, namespace: $OPERATOR_NAMESPACE}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  volumeName: pec-hsm-tokens
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: softhsm, namespace: $OPERATOR_NAMESPACE}
+data:
+  softhsm2.conf: |
+    directories.tokendir = /var/lib/softhsm/tokens
+    objectstore.backend = file
+    log.level = ERROR
+YAML
+  "$bin/helm" upgrade --install "$OPERATOR_RELEASE" "$repo/charts/pec-operator" \
+    --namespace "$OPERATOR_NAMESPACE" --wait=false -f - >/dev/null <<YAML
+image: {pullPolicy: Never}
+nodeSelector: {pec.dev/node: real}
+hsm:
+  env:
+    - {name: SOFTHSM2_CONF, value: /etc/softhsm/softhsm2.conf}
+  volumes:
+    - {name: tokens, persistentVolumeClaim: {claimName: hsm-tokens}}
+    - {name: softhsm, configMap: {name: softhsm}}
+  volumeMounts:
+    - {name: tokens, mountPath: /var/lib/softhsm/tokens}
+    - {name: softhsm, mountPath: /etc/softhsm, readOnly: true}
+YAML
+}
+
 # sa_kubeconfig FILE: a kubeconfig that authenticates as the chart's ServiceAccount.
 sa_kubeconfig() {
   local out=$1 token server ca

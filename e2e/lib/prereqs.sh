@@ -6,10 +6,14 @@
 #   softhsm2-util            the PKCS#11 token of the HSM tests (softhsm2)
 #   clamd                    the antivirus the gateway tests scan with (clamav-daemon)
 #   dnsmasq                  the DNS server of the gateway's MX test (dnsmasq-base)
+#   containerd, runc, CNI    the real nodes (containerd, runc, containernetworking-plugins)
+#   iptables, ip             kube-proxy's rules and the nodes' bridges (iptables, iproute2)
 
 ensure_prereqs() {
   local need=() tool
-  for tool in curl:curl openssl:openssl python3:python3 promtool:prometheus softhsm2-util:softhsm2 clamd:clamav-daemon dnsmasq:dnsmasq-base; do
+  for tool in curl:curl openssl:openssl python3:python3 promtool:prometheus softhsm2-util:softhsm2 clamd:clamav-daemon dnsmasq:dnsmasq-base \
+      containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
+      iptables:iptables ip:iproute2; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
   done
   if [ ${#need[@]} -gt 0 ]; then

@@ -16,7 +16,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 key=$(cat "$here/versions.env" "$here/tools/go.mod" "$here/tools/go.sum" | sha256sum | cut -c1-16)
 cache="${PEC_CACHE_DIR:-$HOME/.cache/pec-operator}/k8s-$key"
 bin="$cache/bin"
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+# kubelet, kube-proxy and pause serve the real nodes (cluster.sh up --real-nodes).
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy pause kwok helm)
 
 have_all() {
   local b
@@ -40,8 +41,11 @@ if ! have_all; then
       k8s.io/kubernetes/cmd/kube-apiserver \
       k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler \
-      k8s.io/kubernetes/cmd/kubectl
+      k8s.io/kubernetes/cmd/kubectl \
+      k8s.io/kubernetes/cmd/kubelet \
+      k8s.io/kubernetes/cmd/kube-proxy
     go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
+    go build -trimpath -ldflags "-s -w" -o "$bin/pause" ./pause
   ) >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
   # kwok and helm have their own dependency graphs: installed outside the wrapper.
   (
