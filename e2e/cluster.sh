@@ -6,9 +6,10 @@
 #                                kube-scheduler and kwok; create six fake nodes,
 #                                three in zone dc-it1 and three in dc-it2; print
 #                                `export KUBECONFIG=...`. With --real-nodes also
-#                                one real node per zone (dc-it1-real, dc-it2-real:
-#                                kubelet, containerd, CNI bridge, labelled
-#                                pec.dev/node=real) and kube-proxy; see lib/nodes.sh
+#                                two real nodes per zone (dc-it1-real-1, -2,
+#                                dc-it2-real-1, -2: kubelet, containerd, CNI
+#                                bridge, labelled pec.dev/node=real) and
+#                                kube-proxy; see lib/nodes.sh
 #                                for what the host needs.
 #   e2e/cluster.sh down [NAME]   stop what `up` started, by pid, and remove its files
 #   e2e/cluster.sh import [NAME] ARCHIVE...

@@ -97,6 +97,8 @@ step "end-to-end tests that stop an operator replica (alone, last)"
 cargo test --features e2e --test e2e -- --test-threads 1 --skip real_nodes:: "disruptive::$filter"
 
 step "real nodes: helm install runs the operator image on kubelet and containerd"
+# shellcheck source=lib/nodes.sh
+. "$here/lib/nodes.sh"
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 "$here/cluster.sh" down "$cluster"
 cluster=real-$$
@@ -104,8 +106,12 @@ eval "$("$here/cluster.sh" up "$cluster" --real-nodes)"
 images="$logs/images"
 "$here/images/build.sh" --profile debug --out "$images" all >/dev/null
 "$here/cluster.sh" import "$cluster" "$images"/pec-operator-*.oci.tar "$images"/pec-gateway-*.oci.tar
-# The operator pods' token: a SoftHSM2 directory of its own, on a volume.
+# The pods' token (operator and gateways): a SoftHSM2 directory of its own,
+# on a volume; the gateways' clamd on the first node's bridge address.
 real_hsm=$(mktemp -d "${TMPDIR:-/tmp}/pec-real-hsm.XXXXXX")
 init_hsm "$real_hsm"
 install_chart_on_real_nodes "$real_hsm/tokens"
+start_clamd "$logs/clamd-real" "$REAL_API_ADDRESS"
+pids+=("$CLAMD_PID")
+export PEC_E2E_REAL_TOKENS="$real_hsm/tokens"
 PEC_E2E_REAL_NODES=1 cargo test --features e2e --test e2e -- --test-threads 1 "real_nodes::$filter"

@@ -1,4 +1,5 @@
-# Real nodes for the local cluster: one per site (dc-it1, dc-it2), each a
+# Real nodes for the local cluster: two per data center (zones dc-it1 and
+# dc-it2, as PEC wants every service on two machines in each), each a
 # kubelet with a containerd of its own, pods on a bridge of their own, and
 # one kube-proxy for the host they share. Sourced by cluster.sh, which sets
 # `dir`, `bin`, `name` and defines `start`, `log` and `wait_for`.
@@ -13,7 +14,8 @@
 # (`restrict_oom_score_adj`). No registry is reachable: every image, the
 # sandbox (`pause`) included, is imported into each node's containerd.
 
-REAL_SITES=(dc-it1 dc-it2)
+REAL_NODES=(dc-it1-real-1 dc-it1-real-2 dc-it2-real-1 dc-it2-real-2)
+zone_of() { echo "${1%-real-*}"; }
 # The sandbox image every node runs pods in (built by tools.sh, imported by
 # real_nodes_up under exactly this name).
 PAUSE_IMAGE=docker.io/pec/pause:1
@@ -25,11 +27,11 @@ REAL_API_ADDRESS=10.244.1.1
 node_dir() { echo "$dir/nodes/$1"; }
 node_socket() { echo "$(node_dir "$1")/containerd.sock"; }
 
-# real_bridges_up: a bridge per site, made before the API server starts so it
+# real_bridges_up: a bridge per node, made before the API server starts so it
 # can advertise an address pods reach.
 real_bridges_up() {
-  local i=0 site bridge
-  for site in "${REAL_SITES[@]}"; do
+  local i=0 node bridge
+  for node in "${REAL_NODES[@]}"; do
     i=$((i + 1))
     bridge=pecbr$i
     ip link show "$bridge" >/dev/null 2>&1 || ip link add "$bridge" type bridge
@@ -39,7 +41,7 @@ real_bridges_up() {
   done
 }
 
-write_containerd_config() { # write_containerd_config SITE
+write_containerd_config() { # write_containerd_config NODE
   local nd
   nd=$(node_dir "$1")
   cat >"$nd/containerd.toml" <<TOML
@@ -65,7 +67,7 @@ state = "$nd/containerd/state"
 TOML
 }
 
-write_cni_config() { # write_cni_config SITE INDEX
+write_cni_config() { # write_cni_config NODE INDEX
   local nd
   nd=$(node_dir "$1")
   mkdir -p "$nd/cni"
@@ -93,7 +95,7 @@ write_cni_config() { # write_cni_config SITE INDEX
 JSON
 }
 
-write_kubelet_config() { # write_kubelet_config SITE INDEX PORT HEALTHZ_PORT
+write_kubelet_config() { # write_kubelet_config NODE INDEX PORT HEALTHZ_PORT
   local nd
   nd=$(node_dir "$1")
   cat >"$nd/kubelet.yaml" <<YAML
@@ -102,6 +104,7 @@ kind: KubeletConfiguration
 failCgroupV1: false
 cgroupDriver: cgroupfs
 cgroupRoot: /pec-$name-$1
+podLogsDir: $nd/pod-logs
 containerRuntimeEndpoint: unix://$nd/containerd.sock
 address: 10.244.$2.1
 port: $3
@@ -122,7 +125,7 @@ localStorageCapacityIsolation: false
 YAML
 }
 
-# cgroup_root_up SITE: the node's own cgroup root in every v1 hierarchy (or
+# cgroup_root_up NODE: the node's own cgroup root in every v1 hierarchy (or
 # the unified one), so two kubelets on one host never share pods' cgroups.
 cgroup_root_up() {
   local controller
@@ -132,47 +135,47 @@ cgroup_root_up() {
   [ -f /sys/fs/cgroup/cgroup.controllers ] && mkdir -p "/sys/fs/cgroup/pec-$name-$1" || true
 }
 
-# import_image_into SITE ARCHIVE: into the node's containerd (namespace k8s.io).
+# import_image_into NODE ARCHIVE: into the node's containerd (namespace k8s.io).
 import_image_into() {
   ctr --address "$(node_socket "$1")" -n k8s.io images import "$2" >/dev/null
 }
 
 # import_image ARCHIVE: into every real node.
 import_image() {
-  local site
-  for site in "${REAL_SITES[@]}"; do import_image_into "$site" "$1"; done
+  local node
+  for node in "${REAL_NODES[@]}"; do import_image_into "$node" "$1"; done
 }
 
-# real_nodes_up KUBECONFIG: containerd, CNI and kubelet for every site, the
+# real_nodes_up KUBECONFIG: containerd, CNI and kubelet for every node, the
 # pause image in each, one kube-proxy; waits until the nodes are Ready.
 real_nodes_up() {
-  local kc=$1 i=0 site nd
+  local kc=$1 i=0 node nd
   local pause_dir="$dir/images"
   mkdir -p "$pause_dir"
   python3 "$here/images/oci.py" --name pause --version 1 --binary "$bin/pause" \
     --out "$pause_dir" --epoch 0 --repo docker.io/pec >/dev/null
-  for site in "${REAL_SITES[@]}"; do
+  for node in "${REAL_NODES[@]}"; do
     i=$((i + 1))
-    nd=$(node_dir "$site")
-    mkdir -p "$nd/containerd" "$nd/kubelet"
-    write_containerd_config "$site"
-    write_cni_config "$site" "$i"
-    write_kubelet_config "$site" "$i" "$(free_port)" "$(free_port)"
-    cgroup_root_up "$site"
-    start "containerd-$site" containerd --config "$nd/containerd.toml"
-    wait_for 30 "containerd of $site" ctr --address "$nd/containerd.sock" version
-    import_image_into "$site" "$pause_dir/pause-1.oci.tar"
-    start "kubelet-$site" "$bin/kubelet" --config "$nd/kubelet.yaml" --kubeconfig "$kc" \
-      --hostname-override "$site-real" --node-ip "10.244.$i.1" --root-dir "$nd/kubelet" \
+    nd=$(node_dir "$node")
+    mkdir -p "$nd/containerd" "$nd/kubelet" "$nd/pod-logs"
+    write_containerd_config "$node"
+    write_cni_config "$node" "$i"
+    write_kubelet_config "$node" "$i" "$(free_port)" "$(free_port)"
+    cgroup_root_up "$node"
+    start "containerd-$node" containerd --config "$nd/containerd.toml"
+    wait_for 30 "containerd of $node" ctr --address "$nd/containerd.sock" version
+    import_image_into "$node" "$pause_dir/pause-1.oci.tar"
+    start "kubelet-$node" "$bin/kubelet" --config "$nd/kubelet.yaml" --kubeconfig "$kc" \
+      --hostname-override "$node" --node-ip "10.244.$i.1" --root-dir "$nd/kubelet" \
       --cert-dir "$nd/kubelet/pki" \
-      --node-labels "topology.kubernetes.io/zone=$site,pec.dev/node=real"
+      --node-labels "topology.kubernetes.io/zone=$(zone_of "$node"),pec.dev/node=real"
   done
   cat >"$dir/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: "$kc"}
 mode: iptables
-hostnameOverride: ${REAL_SITES[0]}-real
+hostnameOverride: ${REAL_NODES[0]}
 clusterCIDR: 10.244.0.0/16
 iptables: {masqueradeAll: true}
 conntrack: {maxPerCore: 0}
@@ -181,8 +184,8 @@ healthzBindAddress: 127.0.0.1:$(free_port)
 YAML
   start kube-proxy "$bin/kube-proxy" --config "$dir/kube-proxy.yaml"
   local k="$bin/kubectl --kubeconfig $kc"
-  for site in "${REAL_SITES[@]}"; do
-    wait_for 120 "real node $site-real Ready" $k wait --for=condition=Ready "node/$site-real" --timeout=2s
+  for node in "${REAL_NODES[@]}"; do
+    wait_for 120 "real node $node Ready" $k wait --for=condition=Ready "node/$node" --timeout=2s
   done
 }
 
@@ -198,10 +201,10 @@ real_nodes_down() {
   if [ -f "$dir/bridges" ]; then
     while read -r bridge; do ip link delete "$bridge" 2>/dev/null || true; done <"$dir/bridges"
   fi
-  local site controller
-  for site in "${REAL_SITES[@]}"; do
+  local node controller
+  for node in "${REAL_NODES[@]}"; do
     for controller in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
-      find "$controller/pec-$name-$site" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+      find "$controller/pec-$name-$node" -depth -type d -exec rmdir {} \; 2>/dev/null || true
     done
   done
 }

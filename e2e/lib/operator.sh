@@ -68,9 +68,14 @@ YAML
     --namespace "$OPERATOR_NAMESPACE" --wait=false -f - >/dev/null <<YAML
 image: {pullPolicy: Never}
 nodeSelector: {pec.dev/node: real}
+topologySpreadConstraints:
+  - {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule}
 hsm:
   env:
     - {name: SOFTHSM2_CONF, value: /etc/softhsm/softhsm2.conf}
+    # Gateways mount the same token through a claim of this name in their
+    # MailDomain's namespace.
+    - {name: PEC_GATEWAY_HSM_TOKEN_CLAIM, value: hsm-tokens}
   volumes:
     - {name: tokens, persistentVolumeClaim: {claimName: hsm-tokens}}
     - {name: softhsm, configMap: {name: softhsm}}

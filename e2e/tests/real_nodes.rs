@@ -1,6 +1,7 @@
 //! The chart as users meet it: operator containers on real nodes (kubelet,
 //! containerd, runc, a CNI bridge, kube-proxy), one per data center, started
-//! by `helm install` alone. Run only in e2e/test.sh's real-node lane
+//! by `helm install` alone; then real gateway containers carrying PEC mail
+//! through their domain Service. Run only in e2e/test.sh's real-node lane
 //! (`cluster.sh up --real-nodes`), where `PEC_E2E_REAL_NODES` is set; the
 //! kwok lane leaves this module out with `--skip real_nodes::`.
 
@@ -9,20 +10,25 @@ use std::collections::BTreeSet;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{Pod, Service},
+        core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Service},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api, ResourceExt,
-    api::{ListParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
-use pec_operator::api::SigningKey;
+use pec_operator::{
+    api::{MailDomain, SigningKey, Site, SiteSpec, SlaTarget},
+    controllers::mail_domain::build::domain_service_name,
+};
 use serde_json::json;
 
 use crate::{
-    harness::{client, eventually, has_condition, namespace, wait_for},
+    harness::{client, eventually, example, has_condition, namespace, wait_for},
+    round_trip::{password_hash, string_secret, tls_secret},
     signing::{create_key, pin_secret, real_pin, signing_key},
+    sla::measure,
 };
 
 const OPERATOR_NAMESPACE: &str = "pec-system";
@@ -232,4 +238,226 @@ async fn the_operator_pods_reach_the_token_on_their_volume_and_make_a_signing_ke
             .certificate
             .is_some_and(|c| c.contains("BEGIN CERTIFICATE"))
     );
+}
+
+/// Sites whose nodes are the real ones, one per data center.
+async fn real_sites(client: &kube::Client) -> [String; 2] {
+    let names = ["real-dc-it1".to_string(), "real-dc-it2".to_string()];
+    for (i, (site, zone)) in names.iter().zip(["dc-it1", "dc-it2"]).enumerate() {
+        let spec = SiteSpec {
+            node_selector: [
+                ("topology.kubernetes.io/zone".to_string(), zone.to_string()),
+                ("pec.dev/node".to_string(), "real".to_string()),
+            ]
+            .into(),
+            priority: i as i32 * 10,
+            ..SiteSpec::default()
+        };
+        Api::<Site>::all(client.clone())
+            .patch(
+                site,
+                &PatchParams::apply("e2e-tests").force(),
+                &Patch::Apply(&Site::new(site, spec)),
+            )
+            .await
+            .expect("apply Site");
+    }
+    names
+}
+
+/// `real-mail` in `ns`: the domain's ReadWriteMany store (one directory on
+/// this host, which every real node shares, standing in for network storage).
+async fn mail_claim(client: &kube::Client, ns: &str) {
+    let dir = std::env::temp_dir().join(format!("pec-e2e-mail-{ns}"));
+    std::fs::create_dir_all(dir.join("mailboxes")).expect("mail dir");
+    // Any pod user may write (hostPath volumes get no fsGroup ownership).
+    for d in [dir.clone(), dir.join("mailboxes")] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    }
+    claim(client, ns, "real-mail", &dir.to_string_lossy()).await;
+}
+
+/// A hostPath PersistentVolume for `path`, bound to the claim `name` in `ns`.
+async fn claim(client: &kube::Client, ns: &str, name: &str, path: &str) {
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": format!("{name}-{ns}")},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": path, "type": "Directory"},
+            "claimRef": {"namespace": ns, "name": name},
+        },
+    }))
+    .expect("pv");
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("create PV");
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": format!("{name}-{ns}"),
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }))
+    .expect("pvc");
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("create PVC");
+}
+
+/// The claim the operator's `--gateway-hsm-token-claim` names, in `ns`: the
+/// same token directory as the operator pods', through a PV of its own.
+async fn token_claim(client: &kube::Client, ns: &str) {
+    let tokens =
+        std::env::var("PEC_E2E_REAL_TOKENS").expect("e2e/test.sh sets PEC_E2E_REAL_TOKENS");
+    claim(client, ns, "hsm-tokens", &tokens).await;
+}
+
+#[tokio::test]
+async fn gateway_pods_on_real_nodes_carry_pec_mail_through_the_domain_service() {
+    lane();
+    const DOMAIN: &str = "real.pec.example.it";
+    let client = client().await;
+    let ns = namespace(&client, "real-gateway").await;
+    let sites = real_sites(&client).await;
+    token_claim(&client, &ns).await;
+    pin_secret(&client, &ns, &real_pin()).await;
+    let sk = signing_key(
+        "real-key",
+        json!({"selfSigned": {}}),
+        json!({
+            "subject": {"commonName": DOMAIN, "organization": "Example PEC S.p.A.", "country": "IT"},
+            "dnsNames": [DOMAIN],
+        }),
+    );
+    let keys = create_key(&client, &ns, &sk).await;
+    wait_for(
+        &keys,
+        "real-key",
+        "Ready=True",
+        has_condition("Ready", "True", None),
+    )
+    .await;
+    tls_secret(&client, &ns, "real-tls", DOMAIN).await;
+    let password = format!("probe-{}", std::process::id());
+    string_secret(
+        &client,
+        &ns,
+        "real-mailboxes",
+        json!({"mailboxes": format!("sla-probe:{}\n", password_hash(&password))}),
+    )
+    .await;
+    string_secret(
+        &client,
+        &ns,
+        "probe-password",
+        json!({"password": password}),
+    )
+    .await;
+
+    mail_claim(&client, &ns).await;
+    let mut md: MailDomain = example("20-maildomain-standard.yaml");
+    md.metadata.name = Some("real".into());
+    md.spec.gateway.storage_claim_name = Some("real-mail".into());
+    md.metadata.namespace = Some(ns.clone());
+    md.spec.domain = DOMAIN.into();
+    md.spec.sites = sites.to_vec();
+    md.spec.signing_key_ref = Some("real-key".into());
+    md.spec.gateway.tls_secret_ref = Some("real-tls".into());
+    md.spec.gateway.mailboxes_secret_ref = Some("real-mailboxes".into());
+    md.spec.gateway.providers.clear();
+    md.spec.gateway.relay.routes.clear();
+    md.spec.antivirus.clamd =
+        std::env::var("PEC_E2E_CLAMD").expect("e2e/test.sh sets PEC_E2E_CLAMD");
+    let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    mds.create(&PostParams::default(), &md)
+        .await
+        .expect("create MailDomain");
+
+    // Real gateway containers, one per data center, ready by their own
+    // /readyz: a session in the token with the named key, clamd answering,
+    // the store writable.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let gateways = eventually("two Ready gateway pods in each real site", || async {
+        let list = pods
+            .list(&ListParams::default().labels("pec.dev/maildomain=real"))
+            .await
+            .ok()?
+            .items;
+        (list.len() == 4 && list.iter().all(ready)).then_some(list)
+    })
+    .await;
+    for pod in &gateways {
+        let status = pod.status.as_ref().expect("status");
+        let container = &status.container_statuses.as_ref().expect("containers")[0];
+        assert!(
+            container.image.ends_with("pec/pec-gateway:0.1.0"),
+            "{}",
+            container.image
+        );
+    }
+    wait_for(
+        &mds,
+        "real",
+        "Ready=True",
+        has_condition("Ready", "True", None),
+    )
+    .await;
+
+    // A PEC message through the domain Service's ClusterIP, sent and read
+    // back by the operator pods' PecRoundTrip probe.
+    let service = Api::<Service>::namespaced(client.clone(), &ns)
+        .get(&domain_service_name("real"))
+        .await
+        .expect("the domain Service");
+    let ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP");
+    let sla = measure(
+        &client,
+        &ns,
+        "real",
+        json!({"probe": {
+            "kind": "PecRoundTrip",
+            "intervalSeconds": 2,
+            "timeoutSeconds": 20,
+            "pecRoundTrip": {
+                "passwordSecretRef": {"name": "probe-password"},
+                "submissionAddress": format!("{ip}:465"),
+                "apiAddress": format!("{ip}:443"),
+            },
+        }}),
+    )
+    .await;
+    let slas = Api::<SlaTarget>::namespaced(client.clone(), &ns);
+    let measured = wait_for(
+        &slas,
+        &sla,
+        "round trips that succeed",
+        |s: Option<&SlaTarget>| {
+            s.and_then(|s| s.status.as_ref())
+                .and_then(|st| st.objects.first())
+                .is_some_and(|o| o.period.measured_seconds >= 4.0 && o.ongoing_outage.is_none())
+        },
+    )
+    .await;
+    let object = measured
+        .status
+        .as_ref()
+        .and_then(|s| s.objects.first())
+        .expect("the domain");
+    assert_eq!(
+        object.period.outages, 0,
+        "{:?}",
+        object.period.latest_outage
+    );
+    assert_eq!(object.state, "Met");
 }

@@ -207,8 +207,8 @@ async fn local_gateway(client: &Client, ns: &str, md: &MailDomain, site: &str) -
     }
 }
 
-/// A self-signed TLS certificate for [`DOMAIN`] in a `kubernetes.io/tls` Secret.
-async fn tls_secret(client: &Client, ns: &str, name: &str) {
+/// A self-signed TLS certificate for `domain` in a `kubernetes.io/tls` Secret.
+pub async fn tls_secret(client: &Client, ns: &str, name: &str, domain: &str) {
     let dir = std::env::temp_dir().join(format!("pec-e2e-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let out = Command::new("openssl")
@@ -220,8 +220,8 @@ async fn tls_secret(client: &Client, ns: &str, name: &str) {
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
         ])
-        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={DOMAIN}")])
-        .args(["-addext", &format!("subjectAltName=DNS:{DOMAIN}")])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={domain}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{domain}")])
         .arg("-keyout")
         .arg(dir.join("tls.key"))
         .arg("-out")
@@ -248,7 +248,7 @@ async fn tls_secret(client: &Client, ns: &str, name: &str) {
 }
 
 /// A Secret with `stringData`.
-async fn string_secret(client: &Client, ns: &str, name: &str, data: serde_json::Value) {
+pub async fn string_secret(client: &Client, ns: &str, name: &str, data: serde_json::Value) {
     let secret: Secret =
         serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
             .expect("secret");
@@ -259,7 +259,7 @@ async fn string_secret(client: &Client, ns: &str, name: &str, data: serde_json::
 }
 
 /// The PHC hash of `password`, by `pec-gateway passwd` as the README says.
-fn password_hash(password: &str) -> String {
+pub fn password_hash(password: &str) -> String {
     use std::io::Write;
     let binary = std::env::var("PEC_E2E_GATEWAY").expect("e2e/test.sh sets PEC_E2E_GATEWAY");
     let mut child = Command::new(binary)
@@ -316,7 +316,7 @@ async fn a_round_trip_probe_records_an_outage_while_the_gateway_cannot_sign() {
     .await;
 
     let password = format!("probe-{}", std::process::id());
-    tls_secret(&client, &ns, "probe-tls").await;
+    tls_secret(&client, &ns, "probe-tls", DOMAIN).await;
     string_secret(
         &client,
         &ns,

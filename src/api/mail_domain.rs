@@ -188,9 +188,11 @@ pub struct GatewaySpec {
     pub relay: RelaySpec,
 
     /// A PersistentVolumeClaim (same namespace, ReadWriteMany network
-    /// storage) for mailboxes, queue, quarantine and the legal log; each pod
-    /// writes under its own name. Without it the gateways use an emptyDir,
-    /// which a deleted pod takes with it: for tests only.
+    /// storage) for mailboxes, queue, quarantine and the legal log: the
+    /// mailboxes (`mailboxes/`) are the domain's, shared by all its pods;
+    /// the rest each pod writes under its own name. Without it each gateway
+    /// has an emptyDir, which a deleted pod takes with it and no other pod
+    /// sees: for tests with one pod only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub storage_claim_name: Option<String>,

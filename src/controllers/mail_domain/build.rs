@@ -49,8 +49,10 @@ pub const SITE_LABEL: &str = "pec.dev/site";
 pub const CONFIG_HASH_ANNOTATION: &str = "pec.dev/config-hash";
 /// The key of the gateway configuration in its ConfigMap.
 pub const CONFIG_KEY: &str = "gateway.yaml";
-/// Gateways run as this unprivileged user (restricted Pod Security).
-const GATEWAY_UID: i64 = 10_000;
+/// Gateways run as this unprivileged user (restricted Pod Security): the
+/// images' own user, the operator's too, so the files the operator writes
+/// into a shared SoftHSM2 token directory are the gateways' as well.
+const GATEWAY_UID: i64 = 65_532;
 
 /// Everything one MailDomain owns.
 #[derive(Debug, Clone, PartialEq)]
@@ -429,6 +431,9 @@ fn deployment(
                     containers: vec![Container {
                         name: "gateway".into(),
                         image: Some(image),
+                        // The gateway binary serves only when told to; it
+                        // reads gateway.yaml where the ConfigMap is mounted.
+                        args: Some(vec!["serve".into()]),
                         ports: Some(container_ports),
                         env: Some(env),
                         resources: Some(
@@ -743,6 +748,18 @@ pub(crate) mod tests {
             .map(|p| p.container_port)
             .collect();
         assert_eq!(container_ports, [25, 443, METRICS_PORT]);
+    }
+
+    #[test]
+    fn the_gateway_container_serves_as_the_image_user() {
+        let spec = pod_spec(&build(&domain(&["dc-it1"])));
+        assert_eq!(spec.containers[0].args, Some(vec!["serve".to_string()]));
+        let user = spec.security_context.and_then(|s| s.run_as_user);
+        assert_eq!(
+            user,
+            Some(65_532),
+            "the images' user, who owns the token files"
+        );
     }
 
     #[test]

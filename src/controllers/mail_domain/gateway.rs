@@ -201,8 +201,10 @@ pub fn volumes(
             ..EnvVar::default()
         },
     ];
-    // Mail, queue, quarantine and legal log: each pod under its own name on
-    // the shared claim, so replicas never write each other's queue.
+    // Queue, quarantine and legal log: each pod under its own name on the
+    // shared claim, so replicas never write each other's queue. Mailboxes:
+    // one tree for the whole domain (Maildir takes concurrent deliveries),
+    // so a mailbox owner reads the same mail through whichever pod answers.
     let data = match &md.spec.gateway.storage_claim_name {
         Some(claim) => Volume {
             name: "data".into(),
@@ -228,6 +230,12 @@ pub fn volumes(
             .map(|_| "$(POD_NAME)".to_string()),
         ..mount("data", DATA_DIR, false)
     });
+    if md.spec.gateway.storage_claim_name.is_some() {
+        mounts.push(VolumeMount {
+            sub_path: Some("mailboxes".into()),
+            ..mount("data", &format!("{DATA_DIR}/mailboxes"), false)
+        });
+    }
     if let Some(s) = signing {
         volumes.push(secret_volume(
             "hsm-pin",
@@ -412,6 +420,14 @@ mod tests {
             .find(|m| m.name == "data")
             .expect("data mount");
         assert_eq!(data.sub_path_expr.as_deref(), Some("$(POD_NAME)"));
+        let mailboxes = mounts
+            .iter()
+            .find(|m| m.mount_path == "/var/lib/pec/mailboxes")
+            .expect("a mailbox mount shared by the domain's pods");
+        assert_eq!(
+            (mailboxes.name.as_str(), mailboxes.sub_path.as_deref()),
+            ("data", Some("mailboxes"))
+        );
         assert!(env.iter().any(|e| e.name == "SOFTHSM2_CONF"));
         let pin = volumes
             .iter()
