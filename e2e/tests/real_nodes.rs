@@ -320,12 +320,14 @@ async fn token_claim(client: &kube::Client, ns: &str) {
     claim(client, ns, "hsm-tokens", &tokens).await;
 }
 
-#[tokio::test]
-async fn gateway_pods_on_real_nodes_carry_pec_mail_through_the_domain_service() {
-    lane();
+/// A Standard domain `real.pec.example.it` in a fresh namespace for `test`,
+/// served by real gateway pods, two in each real site, all Ready by their
+/// own probes; returns the client, the namespace and the domain Service's
+/// ClusterIP.
+async fn real_domain(test: &str) -> (kube::Client, String, String) {
     const DOMAIN: &str = "real.pec.example.it";
     let client = client().await;
-    let ns = namespace(&client, "real-gateway").await;
+    let ns = namespace(&client, test).await;
     let sites = real_sites(&client).await;
     token_claim(&client, &ns).await;
     pin_secret(&client, &ns, &real_pin()).await;
@@ -411,8 +413,6 @@ async fn gateway_pods_on_real_nodes_carry_pec_mail_through_the_domain_service() 
     )
     .await;
 
-    // A PEC message through the domain Service's ClusterIP, sent and read
-    // back by the operator pods' PecRoundTrip probe.
     let service = Api::<Service>::namespaced(client.clone(), &ns)
         .get(&domain_service_name("real"))
         .await
@@ -421,6 +421,28 @@ async fn gateway_pods_on_real_nodes_carry_pec_mail_through_the_domain_service() 
         .spec
         .and_then(|s| s.cluster_ip)
         .expect("a ClusterIP");
+    (client, ns, ip)
+}
+
+/// Removes `ns` (and its gateway pods) once a test is done with it.
+async fn remove(client: &kube::Client, ns: &str) {
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .delete(ns, &Default::default())
+        .await;
+}
+
+/// The first measured object of `s`.
+fn measured_object(s: Option<&SlaTarget>) -> Option<&pec_operator::api::SlaObjectStatus> {
+    s.and_then(|s| s.status.as_ref())
+        .and_then(|st| st.objects.first())
+}
+
+#[tokio::test]
+async fn gateway_pods_on_real_nodes_carry_pec_mail_through_the_domain_service() {
+    lane();
+    let (client, ns, ip) = real_domain("real-gateway").await;
+    // A PEC message through the domain Service's ClusterIP, sent and read
+    // back by the operator pods' PecRoundTrip probe.
     let sla = measure(
         &client,
         &ns,
@@ -443,21 +465,85 @@ async fn gateway_pods_on_real_nodes_carry_pec_mail_through_the_domain_service() 
         &sla,
         "round trips that succeed",
         |s: Option<&SlaTarget>| {
-            s.and_then(|s| s.status.as_ref())
-                .and_then(|st| st.objects.first())
+            measured_object(s)
                 .is_some_and(|o| o.period.measured_seconds >= 4.0 && o.ongoing_outage.is_none())
         },
     )
     .await;
-    let object = measured
-        .status
-        .as_ref()
-        .and_then(|s| s.objects.first())
-        .expect("the domain");
+    let object = measured_object(Some(&measured)).expect("the domain");
     assert_eq!(
         object.period.outages, 0,
         "{:?}",
         object.period.latest_outage
     );
     assert_eq!(object.state, "Met");
+    remove(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn deleting_the_leader_pod_hands_over_and_the_sla_ledger_keeps_its_history() {
+    lane();
+    let (client, ns, _) = real_domain("real-leader-loss").await;
+    let sla = measure(&client, &ns, "real", json!({})).await;
+    let slas = Api::<SlaTarget>::namespaced(client.clone(), &ns);
+    let before = wait_for(
+        &slas,
+        &sla,
+        "a few seconds measured",
+        |s: Option<&SlaTarget>| {
+            measured_object(s).is_some_and(|o| o.period.measured_seconds >= 5.0)
+        },
+    )
+    .await;
+    let measured_before = measured_object(Some(&before))
+        .expect("object")
+        .period
+        .measured_seconds;
+
+    let leases = Api::<Lease>::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let leader = leases
+        .get("pec-operator")
+        .await
+        .expect("Lease")
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("a leader");
+    Api::<Pod>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+        .delete(&leader, &Default::default())
+        .await
+        .expect("delete the leader pod");
+    let deleted = std::time::Instant::now();
+    let successor = eventually("another pod leads", || async {
+        let holder = leases
+            .get("pec-operator")
+            .await
+            .ok()?
+            .spec?
+            .holder_identity?;
+        (holder != leader).then_some(holder)
+    })
+    .await;
+    println!(
+        "leader {leader} deleted; {successor} leads after {:.1}s",
+        deleted.elapsed().as_secs_f64()
+    );
+    // The new leader resumes the ledger from status: what was measured
+    // stays, and the measurement goes on.
+    let after = wait_for(
+        &slas,
+        &sla,
+        "measurement resumed",
+        move |s: Option<&SlaTarget>| {
+            measured_object(s).is_some_and(|o| o.period.measured_seconds > measured_before + 3.0)
+        },
+    )
+    .await;
+    let object = measured_object(Some(&after)).expect("object");
+    assert_eq!(
+        object.period.outages, 0,
+        "{:?}",
+        object.period.latest_outage
+    );
+    assert!(object.period.measured_seconds > measured_before);
+    remove(&client, &ns).await;
 }
