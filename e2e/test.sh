@@ -91,10 +91,10 @@ export PEC_E2E_OPERATOR="$operator" PEC_E2E_OPERATOR_KUBECONFIG="$logs/operator.
 # E2E_FILTER=NAME runs only the end-to-end tests whose names contain NAME
 # (a quicker loop while working on one area; CI runs everything).
 filter=${E2E_FILTER:-}
-cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive:: --skip real_nodes:: $filter
+cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive:: --skip real_nodes:: --skip real_loss:: $filter
 
 step "end-to-end tests that stop an operator replica (alone, last)"
-cargo test --features e2e --test e2e -- --test-threads 1 --skip real_nodes:: "disruptive::$filter"
+cargo test --features e2e --test e2e -- --test-threads 1 --skip real_nodes:: --skip real_loss:: "disruptive::$filter"
 
 step "real nodes: helm install runs the operator image on kubelet and containerd"
 # shellcheck source=lib/nodes.sh
@@ -113,5 +113,9 @@ init_hsm "$real_hsm"
 install_chart_on_real_nodes "$real_hsm/tokens"
 start_clamd "$logs/clamd-real" "$REAL_API_ADDRESS"
 pids+=("$CLAMD_PID")
-export PEC_E2E_REAL_TOKENS="$real_hsm/tokens"
-PEC_E2E_REAL_NODES=1 cargo test --features e2e --test e2e -- --test-threads 1 "real_nodes::$filter"
+export PEC_E2E_REAL_TOKENS="$real_hsm/tokens" PEC_E2E_REAL_NODES=1
+export PEC_E2E_CLUSTER_DIR="${PEC_CLUSTER_ROOT:-${TMPDIR:-/tmp}/pec-clusters}/$cluster"
+cargo test --features e2e --test e2e -- --test-threads 1 "real_nodes::$filter"
+
+step "real nodes: a data center loses power under PEC traffic (last: it leaves dc-it1 dead)"
+cargo test --features e2e --test e2e -- --test-threads 1 --nocapture "real_loss::$filter"

@@ -116,6 +116,8 @@ authentication:
   webhook: {enabled: false}
 authorization: {mode: AlwaysAllow}
 failSwapOn: false
+nodeLeaseDurationSeconds: 12
+nodeStatusUpdateFrequency: 4s
 resolvConf: ""
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100

@@ -14,6 +14,7 @@ mod hsm;
 mod maildomain;
 mod operator;
 mod prometheus;
+mod real_loss;
 mod real_nodes;
 mod round_trip;
 mod signing;

@@ -33,7 +33,7 @@ use crate::{
 
 const OPERATOR_NAMESPACE: &str = "pec-system";
 
-fn lane() {
+pub fn lane() {
     assert!(
         std::env::var_os("PEC_E2E_REAL_NODES").is_some(),
         "real_nodes:: runs in e2e/test.sh's real-node lane (cluster.sh up --real-nodes)"
@@ -321,10 +321,10 @@ async fn token_claim(client: &kube::Client, ns: &str) {
 }
 
 /// A Standard domain `real.pec.example.it` in a fresh namespace for `test`,
-/// served by real gateway pods, two in each real site, all Ready by their
+/// served active-active by real gateway pods, two in each real site, all Ready by their
 /// own probes; returns the client, the namespace and the domain Service's
 /// ClusterIP.
-async fn real_domain(test: &str) -> (kube::Client, String, String) {
+pub async fn real_domain(test: &str) -> (kube::Client, String, String) {
     const DOMAIN: &str = "real.pec.example.it";
     let client = client().await;
     let ns = namespace(&client, test).await;
@@ -371,6 +371,9 @@ async fn real_domain(test: &str) -> (kube::Client, String, String) {
     md.metadata.namespace = Some(ns.clone());
     md.spec.domain = DOMAIN.into();
     md.spec.sites = sites.to_vec();
+    md.spec.failover.mode = pec_operator::api::FailoverMode::ActiveActive;
+    // A site healthy for 2 s joins (the example's 300 s is for production).
+    md.spec.failover.stabilization_seconds = 2;
     md.spec.signing_key_ref = Some("real-key".into());
     md.spec.gateway.tls_secret_ref = Some("real-tls".into());
     md.spec.gateway.mailboxes_secret_ref = Some("real-mailboxes".into());
