@@ -162,14 +162,27 @@ async fn a_data_center_losing_power_under_traffic_fails_over_to_the_other() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let failed_before = log
+    // Steady state first (kube-proxy has every endpoint): 10 good sessions
+    // in a row, then 3 s in which none may fail.
+    crate::harness::eventually("10 sessions in a row succeed", || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+        (log.len() >= 10 && log[log.len() - 10..].iter().all(|(_, r)| r.is_ok())).then_some(())
+    })
+    .await;
+    let steady = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let failed_before: Vec<String> = log
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .filter(|(_, r)| r.is_err())
-        .count();
-    assert_eq!(failed_before, 0, "sessions failed before the loss");
+        .filter(|(at, _)| *at >= steady)
+        .filter_map(|(_, r)| r.clone().err())
+        .collect();
+    assert!(
+        failed_before.is_empty(),
+        "sessions failed before the loss: {failed_before:?}"
+    );
 
     let cut = Instant::now();
     for node in ["dc-it1-real-1", "dc-it1-real-2"] {

@@ -25,8 +25,8 @@ use pec_operator::{
 use serde_json::json;
 
 use crate::{
-    harness::{client, eventually, example, has_condition, namespace, wait_for},
-    round_trip::{password_hash, string_secret, tls_secret},
+    harness::{client, eventually, has_condition, namespace, wait_for},
+    round_trip::{password_hash, standard_domain, string_secret, tls_secret},
     signing::{create_key, pin_secret, real_pin, signing_key},
     sla::measure,
 };
@@ -365,22 +365,11 @@ pub async fn real_domain(test: &str) -> (kube::Client, String, String) {
     .await;
 
     mail_claim(&client, &ns).await;
-    let mut md: MailDomain = example("20-maildomain-standard.yaml");
-    md.metadata.name = Some("real".into());
+    let mut md = standard_domain("real", &ns, DOMAIN, &sites, "real-key");
     md.spec.gateway.storage_claim_name = Some("real-mail".into());
-    md.metadata.namespace = Some(ns.clone());
-    md.spec.domain = DOMAIN.into();
-    md.spec.sites = sites.to_vec();
     md.spec.failover.mode = pec_operator::api::FailoverMode::ActiveActive;
     // A site healthy for 2 s joins (the example's 300 s is for production).
     md.spec.failover.stabilization_seconds = 2;
-    md.spec.signing_key_ref = Some("real-key".into());
-    md.spec.gateway.tls_secret_ref = Some("real-tls".into());
-    md.spec.gateway.mailboxes_secret_ref = Some("real-mailboxes".into());
-    md.spec.gateway.providers.clear();
-    md.spec.gateway.relay.routes.clear();
-    md.spec.antivirus.clamd =
-        std::env::var("PEC_E2E_CLAMD").expect("e2e/test.sh sets PEC_E2E_CLAMD");
     let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
     mds.create(&PostParams::default(), &md)
         .await

@@ -247,6 +247,32 @@ pub async fn tls_secret(client: &Client, ns: &str, name: &str, domain: &str) {
         .expect("create TLS Secret");
 }
 
+/// The Standard example domain as `name` in `ns`, for PEC `domain` on
+/// `sites`, signed by the SigningKey `key`, its TLS and mailboxes Secrets
+/// named `<name>-tls` and `<name>-mailboxes`, scanning with the tests'
+/// clamd, and without the example's routes and providers.
+pub fn standard_domain(
+    name: &str,
+    ns: &str,
+    domain: &str,
+    sites: &[String],
+    key: &str,
+) -> MailDomain {
+    let mut md: MailDomain = example("20-maildomain-standard.yaml");
+    md.metadata.name = Some(name.into());
+    md.metadata.namespace = Some(ns.into());
+    md.spec.domain = domain.into();
+    md.spec.sites = sites.to_vec();
+    md.spec.signing_key_ref = Some(key.into());
+    md.spec.gateway.tls_secret_ref = Some(format!("{name}-tls"));
+    md.spec.gateway.mailboxes_secret_ref = Some(format!("{name}-mailboxes"));
+    md.spec.gateway.providers.clear();
+    md.spec.gateway.relay.routes.clear();
+    md.spec.antivirus.clamd =
+        std::env::var("PEC_E2E_CLAMD").expect("e2e/test.sh starts clamd and sets PEC_E2E_CLAMD");
+    md
+}
+
 /// A Secret with `stringData`.
 pub async fn string_secret(client: &Client, ns: &str, name: &str, data: serde_json::Value) {
     let secret: Secret =
@@ -316,26 +342,15 @@ async fn a_round_trip_probe_records_an_outage_while_the_gateway_cannot_sign() {
     .await;
 
     let password = format!("probe-{}", std::process::id());
-    tls_secret(&client, &ns, "probe-tls", DOMAIN).await;
+    tls_secret(&client, &ns, "probed-tls", DOMAIN).await;
     string_secret(
         &client,
         &ns,
-        "probe-mailboxes",
+        "probed-mailboxes",
         json!({"mailboxes": format!("{MAILBOX}:{}\n", password_hash(&password))}),
     )
     .await;
-    let mut md: MailDomain = example("20-maildomain-standard.yaml");
-    md.metadata.name = Some("probed".into());
-    md.metadata.namespace = Some(ns.clone());
-    md.spec.domain = DOMAIN.into();
-    md.spec.sites = sites.names.to_vec();
-    md.spec.signing_key_ref = Some("probe-key".into());
-    md.spec.gateway.tls_secret_ref = Some("probe-tls".into());
-    md.spec.gateway.mailboxes_secret_ref = Some("probe-mailboxes".into());
-    md.spec.gateway.providers.clear();
-    md.spec.gateway.relay.routes.clear();
-    md.spec.antivirus.clamd =
-        std::env::var("PEC_E2E_CLAMD").expect("e2e/test.sh starts clamd and sets PEC_E2E_CLAMD");
+    let md = standard_domain("probed", &ns, DOMAIN, &sites.names, "probe-key");
     let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
     mds.create(&PostParams::default(), &md)
         .await

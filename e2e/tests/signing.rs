@@ -16,7 +16,7 @@ use kube::{
 };
 use pec_operator::{
     api::{MailDomain, SigningKey, SigningKeyStatus},
-    controllers::signing_key::issue::certificate_requests,
+    controllers::signing_key::{issue::certificate_requests, publish::PLATFORM_PROVIDERS},
     hsm::key_id,
 };
 use serde_json::json;
@@ -948,6 +948,51 @@ async fn a_wrong_pin_is_reported_retried_and_never_printed() {
     for pin in [wrong.as_str(), real_pin().as_str()] {
         assert!(!seen.contains(pin), "a PIN leaked");
     }
+}
+
+#[tokio::test]
+async fn every_gateway_of_a_namespace_trusts_every_key_published_there() {
+    let client = client().await;
+    let ns = namespace(&client, "sk-platform-providers").await;
+    pin_secret(&client, &ns, &real_pin()).await;
+    let mut certificates = Vec::new();
+    for name in ["first", "second"] {
+        let api = create_key(
+            &client,
+            &ns,
+            &signing_key(name, json!({"selfSigned": {}}), json!({})),
+        )
+        .await;
+        let sk = wait_ready(&api, name).await;
+        certificates.push(
+            status(&sk)
+                .current
+                .and_then(|c| c.certificate)
+                .expect("certificate"),
+        );
+    }
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let aggregate = || async {
+        let cm = config_maps.get(PLATFORM_PROVIDERS).await.ok()?;
+        let bundle = cm.data?.get("bundle.crt")?.clone();
+        Some(pec_core::smime::pem_certificates(&bundle))
+    };
+    let der = |pem: &str| pec_core::smime::pem_certificates(pem);
+    let both: Vec<Vec<u8>> = certificates.iter().flat_map(|p| der(p)).collect();
+    eventually("both keys in the platform providers", || async {
+        aggregate().await.filter(|d| *d == both)
+    })
+    .await;
+    // A key that goes takes its certificates out of everyone's trust.
+    Api::<SigningKey>::namespaced(client.clone(), &ns)
+        .delete("first", &DeleteParams::default())
+        .await
+        .expect("delete the first key");
+    let second = der(&certificates[1]);
+    eventually("only the second key left", || async {
+        aggregate().await.filter(|d| *d == second)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -16,7 +16,10 @@ use pec_core::config::{
     RelayConfig, SigningConfig, SmtpLimits, TlsConfig,
 };
 
-use crate::api::{MailDomain, Profile, SecretKeyRef, SigningKey};
+use crate::{
+    api::{MailDomain, Profile, SecretKeyRef, SigningKey},
+    controllers::signing_key::publish::PLATFORM_PROVIDERS,
+};
 
 /// Where the gateway configuration is mounted.
 pub const CONFIG_DIR: &str = "/etc/pec-gateway";
@@ -250,9 +253,13 @@ pub fn volumes(
         ));
         mounts.push(mount("certificates", "/etc/pec/certificates", true));
     }
+    // Trusted: the domain's own index, every key of the platform in this
+    // namespace (one aggregate the operator keeps current; a volume, so a
+    // new key is trusted without rolling the pods), and the listed providers.
     let mut sources: Vec<VolumeProjection> = signing
         .map(|s| s.index_config_map.clone())
         .into_iter()
+        .chain([PLATFORM_PROVIDERS.to_string()])
         .chain(md.spec.gateway.providers.iter().cloned())
         .map(|name| VolumeProjection {
             config_map: Some(ConfigMapProjection {
@@ -440,10 +447,16 @@ mod tests {
             .find(|v| v.name == "providers")
             .and_then(|v| v.projected.clone())
             .expect("providers");
+        let names: Vec<String> = providers
+            .sources
+            .iter()
+            .flatten()
+            .filter_map(|s| s.config_map.as_ref().map(|c| c.name.clone()))
+            .collect();
         assert_eq!(
-            providers.sources.map(|s| s.len()),
-            Some(2),
-            "own index and the listed provider"
+            names,
+            ["acme-key-index", "other-key-index", PLATFORM_PROVIDERS],
+            "own index, the listed provider and the platform's keys"
         );
     }
 
@@ -452,7 +465,8 @@ mod tests {
         let md = domain(&["dc-it1"]);
         let (volumes, _, env) = volumes(&md, None, &GatewayDefaults::default(), "acme-dc-it1");
         let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-        assert_eq!(names, ["config", "tmp", "data"]);
+        // Even a domain that signs nothing yet trusts the platform's keys.
+        assert_eq!(names, ["config", "tmp", "data", "providers"]);
         assert!(!env.iter().any(|e| e.name == "SOFTHSM2_CONF"));
     }
 }

@@ -554,6 +554,12 @@ async fn finalize(sk: &SigningKey, ctx: &Context, ns: &str) -> Result<Action, Er
                 .await;
         }
     }
+    // The key's certificates leave the platform's trust with it (its index
+    // ConfigMap goes with it by garbage collection). Best effort: the
+    // namespace may be going away too.
+    if let Err(e) = publish::platform(&ctx.client, ns, Some(&publish::index_name(sk))).await {
+        tracing::warn!(error = %e, "rewriting the platform providers failed");
+    }
     let finalizers = sk
         .finalizers()
         .iter()

@@ -6,6 +6,12 @@
 //! `g<N>.crt` and together as `bundle.crt`; the ConfigMap adds `index.yaml`.
 //! The gateways read the certificate their configuration names from the
 //! Secret. `<key>-crl` holds `ca.crl`, the CRL of the `ca` issuer.
+//!
+//! `pec-platform-providers` (ConfigMap, one per namespace) gathers the
+//! `bundle.crt` of every index there: the certificates of every SigningKey
+//! of the platform, which every gateway of the namespace trusts. It is
+//! rewritten whenever an index changes; gateways mount it as a volume and
+//! re-read it, so a new domain's key is trusted without a restart.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +43,12 @@ pub fn index_name(sk: &SigningKey) -> String {
 pub fn index_name_of(key: &str) -> String {
     format!("{key}-index")
 }
+
+/// Name of the namespace's aggregate of every index (see the module docs).
+pub const PLATFORM_PROVIDERS: &str = "pec-platform-providers";
+
+/// The label every index ConfigMap carries.
+const INDEX_LABEL: &str = "pec.dev/certificate-index";
 
 /// Name of the CRL Secret.
 pub fn crl_name(sk: &SigningKey) -> String {
@@ -105,7 +117,7 @@ pub async fn apply(
         serde_yaml::to_string(&json!({"domains": sk.spec.dns_names, "certificates": index}))
             .unwrap_or_default();
     let mut index_labels = labels(sk);
-    index_labels.insert("pec.dev/certificate-index".into(), "true".into());
+    index_labels.insert(INDEX_LABEL.into(), "true".into());
     let meta = |name: String, labels| json!({"name": name, "namespace": ns, "labels": labels, "ownerReferences": [owner_reference(sk)]});
     apply_json::<Secret>(
         client,
@@ -129,6 +141,59 @@ pub async fn apply(
             "kind": "ConfigMap",
             "metadata": meta(index_name(sk), index_labels),
             "data": {"bundle.crt": bundle, "index.yaml": index_yaml},
+        }),
+    )
+    .await?;
+    platform(client, ns, None).await
+}
+
+/// The aggregate bundle of `indexes` (name, `bundle.crt`): every distinct
+/// certificate once, in the order of the index names, so the same set of
+/// keys always gives the same bytes.
+pub fn platform_bundle(indexes: &[(String, String)]) -> String {
+    let mut sorted: Vec<&(String, String)> = indexes.iter().collect();
+    sorted.sort();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = String::new();
+    for (_, bundle) in sorted {
+        for der in pec_core::smime::pem_certificates(bundle) {
+            if seen.insert(der.clone()) {
+                out.push_str(&crate::hsm::der::pem("CERTIFICATE", &der));
+            }
+        }
+    }
+    out
+}
+
+/// Rewrites [`PLATFORM_PROVIDERS`] in `ns` from the index ConfigMaps there,
+/// leaving out `without` (an index about to go with its key).
+pub async fn platform(client: &Client, ns: &str, without: Option<&str>) -> Result<(), kube::Error> {
+    let indexes: Vec<(String, String)> = kube::Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .list(&kube::api::ListParams::default().labels(&format!("{INDEX_LABEL}=true")))
+        .await?
+        .items
+        .into_iter()
+        .filter(|c| {
+            Some(c.name_any().as_str()) != without && c.metadata.deletion_timestamp.is_none()
+        })
+        .filter_map(|c| {
+            let name = c.name_any();
+            Some((name, c.data?.get("bundle.crt")?.clone()))
+        })
+        .collect();
+    apply_json::<ConfigMap>(
+        client,
+        ns,
+        PLATFORM_PROVIDERS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": PLATFORM_PROVIDERS,
+                "namespace": ns,
+                "labels": {"app.kubernetes.io/managed-by": super::super::MANAGED_BY},
+            },
+            "data": {"bundle.crt": platform_bundle(&indexes)},
         }),
     )
     .await?;
@@ -178,4 +243,37 @@ pub async fn crl(
         source,
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(cn: &str) -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        rcgen::CertificateParams::new(vec![cn.to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert")
+            .pem()
+    }
+
+    #[test]
+    fn the_platform_bundle_holds_every_certificate_once_in_a_stable_order() {
+        let (a, b, c) = (cert("a.it"), cert("b.it"), cert("c.it"));
+        let indexes = vec![
+            ("k2-index".to_string(), format!("{c}{a}")),
+            ("k1-index".to_string(), format!("{a}{b}")),
+        ];
+        let bundle = platform_bundle(&indexes);
+        let ders = pec_core::smime::pem_certificates(&bundle);
+        let expected: Vec<Vec<u8>> = [&a, &b, &c]
+            .iter()
+            .flat_map(|p| pec_core::smime::pem_certificates(p))
+            .collect();
+        assert_eq!(ders, expected, "k1's certificates first, a only once");
+        let reversed: Vec<(String, String)> = indexes.into_iter().rev().collect();
+        assert_eq!(platform_bundle(&reversed), bundle);
+        assert_eq!(platform_bundle(&[]), "");
+    }
 }
