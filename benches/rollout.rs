@@ -178,6 +178,7 @@ async fn run_plain(client: &Client, ns: &str, n: usize) -> Result<(Duration, Dur
         .map(|s| ResolvedSite {
             name: s.to_string(),
             node_selector: [("topology.kubernetes.io/zone".to_string(), s.to_string())].into(),
+            nodes: 3,
         })
         .collect();
     let children: Vec<SiteChildren> = (0..n)

@@ -173,16 +173,18 @@ async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization()
         "took {detected:?}, bound {bound:?}"
     );
 
-    let metrics = scrape_all().await;
-    let timed = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("pec_failover_detection_to_switch_seconds_count "))
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .sum::<f64>();
-    assert!(
-        timed >= 1.0,
-        "detection-to-switch histogram has no observation"
-    );
+    // The switch is counted right after the EndpointSlices are written, so
+    // a scrape can fall between the two: wait for the observation.
+    let metrics = eventually("a detection-to-switch observation", || async {
+        let metrics = scrape_all().await;
+        let timed = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("pec_failover_detection_to_switch_seconds_count "))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum::<f64>();
+        (timed >= 1.0).then_some(metrics)
+    })
+    .await;
     // The site leaves when it is declared down, or earlier if the node
     // controller marked its gateways unready first: both are the failure.
     // Counted for this test's own MailDomain (other tests fail sites too).

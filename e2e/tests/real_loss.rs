@@ -25,7 +25,74 @@ use pec_operator::api::MailDomain;
 use crate::{harness::wait_for, real_nodes::real_domain};
 
 /// When a session started, and how it ended.
-type Session = (Instant, Result<(), String>);
+pub type Session = (Instant, Result<(), String>);
+
+/// A client that opens a session every 200 ms and submits a PEC message on
+/// it, each on a task of its own, keeping when each started and how it ended.
+pub struct Traffic {
+    log: Arc<Mutex<Vec<Session>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    /// Starts sending to `ip:465` as `sla-probe` with `password`.
+    pub fn start(ip: &str, password: &str) -> Traffic {
+        let log: Arc<Mutex<Vec<Session>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (l, s, ip, password) = (
+            log.clone(),
+            stop.clone(),
+            ip.to_string(),
+            password.to_string(),
+        );
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let mut sessions = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                tick.tick().await;
+                let (log, ip, password) = (l.clone(), ip.clone(), password.clone());
+                sessions.push(tokio::spawn(async move {
+                    let started = Instant::now();
+                    let result =
+                        tokio::time::timeout(Duration::from_secs(10), submit(&ip, &password))
+                            .await
+                            .unwrap_or_else(|_| Err("timed out".into()));
+                    log.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((started, result));
+                }));
+            }
+            for s in sessions {
+                let _ = s.await;
+            }
+        });
+        Traffic { log, stop, task }
+    }
+
+    /// The sessions so far.
+    pub fn sessions(&self) -> Vec<Session> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until 10 sessions in a row have succeeded.
+    pub async fn steady(&self) {
+        crate::harness::eventually("10 sessions in a row succeed", || async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let log = self.sessions();
+            (log.len() >= 10 && log[log.len() - 10..].iter().all(|(_, r)| r.is_ok())).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops sending, waits for the sessions in flight, returns them all.
+    pub async fn stop(self) -> Vec<Session> {
+        let Traffic { log, stop, task } = self;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = task.await;
+        log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
 
 /// One submission on `ip:465` as `sla-probe`, on a connection of its own.
 async fn submit(ip: &str, password: &str) -> Result<(), String> {
@@ -135,49 +202,17 @@ async fn a_data_center_losing_power_under_traffic_fails_over_to_the_other() {
     )
     .await;
 
-    // The client: a session every 200 ms, each on its own task, results kept.
-    let log: Arc<Mutex<Vec<Session>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client_task = {
-        let (log, stop, ip, password) = (log.clone(), stop.clone(), ip.clone(), password.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            let mut sessions = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                tick.tick().await;
-                let (log, ip, password) = (log.clone(), ip.clone(), password.clone());
-                sessions.push(tokio::spawn(async move {
-                    let started = Instant::now();
-                    let result =
-                        tokio::time::timeout(Duration::from_secs(10), submit(&ip, &password))
-                            .await
-                            .unwrap_or_else(|_| Err("timed out".into()));
-                    log.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((started, result));
-                }));
-            }
-            for s in sessions {
-                let _ = s.await;
-            }
-        })
-    };
-    // Steady state first (kube-proxy has every endpoint): 10 good sessions
-    // in a row, then 3 s in which none may fail.
-    crate::harness::eventually("10 sessions in a row succeed", || async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let log = log.lock().unwrap_or_else(|e| e.into_inner());
-        (log.len() >= 10 && log[log.len() - 10..].iter().all(|(_, r)| r.is_ok())).then_some(())
-    })
-    .await;
+    let traffic = Traffic::start(&ip, &password);
+    // Steady state first (kube-proxy has every endpoint), then 3 s in which
+    // no session may fail.
+    traffic.steady().await;
     let steady = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let failed_before: Vec<String> = log
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
+    let failed_before: Vec<String> = traffic
+        .sessions()
+        .into_iter()
         .filter(|(at, _)| *at >= steady)
-        .filter_map(|(_, r)| r.clone().err())
+        .filter_map(|(_, r)| r.err())
         .collect();
     assert!(
         failed_before.is_empty(),
@@ -203,10 +238,10 @@ async fn a_data_center_losing_power_under_traffic_fails_over_to_the_other() {
     // Then a run of good sessions: 10 s of traffic with no failure.
     crate::harness::eventually("10 s of sessions without a failure", || async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let log = log.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let recent: Vec<_> = log
-            .iter()
+        let recent: Vec<Session> = traffic
+            .sessions()
+            .into_iter()
             .filter(|(at, _)| {
                 now.duration_since(*at) <= Duration::from_secs(12)
                     && now.duration_since(*at) >= Duration::from_secs(2)
@@ -215,10 +250,7 @@ async fn a_data_center_losing_power_under_traffic_fails_over_to_the_other() {
         (recent.len() >= 40 && recent.iter().all(|(_, r)| r.is_ok())).then_some(())
     })
     .await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = client_task.await;
-
-    let log = log.lock().unwrap_or_else(|e| e.into_inner());
+    let log = traffic.stop().await;
     let after: Vec<_> = log.iter().filter(|(at, _)| *at >= cut).collect();
     let failures: Vec<_> = after.iter().filter(|(_, r)| r.is_err()).collect();
     let last_failure = failures

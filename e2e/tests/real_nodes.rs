@@ -5,7 +5,7 @@
 //! (`cluster.sh up --real-nodes`), where `PEC_E2E_REAL_NODES` is set; the
 //! kwok lane leaves this module out with `--skip real_nodes::`.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use k8s_openapi::{
     api::{
@@ -325,20 +325,29 @@ async fn token_claim(client: &kube::Client, ns: &str) {
 /// own probes; returns the client, the namespace and the domain Service's
 /// ClusterIP.
 pub async fn real_domain(test: &str) -> (kube::Client, String, String) {
+    real_domain_with_key(test, json!({})).await
+}
+
+/// [`real_domain`], with `key` (SigningKey spec fields) on top of the key's
+/// defaults, such as a short certificate.
+pub async fn real_domain_with_key(
+    test: &str,
+    key: serde_json::Value,
+) -> (kube::Client, String, String) {
     const DOMAIN: &str = "real.pec.example.it";
     let client = client().await;
     let ns = namespace(&client, test).await;
     let sites = real_sites(&client).await;
     token_claim(&client, &ns).await;
     pin_secret(&client, &ns, &real_pin()).await;
-    let sk = signing_key(
-        "real-key",
-        json!({"selfSigned": {}}),
-        json!({
-            "subject": {"commonName": DOMAIN, "organization": "Example PEC S.p.A.", "country": "IT"},
-            "dnsNames": [DOMAIN],
-        }),
-    );
+    let mut extra = json!({
+        "subject": {"commonName": DOMAIN, "organization": "Example PEC S.p.A.", "country": "IT"},
+        "dnsNames": [DOMAIN],
+    });
+    if let (Some(e), Some(k)) = (extra.as_object_mut(), key.as_object()) {
+        e.extend(k.clone());
+    }
+    let sk = signing_key("real-key", json!({"selfSigned": {}}), extra);
     let keys = create_key(&client, &ns, &sk).await;
     wait_for(
         &keys,
@@ -537,5 +546,127 @@ async fn deleting_the_leader_pod_hands_over_and_the_sla_ledger_keeps_its_history
         object.period.latest_outage
     );
     assert!(object.period.measured_seconds > measured_before);
+    remove(&client, &ns).await;
+}
+
+/// The acceptance receipts in the probe mailbox of the `real-mail` store of
+/// `ns`, oldest first.
+fn acceptance_receipts(ns: &str) -> Vec<Vec<u8>> {
+    let root = std::env::temp_dir()
+        .join(format!("pec-e2e-mail-{ns}"))
+        .join("mailboxes")
+        .join("sla-probe");
+    let mut files: Vec<(std::time::SystemTime, Vec<u8>)> = ["new", "cur"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(root.join(d)).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let modified = e.metadata().ok()?.modified().ok()?;
+            Some((modified, std::fs::read(e.path()).ok()?))
+        })
+        .filter(|(_, m)| m.windows(24).any(|w| w == b"X-Ricevuta: accettazione"))
+        .collect();
+    files.sort_by_key(|(at, _)| *at);
+    files.into_iter().map(|(_, m)| m).collect()
+}
+
+#[tokio::test]
+async fn a_key_rotates_under_traffic_and_no_session_fails() {
+    lane();
+    let (client, ns, ip) = real_domain_with_key(
+        "real-rotation",
+        json!({
+            "certificate": {"duration": "75s", "renewBefore": "50s"},
+            "publication": {"delay": "8s"},
+        }),
+    )
+    .await;
+    let password = format!("probe-{}", std::process::id());
+    let traffic = crate::real_loss::Traffic::start(&ip, &password);
+    traffic.steady().await;
+    let from = std::time::Instant::now();
+
+    let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    wait_for(
+        &mds,
+        "real",
+        "gateways on generation 2",
+        |m: Option<&MailDomain>| {
+            m.and_then(|m| m.status.as_ref())
+                .and_then(|s| s.signing_key_generation)
+                == Some(2)
+        },
+    )
+    .await;
+    wait_for(
+        &mds,
+        "real",
+        "the rollout complete",
+        has_condition("Progressing", "False", None),
+    )
+    .await;
+    // And a few seconds on the new generation.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let sessions = traffic.stop().await;
+    let during: Vec<_> = sessions.iter().filter(|(at, _)| *at >= from).collect();
+    let failed: Vec<&String> = during
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().err())
+        .collect();
+    println!(
+        "rotation under traffic: {} sessions over {:.0}s, {} failed",
+        during.len(),
+        from.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "sessions failed during the rotation: {failed:?}"
+    );
+
+    // Receipts signed before the switch verify with generation 1, after it
+    // with generation 2.
+    let published = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .get("real-key-certificates")
+        .await
+        .expect("the publication Secret")
+        .data
+        .expect("data");
+    let mut trusted = pec_core::smime::TrustedSigners::default();
+    let mut generation_of = std::collections::BTreeMap::new();
+    for (generation, key) in [(1, "g1.crt"), (2, "g2.crt")] {
+        let pem = String::from_utf8(published[key].0.clone()).expect("PEM");
+        trusted.add_pem(&pem);
+        let sha = pec_core::smime::SignerCertificate::from_pem(&pem)
+            .map(|c| c.sha256())
+            .expect("a certificate");
+        generation_of.insert(sha, generation);
+    }
+    let generations: Vec<i32> = acceptance_receipts(&ns)
+        .iter()
+        .map(|receipt| {
+            let parts = pec_core::smime::split_signed(receipt).expect("a signed receipt");
+            let verified =
+                pec_core::smime::verify_detached(parts.entity, &parts.signature, &trusted)
+                    .expect("every receipt verifies");
+            generation_of[&verified.signer_sha256]
+        })
+        .collect();
+    println!(
+        "receipts: {} by generation 1, {} by generation 2",
+        generations.iter().filter(|g| **g == 1).count(),
+        generations.iter().filter(|g| **g == 2).count()
+    );
+    assert_eq!(
+        generations.first(),
+        Some(&1),
+        "the first receipts are generation 1's"
+    );
+    assert_eq!(
+        generations.last(),
+        Some(&2),
+        "the last receipts are generation 2's"
+    );
     remove(&client, &ns).await;
 }

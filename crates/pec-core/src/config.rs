@@ -240,6 +240,10 @@ impl Default for RelayConfig {
     }
 }
 
+fn default_shutdown_delay() -> u64 {
+    5
+}
+
 fn default_mx_port() -> u16 {
     25
 }
@@ -262,6 +266,11 @@ pub struct SmtpLimits {
     pub auth_lockout_seconds: u64,
     /// Seconds after SIGTERM that sessions in flight may take to finish.
     pub shutdown_grace_seconds: u64,
+    /// Seconds after SIGTERM during which the gateway, already not ready,
+    /// still takes new sessions: the time its endpoint takes to leave every
+    /// node's Service rules, so a rolling update refuses no connection.
+    #[serde(default = "default_shutdown_delay")]
+    pub shutdown_delay_seconds: u64,
     /// Seconds without a taking-charge or delivery receipt before the
     /// sender is warned (preavviso). Default 43200 (12 hours, the rule).
     pub warn_after_seconds: u64,
@@ -278,6 +287,7 @@ impl Default for SmtpLimits {
             auth_failures_allowed: 5,
             auth_lockout_seconds: 60,
             shutdown_grace_seconds: 50,
+            shutdown_delay_seconds: default_shutdown_delay(),
             warn_after_seconds: 12 * 3600,
             give_up_after_seconds: 24 * 3600,
         }

@@ -205,6 +205,7 @@ async fn run(config: GatewayConfig, workers: usize) -> Result<(), String> {
         return Err("the access point (465) needs tls.certFile and tls.keyFile: passwords never cross in clear".into());
     }
     let grace = Duration::from_secs(config.smtp.shutdown_grace_seconds);
+    let delay = Duration::from_secs(config.smtp.shutdown_delay_seconds);
     let smtp_addr = config.listen.smtp.clone();
     let submissions_addr = config.listen.submissions.clone();
     let http_addr = config.listen.http.clone();
@@ -301,9 +302,12 @@ async fn run(config: GatewayConfig, workers: usize) -> Result<(), String> {
         grace_seconds = grace.as_secs(),
         "stopping: no new sessions, finishing the ones in flight"
     );
-    // Not ready at once, so the Service stops sending new connections.
+    // Not ready at once, so the Service stops sending new connections; but
+    // connections its rules still send are taken for `delay` more, until
+    // the endpoint is gone from every node.
     checker.abort();
     *readiness.0.write().unwrap_or_else(|e| e.into_inner()) = Err("shutting down".into());
+    tokio::time::sleep(delay).await;
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(grace, async {
         for s in servers {

@@ -846,6 +846,54 @@ fn sigterm_finishes_the_session_in_flight_and_exits_in_time() {
 }
 
 #[test]
+fn during_the_shutdown_delay_the_gateway_is_unready_but_still_takes_mail() {
+    let mut p = Pair::start();
+    let config =
+        p.da.config(
+            &p.clamd,
+            &p.providers,
+            &[(&p.db.name, p.db.smtp)],
+            &p.pin_file,
+        )
+        .replace("shutdownDelaySeconds: 0", "shutdownDelaySeconds: 3");
+    p.a.rewrite_config(&config);
+    p.a.restart();
+    p.a.wait_ready();
+    let mario = p.mario();
+    let anna = p.anna();
+
+    let started = std::time::Instant::now();
+    p.a.term();
+    wait_for(Duration::from_secs(2), "/readyz to say not ready", || {
+        !p.a.ready()
+    });
+    // A connection the Service's rules still send is served in full.
+    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
+    let (code, text) = c.send_mail(
+        &mario,
+        &[&anna],
+        &message(&mario, &[&anna], "Ultima", "ciao"),
+    );
+    assert_eq!(code, 250, "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the session must fall inside the delay: {:?}",
+        started.elapsed()
+    );
+    drop(c);
+    let status = p.a.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "exited before the delay was over: {:?}",
+        started.elapsed()
+    );
+    // Accepted means delivered, once the gateway is back.
+    p.a.restart();
+    p.b.wait_for_mail("anna", "POSTA CERTIFICATA: Ultima", 1);
+}
+
+#[test]
 fn metrics_and_probes_answer_with_content_types() {
     let p = Pair::start();
     let (mario, anna) = (p.mario(), p.anna());

@@ -376,14 +376,7 @@ fn deployment(
         spec: DeploymentSpec {
             replicas: Some(md.spec.gateway.replicas_per_site),
             selector: selector.clone(),
-            // Never below full strength during a rollout: surge one pod first.
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
+            strategy: Some(rollout(site.nodes, md.spec.gateway.replicas_per_site)),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: pod_labels,
@@ -484,6 +477,23 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         ..Probe::default()
+    }
+}
+
+/// How a site's gateways roll: never below full strength (a surge pod
+/// first) when the site has a machine to spare; otherwise, since no two
+/// gateways share a machine, one pod at a time makes room for its successor
+/// (it drains first; the site's other gateways and the other sites carry
+/// the traffic). Surging without a spare machine would leave the new pod
+/// Pending and the rollout stuck, with the old certificate in use.
+pub fn rollout(nodes: i32, replicas: i32) -> DeploymentStrategy {
+    let (surge, unavailable) = if nodes > replicas { (1, 0) } else { (0, 1) };
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".into()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(surge)),
+            max_unavailable: Some(IntOrString::Int(unavailable)),
+        }),
     }
 }
 
@@ -597,6 +607,7 @@ pub(crate) mod tests {
         ResolvedSite {
             name: name.into(),
             node_selector: site(name).spec.node_selector,
+            nodes: 3,
         }
     }
 
@@ -847,6 +858,26 @@ pub(crate) mod tests {
         assert_eq!(labels["app.kubernetes.io/managed-by"], "pec-operator");
         assert_eq!(labels[SITE_LABEL], "dc-it1");
         assert_eq!(labels[DOMAIN_LABEL], "acme");
+    }
+
+    #[test]
+    fn a_rollout_surges_only_when_the_site_has_a_machine_to_spare() {
+        let step = |nodes| {
+            let r = rollout(nodes, 2).rolling_update.expect("rolling update");
+            (r.max_surge, r.max_unavailable)
+        };
+        assert_eq!(
+            step(3),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+        );
+        assert_eq!(
+            step(2),
+            (Some(IntOrString::Int(0)), Some(IntOrString::Int(1)))
+        );
+        assert_eq!(
+            step(0),
+            (Some(IntOrString::Int(0)), Some(IntOrString::Int(1)))
+        );
     }
 
     #[test]

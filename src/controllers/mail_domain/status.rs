@@ -380,6 +380,7 @@ mod tests {
                 .map(|s| ResolvedSite {
                     name: s.to_string(),
                     node_selector: Default::default(),
+                    nodes: 0,
                 })
                 .collect(),
             missing: missing.iter().map(|s| s.to_string()).collect(),

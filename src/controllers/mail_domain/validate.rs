@@ -33,6 +33,8 @@ pub struct ResolvedSite {
     pub name: String,
     /// Labels of the site's nodes.
     pub node_selector: BTreeMap<String, String>,
+    /// How many nodes the site has (its status; 0 before the first look).
+    pub nodes: i32,
 }
 
 /// Splits `md.spec.sites` into existing and missing sites, given what was fetched.
@@ -43,6 +45,7 @@ pub fn resolve_sites(md: &MailDomain, fetched: &BTreeMap<String, Option<Site>>) 
             Some(site) => resolution.present.push(ResolvedSite {
                 name: name.clone(),
                 node_selector: site.spec.node_selector.clone(),
+                nodes: site.status.as_ref().map_or(0, |s| s.nodes_total),
             }),
             None => resolution.missing.push(name.clone()),
         }

@@ -520,6 +520,7 @@ relay:
   authFailuresAllowed: 3
   authLockoutSeconds: 60
   shutdownGraceSeconds: 10
+  shutdownDelaySeconds: 0
   warnAfterSeconds: 43200
   giveUpAfterSeconds: 86400
 "#,
@@ -675,6 +676,15 @@ impl Gateway {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Sends SIGTERM and returns at once (see [`Gateway::wait_exit`]).
+    pub fn term(&self) {
+        let child = self.child.as_ref().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
     }
 
     /// Sends SIGTERM and returns the exit status and how long it took.
