@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::{
     harness::{client, eventually, has_condition, namespace, wait_for},
-    round_trip::{password_hash, standard_domain, string_secret, tls_secret},
+    round_trip::{domain_secrets, standard_domain, string_secret},
     signing::{create_key, pin_secret, real_pin, signing_key},
     sla::measure,
 };
@@ -356,15 +356,8 @@ pub async fn real_domain_with_key(
         has_condition("Ready", "True", None),
     )
     .await;
-    tls_secret(&client, &ns, "real-tls", DOMAIN).await;
     let password = format!("probe-{}", std::process::id());
-    string_secret(
-        &client,
-        &ns,
-        "real-mailboxes",
-        json!({"mailboxes": format!("sla-probe:{}\n", password_hash(&password))}),
-    )
-    .await;
+    domain_secrets(&client, &ns, "real", DOMAIN, &password).await;
     string_secret(
         &client,
         &ns,

@@ -273,6 +273,20 @@ pub fn standard_domain(
     md
 }
 
+/// The TLS and mailboxes Secrets [`standard_domain`] names for `name`: a
+/// self-signed certificate for `domain`, and the probe mailbox `sla-probe`
+/// with `password`.
+pub async fn domain_secrets(client: &Client, ns: &str, name: &str, domain: &str, password: &str) {
+    tls_secret(client, ns, &format!("{name}-tls"), domain).await;
+    string_secret(
+        client,
+        ns,
+        &format!("{name}-mailboxes"),
+        json!({"mailboxes": format!("{MAILBOX}:{}\n", password_hash(password))}),
+    )
+    .await;
+}
+
 /// A Secret with `stringData`.
 pub async fn string_secret(client: &Client, ns: &str, name: &str, data: serde_json::Value) {
     let secret: Secret =
@@ -342,14 +356,7 @@ async fn a_round_trip_probe_records_an_outage_while_the_gateway_cannot_sign() {
     .await;
 
     let password = format!("probe-{}", std::process::id());
-    tls_secret(&client, &ns, "probed-tls", DOMAIN).await;
-    string_secret(
-        &client,
-        &ns,
-        "probed-mailboxes",
-        json!({"mailboxes": format!("{MAILBOX}:{}\n", password_hash(&password))}),
-    )
-    .await;
+    domain_secrets(&client, &ns, "probed", DOMAIN, &password).await;
     let md = standard_domain("probed", &ns, DOMAIN, &sites.names, "probe-key");
     let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
     mds.create(&PostParams::default(), &md)
