@@ -177,12 +177,13 @@ fn power_off(node: &str) {
             .map(str::to_string),
     );
     assert!(pids.len() >= 2, "nothing to kill for {node}");
-    let status = std::process::Command::new("kill")
+    // Some may be gone already (a container that exited): kill's status
+    // says nothing useful, the test's wait on the failover does.
+    let _ = std::process::Command::new("kill")
         .arg("-9")
         .args(&pids)
         .status()
         .expect("kill");
-    assert!(status.success() || !pids.is_empty());
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::{
     harness::{client, eventually, has_condition, namespace, wait_for},
-    round_trip::{domain_secrets, standard_domain, string_secret},
+    round_trip::{domain_key, domain_secrets, standard_domain, string_secret},
     signing::{create_key, pin_secret, real_pin, signing_key},
     sla::measure,
 };
@@ -340,22 +340,7 @@ pub async fn real_domain_with_key(
     let sites = real_sites(&client).await;
     token_claim(&client, &ns).await;
     pin_secret(&client, &ns, &real_pin()).await;
-    let mut extra = json!({
-        "subject": {"commonName": DOMAIN, "organization": "Example PEC S.p.A.", "country": "IT"},
-        "dnsNames": [DOMAIN],
-    });
-    if let (Some(e), Some(k)) = (extra.as_object_mut(), key.as_object()) {
-        e.extend(k.clone());
-    }
-    let sk = signing_key("real-key", json!({"selfSigned": {}}), extra);
-    let keys = create_key(&client, &ns, &sk).await;
-    wait_for(
-        &keys,
-        "real-key",
-        "Ready=True",
-        has_condition("Ready", "True", None),
-    )
-    .await;
+    domain_key(&client, &ns, "real-key", DOMAIN, key).await;
     let password = format!("probe-{}", std::process::id());
     domain_secrets(&client, &ns, "real", DOMAIN, &password).await;
     string_secret(

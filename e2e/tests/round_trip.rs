@@ -26,7 +26,7 @@ use crate::{
     datacenter::{TestSites, free_port},
     failover::fast_health,
     harness::{client, condition, eventually, example, has_condition, namespace, wait_for},
-    signing::{PIN_SECRET, create_key, pin_secret, real_pin, signing_key},
+    signing::{PIN_SECRET, create_key, pin_secret, real_pin, signing_key, wait_ready},
     sla::measure,
 };
 
@@ -209,7 +209,7 @@ async fn local_gateway(client: &Client, ns: &str, md: &MailDomain, site: &str) -
 
 /// A self-signed TLS certificate for `domain` in a `kubernetes.io/tls` Secret.
 pub async fn tls_secret(client: &Client, ns: &str, name: &str, domain: &str) {
-    let dir = std::env::temp_dir().join(format!("pec-e2e-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("pec-e2e-tls-{}-{ns}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let out = Command::new("openssl")
         .args([
@@ -271,6 +271,31 @@ pub fn standard_domain(
     md.spec.antivirus.clamd =
         std::env::var("PEC_E2E_CLAMD").expect("e2e/test.sh starts clamd and sets PEC_E2E_CLAMD");
     md
+}
+
+/// A self-signed SigningKey `name` for PEC `domain` (with `extra` spec
+/// fields on top), created in `ns` and Ready.
+pub async fn domain_key(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    domain: &str,
+    extra: serde_json::Value,
+) {
+    let mut spec = json!({
+        "subject": {"commonName": domain, "organization": "Example PEC S.p.A.", "country": "IT"},
+        "dnsNames": [domain],
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    let keys = create_key(
+        client,
+        ns,
+        &signing_key(name, json!({"selfSigned": {}}), spec),
+    )
+    .await;
+    wait_ready(&keys, name).await;
 }
 
 /// The TLS and mailboxes Secrets [`standard_domain`] names for `name`: a
@@ -337,23 +362,8 @@ async fn a_round_trip_probe_records_an_outage_while_the_gateway_cannot_sign() {
     // The key, in a token of its own (a wrong-PIN login rewrites its files).
     pin_secret(&client, &ns, &real_pin()).await;
     let token = std::env::var("PEC_E2E_HSM_TOKEN_PROBE").expect("e2e/lib/hsm.sh sets it");
-    let sk = signing_key(
-        "probe-key",
-        json!({"selfSigned": {}}),
-        json!({
-            "hsm": {"tokenLabel": token, "pinSecretRef": {"name": PIN_SECRET}},
-            "subject": {"commonName": DOMAIN, "organization": "Example PEC S.p.A.", "country": "IT"},
-            "dnsNames": [DOMAIN],
-        }),
-    );
-    let keys = create_key(&client, &ns, &sk).await;
-    wait_for(
-        &keys,
-        "probe-key",
-        "Ready=True",
-        has_condition("Ready", "True", None),
-    )
-    .await;
+    let hsm = json!({"hsm": {"tokenLabel": token, "pinSecretRef": {"name": PIN_SECRET}}});
+    domain_key(&client, &ns, "probe-key", DOMAIN, hsm).await;
 
     let password = format!("probe-{}", std::process::id());
     domain_secrets(&client, &ns, "probed", DOMAIN, &password).await;

@@ -249,7 +249,7 @@ fn assert_certifies_token_key(files: &Files, sk: &SigningKey, pem: &str) {
     );
 }
 
-async fn wait_ready(api: &Api<SigningKey>, name: &str) -> SigningKey {
+pub async fn wait_ready(api: &Api<SigningKey>, name: &str) -> SigningKey {
     wait_for(
         api,
         name,

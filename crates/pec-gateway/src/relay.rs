@@ -67,6 +67,13 @@ pub struct Hop {
     pub name: String,
 }
 
+impl Hop {
+    /// The key of this hop's connection pool.
+    fn pool_key(&self) -> String {
+        format!("{}|{}", self.connect, self.name)
+    }
+}
+
 /// The SMTP client side of the gateway.
 pub struct Relay {
     config: RelayConfig,
@@ -166,7 +173,7 @@ impl Relay {
     }
 
     fn transport(&self, hop: &Hop) -> Result<AsyncSmtpTransport<Tokio1Executor>, RelayError> {
-        let key = format!("{}|{}", hop.connect, hop.name);
+        let key = hop.pool_key();
         let mut transports = self.transports.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = transports.get(&key) {
             return Ok(t.clone());
@@ -242,7 +249,7 @@ impl Relay {
             self.transports
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&format!("{}|{}", hop.connect, hop.name));
+                .remove(&hop.pool_key());
             result = self.transport(hop)?.send_raw(envelope, message).await;
         }
         match result {

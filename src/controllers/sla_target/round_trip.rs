@@ -214,6 +214,8 @@ struct Api<'a> {
     tls: TlsConnector,
     sender: Option<http1::SendRequest<Empty<Bytes>>>,
     authorization: String,
+    /// What every probe message of this SlaTarget contains (`<tag>.`).
+    ours: String,
 }
 
 impl<'a> Api<'a> {
@@ -225,6 +227,7 @@ impl<'a> Api<'a> {
             tls,
             sender: None,
             authorization: format!("Basic {basic}"),
+            ours: format!("{}.", rt.tag),
         }
     }
 
@@ -261,7 +264,7 @@ impl<'a> Api<'a> {
                 found.push(classify(&message, &self.rt.trusted));
             }
             // The probe's mailbox holds nothing but the probe's messages.
-            if ours || contains(&message, format!("{}.", self.rt.tag).as_bytes()) {
+            if ours || contains(&message, self.ours.as_bytes()) {
                 let _ = self.request(Method::DELETE, &path).await;
             }
         }
