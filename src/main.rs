@@ -141,6 +141,14 @@ struct RunArgs {
     /// into every gateway pod (leave unset for a network HSM).
     #[arg(long, env = "PEC_GATEWAY_HSM_TOKEN_CLAIM")]
     gateway_hsm_token_claim: Option<String>,
+    /// The platform's clamd (`tcp:HOST:PORT` or `unix:PATH`), for
+    /// MailDomains whose `antivirus.clamd` is left out.
+    #[arg(
+        long,
+        env = "PEC_GATEWAY_CLAMD",
+        default_value = controllers::mail_domain::gateway::DEFAULT_CLAMD
+    )]
+    gateway_clamd: String,
 }
 
 #[tokio::main]
@@ -257,6 +265,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         image: args.gateway_image.clone().unwrap_or(defaults.image),
         pkcs11_module: args.gateway_pkcs11_module.clone(),
         token_claim: args.gateway_hsm_token_claim.clone(),
+        clamd: args.gateway_clamd.clone(),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let timing = Timing::default();

@@ -268,8 +268,11 @@ pub fn standard_domain(
     md.spec.gateway.mailboxes_secret_ref = Some(format!("{name}-mailboxes"));
     md.spec.gateway.providers.clear();
     md.spec.gateway.relay.routes.clear();
-    md.spec.antivirus.clamd =
-        std::env::var("PEC_E2E_CLAMD").expect("e2e/test.sh starts clamd and sets PEC_E2E_CLAMD");
+    // Each test names its own store, if any.
+    md.spec.gateway.storage_claim_name = None;
+    md.spec.antivirus.clamd = Some(
+        std::env::var("PEC_E2E_CLAMD").expect("e2e/test.sh starts clamd and sets PEC_E2E_CLAMD"),
+    );
     md
 }
 

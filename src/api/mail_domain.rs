@@ -259,15 +259,16 @@ pub struct AntivirusSpec {
     ))]
     pub quarantine_retention: String,
 
-    /// The clamd the gateways ask: `tcp:HOST:PORT` or `unix:PATH`. Default
-    /// `tcp:127.0.0.1:3310` (a clamd beside the gateway). When clamd does not
+    /// The clamd the gateways ask: `tcp:HOST:PORT` or `unix:PATH`. Left out,
+    /// the platform's clamd: the operator's `--gateway-clamd` (the chart's
+    /// `gateway.clamd`), by default `tcp:127.0.0.1:3310`. When clamd does not
     /// answer, the gateways refuse mail temporarily and report not ready.
-    #[serde(default = "default_clamd")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 6, max = 512))]
     #[x_kube(validation = Rule::new("self.startsWith('tcp:') || self.startsWith('unix:/')").message(
         "antivirus.clamd must be tcp:HOST:PORT or unix:/absolute/path"
     ))]
-    pub clamd: String,
+    pub clamd: Option<String>,
 }
 
 impl Default for AntivirusSpec {
@@ -275,13 +276,9 @@ impl Default for AntivirusSpec {
         Self {
             enabled: true,
             quarantine_retention: default_quarantine_retention(),
-            clamd: default_clamd(),
+            clamd: None,
         }
     }
-}
-
-fn default_clamd() -> String {
-    "tcp:127.0.0.1:3310".into()
 }
 
 /// Observed state of a MailDomain.

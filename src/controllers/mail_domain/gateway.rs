@@ -40,7 +40,13 @@ pub struct GatewayDefaults {
     /// with the operator; `None` when the module needs no local store (a
     /// network HSM client configured inside the image).
     pub token_claim: Option<String>,
+    /// The platform's clamd, for MailDomains that name none.
+    pub clamd: String,
 }
+
+/// Where the gateways find clamd when neither the MailDomain nor the
+/// operator's flags say: a clamd beside the gateway.
+pub const DEFAULT_CLAMD: &str = "tcp:127.0.0.1:3310";
 
 impl Default for GatewayDefaults {
     fn default() -> Self {
@@ -48,6 +54,7 @@ impl Default for GatewayDefaults {
             image: format!("pec/pec-gateway:{}", env!("CARGO_PKG_VERSION")),
             pkcs11_module: "/usr/lib/softhsm/libsofthsm2.so".into(),
             token_claim: None,
+            clamd: DEFAULT_CLAMD.into(),
         }
     }
 }
@@ -108,7 +115,11 @@ pub fn gateway_config(
             enabled: true,
             infected_action: "RefuseNotifySenderQuarantine".into(),
             quarantine_retention: spec.antivirus.quarantine_retention.clone(),
-            clamd: spec.antivirus.clamd.clone(),
+            clamd: spec
+                .antivirus
+                .clamd
+                .clone()
+                .unwrap_or_else(|| defaults.clamd.clone()),
         },
         protocols: spec
             .profile
@@ -386,6 +397,31 @@ mod tests {
         assert_eq!(parsed.signing.map(|s| s.generation), Some(3));
         assert!(parsed.tls.is_some());
         assert_eq!(parsed.relay.smarthost.as_deref(), Some("relay.example:25"));
+    }
+
+    #[test]
+    fn a_domain_without_a_clamd_asks_the_platforms_and_its_own_wins() {
+        let defaults = GatewayDefaults {
+            clamd: "tcp:clamd.antivirus.svc:3310".into(),
+            ..GatewayDefaults::default()
+        };
+        let mut md = domain(&["dc-it1"]);
+        let config = gateway_config(&md, "dc-it1", None, &defaults);
+        assert_eq!(config.antivirus.clamd, "tcp:clamd.antivirus.svc:3310");
+        md.spec.antivirus.clamd = Some("unix:/run/clamd.sock".into());
+        let config = gateway_config(&md, "dc-it1", None, &defaults);
+        assert_eq!(config.antivirus.clamd, "unix:/run/clamd.sock");
+        assert_eq!(
+            gateway_config(
+                &domain(&["dc-it1"]),
+                "dc-it1",
+                None,
+                &GatewayDefaults::default()
+            )
+            .antivirus
+            .clamd,
+            DEFAULT_CLAMD
+        );
     }
 
     #[test]
