@@ -160,6 +160,10 @@ pub struct SiteStatus {
     /// Matching nodes whose `Ready` condition is `True`.
     #[serde(default)]
     pub nodes_ready: i32,
+    /// Of the ready nodes, those that take new pods (not cordoned): what a
+    /// rolling update of a gateway may surge onto.
+    #[serde(default)]
+    pub nodes_schedulable: i32,
     /// `Serving`, `Degraded`, `Down`, `Maintenance` or `Fenced`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<SitePhase>,

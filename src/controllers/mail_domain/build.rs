@@ -481,10 +481,10 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 }
 
 /// How a site's gateways roll: never below full strength (a surge pod
-/// first) when the site has a machine to spare; otherwise, since no two
-/// gateways share a machine, one pod at a time makes room for its successor
-/// (it drains first; the site's other gateways and the other sites carry
-/// the traffic). Surging without a spare machine would leave the new pod
+/// first) when the site has a machine to spare (ready and not cordoned);
+/// otherwise, since no two gateways share a machine, one pod at a time makes
+/// room for its successor (it drains first; the site's other gateways and
+/// the other sites carry the traffic). Surging without a spare machine would leave the new pod
 /// Pending and the rollout stuck, with the old certificate in use.
 pub fn rollout(nodes: i32, replicas: i32) -> DeploymentStrategy {
     let (surge, unavailable) = if nodes > replicas { (1, 0) } else { (0, 1) };

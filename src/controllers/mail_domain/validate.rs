@@ -33,7 +33,8 @@ pub struct ResolvedSite {
     pub name: String,
     /// Labels of the site's nodes.
     pub node_selector: BTreeMap<String, String>,
-    /// How many nodes the site has (its status; 0 before the first look).
+    /// How many of the site's nodes take new pods (its status; 0 before
+    /// the first look).
     pub nodes: i32,
 }
 
@@ -45,7 +46,7 @@ pub fn resolve_sites(md: &MailDomain, fetched: &BTreeMap<String, Option<Site>>) 
             Some(site) => resolution.present.push(ResolvedSite {
                 name: name.clone(),
                 node_selector: site.spec.node_selector.clone(),
-                nodes: site.status.as_ref().map_or(0, |s| s.nodes_total),
+                nodes: site.status.as_ref().map_or(0, |s| s.nodes_schedulable),
             }),
             None => resolution.missing.push(name.clone()),
         }

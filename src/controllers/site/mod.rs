@@ -117,7 +117,8 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     let probe = ctx.site_probe(&name);
     let decision = health::decide(&site.spec, &old, probe, seen, !blocking.is_empty(), now);
     ctx.set_site_probe(&name, decision.probe);
-    let new = status::compute(&site, seen, &decision, &blocking, now);
+    let mut new = status::compute(&site, seen, &decision, &blocking, now);
+    new.nodes_schedulable = status::nodes_taking_pods(&nodes.items);
 
     // apply
     let api = Api::<Site>::all(ctx.client.clone());

@@ -79,6 +79,15 @@ pub fn observe(nodes: &[Node]) -> Observation {
     }
 }
 
+/// How many of `nodes` are ready and take new pods (not cordoned).
+pub fn nodes_taking_pods(nodes: &[Node]) -> i32 {
+    let cordoned = |n: &Node| n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+    nodes
+        .iter()
+        .filter(|n| node_is_ready(n) && !cordoned(n))
+        .count() as i32
+}
+
 /// The status of `site` after a health check that saw `seen` and decided
 /// `decision`; `blocking` names the domains that refuse its maintenance.
 pub fn compute(
@@ -190,6 +199,19 @@ mod tests {
         assert_eq!((s.nodes_total, s.nodes_ready), (3, 2));
         assert_eq!(s.phase, Some(SitePhase::Degraded));
         assert!(conditions::is_true(&s.conditions, READY));
+    }
+
+    #[test]
+    fn cordoned_and_unready_nodes_take_no_new_pods() {
+        let mut cordoned = node(true);
+        cordoned.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: Some(true),
+            ..Default::default()
+        });
+        assert_eq!(
+            nodes_taking_pods(&[node(true), node(false), cordoned, node(true)]),
+            2
+        );
     }
 
     #[test]
