@@ -8,8 +8,8 @@
 #                                `export KUBECONFIG=...`. With --real-nodes also
 #                                two real nodes per zone (dc-it1-real-1, -2,
 #                                dc-it2-real-1, -2: kubelet, containerd, CNI
-#                                bridge, labelled pec.dev/node=real) and
-#                                kube-proxy; see lib/nodes.sh
+#                                bridge, labelled pec.dev/node=real),
+#                                kube-proxy and CoreDNS; see lib/nodes.sh
 #                                for what the host needs.
 #   e2e/cluster.sh down [NAME]   stop what `up` started, by pid, and remove its files
 #   e2e/cluster.sh import [NAME] ARCHIVE...

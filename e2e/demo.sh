@@ -52,6 +52,31 @@ echo "== applying examples/"
 kubectl apply -f examples/00-namespace.yaml >/dev/null
 # The PIN goes from the shell into a Secret; it is never printed.
 kubectl -n pec-mail create secret generic hsm-pin --from-literal=pin="$PEC_E2E_HSM_PIN" >/dev/null
+# The domains' ReadWriteMany stores: here a directory of this machine each,
+# standing in for the network storage a platform provides.
+for claim in example-standard-mail example-ufficio-mail; do
+  mkdir -p "$state/stores/$claim"
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: pec-demo-$claim}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  hostPath: {path: "$state/stores/$claim", type: Directory}
+  claimRef: {namespace: pec-mail, name: $claim}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $claim, namespace: pec-mail}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  volumeName: pec-demo-$claim
+  resources: {requests: {storage: 1Gi}}
+YAML
+done
 kubectl apply -f examples/ >/dev/null
 kubectl wait --for=condition=Ready --timeout=120s -n pec-mail signingkey --all >/dev/null
 kubectl wait --for=condition=Ready --timeout=120s -n pec-mail maildomain --all >/dev/null

@@ -107,12 +107,14 @@ images="$logs/images"
 "$here/images/build.sh" --profile debug --out "$images" all >/dev/null
 "$here/cluster.sh" import "$cluster" "$images"/pec-operator-*.oci.tar "$images"/pec-gateway-*.oci.tar
 # The pods' token (operator and gateways): a SoftHSM2 directory of its own,
-# on a volume; the gateways' clamd on the first node's bridge address.
+# on a volume, its token labelled as the examples' SigningKeys say; the
+# platform's clamd on the first node's bridge address.
 real_hsm=$(mktemp -d "${TMPDIR:-/tmp}/pec-real-hsm.XXXXXX")
+export PEC_E2E_HSM_TOKEN=pec-hsm-1
 init_hsm "$real_hsm"
-install_chart_on_real_nodes "$real_hsm/tokens"
 start_clamd "$logs/clamd-real" "$REAL_API_ADDRESS"
 pids+=("$CLAMD_PID")
+install_chart_on_real_nodes "$real_hsm/tokens" "$PEC_E2E_CLAMD"
 export PEC_E2E_REAL_TOKENS="$real_hsm/tokens" PEC_E2E_REAL_NODES=1
 export PEC_E2E_CLUSTER_DIR="${PEC_CLUSTER_ROOT:-${TMPDIR:-/tmp}/pec-clusters}/$cluster"
 cargo test --features e2e --test e2e -- --test-threads 1 "real_nodes::$filter"

@@ -1,7 +1,8 @@
 # Real nodes for the local cluster: two per data center (zones dc-it1 and
 # dc-it2, as PEC wants every service on two machines in each), each a
 # kubelet with a containerd of its own, pods on a bridge of their own, and
-# one kube-proxy for the host they share. Sourced by cluster.sh, which sets
+# one kube-proxy and one cluster DNS (CoreDNS, on the first bridge's
+# address) for the host they share. Sourced by cluster.sh, which sets
 # `dir`, `bin`, `name` and defines `start`, `log` and `wait_for`.
 #
 # What the host needs (Linux, root, as in a CI container):
@@ -119,6 +120,8 @@ failSwapOn: false
 nodeLeaseDurationSeconds: 12
 nodeStatusUpdateFrequency: 4s
 resolvConf: ""
+clusterDNS: [$REAL_API_ADDRESS]
+clusterDomain: cluster.local
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100
 evictionHard: {}
@@ -185,6 +188,22 @@ metricsBindAddress: 127.0.0.1:$(free_port)
 healthzBindAddress: 127.0.0.1:$(free_port)
 YAML
   start kube-proxy "$bin/kube-proxy" --config "$dir/kube-proxy.yaml"
+  # The cluster DNS every pod asks (kubelet's clusterDNS): Services and pods
+  # under cluster.local, served from the API server's watch; nothing else
+  # (this host has no upstream to forward to).
+  cat >"$dir/Corefile" <<COREFILE
+.:53 {
+    bind $REAL_API_ADDRESS
+    errors
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+        kubeconfig $kc
+        pods insecure
+    }
+}
+COREFILE
+  # shellcheck source=../versions.env
+  . "$here/versions.env"
+  start coredns "$bin/coredns-$COREDNS_VERSION" -conf "$dir/Corefile"
   local k="$bin/kubectl --kubeconfig $kc"
   for node in "${REAL_NODES[@]}"; do
     wait_for 120 "real node $node Ready" $k wait --for=condition=Ready "node/$node" --timeout=2s

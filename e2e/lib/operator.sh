@@ -26,13 +26,14 @@ install_chart() {
     crd/sites.pec.dev crd/maildomains.pec.dev crd/signingkeys.pec.dev >/dev/null
 }
 
-# install_chart_on_real_nodes TOKEN_DIR: helm install the chart with the
-# operator image imported into the real nodes (nothing is pulled), its pods
-# on those nodes, and the SoftHSM2 token directory TOKEN_DIR (on this host,
-# which every real node shares) as a volume: a hostPath PersistentVolume,
-# since restricted Pod Security allows claims but no hostPath in pods.
+# install_chart_on_real_nodes TOKEN_DIR CLAMD: helm install the chart with
+# the operator image imported into the real nodes (nothing is pulled), its
+# pods on those nodes, and the SoftHSM2 token directory TOKEN_DIR (on this
+# host, which every real node shares) as a volume: a hostPath
+# PersistentVolume, since restricted Pod Security allows claims but no
+# hostPath in pods. CLAMD is the platform's clamd for every gateway.
 install_chart_on_real_nodes() {
-  local tokens=$1
+  local tokens=$1 clamd=$2
   chown -R 65532:65532 "$tokens"
   "$bin/kubectl" create namespace "$OPERATOR_NAMESPACE" --dry-run=client -o yaml | "$bin/kubectl" apply -f - >/dev/null
   "$bin/kubectl" apply -f - >/dev/null <<YAML
@@ -70,12 +71,14 @@ image: {pullPolicy: Never}
 nodeSelector: {pec.dev/node: real}
 topologySpreadConstraints:
   - {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule}
+gateway:
+  # Gateways mount the same token through a claim of this name in their
+  # MailDomain's namespace.
+  hsmTokenClaim: hsm-tokens
+  clamd: "$clamd"
 hsm:
   env:
     - {name: SOFTHSM2_CONF, value: /etc/softhsm/softhsm2.conf}
-    # Gateways mount the same token through a claim of this name in their
-    # MailDomain's namespace.
-    - {name: PEC_GATEWAY_HSM_TOKEN_CLAIM, value: hsm-tokens}
   volumes:
     - {name: tokens, persistentVolumeClaim: {claimName: hsm-tokens}}
     - {name: softhsm, configMap: {name: softhsm}}

@@ -13,7 +13,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=../versions.env
 . "$here/versions.env"
 
-key=$(cat "$here/versions.env" "$here/tools/go.mod" "$here/tools/go.sum" | sha256sum | cut -c1-16)
+key=$(grep -v '^COREDNS_VERSION=' "$here/versions.env" | cat - "$here/tools/go.mod" "$here/tools/go.sum" | sha256sum | cut -c1-16)
 cache="${PEC_CACHE_DIR:-$HOME/.cache/pec-operator}/k8s-$key"
 bin="$cache/bin"
 # kubelet, kube-proxy and pause serve the real nodes (cluster.sh up --real-nodes).
@@ -55,5 +55,18 @@ if ! have_all; then
     go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
   ) >>"$log" 2>&1 || { cat "$log" >&2; exit 1; }
   have_all || { echo "tools.sh: build finished but binaries are missing in $bin" >&2; exit 1; }
+fi
+# CoreDNS, the real nodes' cluster DNS: its own module graph, its own file
+# name per version (so the Kubernetes key above does not change with it).
+if [ ! -x "$bin/coredns-$COREDNS_VERSION" ]; then
+  echo "building CoreDNS v$COREDNS_VERSION into $bin (cold: 3-6 min)" >&2
+  log="$cache/build-coredns.log"
+  (
+    dir=$(mktemp -d)
+    trap 'rm -rf "$dir"' EXIT
+    export CGO_ENABLED=0 GOBIN="$dir" GOFLAGS=-mod=mod
+    go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@v$COREDNS_VERSION"
+    mv "$dir/coredns" "$bin/coredns-$COREDNS_VERSION"
+  ) >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
 fi
 echo "$bin"

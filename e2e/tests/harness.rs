@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
 use kube::{
     Api, Client, Resource,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
@@ -61,6 +61,66 @@ pub async fn ensure_example_sites(client: &Client) {
             .await
             .expect("apply example site");
     }
+}
+
+/// The ReadWriteMany claims the example MailDomains name as their store.
+pub const EXAMPLE_CLAIMS: [&str; 2] = ["example-standard-mail", "example-ufficio-mail"];
+
+/// Creates in `ns` the store claims the example MailDomains name, as a
+/// platform engineer must before applying them (see the examples' comments).
+pub async fn example_claims(client: &Client, ns: &str) {
+    for name in EXAMPLE_CLAIMS {
+        host_path_claim(client, ns, name, &store_dir(ns, name)).await;
+    }
+}
+
+/// A directory on this host for the store `name` of `ns`, with a
+/// `mailboxes/` inside, that any pod user may write (hostPath volumes get
+/// no fsGroup ownership). Every real node shares this host, so it stands in
+/// for network storage.
+pub fn store_dir(ns: &str, name: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("pec-e2e-store-{ns}-{name}"));
+    std::fs::create_dir_all(dir.join("mailboxes")).expect("store dir");
+    for d in [dir.clone(), dir.join("mailboxes")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    }
+    dir.to_string_lossy().into_owned()
+}
+
+/// A hostPath PersistentVolume for `path`, bound to the ReadWriteMany claim
+/// `name` in `ns`.
+pub async fn host_path_claim(client: &Client, ns: &str, name: &str, path: &str) {
+    let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{name}-{ns}")},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": path, "type": "Directory"},
+            "claimRef": {"namespace": ns, "name": name},
+        },
+    }))
+    .expect("pv");
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("create PV");
+    let pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": format!("{name}-{ns}"),
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }))
+    .expect("pvc");
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("create PVC");
 }
 
 /// Waits until `cond` holds for the object `name`, or fails the test after [`WAIT`].
@@ -132,11 +192,23 @@ status_conditions!(
 
 /// Reads a YAML file of the repository's `examples/` as objects of kind `K`.
 pub fn example<K: DeserializeOwned>(file: &str) -> K {
+    let mut docs = example_docs(file);
+    assert_eq!(docs.len(), 1, "{file} holds {} objects", docs.len());
+    docs.remove(0)
+}
+
+/// Every object of a YAML file of `examples/` that holds several, as `K`.
+pub fn example_docs<K: DeserializeOwned>(file: &str) -> Vec<K> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples")
         .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect()
 }
 
 /// The body of an HTTP/1.0 GET of `path` on `127.0.0.1:port` (headers included).

@@ -28,13 +28,14 @@ use pec_operator::{
 use serde_json::json;
 
 use crate::harness::{
-    client, condition, ensure_example_sites, eventually, example, has_condition, namespace,
-    wait_for,
+    client, condition, ensure_example_sites, eventually, example, example_claims, has_condition,
+    namespace, wait_for,
 };
 
 const SITES: [&str; 2] = ["dc-it1", "dc-it2"];
 
 async fn create_example(client: &Client, ns: &str, file: &str) -> MailDomain {
+    example_claims(client, ns).await;
     let mut md: MailDomain = example(file);
     md.metadata.namespace = Some(ns.to_string());
     Api::<MailDomain>::namespaced(client.clone(), ns)
@@ -396,6 +397,7 @@ async fn a_missing_site_is_reported_and_recovers_when_it_appears() {
     ensure_example_sites(&client).await;
     let ns = namespace(&client, "missing-site").await;
     let late = format!("dc-late-{}", std::process::id());
+    example_claims(&client, &ns).await;
     let mut md: MailDomain = example("20-maildomain-standard.yaml");
     md.metadata.namespace = Some(ns.clone());
     md.spec.sites = vec!["dc-it1".into(), late.clone()];

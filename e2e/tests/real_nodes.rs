@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, time::Duration};
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Service},
+        core::v1::{Pod, Service},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -25,8 +25,13 @@ use pec_operator::{
 use serde_json::json;
 
 use crate::{
-    harness::{client, eventually, has_condition, namespace, wait_for},
-    round_trip::{domain_key, domain_secrets, standard_domain, string_secret},
+    harness::{
+        client, eventually, example_claims, example_docs, has_condition, host_path_claim,
+        namespace, store_dir, wait_for,
+    },
+    round_trip::{
+        domain_key, domain_secrets, password_hash, standard_domain, string_secret, tls_secret,
+    },
     signing::{create_key, pin_secret, real_pin, signing_key},
     sla::measure,
 };
@@ -40,7 +45,7 @@ pub fn lane() {
     );
 }
 
-fn ready(pod: &Pod) -> bool {
+fn ready_pod(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -71,7 +76,7 @@ async fn helm_install_alone_runs_one_operator_per_data_center_with_one_leader() 
     let selector = ListParams::default().labels("app.kubernetes.io/name=pec-operator");
     let running = eventually("two operator pods Running and Ready", || async {
         let list = pods.list(&selector).await.ok()?.items;
-        (list.len() == 2 && list.iter().all(ready)).then_some(list)
+        (list.len() == 2 && list.iter().all(ready_pod)).then_some(list)
     })
     .await;
 
@@ -268,48 +273,7 @@ async fn real_sites(client: &kube::Client) -> [String; 2] {
 /// `real-mail` in `ns`: the domain's ReadWriteMany store (one directory on
 /// this host, which every real node shares, standing in for network storage).
 async fn mail_claim(client: &kube::Client, ns: &str) {
-    let dir = std::env::temp_dir().join(format!("pec-e2e-mail-{ns}"));
-    std::fs::create_dir_all(dir.join("mailboxes")).expect("mail dir");
-    // Any pod user may write (hostPath volumes get no fsGroup ownership).
-    for d in [dir.clone(), dir.join("mailboxes")] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
-    }
-    claim(client, ns, "real-mail", &dir.to_string_lossy()).await;
-}
-
-/// A hostPath PersistentVolume for `path`, bound to the claim `name` in `ns`.
-async fn claim(client: &kube::Client, ns: &str, name: &str, path: &str) {
-    let pv: PersistentVolume = serde_json::from_value(json!({
-        "metadata": {"name": format!("{name}-{ns}")},
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "",
-            "persistentVolumeReclaimPolicy": "Retain",
-            "hostPath": {"path": path, "type": "Directory"},
-            "claimRef": {"namespace": ns, "name": name},
-        },
-    }))
-    .expect("pv");
-    Api::<PersistentVolume>::all(client.clone())
-        .create(&PostParams::default(), &pv)
-        .await
-        .expect("create PV");
-    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "",
-            "volumeName": format!("{name}-{ns}"),
-            "resources": {"requests": {"storage": "1Gi"}},
-        },
-    }))
-    .expect("pvc");
-    Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &pvc)
-        .await
-        .expect("create PVC");
+    host_path_claim(client, ns, "real-mail", &store_dir(ns, "real-mail")).await;
 }
 
 /// The claim the operator's `--gateway-hsm-token-claim` names, in `ns`: the
@@ -317,7 +281,7 @@ async fn claim(client: &kube::Client, ns: &str, name: &str, path: &str) {
 async fn token_claim(client: &kube::Client, ns: &str) {
     let tokens =
         std::env::var("PEC_E2E_REAL_TOKENS").expect("e2e/test.sh sets PEC_E2E_REAL_TOKENS");
-    claim(client, ns, "hsm-tokens", &tokens).await;
+    host_path_claim(client, ns, "hsm-tokens", &tokens).await;
 }
 
 /// A Standard domain `real.pec.example.it` in a fresh namespace for `test`,
@@ -372,7 +336,7 @@ pub async fn real_domain_with_key(
             .await
             .ok()?
             .items;
-        (list.len() == 4 && list.iter().all(ready)).then_some(list)
+        (list.len() == 4 && list.iter().all(ready_pod)).then_some(list)
     })
     .await;
     for pod in &gateways {
@@ -530,8 +494,7 @@ async fn deleting_the_leader_pod_hands_over_and_the_sla_ledger_keeps_its_history
 /// The acceptance receipts in the probe mailbox of the `real-mail` store of
 /// `ns`, oldest first.
 fn acceptance_receipts(ns: &str) -> Vec<Vec<u8>> {
-    let root = std::env::temp_dir()
-        .join(format!("pec-e2e-mail-{ns}"))
+    let root = std::path::Path::new(&store_dir(ns, "real-mail"))
         .join("mailboxes")
         .join("sla-probe");
     let mut files: Vec<(std::time::SystemTime, Vec<u8>)> = ["new", "cur"]
@@ -647,4 +610,196 @@ async fn a_key_rotates_under_traffic_and_no_session_fails() {
         "the last receipts are generation 2's"
     );
     remove(&client, &ns).await;
+}
+
+/// Every object of `examples/` (namespace, Sites, SigningKeys, MailDomains,
+/// SlaTargets), applied as they are with what their comments ask the
+/// platform engineer to make first: the PIN, TLS, mailboxes and probe
+/// password Secrets, the token and store claims. The chart's
+/// `gateway.clamd` and `gateway.hsmTokenClaim` do the rest.
+#[tokio::test]
+async fn the_examples_applied_become_ready_with_gateways_running_as_containers() {
+    use k8s_openapi::api::core::v1::{Namespace, Node};
+    lane();
+    const NS: &str = "pec-mail";
+    let client = client().await;
+    // The example Sites select by zone alone, and this cluster's zones also
+    // hold simulated nodes, which run nothing: cordoned, they take no pod.
+    let nodes = Api::<Node>::all(client.clone());
+    let fake = ListParams::default().labels("type=kwok");
+    let cordon = |unschedulable: bool| {
+        let nodes = nodes.clone();
+        let fake = fake.clone();
+        async move {
+            for node in nodes.list(&fake).await.expect("nodes").items {
+                nodes
+                    .patch(
+                        &node.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"unschedulable": unschedulable}})),
+                    )
+                    .await
+                    .expect("cordon");
+            }
+        }
+    };
+    cordon(true).await;
+
+    let ssa = PatchParams::apply("e2e-tests").force();
+    for namespace in example_docs::<Namespace>("00-namespace.yaml") {
+        Api::<Namespace>::all(client.clone())
+            .patch(&namespace.name_any(), &ssa, &Patch::Apply(&namespace))
+            .await
+            .expect("apply the example namespace");
+    }
+    token_claim(&client, NS).await;
+    example_claims(&client, NS).await;
+    pin_secret(&client, NS, &real_pin()).await;
+    tls_secret(&client, NS, "pec-example-tls", "pec.example.it").await;
+    let password = format!("probe-{}", std::process::id());
+    let hash = password_hash(&password);
+    for (secret, mailboxes) in [
+        (
+            "example-standard-mailboxes",
+            format!("mario:{hash}\nsla-probe:{hash}\n"),
+        ),
+        ("example-ufficio-mailboxes", format!("protocollo:{hash}\n")),
+    ] {
+        string_secret(&client, NS, secret, json!({"mailboxes": mailboxes})).await;
+    }
+    string_secret(
+        &client,
+        NS,
+        "sla-probe-password",
+        json!({"password": password}),
+    )
+    .await;
+
+    async fn apply_all<K>(api: &Api<K>, file: &str) -> Vec<String>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::Serialize
+            + serde::de::DeserializeOwned,
+    {
+        let ssa = PatchParams::apply("e2e-tests").force();
+        let mut names = Vec::new();
+        for object in example_docs::<K>(file) {
+            api.patch(&object.name_any(), &ssa, &Patch::Apply(&object))
+                .await
+                .unwrap_or_else(|e| panic!("apply {file}: {e}"));
+            names.push(object.name_any());
+        }
+        names
+    }
+    let site_api = Api::<Site>::all(client.clone());
+    let key_api = Api::<SigningKey>::namespaced(client.clone(), NS);
+    let domain_api = Api::<MailDomain>::namespaced(client.clone(), NS);
+    let sla_api = Api::<SlaTarget>::namespaced(client.clone(), NS);
+    let sites = apply_all(&site_api, "10-sites.yaml").await;
+    let keys = apply_all(&key_api, "15-signingkeys.yaml").await;
+    let mut domains = apply_all(&domain_api, "20-maildomain-standard.yaml").await;
+    domains.extend(apply_all(&domain_api, "30-maildomain-receive-only.yaml").await);
+    let mut slas = apply_all(&sla_api, "40-slatarget.yaml").await;
+    slas.extend(apply_all(&sla_api, "45-slatarget-round-trip.yaml").await);
+
+    for site in &sites {
+        wait_for(
+            &site_api,
+            site,
+            "Ready=True",
+            has_condition("Ready", "True", None),
+        )
+        .await;
+    }
+    for key in &keys {
+        wait_for(
+            &key_api,
+            key,
+            "Ready=True",
+            has_condition("Ready", "True", None),
+        )
+        .await;
+    }
+    for domain in &domains {
+        wait_for(
+            &domain_api,
+            domain,
+            "Ready=True",
+            has_condition("Ready", "True", None),
+        )
+        .await;
+    }
+    for sla in &slas {
+        wait_for(
+            &sla_api,
+            sla,
+            "Ready=True",
+            has_condition("Ready", "True", None),
+        )
+        .await;
+    }
+
+    // Every gateway is a running container on a real node, Ready by its own
+    // /readyz: two per domain and data center.
+    let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    let gateways = eventually("eight Ready gateway pods", || async {
+        let list = pods.list(&ListParams::default()).await.ok()?.items;
+        (list.len() == 8 && list.iter().all(ready_pod)).then_some(list)
+    })
+    .await;
+    for pod in &gateways {
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .expect("scheduled");
+        let labels = nodes.get(&node).await.expect("node").labels().clone();
+        assert_eq!(
+            labels.get("pec.dev/node").map(String::as_str),
+            Some("real"),
+            "{} runs on {node}",
+            pod.name_any()
+        );
+        let container = &pod
+            .status
+            .as_ref()
+            .expect("status")
+            .container_statuses
+            .as_ref()
+            .expect("containers")[0];
+        assert!(
+            container
+                .state
+                .as_ref()
+                .and_then(|s| s.running.as_ref())
+                .is_some(),
+            "{} not running",
+            pod.name_any()
+        );
+    }
+
+    // The round-trip probe carried a PEC message through the example
+    // domain's gateways and its signed receipts verified.
+    let probed = wait_for(
+        &sla_api,
+        "pec-round-trip",
+        "a round trip observed up",
+        |s: Option<&SlaTarget>| {
+            measured_object(s)
+                .and_then(|o| o.last_observation.as_deref())
+                .is_some_and(|o| o.ends_with(" up"))
+        },
+    )
+    .await;
+    let object = measured_object(Some(&probed)).expect("object");
+    assert_eq!(
+        object.period.outages, 0,
+        "{:?}",
+        object.period.latest_outage
+    );
+
+    remove(&client, NS).await;
+    cordon(false).await;
 }
