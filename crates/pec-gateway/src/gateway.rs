@@ -327,9 +327,7 @@ impl Gateway {
             blocking(|| self.queue.put(&job, &signed)).map_err(|e| e.to_string())?;
             self.wake(&job.id);
         }
-        self.queue
-            .mark_emitted(&composed.message_id)
-            .map_err(|e| e.to_string())?;
+        blocking(|| self.queue.mark_emitted(&composed.message_id)).map_err(|e| e.to_string())?;
         self.log(
             &t.identificativo,
             &composed.message_id,
@@ -742,20 +740,19 @@ impl Gateway {
             .flat_map(|(_, r)| r.clone())
             .collect();
         if !remote.is_empty() && !self.queue.is_tracked(&t.identificativo) {
-            self.queue
-                .track(&Tracked {
-                    identificativo: t.identificativo.clone(),
-                    sender: t.mittente.clone(),
-                    message_id: t.msgid.clone(),
-                    subject: t.oggetto.clone(),
-                    recipients: remote,
-                    all_recipients: recipients.to_vec(),
-                    sent_at: now,
-                    taken: Default::default(),
-                    settled: Default::default(),
-                    warned: false,
-                })
-                .map_err(|e| e.to_string())?;
+            let tracked = Tracked {
+                identificativo: t.identificativo.clone(),
+                sender: t.mittente.clone(),
+                message_id: t.msgid.clone(),
+                subject: t.oggetto.clone(),
+                recipients: remote,
+                all_recipients: recipients.to_vec(),
+                sent_at: now,
+                taken: Default::default(),
+                settled: Default::default(),
+                warned: false,
+            };
+            blocking(|| self.queue.track(&tracked)).map_err(|e| e.to_string())?;
         }
         for (domain, rcpts) in by_domain {
             let job_id = format!("{}>{domain}", t.identificativo);
@@ -780,9 +777,7 @@ impl Gateway {
             };
             let job = Job::new(job_id.clone(), work, now);
             blocking(|| self.queue.put(&job, &signed)).map_err(|e| e.to_string())?;
-            self.queue
-                .mark_emitted(&job_id)
-                .map_err(|e| e.to_string())?;
+            blocking(|| self.queue.mark_emitted(&job_id)).map_err(|e| e.to_string())?;
             self.log(
                 &t.identificativo,
                 &t.msgid,
@@ -885,14 +880,15 @@ impl Gateway {
                 }
                 let settles =
                     matches!(daticert.tipo, Tipo::AvvenutaConsegna | Tipo::ErroreConsegna);
-                self.queue
-                    .update_tracked(&t.identificativo, |tr| {
+                blocking(|| {
+                    self.queue.update_tracked(&t.identificativo, |tr| {
                         tr.taken.insert(issuer_domain.clone());
                         if settles && let Some(c) = &daticert.consegna {
                             tr.settled.insert(c.to_ascii_lowercase());
                         }
                     })
-                    .map_err(|e| e.to_string())?;
+                })
+                .map_err(|e| e.to_string())?;
                 if daticert.tipo == Tipo::PresaInCarico {
                     // Between providers only: recorded, not delivered.
                     self.log(
@@ -990,12 +986,12 @@ impl Gateway {
         recipients: &[String],
         reason: &str,
     ) -> Result<(), String> {
-        let Some(tracked) = self
-            .queue
-            .update_tracked(identificativo, |t| {
+        let Some(tracked) = blocking(|| {
+            self.queue.update_tracked(identificativo, |t| {
                 t.settled.extend(recipients.iter().cloned());
             })
-            .map_err(|e| e.to_string())?
+        })
+        .map_err(|e| e.to_string())?
         else {
             return Ok(());
         };
@@ -1054,14 +1050,15 @@ impl Gateway {
             let composed = compose::receipt(t, notice, &t.mittente, self.issuer(), now, None);
             self.emit(composed, kind, t).await?;
         }
-        self.queue
-            .update_tracked(&t.identificativo, |tr| {
+        blocking(|| {
+            self.queue.update_tracked(&t.identificativo, |tr| {
                 tr.warned = true;
                 if final_notice {
                     tr.settled.extend(rcpts.iter().cloned());
                 }
             })
-            .map_err(|e| e.to_string())?;
+        })
+        .map_err(|e| e.to_string())?;
         Ok(())
     }
 }
