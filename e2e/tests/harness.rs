@@ -89,7 +89,7 @@ pub fn store_dir(ns: &str, name: &str) -> String {
 }
 
 /// A hostPath PersistentVolume for `path`, bound to the ReadWriteMany claim
-/// `name` in `ns`.
+/// `name` in `ns`; both are left as they are when they exist already.
 pub async fn host_path_claim(client: &Client, ns: &str, name: &str, path: &str) {
     let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
         "metadata": {"name": format!("{name}-{ns}")},
@@ -103,10 +103,10 @@ pub async fn host_path_claim(client: &Client, ns: &str, name: &str, path: &str) 
         },
     }))
     .expect("pv");
-    Api::<PersistentVolume>::all(client.clone())
+    let created = Api::<PersistentVolume>::all(client.clone())
         .create(&PostParams::default(), &pv)
-        .await
-        .expect("create PV");
+        .await;
+    created_or_present(created, "PV");
     let pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "spec": {
@@ -117,10 +117,18 @@ pub async fn host_path_claim(client: &Client, ns: &str, name: &str, path: &str) 
         },
     }))
     .expect("pvc");
-    Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+    let created = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &pvc)
-        .await
-        .expect("create PVC");
+        .await;
+    created_or_present(created, "PVC");
+}
+
+fn created_or_present<K>(result: kube::Result<K>, what: &str) {
+    match result {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create {what}: {e}"),
+    }
 }
 
 /// Waits until `cond` holds for the object `name`, or fails the test after [`WAIT`].

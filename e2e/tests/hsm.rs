@@ -16,11 +16,26 @@ fn hsm() -> &'static Hsm {
     })
 }
 
+/// A session on the tests' token. SoftHSM2 keeps a token in files that
+/// other processes (the operators) rewrite as they make keys; reading them
+/// at that moment fails with a general error, so a few attempts are made,
+/// as the operator's own reconciles retry.
 pub fn token() -> Token {
     let label = std::env::var("PEC_E2E_HSM_TOKEN").expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN");
     let pin =
         AuthPin::from(std::env::var("PEC_E2E_HSM_PIN").expect("e2e/test.sh sets PEC_E2E_HSM_PIN"));
-    hsm().login(&label, &pin).expect("log in to the test token")
+    let mut attempt = 1;
+    loop {
+        match hsm().login(&label, &pin) {
+            Ok(token) => return token,
+            Err(e) if attempt < 5 => {
+                eprintln!("log in to the test token, attempt {attempt}: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                attempt += 1;
+            }
+            Err(e) => panic!("log in to the test token: {e}"),
+        }
+    }
 }
 
 #[test]

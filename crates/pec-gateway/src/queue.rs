@@ -1,19 +1,30 @@
 //! The spool and the outbound queue: nothing accepted is lost.
 //!
-//! A job is one JSON file in `jobs/`, its message one file in `data/`, both
-//! written durably (temporary file, fsync, rename, fsync of the directory)
-//! before the gateway says 250. The job is the unit of retry and carries its
-//! own schedule, so a restarted gateway picks up exactly where it stopped.
+//! A job is one file in `jobs/`: its record (one line of JSON) and then its
+//! message, written durably (temporary file, fsync, rename, fsync of the
+//! directory) before the gateway says 250. One file, not a record and a
+//! message apart, halves the files a message creates and deletes, which is
+//! what the file system spends most of its time on. The job is the unit of
+//! retry and carries its own schedule, so a restarted gateway picks up
+//! exactly where it stopped. A queue written in the earlier two-file layout
+//! (`jobs/<name>.json` and `data/<name>.eml`) is converted when opened.
 //! Every step a job takes is idempotent: mailbox deliveries are keyed by
-//! Message-ID, and what the gateway emits is recorded in `emitted/` before
-//! its job is dropped, so a replayed job neither delivers nor sends twice.
+//! Message-ID, and what the gateway emits is recorded before its job is
+//! dropped, so a replayed job neither delivers nor sends twice. Those
+//! records are lines of `emitted.log` (hashed ids, appended and fsync'd),
+//! held in memory too; the file is started afresh as `emitted.old.log` after
+//! [`EMITTED_PER_GENERATION`] lines, and both generations are remembered, so
+//! a replay is recognised for at least that many emissions while memory
+//! stays bounded. An `emitted/` directory of one file per record (the
+//! earlier layout) is folded into the log when the queue opens.
 //!
 //! `sent/` holds the transmissions that still wait for receipts from other
 //! providers, for the 12-hour warning and the 24-hour final notice.
 
 use std::{
-    collections::BTreeSet,
-    io,
+    collections::{BTreeSet, HashSet},
+    fs::{File, OpenOptions},
+    io::{self, Read, Write},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -194,6 +205,147 @@ impl Tracked {
 pub struct Queue {
     root: PathBuf,
     tracked_lock: Mutex<()>,
+    emitted: Mutex<EmittedLog>,
+}
+
+/// Emission records per generation of `emitted.log`.
+pub const EMITTED_PER_GENERATION: usize = 500_000;
+
+/// A hashed id, as `emitted.log` holds it.
+type Key = [u8; 16];
+
+/// The emission records: the log file being appended to, and what both
+/// generations hold.
+struct EmittedLog {
+    file: File,
+    /// The length of the file's whole lines.
+    len: u64,
+    /// Records a generation holds before the next one starts.
+    per_generation: usize,
+    current: HashSet<Key>,
+    old: HashSet<Key>,
+}
+
+impl EmittedLog {
+    const FILE: &str = "emitted.log";
+    const OLD_FILE: &str = "emitted.old.log";
+
+    /// Opens the log under `root`, dropping a torn last line (a crash in
+    /// the middle of an append: that record was never acknowledged).
+    fn open(root: &Path, per_generation: usize) -> io::Result<Self> {
+        let path = root.join(Self::FILE);
+        let created = !path.exists();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)?;
+        if created {
+            File::open(root)?.sync_all()?;
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole < bytes.len() {
+            file.set_len(whole as u64)?;
+            file.sync_all()?;
+        }
+        let old = match std::fs::read(root.join(Self::OLD_FILE)) {
+            Ok(old) => keys(&old),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            file,
+            len: whole as u64,
+            per_generation,
+            current: keys(&bytes[..whole]),
+            old,
+        })
+    }
+
+    fn contains(&self, key: &Key) -> bool {
+        self.current.contains(key) || self.old.contains(key)
+    }
+
+    /// Appends `keys` not yet recorded and syncs; starts a new generation
+    /// first when the current one is full.
+    fn record(&mut self, root: &Path, keys: &[Key]) -> io::Result<()> {
+        let mut new: Vec<&Key> = keys.iter().filter(|k| !self.contains(k)).collect();
+        new.sort_unstable();
+        new.dedup();
+        if new.is_empty() {
+            return Ok(());
+        }
+        if self.current.len() >= self.per_generation {
+            self.rotate(root)?;
+        }
+        let mut lines = Vec::with_capacity(new.len() * 33);
+        for key in &new {
+            lines.extend(key.iter().flat_map(|b| hex_digits(*b)));
+            lines.push(b'\n');
+        }
+        if let Err(e) = self
+            .file
+            .write_all(&lines)
+            .and_then(|()| self.file.sync_data())
+        {
+            // Cut back to the last whole line, so the next append does not
+            // glue onto a torn one.
+            let _ = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data());
+            return Err(e);
+        }
+        self.len += lines.len() as u64;
+        self.current.extend(new.into_iter().copied());
+        Ok(())
+    }
+
+    fn rotate(&mut self, root: &Path) -> io::Result<()> {
+        std::fs::rename(root.join(Self::FILE), root.join(Self::OLD_FILE))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(root.join(Self::FILE))?;
+        File::open(root)?.sync_all()?;
+        self.file = file;
+        self.len = 0;
+        self.old = std::mem::take(&mut self.current);
+        Ok(())
+    }
+}
+
+fn key_of(id: &str) -> Key {
+    let h = Sha256::digest(id.as_bytes());
+    let mut key = [0; 16];
+    key.copy_from_slice(&h[..16]);
+    key
+}
+
+fn hex_digits(b: u8) -> [u8; 2] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]
+}
+
+/// The keys of the whole lines of an emission log (or of file names of the
+/// earlier layout); anything else is skipped.
+fn keys(text: &[u8]) -> HashSet<Key> {
+    text.split(|&b| b == b'\n').filter_map(parse_key).collect()
+}
+
+fn parse_key(hex: &[u8]) -> Option<Key> {
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut key = [0; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        key[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(key)
 }
 
 fn safe_name(id: &str) -> String {
@@ -207,45 +359,56 @@ fn invalid(e: serde_json::Error) -> io::Error {
 }
 
 impl Queue {
-    /// Opens (creating) the queue under `root`.
+    /// Opens (creating) the queue under `root`, converting jobs of the
+    /// earlier two-file layout.
     pub fn open(root: &Path) -> io::Result<Self> {
-        for dir in ["jobs", "data", "sent", "emitted"] {
+        for dir in ["jobs", "sent"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
-        Ok(Self {
+        let queue = Self {
             root: root.to_path_buf(),
             tracked_lock: Mutex::new(()),
-        })
+            emitted: Mutex::new(EmittedLog::open(root, EMITTED_PER_GENERATION)?),
+        };
+        queue.convert_two_file_jobs()?;
+        queue.convert_emitted_directory()?;
+        Ok(queue)
     }
 
     fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
 
-    /// Stores `job` and its message durably: the message first, so a job
-    /// file never points at nothing.
-    pub fn put(&self, job: &Job, data: &[u8]) -> io::Result<()> {
-        let name = safe_name(&job.id);
-        write_durably(&self.dir("data"), &format!("{name}.eml"), data)?;
-        self.update(job)
+    fn job_path(&self, id: &str) -> PathBuf {
+        self.dir("jobs")
+            .join(format!("{}.{JOB_EXTENSION}", safe_name(id)))
     }
 
-    /// Rewrites the job record (its schedule after an attempt).
-    pub fn update(&self, job: &Job) -> io::Result<()> {
-        let json = serde_json::to_vec(job).map_err(invalid)?;
+    /// Stores `job` and its message durably, in one file.
+    pub fn put(&self, job: &Job, data: &[u8]) -> io::Result<()> {
+        let mut bytes = serde_json::to_vec(job).map_err(invalid)?;
+        // JSON escapes every newline inside strings: the first one ends the record.
+        bytes.push(b'\n');
+        bytes.extend_from_slice(data);
         write_durably(
             &self.dir("jobs"),
-            &format!("{}.json", safe_name(&job.id)),
-            &json,
+            &format!("{}.{JOB_EXTENSION}", safe_name(&job.id)),
+            &bytes,
         )?;
         Ok(())
     }
 
+    /// Rewrites the job record (its schedule after an attempt), keeping its
+    /// message.
+    pub fn update(&self, job: &Job) -> io::Result<()> {
+        let data = self.data(&job.id)?;
+        self.put(job, &data)
+    }
+
     /// The job `id`, if it is still queued.
     pub fn get(&self, id: &str) -> io::Result<Option<Job>> {
-        let path = self.dir("jobs").join(format!("{}.json", safe_name(id)));
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(invalid),
+        match std::fs::read(self.job_path(id)) {
+            Ok(bytes) => parse_job(&bytes).map(|(job, _)| Some(job)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -253,28 +416,62 @@ impl Queue {
 
     /// The message of job `id`.
     pub fn data(&self, id: &str) -> io::Result<Vec<u8>> {
-        std::fs::read(self.dir("data").join(format!("{}.eml", safe_name(id))))
+        let mut bytes = std::fs::read(self.job_path(id))?;
+        let start = record_end(&bytes)?;
+        Ok(bytes.split_off(start + 1))
     }
 
-    /// Drops a finished job: the record first, then its message.
+    /// Drops a finished job.
     pub fn done(&self, id: &str) -> io::Result<()> {
-        let name = safe_name(id);
-        remove_if_present(&self.dir("jobs").join(format!("{name}.json")))?;
-        remove_if_present(&self.dir("data").join(format!("{name}.eml")))
+        remove_if_present(&self.job_path(id))
     }
 
-    /// Every job on disk. A record that does not parse is moved aside
+    /// Rewrites each `jobs/<name>.json` with its `data/<name>.eml` as one
+    /// job file, then removes the pair (the record last: a crash midway
+    /// leaves a pair to convert again, never a job without its message).
+    fn convert_two_file_jobs(&self) -> io::Result<()> {
+        let data_dir = self.dir("data");
+        if !data_dir.is_dir() {
+            return Ok(());
+        }
+        for entry in std::fs::read_dir(self.dir("jobs"))? {
+            let record = entry?.path();
+            if record.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let Some(stem) = record.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let message = data_dir.join(format!("{stem}.eml"));
+            let converted = std::fs::read(&record)
+                .and_then(|b| serde_json::from_slice::<Job>(&b).map_err(invalid))
+                .and_then(|job| Ok((job, std::fs::read(&message)?)));
+            match converted {
+                Ok((job, data)) => {
+                    self.put(&job, &data)?;
+                    remove_if_present(&message)?;
+                    remove_if_present(&record)?;
+                }
+                // Left for pending() to set aside and report.
+                Err(_) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    /// Every job on disk. A file that does not parse is moved aside
     /// (never deleted) and reported in the error log by the caller.
     pub fn pending(&self) -> io::Result<(Vec<Job>, Vec<PathBuf>)> {
         let mut jobs = Vec::new();
         let mut broken = Vec::new();
         for entry in std::fs::read_dir(self.dir("jobs"))? {
             let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            let extension = path.extension().and_then(|e| e.to_str());
+            if extension != Some(JOB_EXTENSION) && extension != Some("json") {
                 continue;
             }
-            match std::fs::read(&path).map(|b| serde_json::from_slice::<Job>(&b)) {
-                Ok(Ok(job)) => jobs.push(job),
+            match std::fs::read(&path).map(|b| parse_job(&b)) {
+                Ok(Ok((job, _))) if extension == Some(JOB_EXTENSION) => jobs.push(job),
                 _ => {
                     let aside = path.with_extension("broken");
                     std::fs::rename(&path, &aside)?;
@@ -291,7 +488,9 @@ impl Queue {
         std::fs::read_dir(self.dir("jobs"))
             .map(|d| {
                 d.filter_map(Result::ok)
-                    .filter(|e| e.path().extension().and_then(|x| x.to_str()) == Some("json"))
+                    .filter(|e| {
+                        e.path().extension().and_then(|x| x.to_str()) == Some(JOB_EXTENSION)
+                    })
                     .count()
             })
             .unwrap_or(0)
@@ -299,17 +498,31 @@ impl Queue {
 
     /// Whether something with this Message-ID was already emitted.
     pub fn was_emitted(&self, message_id: &str) -> bool {
-        self.dir("emitted").join(safe_name(message_id)).exists()
+        self.emitted_log().contains(&key_of(message_id))
     }
 
-    /// Records that something with this Message-ID was emitted.
+    /// Records, durably, that something with this Message-ID was emitted.
     pub fn mark_emitted(&self, message_id: &str) -> io::Result<()> {
-        write_durably(
-            &self.dir("emitted"),
-            &safe_name(message_id),
-            message_id.as_bytes(),
-        )?;
-        Ok(())
+        self.emitted_log().record(&self.root, &[key_of(message_id)])
+    }
+
+    fn emitted_log(&self) -> std::sync::MutexGuard<'_, EmittedLog> {
+        self.emitted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the records of an `emitted/` directory (one file per record,
+    /// named by the hashed id) into the log, then removes the directory.
+    fn convert_emitted_directory(&self) -> io::Result<()> {
+        let dir = self.dir("emitted");
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let names: Vec<Key> = std::fs::read_dir(&dir)?
+            .filter_map(Result::ok)
+            .filter_map(|e| parse_key(e.file_name().as_encoded_bytes()))
+            .collect();
+        self.emitted_log().record(&self.root, &names)?;
+        std::fs::remove_dir_all(&dir)
     }
 
     /// Starts waiting for receipts of a transmission.
@@ -374,6 +587,24 @@ impl Queue {
     }
 }
 
+/// The extension of a job file.
+const JOB_EXTENSION: &str = "job";
+
+/// Where the record of a job file ends (its first newline).
+fn record_end(bytes: &[u8]) -> io::Result<usize> {
+    bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a job file without its message"))
+}
+
+/// The record of a job file, and where its message starts.
+fn parse_job(bytes: &[u8]) -> io::Result<(Job, usize)> {
+    let end = record_end(bytes)?;
+    let job = serde_json::from_slice(&bytes[..end]).map_err(invalid)?;
+    Ok((job, end + 1))
+}
+
 fn remove_if_present(path: &Path) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -436,11 +667,47 @@ mod tests {
     fn a_broken_record_is_set_aside_not_lost() {
         let dir = tempfile::tempdir().expect("tempdir");
         let q = Queue::open(dir.path()).expect("open");
-        std::fs::write(dir.path().join("jobs/x.json"), b"{torn").expect("write");
+        std::fs::write(dir.path().join("jobs/x.job"), b"{torn").expect("write");
+        std::fs::write(dir.path().join("jobs/y.job"), b"{\"kind\":1}\nmessage").expect("write");
         let (jobs, broken) = q.pending().expect("pending");
         assert!(jobs.is_empty());
-        assert_eq!(broken.len(), 1);
-        assert!(broken[0].exists());
+        assert_eq!(broken.len(), 2);
+        assert!(broken.iter().all(|b| b.exists()));
+    }
+
+    #[test]
+    fn a_retry_keeps_the_message() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = Queue::open(dir.path()).expect("open");
+        let mut job = send_job("j1");
+        let message = b"line one\r\nline two\r\n";
+        q.put(&job, message).expect("put");
+        job.retry_later("421 busy".into(), t0());
+        q.update(&job).expect("update");
+        assert_eq!(q.get("j1").expect("get"), Some(job));
+        assert_eq!(q.data("j1").expect("data"), message);
+    }
+
+    #[test]
+    fn a_queue_in_the_two_file_layout_is_converted_when_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["jobs", "data"] {
+            std::fs::create_dir_all(dir.path().join(d)).expect("dir");
+        }
+        let name = safe_name("j1");
+        let record = serde_json::to_vec(&send_job("j1")).expect("json");
+        std::fs::write(dir.path().join(format!("jobs/{name}.json")), record).expect("record");
+        std::fs::write(dir.path().join(format!("data/{name}.eml")), b"old message").expect("data");
+        // A record whose message is missing is not converted, and not lost.
+        std::fs::write(dir.path().join("jobs/orphan.json"), b"{}").expect("orphan");
+
+        let q = Queue::open(dir.path()).expect("open");
+        let (jobs, broken) = q.pending().expect("pending");
+        assert_eq!(jobs, vec![send_job("j1")]);
+        assert_eq!(q.data("j1").expect("data"), b"old message");
+        assert!(!dir.path().join(format!("jobs/{name}.json")).exists());
+        assert!(!dir.path().join(format!("data/{name}.eml")).exists());
+        assert_eq!(broken, vec![dir.path().join("jobs/orphan.broken")]);
     }
 
     #[test]
@@ -520,6 +787,61 @@ mod tests {
             q.update_tracked("opec.1@pec.a.it", |_| {}).expect("update"),
             None
         );
+    }
+
+    #[test]
+    fn a_torn_emission_record_is_dropped_and_the_log_stays_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = Queue::open(dir.path()).expect("open");
+        q.mark_emitted("r1@pec.a.it").expect("mark");
+        drop(q);
+        let log = dir.path().join("emitted.log");
+        let mut torn = std::fs::read(&log).expect("log");
+        torn.extend_from_slice(b"0123abc");
+        std::fs::write(&log, &torn).expect("tear");
+        let q = Queue::open(dir.path()).expect("reopen");
+        q.mark_emitted("r2@pec.a.it").expect("mark after the tear");
+        let q = Queue::open(dir.path()).expect("reopen again");
+        assert!(q.was_emitted("r1@pec.a.it") && q.was_emitted("r2@pec.a.it"));
+        assert_eq!(std::fs::read(&log).expect("log").len(), 2 * 33);
+    }
+
+    #[test]
+    fn emission_records_of_the_directory_layout_are_folded_into_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("emitted")).expect("dir");
+        std::fs::write(
+            dir.path().join("emitted").join(safe_name("r1@pec.a.it")),
+            b"r1@pec.a.it",
+        )
+        .expect("record");
+        let q = Queue::open(dir.path()).expect("open");
+        assert!(q.was_emitted("r1@pec.a.it"));
+        assert!(!dir.path().join("emitted").exists());
+        assert!(
+            Queue::open(dir.path())
+                .expect("reopen")
+                .was_emitted("r1@pec.a.it")
+        );
+    }
+
+    #[test]
+    fn a_full_generation_starts_a_new_one_and_both_are_remembered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = EmittedLog::open(dir.path(), 3).expect("open");
+        let ids: Vec<Key> = (0..7).map(|i| key_of(&i.to_string())).collect();
+        log.record(dir.path(), &ids[..3]).expect("fill");
+        log.record(dir.path(), &ids[3..4]).expect("one more");
+        assert!(dir.path().join(EmittedLog::OLD_FILE).exists());
+        let mut log = EmittedLog::open(dir.path(), 3).expect("reopen");
+        assert_eq!((log.old.len(), log.current.len()), (3, 1));
+        assert!(ids[..4].iter().all(|k| log.contains(k)));
+        // The generation before the old one is forgotten: memory stays bounded.
+        log.record(dir.path(), &ids[4..6]).expect("fill the second");
+        log.record(dir.path(), &ids[6..7])
+            .expect("a third generation");
+        assert!(!log.contains(&ids[0]));
+        assert!(ids[3..7].iter().all(|k| log.contains(k)));
     }
 
     #[test]
