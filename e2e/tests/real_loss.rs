@@ -97,7 +97,16 @@ impl Traffic {
 /// One submission on `ip:465` as `sla-probe`, on a connection of its own.
 async fn submit(ip: &str, password: &str) -> Result<(), String> {
     let address = "sla-probe@real.pec.example.it";
-    let tls = TlsParameters::builder("real.pec.example.it".into())
+    submit_as(ip, address, address, password).await
+}
+
+/// One PEC message from `from` to `to`, submitted on `ip:465` with `from`'s
+/// password, on a connection of its own (the server's certificate is not
+/// checked: the test domains' are self-signed).
+pub async fn submit_as(ip: &str, from: &str, to: &str, password: &str) -> Result<(), String> {
+    let address = from;
+    let domain = from.rsplit_once('@').map_or(from, |(_, d)| d);
+    let tls = TlsParameters::builder(domain.into())
         .dangerous_accept_invalid_certs(true)
         .build_rustls()
         .map_err(|e| e.to_string())?;
@@ -118,7 +127,7 @@ async fn submit(ip: &str, password: &str) -> Result<(), String> {
     .map_err(|e| format!("AUTH: {e}"))?;
     let message = Message::builder()
         .from(address.parse().map_err(|e| format!("{e}"))?)
-        .to(address.parse().map_err(|e| format!("{e}"))?)
+        .to(to.parse().map_err(|e| format!("{e}"))?)
         .subject("traffic")
         .body("under traffic\r\n".to_string())
         .map_err(|e| e.to_string())?;

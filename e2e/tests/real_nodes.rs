@@ -800,6 +800,55 @@ async fn the_examples_applied_become_ready_with_gateways_running_as_containers()
         object.period.latest_outage
     );
 
+    // One domain of the namespace writes to the other with no route in
+    // either spec: the platform routes take the envelope to the ufficio
+    // domain's Service, its signature is trusted there, and the delivery
+    // receipt comes back the same way.
+    let service = Api::<Service>::namespaced(client.clone(), NS)
+        .get(&domain_service_name("example-standard"))
+        .await
+        .expect("the example-standard Service");
+    let ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP");
+    crate::real_loss::submit_as(
+        &ip,
+        "mario@pec.example.it",
+        "protocollo@ufficio.pec.example.it",
+        &password,
+    )
+    .await
+    .expect("mario submits to the other domain");
+    let messages = |claim: &str, mailbox: &str| -> Vec<String> {
+        let dir = std::path::Path::new(&store_dir(NS, claim))
+            .join("mailboxes")
+            .join(mailbox)
+            .join("new");
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| std::fs::read(e.path()).ok())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    eventually("the envelope in protocollo's mailbox", || async {
+        messages("example-ufficio-mail", "protocollo")
+            .iter()
+            .any(|m| m.contains("X-Trasporto: posta-certificata"))
+            .then_some(())
+    })
+    .await;
+    eventually("the delivery receipt in mario's mailbox", || async {
+        messages("example-standard-mail", "mario")
+            .iter()
+            .any(|m| m.contains("X-Ricevuta: avvenuta-consegna"))
+            .then_some(())
+    })
+    .await;
+
     remove(&client, NS).await;
     cordon(false).await;
 }

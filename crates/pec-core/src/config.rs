@@ -209,6 +209,12 @@ pub struct RelayConfig {
     /// (the domain Service): mail for them goes straight there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub routes: BTreeMap<String, String>,
+    /// A YAML file of more routes (`domain: host:port`), read at start and
+    /// again every few seconds, so domains can join without a restart: the
+    /// operator keeps every domain of the namespace there. `routes` wins
+    /// over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_file: Option<PathBuf>,
     /// Every other domain goes through this `host:port`. Without one, mail
     /// for other domains goes where their MX records say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +238,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             routes: BTreeMap::new(),
+            routes_file: None,
             smarthost: None,
             nameservers: Vec::new(),
             mx_port: default_mx_port(),

@@ -591,6 +591,7 @@ impl Gateway {
                 _ = tick.tick() => {
                     self.metrics.queue_depth.set(self.queue.depth() as i64);
                     self.reload_trusted();
+                    self.relay.reload_routes();
                     match self.queue.pending() {
                         Ok((jobs, broken)) => {
                             for path in broken {

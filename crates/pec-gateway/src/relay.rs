@@ -16,9 +16,9 @@
 //! whenever the peer offers it and one pooled connection set per peer.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::Mutex,
+    sync::{Mutex, RwLock},
     time::Duration,
 };
 
@@ -65,18 +65,25 @@ pub struct Hop {
     pub connect: String,
     /// The host name for TLS.
     pub name: String,
+    /// Whether the peer's certificate is checked when it offers STARTTLS.
+    /// Not for a domain of the platform reached through its Service: that is
+    /// a cluster-internal name no certificate carries, and what either side
+    /// sends is trusted by its S/MIME signature, not by the channel.
+    pub verify: bool,
 }
 
 impl Hop {
     /// The key of this hop's connection pool.
     fn pool_key(&self) -> String {
-        format!("{}|{}", self.connect, self.name)
+        format!("{}|{}|{}", self.connect, self.name, self.verify)
     }
 }
 
 /// The SMTP client side of the gateway.
 pub struct Relay {
     config: RelayConfig,
+    /// The routes of `config.routes_file`, as last read.
+    file_routes: RwLock<BTreeMap<String, String>>,
     helo: String,
     resolver: Result<TokioResolver, String>,
     transports: Mutex<HashMap<String, AsyncSmtpTransport<Tokio1Executor>>>,
@@ -89,28 +96,68 @@ impl Relay {
         if let Err(e) = &resolver {
             tracing::warn!(error = %e, "no DNS resolver: mail for domains without a route waits in the queue");
         }
-        Self {
+        let relay = Self {
             config,
+            file_routes: RwLock::new(BTreeMap::new()),
             helo: helo.to_string(),
             resolver,
             transports: Mutex::new(HashMap::new()),
+        };
+        relay.reload_routes();
+        relay
+    }
+
+    /// Reads the routes file again; keeps the routes it had when the file
+    /// cannot be read or parsed (a ConfigMap volume being swapped, a typo),
+    /// and says so. Returns how many routes the file holds.
+    pub fn reload_routes(&self) -> usize {
+        let Some(path) = &self.config.routes_file else {
+            return 0;
+        };
+        let read = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                if text.trim().is_empty() {
+                    return Ok(BTreeMap::new());
+                }
+                serde_yaml::from_str::<BTreeMap<String, String>>(&text).map_err(|e| e.to_string())
+            });
+        let mut routes = self.file_routes.write().unwrap_or_else(|e| e.into_inner());
+        match read {
+            Ok(new) => {
+                if *routes != new {
+                    tracing::info!(routes = new.len(), file = %path.display(), "platform routes changed");
+                    *routes = new;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, file = %path.display(), "the routes file could not be read; keeping the routes it had")
+            }
         }
+        routes.len()
     }
 
     /// The configured `host:port` mail for `domain` goes to (route or
     /// smarthost), if any.
     fn configured(&self, domain: &str) -> Option<Hop> {
-        let target = self
-            .config
-            .routes
+        let from_file = self
+            .file_routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .get(domain)
-            .or(self.config.smarthost.as_ref())?;
+            .cloned();
+        let (target, verify) = match (self.config.routes.get(domain), from_file) {
+            (Some(route), _) => (route.clone(), true),
+            (None, Some(platform)) => (platform, false),
+            (None, None) => (self.config.smarthost.clone()?, true),
+        };
         let name = target
             .rsplit_once(':')
             .map_or(target.as_str(), |(host, _)| host);
         Some(Hop {
             connect: target.clone(),
             name: name.to_string(),
+            verify,
         })
     }
 
@@ -156,6 +203,7 @@ impl Relay {
                 Ok(ips) => hops.extend(ips.iter().map(|ip| Hop {
                     connect: SocketAddr::new(ip, self.config.mx_port).to_string(),
                     name: host.clone(),
+                    verify: true,
                 })),
                 Err(e) => last_error = Some(format!("addresses of {host}: {e}")),
             }
@@ -186,9 +234,10 @@ impl Relay {
                 RelayError::Permanent(format!("route {:?} is not host:port", hop.connect))
             })?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
+        let check = hop.verify && !self.config.insecure_tls;
         let tls = TlsParameters::builder(hop.name.clone())
-            .dangerous_accept_invalid_certs(self.config.insecure_tls)
-            .dangerous_accept_invalid_hostnames(self.config.insecure_tls)
+            .dangerous_accept_invalid_certs(!check)
+            .dangerous_accept_invalid_hostnames(!check)
             .build_rustls()
             .map_err(|e| RelayError::Permanent(format!("TLS settings for {}: {e}", hop.name)))?;
         let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
@@ -340,13 +389,44 @@ mod tests {
             relay.configured("a.it"),
             Some(Hop {
                 connect: "gw-a:25".into(),
-                name: "gw-a".into()
+                name: "gw-a".into(),
+                verify: true,
             })
         );
         assert_eq!(
             relay.configured("z.it").map(|h| h.name),
             Some("smart".into())
         );
+    }
+
+    #[test]
+    fn routes_from_the_file_follow_its_changes_and_yield_to_configured_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("routes.yaml");
+        std::fs::write(&file, "b.it: gw-b.ns.svc:25\na.it: elsewhere:25\n").expect("write");
+        let config = RelayConfig {
+            routes: [("a.it".to_string(), "gw-a:25".to_string())].into(),
+            routes_file: Some(file.clone()),
+            ..RelayConfig::default()
+        };
+        let relay = Relay::new(config, "me.it");
+        let target = |d: &str| relay.configured(d).map(|h| h.connect);
+        assert_eq!(target("b.it").as_deref(), Some("gw-b.ns.svc:25"));
+        assert_eq!(relay.configured("b.it").map(|h| h.verify), Some(false));
+        assert_eq!(target("a.it").as_deref(), Some("gw-a:25"));
+        assert_eq!(target("c.it"), None);
+
+        std::fs::write(&file, "c.it: gw-c.ns.svc:25\n").expect("rewrite");
+        assert_eq!(relay.reload_routes(), 1);
+        assert_eq!(target("c.it").as_deref(), Some("gw-c.ns.svc:25"));
+        assert_eq!(target("b.it"), None);
+
+        // A file that does not parse keeps what was read last.
+        std::fs::write(&file, "c.it: [not, a, route").expect("break");
+        assert_eq!(relay.reload_routes(), 1);
+        assert_eq!(target("c.it").as_deref(), Some("gw-c.ns.svc:25"));
+        std::fs::write(&file, "").expect("empty");
+        assert_eq!(relay.reload_routes(), 0);
     }
 
     #[test]

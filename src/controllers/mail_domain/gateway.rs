@@ -6,8 +6,8 @@
 //! generation and the operator-wide [`GatewayDefaults`].
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapProjection, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, ProjectedVolumeSource,
+    ConfigMapProjection, ConfigMapVolumeSource, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, ProjectedVolumeSource,
     SecretVolumeSource, Volume, VolumeMount, VolumeProjection,
 };
 use kube::ResourceExt;
@@ -27,6 +27,7 @@ pub const CONFIG_DIR: &str = "/etc/pec-gateway";
 pub const METRICS_PORT: i32 = 8080;
 const DATA_DIR: &str = "/var/lib/pec";
 const TOKEN_DIR: &str = "/var/lib/softhsm/tokens";
+const ROUTES_DIR: &str = "/etc/pec/routes";
 const SOFTHSM_CONF_KEY: &str = "softhsm2.conf";
 
 /// Operator-wide settings of every gateway (the operator's flags).
@@ -152,6 +153,7 @@ pub fn gateway_config(
         }),
         relay: RelayConfig {
             routes: spec.gateway.relay.routes.clone(),
+            routes_file: Some(format!("{ROUTES_DIR}/{}", super::routes::ROUTES_KEY).into()),
             smarthost: spec.gateway.relay.smarthost.clone(),
             ..RelayConfig::default()
         },
@@ -301,6 +303,19 @@ pub fn volumes(
         });
         mounts.push(mount("providers", "/etc/pec/providers", true));
     }
+    // Routes to every domain of the namespace: an aggregate the operator
+    // keeps current and the gateway re-reads, so a new domain is reachable
+    // without rolling the pods.
+    volumes.push(Volume {
+        name: "platform-routes".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: super::routes::PLATFORM_ROUTES.into(),
+            optional: Some(true),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    mounts.push(mount("platform-routes", ROUTES_DIR, true));
     if let Some(secret) = &md.spec.gateway.mailboxes_secret_ref {
         volumes.push(secret_volume(
             "credentials",
@@ -448,6 +463,7 @@ mod tests {
             config.paths.providers[0].clone(),
             config.paths.credentials.clone(),
             config.tls.clone().expect("tls").cert_file,
+            config.relay.routes_file.clone().expect("routes file"),
         ] {
             assert!(mounted(&path), "{} is not mounted", path.display());
         }
@@ -501,8 +517,22 @@ mod tests {
         let md = domain(&["dc-it1"]);
         let (volumes, _, env) = volumes(&md, None, &GatewayDefaults::default(), "acme-dc-it1");
         let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-        // Even a domain that signs nothing yet trusts the platform's keys.
-        assert_eq!(names, ["config", "tmp", "data", "providers"]);
+        // Even a domain that signs nothing yet trusts the platform's keys
+        // and knows the platform's routes.
+        assert_eq!(
+            names,
+            ["config", "tmp", "data", "providers", "platform-routes"]
+        );
+        let routes = volumes
+            .iter()
+            .find(|v| v.name == "platform-routes")
+            .and_then(|v| v.config_map.clone())
+            .expect("a ConfigMap volume");
+        assert_eq!(
+            (routes.name.as_str(), routes.optional),
+            (super::super::routes::PLATFORM_ROUTES, Some(true)),
+            "a pod must start before the routes exist"
+        );
         assert!(!env.iter().any(|e| e.name == "SOFTHSM2_CONF"));
     }
 }

@@ -9,6 +9,7 @@ mod apply;
 pub mod build;
 pub mod dns;
 pub mod gateway;
+pub mod routes;
 pub mod status;
 pub mod validate;
 
@@ -195,6 +196,13 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
         &resolution.missing,
     )
     .await?;
+    routes::apply(&ctx.client, &namespace, apply::FIELD_MANAGER)
+        .await
+        .map_err(|source| Error::Apply {
+            kind: "ConfigMap",
+            name: routes::PLATFORM_ROUTES.into(),
+            source,
+        })?;
     if ctx.dns.available(&ctx.client).await {
         let sites: Vec<&Site> = fetched.values().flatten().collect();
         dns::apply(
