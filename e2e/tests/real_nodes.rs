@@ -704,42 +704,30 @@ async fn the_examples_applied_become_ready_with_gateways_running_as_containers()
     let mut slas = apply_all(&sla_api, "40-slatarget.yaml").await;
     slas.extend(apply_all(&sla_api, "45-slatarget-round-trip.yaml").await);
 
-    for site in &sites {
-        wait_for(
-            &site_api,
-            site,
-            "Ready=True",
-            has_condition("Ready", "True", None),
-        )
-        .await;
+    async fn all_ready<K>(api: &Api<K>, names: &[String])
+    where
+        K: kube::Resource
+            + crate::harness::StatusConditions
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + 'static,
+    {
+        for name in names {
+            wait_for(
+                api,
+                name,
+                "Ready=True",
+                has_condition("Ready", "True", None),
+            )
+            .await;
+        }
     }
-    for key in &keys {
-        wait_for(
-            &key_api,
-            key,
-            "Ready=True",
-            has_condition("Ready", "True", None),
-        )
-        .await;
-    }
-    for domain in &domains {
-        wait_for(
-            &domain_api,
-            domain,
-            "Ready=True",
-            has_condition("Ready", "True", None),
-        )
-        .await;
-    }
-    for sla in &slas {
-        wait_for(
-            &sla_api,
-            sla,
-            "Ready=True",
-            has_condition("Ready", "True", None),
-        )
-        .await;
-    }
+    all_ready(&site_api, &sites).await;
+    all_ready(&key_api, &keys).await;
+    all_ready(&domain_api, &domains).await;
+    all_ready(&sla_api, &slas).await;
 
     // Every gateway is a running container on a real node, Ready by its own
     // /readyz: two per domain and data center.
