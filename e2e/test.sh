@@ -39,6 +39,10 @@ step "images: built twice without a daemon, same digest, complete"
 step "local cluster"
 bin=$("$here/lib/tools.sh")
 export PATH="$bin:$PATH"
+# The Prometheus 3 and promtool the rules, scrape and alert tests run.
+# shellcheck source=versions.env
+. "$here/versions.env"
+export PEC_E2E_PROMETHEUS="$bin/prometheus-$PROMETHEUS_VERSION" PEC_E2E_PROMTOOL="$bin/promtool-$PROMETHEUS_VERSION"
 # shellcheck source=lib/operator.sh
 . "$here/lib/operator.sh"
 cluster=test-$$

@@ -5,8 +5,8 @@
 //! that could grow without limit. Secrets never become a label or a value.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder, core::Collector,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
 };
 
 /// All metrics, registered in one registry served at `/metrics`.
@@ -37,6 +37,21 @@ impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        // CPU, memory, open files and start time of this process (process_*).
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "pec_build_info",
+                "Always 1; the operator's version is the label.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(build_info))?;
         let reconciles = IntCounterVec::new(
             Opts::new("pec_reconciles_total", "Reconciles run, by controller."),
             &["controller"],
@@ -542,5 +557,17 @@ mod tests {
         assert!(text.contains("pec_reconciles_total{controller=\"maildomain\"} 1"));
         assert!(text.contains("reason=\"ApplyFailed\""));
         assert!(text.contains("pec_leader 0"));
+        assert!(text.contains(&format!(
+            "pec_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        for process in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(process), "{process} missing");
+        }
     }
 }

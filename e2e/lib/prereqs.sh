@@ -2,7 +2,6 @@
 # Debian's packages. Source it and call `ensure_prereqs`: it installs only
 # what is missing (as root, or through sudo), so it is cheap on a ready machine.
 #   curl, openssl, python3   the local cluster's scripts and certificates
-#   promtool, prometheus     the SLA rules, dashboard and alert tests (prometheus)
 #   softhsm2-util            the PKCS#11 token of the HSM tests (softhsm2)
 #   clamd                    the antivirus the gateway tests scan with (clamav-daemon)
 #   dnsmasq                  the DNS server of the gateway's MX test (dnsmasq-base)
@@ -11,7 +10,7 @@
 
 ensure_prereqs() {
   local need=() tool
-  for tool in curl:curl openssl:openssl python3:python3 promtool:prometheus softhsm2-util:softhsm2 clamd:clamav-daemon dnsmasq:dnsmasq-base \
+  for tool in curl:curl openssl:openssl python3:python3 softhsm2-util:softhsm2 clamd:clamav-daemon dnsmasq:dnsmasq-base \
       containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
       iptables:iptables ip:iproute2; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")

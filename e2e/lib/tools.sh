@@ -13,7 +13,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=../versions.env
 . "$here/versions.env"
 
-key=$(grep -v '^COREDNS_VERSION=' "$here/versions.env" | cat - "$here/tools/go.mod" "$here/tools/go.sum" | sha256sum | cut -c1-16)
+# The key covers what goes into this build only (the tools cached on their
+# own below have their version in their file name).
+key=$(grep -E '^(K8S|ETCD|KWOK|HELM)_VERSION=' "$here/versions.env" | cat - "$here/tools/go.mod" "$here/tools/go.sum" | sha256sum | cut -c1-16)
 cache="${PEC_CACHE_DIR:-$HOME/.cache/pec-operator}/k8s-$key"
 bin="$cache/bin"
 # kubelet, kube-proxy and pause serve the real nodes (cluster.sh up --real-nodes).
@@ -56,17 +58,27 @@ if ! have_all; then
   ) >>"$log" 2>&1 || { cat "$log" >&2; exit 1; }
   have_all || { echo "tools.sh: build finished but binaries are missing in $bin" >&2; exit 1; }
 fi
-# CoreDNS, the real nodes' cluster DNS: its own module graph, its own file
-# name per version (so the Kubernetes key above does not change with it).
-if [ ! -x "$bin/coredns-$COREDNS_VERSION" ]; then
-  echo "building CoreDNS v$COREDNS_VERSION into $bin (cold: 3-6 min)" >&2
-  log="$cache/build-coredns.log"
+# own_build VERSION MODULE@VERSION-SUFFIX CMD...: `go install` the commands
+# CMD (packages of one module at one version) and keep each as
+# bin/<name>-<VERSION>; each has its own module graph.
+own_build() {
+  local version=$1 what=$2; shift 2
+  local name missing=false
+  for name in "$@"; do [ -x "$bin/${name##*/}-$version" ] || missing=true; done
+  $missing || return 0
+  echo "building $what v$version into $bin (cold: 3-10 min)" >&2
+  local log="$cache/build-${what}.log"
   (
     dir=$(mktemp -d)
     trap 'rm -rf "$dir"' EXIT
     export CGO_ENABLED=0 GOBIN="$dir" GOFLAGS=-mod=mod
-    go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@v$COREDNS_VERSION"
-    mv "$dir/coredns" "$bin/coredns-$COREDNS_VERSION"
+    local pkgs=()
+    for name in "$@"; do pkgs+=("$name@v$version"); done
+    go install -trimpath -ldflags "-s -w" "${pkgs[@]}"
+    for name in "$@"; do mv "$dir/${name##*/}" "$bin/${name##*/}-$version"; done
   ) >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
-fi
+}
+own_build "$COREDNS_VERSION" coredns github.com/coredns/coredns
+own_build "$PROMETHEUS_VERSION" prometheus \
+  github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
 echo "$bin"

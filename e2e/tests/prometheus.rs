@@ -20,11 +20,18 @@ fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
+/// A Prometheus tool built by e2e/lib/tools.sh at the version
+/// e2e/versions.env pins (e2e/test.sh exports its path).
+fn tool(name: &str) -> String {
+    let var = format!("PEC_E2E_{}", name.to_ascii_uppercase());
+    std::env::var(&var).unwrap_or_else(|_| panic!("e2e/test.sh sets {var}"))
+}
+
 fn promtool(args: &[&str]) -> String {
-    let out = Command::new("promtool")
+    let out = Command::new(tool("promtool"))
         .args(args)
         .output()
-        .expect("promtool (Debian package prometheus) is installed by .ci/run");
+        .expect("promtool runs");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -106,10 +113,20 @@ async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
         .split(',')
         .map(|p| format!("127.0.0.1:{p}"))
         .collect();
+    // As the chart's ServiceMonitor scrapes: the target carries the
+    // operator's namespace as `namespace` (the Prometheus Operator adds it
+    // from the Service), and the metrics' own labels win (honorLabels).
     let config = json!({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [repo("charts/pec-operator/files/sla-rules.yaml")],
-        "scrape_configs": [{"job_name": "pec-operator", "static_configs": [{"targets": targets}]}],
+        "scrape_configs": [{
+            "job_name": "pec-operator",
+            "honor_labels": true,
+            "static_configs": [{
+                "targets": targets,
+                "labels": {"namespace": "pec-system", "service": "pec-operator"},
+            }],
+        }],
     });
     std::fs::write(
         dir.join("prometheus.yml"),
@@ -117,7 +134,7 @@ async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
     )
     .expect("config");
     let port = free_port();
-    let mut prometheus = tokio::process::Command::new("prometheus")
+    let mut prometheus = tokio::process::Command::new(tool("prometheus"))
         .arg(format!(
             "--config.file={}",
             dir.join("prometheus.yml").display()
@@ -131,7 +148,18 @@ async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("prometheus (Debian package prometheus) is installed by .ci/run");
+        .expect("prometheus runs");
+
+    // Prometheus 3 takes the scrape: it refuses one without a Content-Type.
+    let port = port.to_string();
+    eventually("both operator targets up in Prometheus", || async {
+        let response = http_get(&port, "/api/v1/targets").await;
+        let body = response.split("\r\n\r\n").nth(1)?;
+        let targets: Value = serde_json::from_str(body).ok()?;
+        let active = targets["data"]["activeTargets"].as_array()?;
+        (active.len() == 2 && active.iter().all(|t| t["health"] == "up")).then_some(())
+    })
+    .await;
 
     set_down(&client, &sites, true).await;
     let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
@@ -142,7 +170,6 @@ async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
         has_condition("NoHealthySite", "True", None),
     )
     .await;
-    let port = port.to_string();
     let firing = eventually("PecSlaBudgetExhausted firing in Prometheus", || async {
         let response = http_get(&port, "/api/v1/alerts").await;
         let body = response.split("\r\n\r\n").nth(1)?;

@@ -7,6 +7,14 @@
 //! real length of the current period, which the expressions read from
 //! `pec_sla_period_{start,end}_timestamp_seconds`. A four-month period of 120
 //! days less an hour and one of 122 days plus an hour get their own numbers.
+//!
+//! Every expression aggregates by the measured object's identity ([`BY`])
+//! before it divides or compares: two operator replicas (or the old and the
+//! new leader within one window, after a failover or a rollout) export the
+//! same object with different `instance`/`pod` labels, and a one-to-one
+//! match over both would fail and leave the alerts blind just when they
+//! matter. Counter increases are summed (each replica counted its share of
+//! the window); gauges take the side that alerts sooner.
 
 use serde::Serialize;
 
@@ -77,15 +85,16 @@ fn alert(
 
 /// The rules file, as YAML.
 pub fn yaml() -> Result<String, serde_yaml::Error> {
-    let period_length =
-        "(pec_sla_period_end_timestamp_seconds - pec_sla_period_start_timestamp_seconds)";
+    let period_length = format!(
+        "(max by ({BY}) (pec_sla_period_end_timestamp_seconds) - on({BY}) max by ({BY}) (pec_sla_period_start_timestamp_seconds))"
+    );
     let mut records: Vec<Rule> = WINDOWS
         .iter()
         .map(|w| Rule {
             record: Some(burn_record(w)),
             alert: None,
             expr: format!(
-                "(increase(pec_sla_down_seconds_total[{w}]) / clamp_min(increase(pec_sla_observed_seconds_total[{w}]), 1)) / on({BY}) (1 - pec_sla_objective_ratio)"
+                "(sum by ({BY}) (increase(pec_sla_down_seconds_total[{w}])) / clamp_min(sum by ({BY}) (increase(pec_sla_observed_seconds_total[{w}])), 1)) / on({BY}) (1 - max by ({BY}) (pec_sla_objective_ratio))"
             ),
             for_: None,
             labels: None,
@@ -95,7 +104,7 @@ pub fn yaml() -> Result<String, serde_yaml::Error> {
     records.push(Rule {
         record: Some("pec:sla_period_length_seconds".into()),
         alert: None,
-        expr: period_length.into(),
+        expr: period_length,
         for_: None,
         labels: None,
         annotations: None,
@@ -125,28 +134,28 @@ pub fn yaml() -> Result<String, serde_yaml::Error> {
         alert(
             "PecSlaOutageHalfCap",
             "ticket",
-            format!("pec_sla_ongoing_outage_seconds > on({BY}) (0.5 * pec_sla_single_outage_cap_seconds)"),
+            format!("max by ({BY}) (pec_sla_ongoing_outage_seconds) > on({BY}) (0.5 * min by ({BY}) (pec_sla_single_outage_cap_seconds))"),
             "0s",
             "An ongoing outage has used half of the single-outage cap",
         ),
         alert(
             "PecSlaOutageNearCap",
             "page",
-            format!("pec_sla_ongoing_outage_seconds > on({BY}) (0.9 * pec_sla_single_outage_cap_seconds)"),
+            format!("max by ({BY}) (pec_sla_ongoing_outage_seconds) > on({BY}) (0.9 * min by ({BY}) (pec_sla_single_outage_cap_seconds))"),
             "0s",
             "An ongoing outage is about to break the single-outage cap",
         ),
         alert(
             "PecSlaProjectedMiss",
             "ticket",
-            format!("pec_sla_projected_availability_ratio < on({BY}) pec_sla_objective_ratio"),
+            format!("min by ({BY}) (pec_sla_projected_availability_ratio) < on({BY}) max by ({BY}) (pec_sla_objective_ratio)"),
             "15m",
             "At the current rate the period will end below its availability objective",
         ),
         alert(
             "PecSlaBudgetExhausted",
             "page",
-            "pec_sla_budget_left_seconds < 0".into(),
+            format!("min by ({BY}) (pec_sla_budget_left_seconds) < 0"),
             "0s",
             "The period's error budget is exhausted: the objective is breached",
         ),
@@ -190,8 +199,31 @@ mod tests {
     fn thresholds_follow_the_real_period_length() {
         let y = yaml().expect("rules render");
         assert!(y.contains("(0.02 * pec:sla_period_length_seconds / 3600)"));
-        assert!(y.contains(
-            "pec_sla_period_end_timestamp_seconds - pec_sla_period_start_timestamp_seconds"
-        ));
+        assert!(y.contains("max by (namespace, slatarget, object, domain, site) (pec_sla_period_end_timestamp_seconds)"));
+    }
+
+    #[test]
+    fn every_metric_is_aggregated_by_the_object_before_use() {
+        let y = yaml().expect("rules render");
+        for metric in [
+            "pec_sla_down_seconds_total",
+            "pec_sla_observed_seconds_total",
+            "pec_sla_objective_ratio",
+            "pec_sla_period_start_timestamp_seconds",
+            "pec_sla_period_end_timestamp_seconds",
+            "pec_sla_ongoing_outage_seconds",
+            "pec_sla_single_outage_cap_seconds",
+            "pec_sla_projected_availability_ratio",
+            "pec_sla_budget_left_seconds",
+        ] {
+            for (i, _) in y.match_indices(metric) {
+                let before = y[..i].trim_end_matches("increase(");
+                assert!(
+                    before.ends_with(&format!("by ({BY}) (")),
+                    "{metric} is used without aggregating by the object first: {}",
+                    &before[before.len().saturating_sub(60)..]
+                );
+            }
+        }
     }
 }

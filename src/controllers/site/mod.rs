@@ -6,6 +6,7 @@
 //! Reads Nodes, Sites and MailDomains; writes Site status, `spec.fenced` of a
 //! flapping site, and Events.
 
+mod metrics;
 mod status;
 
 use std::{sync::Arc, time::Duration};
@@ -223,6 +224,14 @@ pub async fn run(ctx: Arc<Context>) {
     let sites = Api::<Site>::all(ctx.client.clone());
     let controller = Controller::new(sites, Config::default().any_semantic());
     let store = controller.store();
+    match metrics::SiteCollector::new(store.clone()) {
+        Ok(collector) => {
+            if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
+                tracing::warn!(error = %e, "registering the site metrics failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "building the site metrics failed"),
+    }
     controller
         // Any node change may change any site's counts; sites are few.
         .watches(
