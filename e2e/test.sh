@@ -67,6 +67,20 @@ logs=$(mktemp -d "${TMPDIR:-/tmp}/pec-e2e-logs.XXXXXX")
 
 step "chart: helm lint, rendered chart accepted by the API server"
 helm lint --strict charts/pec-operator
+# Every optional template rendered: the PrometheusRules (with this release's
+# runbook base and severities), the ServiceMonitor, the dashboard.
+all_on=(--set metrics.serviceMonitor.enabled=true --set sla.prometheusRule.enabled=true
+  --set alerts.prometheusRule.enabled=true --set dashboard.enabled=true
+  --set alerts.runbookBaseUrl=https://runbooks.provider.example/pec --set alerts.severities.critical=page)
+helm lint --strict charts/pec-operator "${all_on[@]}"
+rendered=$(helm template "$OPERATOR_RELEASE" charts/pec-operator --namespace "$OPERATOR_NAMESPACE" "${all_on[@]}")
+for want in "kind: ServiceMonitor" "honorLabels: true" "name: $OPERATOR_RELEASE-operational" \
+    "runbook_url: https://runbooks.provider.example/pec#pecsitedown" "severity: page"; do
+  grep -qF "$want" <<<"$rendered" || { echo "helm template with every toggle on: no '$want'" >&2; exit 1; }
+done
+if grep -qF "pec-operator.example" <<<"$rendered"; then
+  echo "helm template: the default runbook base is left in the rules" >&2; exit 1
+fi
 kubectl create namespace "$OPERATOR_NAMESPACE" >/dev/null
 helm template "$OPERATOR_RELEASE" charts/pec-operator --namespace "$OPERATOR_NAMESPACE" --include-crds \
   | kubectl apply --dry-run=server -f - >/dev/null

@@ -12,8 +12,11 @@
 //!   `pec-core` crate, shared with the gateway).
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`], [`http`], [`telemetry`]: what SREs scrape, probe and read.
+//! - [`alerts`]: the operational alerting rules (`pec-operator rules`); the
+//!   SLA ones are in [`sla::rules`].
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod api;
 pub mod clock;
 pub mod conditions;

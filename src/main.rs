@@ -50,6 +50,19 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Print the operational alerting rules (certificates, signing keys,
+    /// sites, domains, the operator itself) for Prometheus.
+    Rules {
+        /// Where docs/runbooks.md is served; each alert links `<URL>#<alert>`.
+        #[arg(long, default_value = pec_operator::alerts::DEFAULT_RUNBOOK_BASE)]
+        runbook_base_url: String,
+        /// The severity label of alerts that need a person now.
+        #[arg(long, default_value = "critical")]
+        critical: String,
+        /// The severity label of alerts that need a person today.
+        #[arg(long, default_value = "warning")]
+        warning: String,
+    },
     /// Print the CustomResourceDefinitions as YAML, or write one file per kind.
     Crds {
         /// Write `<kind>.yaml` files into this directory (repeatable) instead of printing.
@@ -173,6 +186,19 @@ async fn main() -> Result<(), BoxError> {
             command: SlaCommand::Rules,
         } => {
             print!("{}", pec_operator::sla::rules::yaml()?);
+            Ok(())
+        }
+        Command::Rules {
+            runbook_base_url,
+            critical,
+            warning,
+        } => {
+            let options = pec_operator::alerts::Options {
+                runbook_base: runbook_base_url,
+                critical,
+                warning,
+            };
+            print!("{}", pec_operator::alerts::yaml(&options)?);
             Ok(())
         }
     }

@@ -27,7 +27,7 @@ pub struct Metrics {
     pub detection_to_switch: Histogram,
     /// Signing-key generations activated, by kind (Initial, Scheduled, Emergency).
     pub signing_key_rotations: IntCounterVec,
-    /// Failed signing-key lifecycle steps, by bounded reason.
+    /// Failed signing-key lifecycle steps, by SigningKey and bounded reason.
     pub signing_key_failures: IntCounterVec,
     /// Certificates revoked after a declared compromise.
     pub signing_key_revocations: IntCounter,
@@ -98,9 +98,9 @@ impl Metrics {
         let signing_key_failures = IntCounterVec::new(
             Opts::new(
                 "pec_signing_key_failures_total",
-                "Failed signing-key lifecycle steps, by reason.",
+                "Failed signing-key lifecycle steps, by SigningKey and reason.",
             ),
-            &["reason"],
+            &["namespace", "signingkey", "reason"],
         )?;
         let signing_key_revocations = IntCounter::new(
             "pec_signing_key_revocations_total",

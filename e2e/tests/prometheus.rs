@@ -43,12 +43,131 @@ fn promtool(args: &[&str]) -> String {
 
 #[test]
 fn shipped_rules_pass_promtool_check_and_unit_tests() {
-    let rules = repo("charts/pec-operator/files/sla-rules.yaml");
-    let checked = promtool(&["check", "rules", rules.to_str().expect("utf-8 path")]);
-    assert!(checked.contains("SUCCESS: 13 rules found"), "{checked}");
-    let tests = repo("e2e/prometheus/sla-rules.test.yaml");
-    let tested = promtool(&["test", "rules", tests.to_str().expect("utf-8 path")]);
-    assert!(tested.contains("SUCCESS"), "{tested}");
+    for (file, count) in [
+        ("sla-rules", 13),
+        ("operational-rules", pec_operator::alerts::names().len()),
+    ] {
+        let rules = repo(&format!("charts/pec-operator/files/{file}.yaml"));
+        let checked = promtool(&["check", "rules", rules.to_str().expect("utf-8 path")]);
+        assert!(
+            checked.contains(&format!("SUCCESS: {count} rules found")),
+            "{checked}"
+        );
+        let tests = repo(&format!("e2e/prometheus/{file}.test.yaml"));
+        let tested = promtool(&["test", "rules", tests.to_str().expect("utf-8 path")]);
+        assert!(tested.contains("SUCCESS"), "{tested}");
+    }
+    // Every operational alert has a promtool case.
+    let cases = std::fs::read_to_string(repo("e2e/prometheus/operational-rules.test.yaml"))
+        .expect("operational-rules.test.yaml");
+    for name in pec_operator::alerts::names() {
+        assert!(
+            cases.contains(&format!("alertname: {name}")),
+            "no promtool case for {name}"
+        );
+    }
+}
+
+/// A real Prometheus, scraping both operator replicas the way the chart's
+/// ServiceMonitor does (the target carries the operator's namespace as
+/// `namespace`, which the Prometheus Operator adds from the Service, and the
+/// metrics' own labels win: honorLabels), evaluating the shipped rules.
+/// Killed when dropped.
+pub struct RealPrometheus {
+    process: tokio::process::Child,
+    /// Its HTTP port on 127.0.0.1.
+    pub port: String,
+}
+
+impl RealPrometheus {
+    /// Starts one for the test `test`, loading the shipped rules files.
+    pub async fn start(test: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("pec-prometheus-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let targets: Vec<String> = std::env::var("PEC_E2E_METRICS_PORTS")
+            .expect("e2e/test.sh sets PEC_E2E_METRICS_PORTS")
+            .split(',')
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let config = json!({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [
+                repo("charts/pec-operator/files/sla-rules.yaml"),
+                repo("charts/pec-operator/files/operational-rules.yaml"),
+            ],
+            "scrape_configs": [{
+                "job_name": "pec-operator",
+                "honor_labels": true,
+                "static_configs": [{
+                    "targets": targets,
+                    "labels": {"namespace": "pec-system", "service": "pec-operator"},
+                }],
+            }],
+        });
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            serde_yaml::to_string(&config).expect("yaml"),
+        )
+        .expect("config");
+        let port = free_port();
+        let process = tokio::process::Command::new(tool("prometheus"))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("prometheus runs");
+        let prometheus = Self {
+            process,
+            port: port.to_string(),
+        };
+        // Prometheus 3 takes the scrape: it refuses one without a Content-Type.
+        eventually("both operator targets up in Prometheus", || async {
+            let targets = prometheus.api("/api/v1/targets").await?;
+            let active = targets["data"]["activeTargets"].as_array()?;
+            (active.len() == 2 && active.iter().all(|t| t["health"] == "up")).then_some(())
+        })
+        .await;
+        prometheus
+    }
+
+    /// The JSON answer of an API path.
+    pub async fn api(&self, path: &str) -> Option<Value> {
+        let response = http_get(&self.port, path).await;
+        serde_json::from_str(response.split("\r\n\r\n").nth(1)?).ok()
+    }
+
+    /// The first alert named `name` whose labels include `labels`, once it
+    /// is in one of `states` (`pending`, `firing`).
+    pub async fn alert(&self, name: &str, labels: &[(&str, &str)], states: &[&str]) -> Value {
+        eventually(&format!("{name} {states:?} in Prometheus"), || async {
+            let alerts = self.api("/api/v1/alerts").await?;
+            alerts["data"]["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| {
+                    a["labels"]["alertname"] == name
+                        && labels.iter().all(|(k, v)| a["labels"][*k] == *v)
+                        && states.iter().any(|s| a["state"] == *s)
+                })
+                .cloned()
+        })
+        .await
+    }
+
+    /// Stops it.
+    pub async fn stop(mut self) {
+        let _ = self.process.kill().await;
+    }
 }
 
 fn exprs(v: &Value, out: &mut Vec<String>) {
@@ -106,60 +225,7 @@ async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
     // 99.99999% of four months leaves about a second of budget.
     measure(&client, &ns, &md, json!({"objective": 99.99999})).await;
 
-    let dir = std::env::temp_dir().join(format!("pec-prometheus-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("prometheus dir");
-    let targets: Vec<String> = std::env::var("PEC_E2E_METRICS_PORTS")
-        .expect("e2e/test.sh sets PEC_E2E_METRICS_PORTS")
-        .split(',')
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect();
-    // As the chart's ServiceMonitor scrapes: the target carries the
-    // operator's namespace as `namespace` (the Prometheus Operator adds it
-    // from the Service), and the metrics' own labels win (honorLabels).
-    let config = json!({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [repo("charts/pec-operator/files/sla-rules.yaml")],
-        "scrape_configs": [{
-            "job_name": "pec-operator",
-            "honor_labels": true,
-            "static_configs": [{
-                "targets": targets,
-                "labels": {"namespace": "pec-system", "service": "pec-operator"},
-            }],
-        }],
-    });
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        serde_yaml::to_string(&config).expect("yaml"),
-    )
-    .expect("config");
-    let port = free_port();
-    let mut prometheus = tokio::process::Command::new(tool("prometheus"))
-        .arg(format!(
-            "--config.file={}",
-            dir.join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prometheus runs");
-
-    // Prometheus 3 takes the scrape: it refuses one without a Content-Type.
-    let port = port.to_string();
-    eventually("both operator targets up in Prometheus", || async {
-        let response = http_get(&port, "/api/v1/targets").await;
-        let body = response.split("\r\n\r\n").nth(1)?;
-        let targets: Value = serde_json::from_str(body).ok()?;
-        let active = targets["data"]["activeTargets"].as_array()?;
-        (active.len() == 2 && active.iter().all(|t| t["health"] == "up")).then_some(())
-    })
-    .await;
+    let prometheus = RealPrometheus::start("budget").await;
 
     set_down(&client, &sites, true).await;
     let mds = Api::<MailDomain>::namespaced(client.clone(), &ns);
@@ -170,23 +236,15 @@ async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
         has_condition("NoHealthySite", "True", None),
     )
     .await;
-    let firing = eventually("PecSlaBudgetExhausted firing in Prometheus", || async {
-        let response = http_get(&port, "/api/v1/alerts").await;
-        let body = response.split("\r\n\r\n").nth(1)?;
-        let alerts: Value = serde_json::from_str(body).ok()?;
-        alerts["data"]["alerts"]
-            .as_array()?
-            .iter()
-            .find(|a| {
-                a["labels"]["alertname"] == "PecSlaBudgetExhausted"
-                    && a["labels"]["namespace"] == ns.as_str()
-                    && a["state"] == "firing"
-            })
-            .cloned()
-    })
-    .await;
+    let firing = prometheus
+        .alert(
+            "PecSlaBudgetExhausted",
+            &[("namespace", ns.as_str())],
+            &["firing"],
+        )
+        .await;
     assert_eq!(firing["labels"]["severity"], "page");
     set_down(&client, &sites, false).await;
-    let _ = prometheus.kill().await;
+    prometheus.stop().await;
     sites.remove().await;
 }

@@ -860,11 +860,42 @@ async fn a_failing_issuer_backs_off_keeps_the_key_in_use_and_raises_expiring() {
     })
     .await;
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("pec_signing_key_failures_total{reason=\"CaSecretMissing\"}")),
+        metrics.lines().any(|l| {
+            l.starts_with("pec_signing_key_failures_total{")
+                && l.contains(&format!("namespace=\"{ns}\""))
+                && l.contains("signingkey=\"fail\"")
+                && l.contains("reason=\"CaSecretMissing\"")
+        }),
         "failure counter"
     );
+    // A real Prometheus with the shipped operational rules raises
+    // PecCertificateExpiring for this key (pending: its `for` of 10 minutes,
+    // which promtool tests, is longer than this test) and PecSigningKeyFailing,
+    // each naming the key.
+    let prometheus = crate::prometheus::RealPrometheus::start("expiring").await;
+    let key = [("namespace", ns.as_str()), ("signingkey", "fail")];
+    let expiring = prometheus
+        .alert("PecCertificateExpiring", &key, &["pending", "firing"])
+        .await;
+    assert_eq!(expiring["labels"]["severity"], "warning");
+    let summary = expiring["annotations"]["summary"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        summary.contains(&format!("SigningKey {ns}/fail")),
+        "{summary}"
+    );
+    let failing = prometheus
+        .alert("PecSigningKeyFailing", &key, &["firing"])
+        .await;
+    assert_eq!(failing["labels"]["reason"], "CaSecretMissing");
+    assert!(
+        failing["annotations"]["runbook_url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/docs/runbooks.md#pecsigningkeyfailing")),
+        "{failing}"
+    );
+    prometheus.stop().await;
     let events = crate::harness::events_of(&client, &ns, "fail").await;
     assert!(
         events

@@ -20,30 +20,33 @@ use serde::Serialize;
 
 const BY: &str = "namespace, slatarget, object, domain, site";
 
+/// A Prometheus rules file (shared with [`crate::alerts`]).
 #[derive(Serialize)]
-struct File {
-    groups: Vec<Group>,
+pub(crate) struct File {
+    pub(crate) groups: Vec<Group>,
 }
 
+/// A rule group.
 #[derive(Serialize)]
-struct Group {
-    name: &'static str,
-    rules: Vec<Rule>,
+pub(crate) struct Group {
+    pub(crate) name: &'static str,
+    pub(crate) rules: Vec<Rule>,
 }
 
+/// A recording or alerting rule.
 #[derive(Serialize)]
-struct Rule {
+pub(crate) struct Rule {
     #[serde(skip_serializing_if = "Option::is_none")]
-    record: Option<String>,
+    pub(crate) record: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    alert: Option<&'static str>,
-    expr: String,
+    pub(crate) alert: Option<&'static str>,
+    pub(crate) expr: String,
     #[serde(rename = "for", skip_serializing_if = "Option::is_none")]
-    for_: Option<&'static str>,
+    pub(crate) for_: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    labels: Option<std::collections::BTreeMap<&'static str, &'static str>>,
+    pub(crate) labels: Option<std::collections::BTreeMap<&'static str, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    annotations: Option<std::collections::BTreeMap<&'static str, &'static str>>,
+    pub(crate) annotations: Option<std::collections::BTreeMap<&'static str, String>>,
 }
 
 /// Windows with a recorded burn rate: (name, PromQL range).
@@ -72,11 +75,11 @@ fn alert(
         alert: Some(name),
         expr,
         for_: Some(for_),
-        labels: Some([("severity", severity)].into()),
+        labels: Some([("severity", severity.to_string())].into()),
         annotations: Some(
             [
-                ("summary", summary),
-                ("runbook", "README.md#sla-measurement"),
+                ("summary", summary.to_string()),
+                ("runbook", "README.md#sla-measurement".to_string()),
             ]
             .into(),
         ),

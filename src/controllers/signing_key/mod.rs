@@ -233,7 +233,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                         work.state.failed(&policy, reason, now);
                         ctx.metrics
                             .signing_key_failures
-                            .with_label_values(&[reason])
+                            .with_label_values(&[ns.as_str(), sk.name_any().as_str(), reason])
                             .inc();
                         tracing::warn!(error = %e, generation = n, reason, "issuing failed; retrying with backoff");
                         let note = format!("generation {n}: {e}; retrying with backoff");

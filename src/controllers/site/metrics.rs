@@ -2,7 +2,8 @@
 //! reflector store, so a deleted Site leaves no stale series:
 //! `pec_site_phase{site,phase}` (1 for the current phase, 0 for the others,
 //! the state-set shape kube-state-metrics uses), `pec_site_fenced{site}`,
-//! `pec_site_nodes{site}` and `pec_site_nodes_ready{site}`.
+//! `pec_site_nodes{site}`, `pec_site_nodes_ready{site}` and
+//! `pec_site_maintenance_refused{site}`.
 
 use kube::runtime::reflector::Store;
 use prometheus::{GaugeVec, Opts, core::Collector, proto::MetricFamily};
@@ -28,6 +29,7 @@ struct Gauges {
     fenced: GaugeVec,
     nodes: GaugeVec,
     nodes_ready: GaugeVec,
+    maintenance_refused: GaugeVec,
 }
 
 impl Gauges {
@@ -55,11 +57,22 @@ impl Gauges {
                 "Of the site's nodes, those whose Ready condition is True.",
                 &["site"],
             )?,
+            maintenance_refused: gauge(
+                "pec_site_maintenance_refused",
+                "1 while the site's maintenance is refused: it would leave a domain with no serving site.",
+                &["site"],
+            )?,
         })
     }
 
-    fn all(&self) -> [&GaugeVec; 4] {
-        [&self.phase, &self.fenced, &self.nodes, &self.nodes_ready]
+    fn all(&self) -> [&GaugeVec; 5] {
+        [
+            &self.phase,
+            &self.fenced,
+            &self.nodes,
+            &self.nodes_ready,
+            &self.maintenance_refused,
+        ]
     }
 
     fn fill(&self, site: &Site) {
@@ -80,6 +93,11 @@ impl Gauges {
         self.nodes_ready
             .with_label_values(&[name])
             .set(f64::from(status.nodes_ready));
+        let refused =
+            crate::conditions::is_true(&status.conditions, super::status::MAINTENANCE_REFUSED);
+        self.maintenance_refused
+            .with_label_values(&[name])
+            .set(f64::from(u8::from(refused)));
     }
 }
 
