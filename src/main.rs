@@ -162,6 +162,10 @@ struct RunArgs {
         default_value = controllers::mail_domain::gateway::DEFAULT_CLAMD
     )]
     gateway_clamd: String,
+    /// Secrets (comma-separated names, in each MailDomain's namespace) the
+    /// gateway pods pull their image with.
+    #[arg(long, env = "PEC_GATEWAY_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    gateway_image_pull_secrets: Vec<String>,
 }
 
 #[tokio::main]
@@ -292,6 +296,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         pkcs11_module: args.gateway_pkcs11_module.clone(),
         token_claim: args.gateway_hsm_token_claim.clone(),
         clamd: args.gateway_clamd.clone(),
+        image_pull_secrets: args.gateway_image_pull_secrets.clone(),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let timing = Timing::default();

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::{
     datacenter::free_port,
     failover::{World, fast_health, world},
-    harness::{eventually, has_condition, http_get, wait_for},
+    harness::{eventually, has_condition, wait_for},
     sla::{measure, set_down},
 };
 
@@ -140,9 +140,17 @@ impl RealPrometheus {
         prometheus
     }
 
-    /// The JSON answer of an API path.
+    /// The JSON answer of an API path; `None` while Prometheus is not
+    /// listening yet or answers something else.
     pub async fn api(&self, path: &str) -> Option<Value> {
-        let response = http_get(&self.port, path).await;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{}", self.port))
+            .await
+            .ok()?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
         serde_json::from_str(response.split("\r\n\r\n").nth(1)?).ok()
     }
 

@@ -52,6 +52,23 @@ fn ready_pod(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// The status of a pod's (only) container.
+fn first_container(pod: &Pod) -> &k8s_openapi::api::core::v1::ContainerStatus {
+    &pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .expect("container statuses")[0]
+}
+
+/// Whether a pod's container is running.
+fn container_running(pod: &Pod) -> bool {
+    first_container(pod)
+        .state
+        .as_ref()
+        .and_then(|s| s.running.as_ref())
+        .is_some()
+}
+
 /// A plain HTTP/1.0 GET of `path` on `ip:port`: the status line and headers
 /// and the body.
 async fn http_get(address: &str, path: &str) -> String {
@@ -98,22 +115,13 @@ async fn helm_install_alone_runs_one_operator_per_data_center_with_one_leader() 
             pod.name_any()
         );
         zones.insert(labels["topology.kubernetes.io/zone"].clone());
-        let status = pod.status.as_ref().expect("status");
-        let container = &status.container_statuses.as_ref().expect("containers")[0];
+        let container = first_container(pod);
         assert!(
             container.image.ends_with("pec/pec-operator:0.1.0"),
             "{}",
             container.image
         );
-        assert!(
-            container
-                .state
-                .as_ref()
-                .and_then(|s| s.running.as_ref())
-                .is_some(),
-            "{} not running",
-            pod.name_any()
-        );
+        assert!(container_running(pod), "{} not running", pod.name_any());
     }
     assert_eq!(
         zones,
@@ -340,8 +348,7 @@ pub async fn real_domain_with_key(
     })
     .await;
     for pod in &gateways {
-        let status = pod.status.as_ref().expect("status");
-        let container = &status.container_statuses.as_ref().expect("containers")[0];
+        let container = first_container(pod);
         assert!(
             container.image.ends_with("pec/pec-gateway:0.1.0"),
             "{}",
@@ -750,22 +757,7 @@ async fn the_examples_applied_become_ready_with_gateways_running_as_containers()
             "{} runs on {node}",
             pod.name_any()
         );
-        let container = &pod
-            .status
-            .as_ref()
-            .expect("status")
-            .container_statuses
-            .as_ref()
-            .expect("containers")[0];
-        assert!(
-            container
-                .state
-                .as_ref()
-                .and_then(|s| s.running.as_ref())
-                .is_some(),
-            "{} not running",
-            pod.name_any()
-        );
+        assert!(container_running(pod), "{} not running", pod.name_any());
     }
 
     // The round-trip probe carried a PEC message through the example

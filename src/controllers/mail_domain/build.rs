@@ -13,9 +13,9 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         core::v1::{
             Affinity, Capabilities, ConfigMap, Container, ContainerPort, HTTPGetAction,
-            ObjectReference, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-            PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
-            ServicePort, ServiceSpec, Sysctl,
+            LocalObjectReference, ObjectReference, PodAffinityTerm, PodAntiAffinity,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+            SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Sysctl,
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
         networking::v1::{
@@ -398,6 +398,13 @@ fn deployment(
                         }),
                         ..Affinity::default()
                     }),
+                    image_pull_secrets: (!defaults.image_pull_secrets.is_empty()).then(|| {
+                        defaults
+                            .image_pull_secrets
+                            .iter()
+                            .map(|name| LocalObjectReference { name: name.clone() })
+                            .collect()
+                    }),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(60),
@@ -667,6 +674,33 @@ pub(crate) mod tests {
         assert!(
             svc.selector.is_none(),
             "the domain Service must not select pods itself"
+        );
+    }
+
+    #[test]
+    fn gateway_pods_pull_with_the_platforms_secrets() {
+        let md = domain(&["dc-it1"]);
+        let pull_secrets = |defaults: &GatewayDefaults| {
+            let c =
+                children(&md, None, defaults, &[resolved("dc-it1")], None, &[]).expect("builds");
+            c.sites[0]
+                .deployment
+                .spec
+                .clone()
+                .template
+                .spec
+                .and_then(|s| s.image_pull_secrets)
+        };
+        assert_eq!(pull_secrets(&GatewayDefaults::default()), None);
+        let defaults = GatewayDefaults {
+            image_pull_secrets: vec!["registry-credentials".into()],
+            ..GatewayDefaults::default()
+        };
+        assert_eq!(
+            pull_secrets(&defaults),
+            Some(vec![LocalObjectReference {
+                name: "registry-credentials".into()
+            }])
         );
     }
 

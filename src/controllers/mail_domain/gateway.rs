@@ -43,6 +43,9 @@ pub struct GatewayDefaults {
     pub token_claim: Option<String>,
     /// The platform's clamd, for MailDomains that name none.
     pub clamd: String,
+    /// Secrets (by name, in each MailDomain's namespace) every gateway pod
+    /// pulls its image with.
+    pub image_pull_secrets: Vec<String>,
 }
 
 /// Where the gateways find clamd when neither the MailDomain nor the
@@ -56,6 +59,7 @@ impl Default for GatewayDefaults {
             pkcs11_module: "/usr/lib/softhsm/libsofthsm2.so".into(),
             token_claim: None,
             clamd: DEFAULT_CLAMD.into(),
+            image_pull_secrets: Vec::new(),
         }
     }
 }
