@@ -38,10 +38,49 @@ impl Default for Options {
     }
 }
 
+/// How soon an alert needs a person.
 #[derive(Clone, Copy)]
-enum Severity {
+pub(crate) enum Severity {
+    /// Now.
     Critical,
+    /// Today.
     Warning,
+}
+
+/// An alerting rule with the annotations every alert of this project
+/// carries: `summary` and `description` (naming the object), and
+/// `runbook_url` (its section of `docs/runbooks.md` under the base).
+pub(crate) fn rule(
+    options: &Options,
+    name: &'static str,
+    severity: Severity,
+    expr: String,
+    for_: &'static str,
+    summary: String,
+    description: String,
+) -> Rule {
+    let severity = match severity {
+        Severity::Critical => options.critical.clone(),
+        Severity::Warning => options.warning.clone(),
+    };
+    Rule {
+        record: None,
+        alert: Some(name),
+        expr,
+        for_: Some(for_),
+        labels: Some([("severity", severity)].into()),
+        annotations: Some(
+            [
+                ("summary", summary),
+                ("description", description),
+                (
+                    "runbook_url",
+                    format!("{}#{}", options.runbook_base, anchor(name)),
+                ),
+            ]
+            .into(),
+        ),
+    }
 }
 
 /// One operational alert.
@@ -176,32 +215,16 @@ pub fn yaml(options: &Options) -> Result<String, serde_yaml::Error> {
     };
     let rules = alerts()
         .into_iter()
-        .map(|a| Rule {
-            record: None,
-            alert: Some(a.name),
-            expr: a.expr.to_string(),
-            for_: Some(a.for_),
-            labels: Some(
-                [(
-                    "severity",
-                    match a.severity {
-                        Severity::Critical => options.critical.clone(),
-                        Severity::Warning => options.warning.clone(),
-                    },
-                )]
-                .into(),
-            ),
-            annotations: Some(
-                [
-                    ("summary", objects(a.summary)),
-                    ("description", objects(a.description)),
-                    (
-                        "runbook_url",
-                        format!("{}#{}", options.runbook_base, anchor(a.name)),
-                    ),
-                ]
-                .into(),
-            ),
+        .map(|a| {
+            rule(
+                options,
+                a.name,
+                a.severity,
+                a.expr.to_string(),
+                a.for_,
+                objects(a.summary),
+                objects(a.description),
+            )
         })
         .collect();
     let file = File {
@@ -244,7 +267,13 @@ mod tests {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/runbooks.md"),
         )
         .expect("docs/runbooks.md");
-        for name in names() {
+        let sla = crate::sla::rules::yaml(&Options::default()).expect("SLA rules render");
+        let sla_alerts = sla
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- alert: "))
+            .collect::<Vec<_>>();
+        assert_eq!(sla_alerts.len(), 6, "{sla_alerts:?}");
+        for name in names().into_iter().chain(sla_alerts) {
             assert!(
                 runbooks.contains(&format!("\n## {name}\n")),
                 "docs/runbooks.md has no section `## {name}`"

@@ -52,23 +52,37 @@ enum Command {
     },
     /// Print the operational alerting rules (certificates, signing keys,
     /// sites, domains, the operator itself) for Prometheus.
-    Rules {
-        /// Where docs/runbooks.md is served; each alert links `<URL>#<alert>`.
-        #[arg(long, default_value = pec_operator::alerts::DEFAULT_RUNBOOK_BASE)]
-        runbook_base_url: String,
-        /// The severity label of alerts that need a person now.
-        #[arg(long, default_value = "critical")]
-        critical: String,
-        /// The severity label of alerts that need a person today.
-        #[arg(long, default_value = "warning")]
-        warning: String,
-    },
+    Rules(RuleArgs),
     /// Print the CustomResourceDefinitions as YAML, or write one file per kind.
     Crds {
         /// Write `<kind>.yaml` files into this directory (repeatable) instead of printing.
         #[arg(long)]
         out_dir: Vec<PathBuf>,
     },
+}
+
+/// What generated alerting rules say besides their expressions.
+#[derive(clap::Args)]
+struct RuleArgs {
+    /// Where docs/runbooks.md is served; each alert links `<URL>#<alert>`.
+    #[arg(long, default_value = pec_operator::alerts::DEFAULT_RUNBOOK_BASE)]
+    runbook_base_url: String,
+    /// The severity label of alerts that need a person now.
+    #[arg(long, default_value = "critical")]
+    critical: String,
+    /// The severity label of alerts that need a person today.
+    #[arg(long, default_value = "warning")]
+    warning: String,
+}
+
+impl RuleArgs {
+    fn options(self) -> pec_operator::alerts::Options {
+        pec_operator::alerts::Options {
+            runbook_base: self.runbook_base_url,
+            critical: self.critical,
+            warning: self.warning,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -83,7 +97,7 @@ enum SlaCommand {
         output: ReportFormat,
     },
     /// Print the Prometheus alerting rules for SLA burn rates and outages.
-    Rules,
+    Rules(RuleArgs),
 }
 
 #[derive(Subcommand)]
@@ -187,22 +201,13 @@ async fn main() -> Result<(), BoxError> {
                 },
         } => export_wrapped(&module, &token, &key_id, &kek, &out),
         Command::Sla {
-            command: SlaCommand::Rules,
+            command: SlaCommand::Rules(args),
         } => {
-            print!("{}", pec_operator::sla::rules::yaml()?);
+            print!("{}", pec_operator::sla::rules::yaml(&args.options())?);
             Ok(())
         }
-        Command::Rules {
-            runbook_base_url,
-            critical,
-            warning,
-        } => {
-            let options = pec_operator::alerts::Options {
-                runbook_base: runbook_base_url,
-                critical,
-                warning,
-            };
-            print!("{}", pec_operator::alerts::yaml(&options)?);
+        Command::Rules(args) => {
+            print!("{}", pec_operator::alerts::yaml(&args.options())?);
             Ok(())
         }
     }

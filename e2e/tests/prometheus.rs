@@ -251,7 +251,11 @@ async fn a_real_prometheus_fires_the_budget_alert_for_a_tiny_budget() {
             &["firing"],
         )
         .await;
-    assert_eq!(firing["labels"]["severity"], "page");
+    assert_eq!(firing["labels"]["severity"], "critical");
+    let summary = firing["annotations"]["summary"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(summary.contains(&format!("SlaTarget {ns}/")), "{summary}");
     set_down(&client, &sites, false).await;
     prometheus.stop().await;
     sites.remove().await;

@@ -18,6 +18,8 @@
 
 use serde::Serialize;
 
+use crate::alerts::{Options, Severity};
+
 const BY: &str = "namespace, slatarget, object, domain, site";
 
 /// A Prometheus rules file (shared with [`crate::alerts`]).
@@ -53,41 +55,60 @@ pub(crate) struct Rule {
 const WINDOWS: [&str; 6] = ["5m", "30m", "1h", "2h", "6h", "1d"];
 
 /// Multi-window burn-rate alerts: (alert, severity, long window, short
-/// window, share of the budget spent within the long window, seconds in it).
-const BURNS: [(&str, &str, &str, &str, f64, u32); 2] = [
-    ("PecSlaBudgetFastBurn", "page", "1h", "5m", 0.02, 3600),
-    ("PecSlaBudgetSlowBurn", "ticket", "1d", "2h", 0.10, 86_400),
+/// window, share of the budget spent within the long window, seconds in it,
+/// summary).
+const BURNS: [(&str, Severity, &str, &str, f64, u32, &str); 2] = [
+    (
+        "PecSlaBudgetFastBurn",
+        Severity::Critical,
+        "1h",
+        "5m",
+        0.02,
+        3600,
+        "Error budget of {object} burning fast: 2% of this period's budget gone within an hour",
+    ),
+    (
+        "PecSlaBudgetSlowBurn",
+        Severity::Warning,
+        "1d",
+        "2h",
+        0.10,
+        86_400,
+        "Error budget of {object} burning: 10% of this period's budget gone within a day",
+    ),
 ];
 
 fn burn_record(window: &str) -> String {
     format!("pec:sla_burn_rate:{window}")
 }
 
+/// The measured object, as summaries and descriptions name it.
+const OBJECT: &str = "{{ $labels.object }} ({{ $labels.domain }}, SlaTarget {{ $labels.namespace }}/{{ $labels.slatarget }})";
+
+/// An SLA alert: what it says, with [`OBJECT`] in place of `{object}`.
 fn alert(
+    options: &Options,
     name: &'static str,
-    severity: &'static str,
+    severity: Severity,
     expr: String,
     for_: &'static str,
-    summary: &'static str,
+    summary: &str,
+    description: &str,
 ) -> Rule {
-    Rule {
-        record: None,
-        alert: Some(name),
+    crate::alerts::rule(
+        options,
+        name,
+        severity,
         expr,
-        for_: Some(for_),
-        labels: Some([("severity", severity.to_string())].into()),
-        annotations: Some(
-            [
-                ("summary", summary.to_string()),
-                ("runbook", "README.md#sla-measurement".to_string()),
-            ]
-            .into(),
-        ),
-    }
+        for_,
+        summary.replace("{object}", OBJECT),
+        description.replace("{object}", OBJECT),
+    )
 }
 
-/// The rules file, as YAML.
-pub fn yaml() -> Result<String, serde_yaml::Error> {
+/// The rules file, as YAML, with the runbook base and severity names of
+/// `options` (see [`crate::alerts::Options`]).
+pub fn yaml(options: &Options) -> Result<String, serde_yaml::Error> {
     let period_length = format!(
         "(max by ({BY}) (pec_sla_period_end_timestamp_seconds) - on({BY}) max by ({BY}) (pec_sla_period_start_timestamp_seconds))"
     );
@@ -114,53 +135,61 @@ pub fn yaml() -> Result<String, serde_yaml::Error> {
     });
     let mut alerts: Vec<Rule> = BURNS
         .iter()
-        .map(|(name, severity, long, short, share, seconds)| {
+        .map(|(name, severity, long, short, share, seconds, summary)| {
             let threshold = format!("({share} * pec:sla_period_length_seconds / {seconds})");
             alert(
+                options,
                 name,
-                severity,
+                *severity,
                 format!(
                     "{} > on({BY}) {threshold} and on({BY}) {} > on({BY}) {threshold}",
                     burn_record(long),
                     burn_record(short)
                 ),
                 "2m",
-                if *severity == "page" {
-                    "Error budget burning fast: 2% of this period's budget gone within an hour"
-                } else {
-                    "Error budget burning: 10% of this period's budget gone within a day"
-                },
+                summary,
+                &format!(
+                    "At this rate {{object}} uses its whole period's error budget long before the period ends (the burn rate over the {long} and {short} windows is above the threshold). Find the outage: the domain's sites, its gateways and `pec-operator sla report`."
+                ),
             )
         })
         .collect();
     alerts.extend([
         alert(
+            options,
             "PecSlaOutageHalfCap",
-            "ticket",
+            Severity::Warning,
             format!("max by ({BY}) (pec_sla_ongoing_outage_seconds) > on({BY}) (0.5 * min by ({BY}) (pec_sla_single_outage_cap_seconds))"),
             "0s",
-            "An ongoing outage has used half of the single-outage cap",
+            "An ongoing outage of {object} has used half of the single-outage cap",
+            "{object} has been down for half of the longest single outage its period allows. End the outage before it reaches the cap.",
         ),
         alert(
+            options,
             "PecSlaOutageNearCap",
-            "page",
+            Severity::Critical,
             format!("max by ({BY}) (pec_sla_ongoing_outage_seconds) > on({BY}) (0.9 * min by ({BY}) (pec_sla_single_outage_cap_seconds))"),
             "0s",
-            "An ongoing outage is about to break the single-outage cap",
+            "An ongoing outage of {object} is about to break the single-outage cap",
+            "{object} has been down for 90% of the longest single outage its period allows; past it the objective is breached whatever the rest of the period does.",
         ),
         alert(
+            options,
             "PecSlaProjectedMiss",
-            "ticket",
+            Severity::Warning,
             format!("min by ({BY}) (pec_sla_projected_availability_ratio) < on({BY}) max by ({BY}) (pec_sla_objective_ratio)"),
             "15m",
-            "At the current rate the period will end below its availability objective",
+            "At the current rate {object} ends the period below its objective",
+            "The availability projected for the end of the period for {object} is below its objective. Look at the outages of the period in the SLA report.",
         ),
         alert(
+            options,
             "PecSlaBudgetExhausted",
-            "page",
+            Severity::Critical,
             format!("min by ({BY}) (pec_sla_budget_left_seconds) < 0"),
             "0s",
-            "The period's error budget is exhausted: the objective is breached",
+            "The error budget of {object} is exhausted: the objective is breached",
+            "{object} has been down longer than its period's error budget allows: the availability objective of this period is missed.",
         ),
     ]);
     let file = File {
@@ -191,7 +220,7 @@ mod tests {
             .join("charts/pec-operator/files/sla-rules.yaml");
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
-            committed == yaml().expect("rules render"),
+            committed == yaml(&Options::default()).expect("rules render"),
             "{} drifted; run `cargo run -- sla rules > {}`",
             path.display(),
             path.display()
@@ -200,14 +229,14 @@ mod tests {
 
     #[test]
     fn thresholds_follow_the_real_period_length() {
-        let y = yaml().expect("rules render");
+        let y = yaml(&Options::default()).expect("rules render");
         assert!(y.contains("(0.02 * pec:sla_period_length_seconds / 3600)"));
         assert!(y.contains("max by (namespace, slatarget, object, domain, site) (pec_sla_period_end_timestamp_seconds)"));
     }
 
     #[test]
     fn every_metric_is_aggregated_by_the_object_before_use() {
-        let y = yaml().expect("rules render");
+        let y = yaml(&Options::default()).expect("rules render");
         for metric in [
             "pec_sla_down_seconds_total",
             "pec_sla_observed_seconds_total",
