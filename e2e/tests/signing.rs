@@ -1159,3 +1159,51 @@ async fn bad_signing_keys_are_refused_with_the_field_named() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_signing_key_for_another_domain_keeps_the_domain_not_ready_and_says_why() {
+    let client = client().await;
+    crate::harness::ensure_example_sites(&client).await;
+    let ns = namespace(&client, "sk-other-domain").await;
+    pin_secret(&client, &ns, &real_pin()).await;
+    let api = create_key(
+        &client,
+        &ns,
+        &signing_key(
+            "other",
+            json!({"selfSigned": {}}),
+            json!({
+                "subject": {"commonName": "pec.other.it", "organization": "Other", "country": "IT"},
+                "dnsNames": ["pec.other.it"],
+            }),
+        ),
+    )
+    .await;
+    wait_ready(&api, "other").await;
+    crate::harness::example_claims(&client, &ns).await;
+    let mut md: MailDomain = crate::harness::example("20-maildomain-standard.yaml");
+    md.metadata.namespace = Some(ns.clone());
+    md.spec.signing_key_ref = Some("other".into());
+    let domains = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    domains
+        .create(&PostParams::default(), &md)
+        .await
+        .expect("MailDomain");
+    let md = wait_for(
+        &domains,
+        &md.name_any(),
+        "Ready=False naming the mismatch",
+        has_condition("Ready", "False", Some("SigningKeyDoesNotCoverDomain")),
+    )
+    .await;
+    let ready = md
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("Ready");
+    assert!(
+        ready.message.contains("pec.other.it") && ready.message.contains("pec.example.it"),
+        "{}",
+        ready.message
+    );
+}

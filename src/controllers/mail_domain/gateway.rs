@@ -381,11 +381,11 @@ fn secret_volume(name: &str, secret: &str, item: Option<(&str, &str)>) -> Volume
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::controllers::mail_domain::build::tests::domain;
 
-    fn signing() -> GatewaySigning {
+    pub(crate) fn signing() -> GatewaySigning {
         GatewaySigning {
             config: SigningConfig {
                 key: "acme-key".into(),

@@ -17,6 +17,16 @@ pub enum KeyResolution {
     NotReady(String),
     /// The active generation the gateways use.
     Active(GatewaySigning),
+    /// The key's certificate does not name the domain: receipts would be
+    /// signed in another domain's name. The gateways keep the generation
+    /// they have (nothing that works is taken away), and the domain is not
+    /// Ready until the key or the reference is fixed.
+    Uncovered {
+        /// The generation the gateways keep using.
+        signing: GatewaySigning,
+        /// The names the key's certificate carries.
+        names: Vec<String>,
+    },
 }
 
 impl KeyResolution {
@@ -25,19 +35,51 @@ impl KeyResolution {
         match (&md.spec.signing_key_ref, found) {
             (None, _) => Self::NoRef,
             (Some(name), None) => Self::NotFound(name.clone()),
-            (Some(name), Some(sk)) => {
-                GatewaySigning::of(sk).map_or_else(|| Self::NotReady(name.clone()), Self::Active)
-            }
+            (Some(name), Some(sk)) => match GatewaySigning::of(sk) {
+                None => Self::NotReady(name.clone()),
+                Some(signing) if !covers(sk, &md.spec.domain) => Self::Uncovered {
+                    signing,
+                    names: certificate_names(sk),
+                },
+                Some(signing) => Self::Active(signing),
+            },
         }
     }
 
     /// The configuration the gateways get, if any.
     pub fn config(&self) -> Option<&GatewaySigning> {
         match self {
-            Self::Active(c) => Some(c),
+            Self::Active(c) | Self::Uncovered { signing: c, .. } => Some(c),
             _ => None,
         }
     }
+}
+
+/// The DNS names a SigningKey's certificates carry: `dnsNames`, or the
+/// common name when there are none.
+fn certificate_names(sk: &crate::api::SigningKey) -> Vec<String> {
+    if sk.spec.dns_names.is_empty() {
+        vec![sk.spec.subject.common_name.clone()]
+    } else {
+        sk.spec.dns_names.clone()
+    }
+}
+
+/// Whether `sk`'s certificate names `domain`, as a TLS client would match
+/// it: case-insensitively, a trailing dot ignored, `*.` standing for exactly
+/// one leftmost label.
+pub fn covers(sk: &crate::api::SigningKey, domain: &str) -> bool {
+    let norm = |s: &str| s.trim_end_matches('.').to_ascii_lowercase();
+    let domain = norm(domain);
+    certificate_names(sk).iter().any(|name| {
+        let name = norm(name);
+        match name.strip_prefix("*.") {
+            Some(suffix) => domain
+                .split_once('.')
+                .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+            None => name == domain,
+        }
+    })
 }
 use crate::{
     api::{Failover, MailDomain, MailDomainStatus, SiteGatewayStatus},
@@ -85,6 +127,8 @@ pub mod reason {
     pub const KEY_NOT_READY: &str = "SigningKeyNotReady";
     /// The named SigningKey does not exist.
     pub const KEY_NOT_FOUND: &str = "SigningKeyNotFound";
+    /// The named SigningKey's certificate does not name the domain.
+    pub const KEY_DOES_NOT_COVER_DOMAIN: &str = "SigningKeyDoesNotCoverDomain";
     /// No signing key named.
     pub const NO_SIGNING_KEY: &str = "NoSigningKeyRef";
     /// No listed site is healthy with a ready gateway.
@@ -161,7 +205,20 @@ pub fn compute(
         .map(|(s, c)| format!("{s} {}/{}", c.ready, c.desired))
         .collect();
 
-    let ready = if !sites.missing.is_empty() {
+    let ready = if let KeyResolution::Uncovered { signing, names } = key {
+        Verdict::new(
+            READY,
+            false,
+            reason::KEY_DOES_NOT_COVER_DOMAIN,
+            format!(
+                "SigningKey {} certifies [{}], not {}: receipts would be signed in another domain's name; add {} to its dnsNames or name another key in spec.signingKeyRef",
+                signing.config.key,
+                names.join(", "),
+                md.spec.domain,
+                md.spec.domain
+            ),
+        )
+    } else if !sites.missing.is_empty() {
         Verdict::new(
             READY,
             false,
@@ -247,6 +304,17 @@ pub fn compute(
             format!(
                 "gateways sign with SigningKey {} generation {}",
                 c.config.key, c.config.generation
+            ),
+        ),
+        KeyResolution::Uncovered { signing, names } => Verdict::new(
+            SIGNING_KEY_RESOLVED,
+            false,
+            reason::KEY_DOES_NOT_COVER_DOMAIN,
+            format!(
+                "SigningKey {} certifies [{}], not {}",
+                signing.config.key,
+                names.join(", "),
+                md.spec.domain
             ),
         ),
         KeyResolution::NotReady(name) => Verdict::new(
@@ -478,6 +546,65 @@ mod tests {
         let ready = conditions::find(&s.conditions, READY).expect("Ready");
         assert_eq!(ready.reason, reason::SITE_NOT_FOUND);
         assert!(ready.message.contains("dc-it9"));
+    }
+
+    fn key(dns_names: &[&str]) -> crate::api::SigningKey {
+        let spec = serde_json::from_value(serde_json::json!({
+            "hsm": {"tokenLabel": "t", "pinSecretRef": {"name": "pin"}},
+            "subject": {"commonName": "pec.acme.it"},
+            "dnsNames": dns_names,
+            "issuer": {"selfSigned": {}},
+            "certificate": {"duration": "8760h", "renewBefore": "720h"},
+        }))
+        .expect("SigningKey spec");
+        crate::api::SigningKey::new("acme-key", spec)
+    }
+
+    #[test]
+    fn a_certificate_covers_a_domain_as_a_tls_client_would_match_it() {
+        assert!(covers(&key(&["PEC.acme.it."]), "pec.acme.it"));
+        assert!(covers(&key(&["*.acme.it"]), "pec.acme.it"));
+        assert!(!covers(&key(&["*.acme.it"]), "a.pec.acme.it"));
+        assert!(!covers(&key(&["*.acme.it"]), "acme.it"));
+        assert!(!covers(&key(&["pec.other.it"]), "pec.acme.it"));
+        // Without dnsNames, the common name is what the certificate names.
+        assert!(covers(&key(&[]), "pec.acme.it"));
+    }
+
+    #[test]
+    fn a_key_for_another_domain_keeps_the_domain_not_ready_and_says_why() {
+        let md = domain(&["dc-it1", "dc-it2"]);
+        let key = KeyResolution::Uncovered {
+            signing: crate::controllers::mail_domain::gateway::tests::signing(),
+            names: vec!["pec.other.it".into()],
+        };
+        assert!(
+            key.config().is_some(),
+            "the gateways keep the generation they sign with"
+        );
+        let s = compute(
+            &md,
+            &key,
+            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &[deployment("dc-it1", 2, 2), deployment("dc-it2", 2, 2)],
+            &serving(&["dc-it1", "dc-it2"]),
+            None,
+            now(),
+        );
+        let ready = conditions::find(&s.conditions, READY).expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason::KEY_DOES_NOT_COVER_DOMAIN)
+        );
+        assert!(
+            ready.message.contains("pec.other.it") && ready.message.contains(&md.spec.domain),
+            "{}",
+            ready.message
+        );
+        assert_eq!(
+            reason_of(&s, SIGNING_KEY_RESOLVED),
+            reason::KEY_DOES_NOT_COVER_DOMAIN
+        );
     }
 
     #[test]
