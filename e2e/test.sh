@@ -73,8 +73,11 @@ all_on=(--set metrics.serviceMonitor.enabled=true --set sla.prometheusRule.enabl
   --set alerts.prometheusRule.enabled=true --set dashboard.enabled=true
   --set alerts.runbookBaseUrl=https://runbooks.provider.example/pec --set alerts.severities.critical=page)
 helm lint --strict charts/pec-operator "${all_on[@]}"
-rendered=$(helm template "$OPERATOR_RELEASE" charts/pec-operator --namespace "$OPERATOR_NAMESPACE" "${all_on[@]}")
-for want in "kind: ServiceMonitor" "honorLabels: true" "name: $OPERATOR_RELEASE-operational" \
+# Offline rendering needs the cluster's version (the chart's kubeVersion).
+kube_version=$(kubectl version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')
+rendered=$(helm template "$OPERATOR_RELEASE" charts/pec-operator --kube-version "$kube_version" \
+  --namespace "$OPERATOR_NAMESPACE" "${all_on[@]}")
+for want in "kind: ServiceMonitor" "honorLabels: true" "name: $OPERATOR_RELEASE-operational" "kind: PodDisruptionBudget" \
     "runbook_url: https://runbooks.provider.example/pec#pecsitedown" "severity: page"; do
   grep -qF "$want" <<<"$rendered" || { echo "helm template with every toggle on: no '$want'" >&2; exit 1; }
 done
@@ -82,7 +85,7 @@ if grep -qF "pec-operator.example" <<<"$rendered"; then
   echo "helm template: the default runbook base is left in the rules" >&2; exit 1
 fi
 kubectl create namespace "$OPERATOR_NAMESPACE" >/dev/null
-helm template "$OPERATOR_RELEASE" charts/pec-operator --namespace "$OPERATOR_NAMESPACE" --include-crds \
+helm template "$OPERATOR_RELEASE" charts/pec-operator --kube-version "$kube_version" --namespace "$OPERATOR_NAMESPACE" --include-crds \
   | kubectl apply --dry-run=server -f - >/dev/null
 install_chart
 
