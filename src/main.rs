@@ -24,11 +24,13 @@ use pec_operator::{
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Also a kubectl plugin: installed (or linked) as `kubectl-pec` on the
+/// PATH, `kubectl pec sla report -n NS` runs it.
 #[derive(Parser)]
 #[command(
     name = "pec-operator",
     version,
-    about = "Kubernetes operator for a multi-site PEC platform"
+    about = "Kubernetes operator for a multi-site PEC platform (also `kubectl pec` when installed as kubectl-pec)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -89,12 +91,17 @@ impl RuleArgs {
 enum SlaCommand {
     /// Print where every SlaTarget stands: current and past periods.
     Report {
-        /// Only this namespace (default: all namespaces).
-        #[arg(long, short = 'n')]
+        /// This namespace (default: the kubeconfig context's).
+        #[arg(long, short = 'n', conflicts_with = "all_namespaces")]
         namespace: Option<String>,
+        /// Every namespace.
+        #[arg(long, short = 'A')]
+        all_namespaces: bool,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "text")]
         output: ReportFormat,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Print the Prometheus alerting rules for SLA burn rates and outages.
     Rules(RuleArgs),
@@ -129,6 +136,38 @@ enum KeyCommand {
 enum ReportFormat {
     Text,
     Json,
+    Yaml,
+}
+
+/// Which cluster a command talks to, as kubectl says it.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// The kubeconfig file (default: $KUBECONFIG, else ~/.kube/config, else
+    /// the pod's service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current context).
+    #[arg(long)]
+    context: Option<String>,
+}
+
+impl ClusterArgs {
+    /// A client for the chosen cluster.
+    async fn client(&self) -> Result<Client, BoxError> {
+        use kube::config::{KubeConfigOptions, Kubeconfig};
+        let options = KubeConfigOptions {
+            context: self.context.clone(),
+            ..KubeConfigOptions::default()
+        };
+        let config = match (&self.kubeconfig, &self.context) {
+            (Some(path), _) => {
+                kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, &options).await?
+            }
+            (None, Some(_)) => kube::Config::from_kubeconfig(&options).await?,
+            (None, None) => kube::Config::infer().await?,
+        };
+        Ok(Client::try_from(config)?)
+    }
 }
 
 #[derive(clap::Args)]
@@ -188,8 +227,14 @@ async fn main() -> Result<(), BoxError> {
         Command::Crds { out_dir } => print_crds(&out_dir),
         Command::Run(args) => run(args).await,
         Command::Sla {
-            command: SlaCommand::Report { namespace, output },
-        } => sla_report(namespace, output).await,
+            command:
+                SlaCommand::Report {
+                    namespace,
+                    all_namespaces,
+                    output,
+                    cluster,
+                },
+        } => sla_report(&cluster, namespace, all_namespaces, output).await,
         Command::Key {
             command:
                 KeyCommand::ExportWrapped {
@@ -251,11 +296,20 @@ fn print_crds(out_dirs: &[PathBuf]) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn sla_report(namespace: Option<String>, output: ReportFormat) -> Result<(), BoxError> {
-    let client = Client::try_default().await?;
-    let api: Api<api::SlaTarget> = match &namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+/// `sla report`: in `namespace`, else every namespace with `all`, else the
+/// kubeconfig context's namespace, as kubectl chooses.
+async fn sla_report(
+    cluster: &ClusterArgs,
+    namespace: Option<String>,
+    all: bool,
+    output: ReportFormat,
+) -> Result<(), BoxError> {
+    let client = cluster.client().await?;
+    let api: Api<api::SlaTarget> = if all {
+        Api::all(client)
+    } else {
+        let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+        Api::namespaced(client, &ns)
     };
     let targets = api.list(&Default::default()).await?.items;
     match output {
@@ -263,6 +317,10 @@ async fn sla_report(namespace: Option<String>, output: ReportFormat) -> Result<(
         ReportFormat::Json => println!(
             "{}",
             serde_json::to_string_pretty(&pec_operator::sla::report::json(&targets))?
+        ),
+        ReportFormat::Yaml => print!(
+            "{}",
+            serde_yaml::to_string(&pec_operator::sla::report::json(&targets))?
         ),
     }
     Ok(())

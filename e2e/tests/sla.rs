@@ -166,6 +166,52 @@ async fn a_fully_down_domain_is_measured_as_one_outage_of_its_length() {
         line.contains(&longest),
         "report line {line:?} lacks the outage {longest}"
     );
+
+    // The same report as a kubectl plugin: `kubectl pec`, the namespace
+    // taken from the kubeconfig's context, YAML out.
+    let dir = std::env::temp_dir().join(format!("pec-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("plugin dir");
+    let plugin = dir.join("kubectl-pec");
+    let _ = std::fs::remove_file(&plugin);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_pec-operator"), &plugin).expect("link");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::copy(
+        std::env::var("KUBECONFIG").expect("e2e/test.sh sets KUBECONFIG"),
+        &kubeconfig,
+    )
+    .expect("copy the kubeconfig");
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let kubectl = |args: &[&str]| {
+        std::process::Command::new("kubectl")
+            .args(args)
+            .env("PATH", &path)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("kubectl runs")
+    };
+    let set = kubectl(&["config", "set-context", "--current", "--namespace", &ns]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let report = kubectl(&["pec", "sla", "report", "-o", "yaml"]);
+    assert!(
+        report.status.success(),
+        "kubectl pec: {}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_slice(&report.stdout).expect("kubectl pec -o yaml is YAML");
+    let text = serde_yaml::to_string(&yaml).expect("yaml");
+    assert!(
+        text.contains(&md) && text.contains(&ns),
+        "the context's namespace was not reported: {text}"
+    );
     sites.remove().await;
 }
 
