@@ -55,6 +55,13 @@ enum Command {
     /// Print the operational alerting rules (certificates, signing keys,
     /// sites, domains, the operator itself) for Prometheus.
     Rules(RuleArgs),
+    /// Check that a running operator answers: GET `URL` (plain HTTP, such as
+    /// the metrics Service's `/metrics`) must give 200 and the Prometheus text
+    /// format. The chart's `helm test` runs this.
+    Check {
+        /// `http://HOST:PORT/PATH`.
+        url: String,
+    },
     /// Print the CustomResourceDefinitions as YAML, or write one file per kind.
     Crds {
         /// Write `<kind>.yaml` files into this directory (repeatable) instead of printing.
@@ -225,6 +232,7 @@ struct RunArgs {
 async fn main() -> Result<(), BoxError> {
     match Cli::parse().command {
         Command::Crds { out_dir } => print_crds(&out_dir),
+        Command::Check { url } => check(&url).await,
         Command::Run(args) => run(args).await,
         Command::Sla {
             command:
@@ -294,6 +302,40 @@ fn print_crds(out_dirs: &[PathBuf]) -> Result<(), BoxError> {
         }
     }
     Ok(())
+}
+
+/// `check URL`: one HTTP/1.0 GET; 200 with a Prometheus text Content-Type
+/// passes, anything else fails with what was answered.
+async fn check(url: &str) -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("check takes an http:// URL")?;
+    let (address, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .map_err(|_| format!("connecting to {address} timed out"))??;
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    stream
+        .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let answer = String::from_utf8_lossy(&answer);
+    let head = answer.split("\r\n\r\n").next().unwrap_or_default();
+    let status_ok = head.lines().next().is_some_and(|l| l.contains(" 200 "));
+    let text_format = head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4");
+    if status_ok && text_format {
+        println!("{url}: 200, Prometheus text format");
+        Ok(())
+    } else {
+        Err(format!("{url} answered: {head}").into())
+    }
 }
 
 /// `sla report`: in `namespace`, else every namespace with `all`, else the

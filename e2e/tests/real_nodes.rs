@@ -195,6 +195,26 @@ async fn helm_install_alone_runs_one_operator_per_data_center_with_one_leader() 
         answer.contains("pec_"),
         "no pec_ metrics through the Service"
     );
+
+    // `helm test`: the chart's test pod (the operator image, restricted)
+    // reads /metrics through the Service's DNS name.
+    let test = std::process::Command::new("helm")
+        .args(["test", "pec-operator", "--namespace", OPERATOR_NAMESPACE])
+        .args(["--timeout", "120s"])
+        .output()
+        .expect("helm runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&test.stdout),
+        String::from_utf8_lossy(&test.stderr)
+    );
+    assert!(
+        test.status.success()
+            && said
+                .lines()
+                .any(|l| l.starts_with("Phase:") && l.trim_end().ends_with("Succeeded")),
+        "helm test: {said}"
+    );
 }
 
 #[tokio::test]
