@@ -245,20 +245,27 @@ pub fn names() -> Vec<&'static str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn shipped_rules_match_the_generator() {
+    /// Fails when the chart's `files/<file>` is not what `command` prints.
+    pub(crate) fn assert_shipped(file: &str, rendered: &str, command: &str) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("charts/pec-operator/files/operational-rules.yaml");
+            .join("charts/pec-operator/files")
+            .join(file);
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
-            committed == yaml(&Options::default()).expect("rules render"),
-            "{} drifted; run `cargo run -- rules > {}`",
+            committed == rendered,
+            "{} drifted; run `cargo run -- {command} > {}`",
             path.display(),
             path.display()
         );
+    }
+
+    #[test]
+    fn shipped_rules_match_the_generator() {
+        let rendered = yaml(&Options::default()).expect("rules render");
+        assert_shipped("operational-rules.yaml", &rendered, "rules");
     }
 
     #[test]

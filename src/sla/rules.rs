@@ -216,15 +216,8 @@ mod tests {
 
     #[test]
     fn shipped_rules_match_the_generator() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("charts/pec-operator/files/sla-rules.yaml");
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            committed == yaml(&Options::default()).expect("rules render"),
-            "{} drifted; run `cargo run -- sla rules > {}`",
-            path.display(),
-            path.display()
-        );
+        let rendered = yaml(&Options::default()).expect("rules render");
+        crate::alerts::tests::assert_shipped("sla-rules.yaml", &rendered, "sla rules");
     }
 
     #[test]
