@@ -46,6 +46,8 @@ pub struct Context {
     pub hsm: Option<Arc<crate::hsm::Hsm>>,
     /// What every gateway pod gets (image, PKCS#11 module, token store).
     pub gateway: mail_domain::gateway::GatewayDefaults,
+    /// The platform routes of each namespace, as last written.
+    pub routes: mail_domain::routes::PlatformRoutes,
 }
 
 impl Context {
@@ -65,6 +67,7 @@ impl Context {
             sla: Arc::default(),
             hsm: None,
             gateway: mail_domain::gateway::GatewayDefaults::default(),
+            routes: mail_domain::routes::PlatformRoutes::default(),
         }
     }
 

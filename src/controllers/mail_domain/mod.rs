@@ -196,7 +196,8 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
         &resolution.missing,
     )
     .await?;
-    routes::apply(&ctx.client, &namespace, apply::FIELD_MANAGER)
+    ctx.routes
+        .sync(&ctx.client, &namespace, apply::FIELD_MANAGER)
         .await
         .map_err(|source| Error::Apply {
             kind: "ConfigMap",
@@ -374,6 +375,7 @@ pub async fn run(ctx: Arc<Context>) {
         Config::default().any_semantic(),
     );
     let store = controller.store();
+    ctx.routes.use_store(store.clone());
     match crate::metrics::ServingCollector::new(store.clone()) {
         Ok(collector) => {
             if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {

@@ -7,16 +7,24 @@
 //! certificates of the namespace's SigningKeys, which every gateway there
 //! trusts) a namespace is one platform.
 //!
-//! Rewritten by every reconcile of a MailDomain of the namespace, from a
-//! list of them; a deleted domain leaves it at the next reconcile of another
-//! (at most the resync period; meanwhile mail for it waits and retries).
+//! Computed by every reconcile of a MailDomain of the namespace from the
+//! controller's cache of MailDomains (no request), and written only when it
+//! changed or was last written more than [`REASSERT`] ago (so a ConfigMap
+//! edited or deleted by hand comes back). A deleted domain leaves it at the
+//! next reconcile of another (at most the resync period; meanwhile mail for
+//! it waits and retries).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams},
+    runtime::reflector::Store,
 };
 use serde_json::json;
 
@@ -31,9 +39,12 @@ pub const ROUTES_KEY: &str = "routes.yaml";
 /// The routes of `domains` (of one namespace `ns`): each PEC domain to the
 /// incoming point of its domain Service. Domains being deleted are left
 /// out; a domain two MailDomains claim goes to the older one.
-pub fn platform_routes(domains: &[MailDomain], ns: &str) -> BTreeMap<String, String> {
+pub fn platform_routes<'a>(
+    domains: impl IntoIterator<Item = &'a MailDomain>,
+    ns: &str,
+) -> BTreeMap<String, String> {
     let mut sorted: Vec<&MailDomain> = domains
-        .iter()
+        .into_iter()
         .filter(|md| md.metadata.deletion_timestamp.is_none())
         .collect();
     sorted.sort_by_key(|md| (md.creation_timestamp(), md.name_any()));
@@ -46,15 +57,81 @@ pub fn platform_routes(domains: &[MailDomain], ns: &str) -> BTreeMap<String, Str
     routes
 }
 
-/// Rewrites [`PLATFORM_ROUTES`] in `ns` from the MailDomains there.
-pub async fn apply(client: &Client, ns: &str, field_manager: &str) -> Result<(), kube::Error> {
-    let domains = Api::<MailDomain>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await?
-        .items;
+/// How long a written routes ConfigMap is trusted to be as written.
+pub const REASSERT: Duration = Duration::from_secs(300);
+
+/// One namespace's routes: PEC domain to `host:port`.
+type Routes = BTreeMap<String, String>;
+
+/// The routes of every namespace as last written, and the MailDomain
+/// controller's cache they are computed from.
+#[derive(Default)]
+pub struct PlatformRoutes {
+    domains: OnceLock<Store<MailDomain>>,
+    written: Mutex<HashMap<String, (Routes, Instant)>>,
+}
+
+impl PlatformRoutes {
+    /// Reads MailDomains from `store` from now on (the controller's cache).
+    pub fn use_store(&self, store: Store<MailDomain>) {
+        let _ = self.domains.set(store);
+    }
+
+    /// Brings [`PLATFORM_ROUTES`] in `ns` up to date with the MailDomains
+    /// there; writes only what changed (or is due to be reasserted).
+    pub async fn sync(
+        &self,
+        client: &Client,
+        ns: &str,
+        field_manager: &str,
+    ) -> Result<(), kube::Error> {
+        let routes = match self.domains.get() {
+            Some(store) => {
+                // Not before the first full list: a partial cache would drop routes.
+                let _ = store.wait_until_ready().await;
+                let domains = store.state();
+                platform_routes(
+                    domains
+                        .iter()
+                        .map(|md| md.as_ref())
+                        .filter(|md| md.metadata.namespace.as_deref() == Some(ns)),
+                    ns,
+                )
+            }
+            None => {
+                let domains = Api::<MailDomain>::namespaced(client.clone(), ns)
+                    .list(&ListParams::default())
+                    .await?
+                    .items;
+                platform_routes(&domains, ns)
+            }
+        };
+        let current = |written: &HashMap<String, (Routes, Instant)>| {
+            written
+                .get(ns)
+                .is_some_and(|(r, at)| *r == routes && at.elapsed() < REASSERT)
+        };
+        if current(&self.written.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(());
+        }
+        apply(client, ns, field_manager, &routes).await?;
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ns.to_string(), (routes, Instant::now()));
+        Ok(())
+    }
+}
+
+/// Writes `routes` as [`PLATFORM_ROUTES`] in `ns`.
+async fn apply(
+    client: &Client,
+    ns: &str,
+    field_manager: &str,
+    routes: &BTreeMap<String, String>,
+) -> Result<(), kube::Error> {
     // A map of strings always renders; the error is only in the signature.
-    let yaml = serde_yaml::to_string(&platform_routes(&domains, ns))
-        .map_err(|e| kube::Error::Service(e.into()))?;
+    let yaml = serde_yaml::to_string(routes).map_err(|e| kube::Error::Service(e.into()))?;
     Api::<ConfigMap>::namespaced(client.clone(), ns)
         .patch(
             PLATFORM_ROUTES,
