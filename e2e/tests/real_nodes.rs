@@ -30,7 +30,8 @@ use crate::{
         namespace, store_dir, wait_for,
     },
     round_trip::{
-        domain_key, domain_secrets, password_hash, standard_domain, string_secret, tls_secret,
+        domain_key, domain_secrets, password_hash, password_secret, standard_domain, string_secret,
+        tls_secret,
     },
     signing::{create_key, pin_secret, real_pin, signing_key},
     sla::measure,
@@ -335,13 +336,7 @@ pub async fn real_domain_with_key(
     domain_key(&client, &ns, "real-key", DOMAIN, key).await;
     let password = format!("probe-{}", std::process::id());
     domain_secrets(&client, &ns, "real", DOMAIN, &password).await;
-    string_secret(
-        &client,
-        &ns,
-        "probe-password",
-        json!({"password": password}),
-    )
-    .await;
+    password_secret(&client, &ns, "probe-password", &password).await;
 
     mail_claim(&client, &ns).await;
     let mut md = standard_domain("real", &ns, DOMAIN, &sites, "real-key");
@@ -694,13 +689,7 @@ async fn the_examples_applied_become_ready_with_gateways_running_as_containers()
     ] {
         string_secret(&client, NS, secret, json!({"mailboxes": mailboxes})).await;
     }
-    string_secret(
-        &client,
-        NS,
-        "sla-probe-password",
-        json!({"password": password}),
-    )
-    .await;
+    password_secret(&client, NS, "sla-probe-password", &password).await;
 
     async fn apply_all<K>(api: &Api<K>, file: &str) -> Vec<String>
     where

@@ -315,6 +315,12 @@ pub async fn domain_secrets(client: &Client, ns: &str, name: &str, domain: &str,
     .await;
 }
 
+/// The Secret `name` whose key `password` is a probe mailbox's password,
+/// as the operator reads it (`probe.pecRoundTrip.passwordSecretRef`).
+pub async fn password_secret(client: &Client, ns: &str, name: &str, password: &str) {
+    string_secret(client, ns, name, json!({"password": password})).await;
+}
+
 /// A Secret with `stringData`.
 pub async fn string_secret(client: &Client, ns: &str, name: &str, data: serde_json::Value) {
     let secret: Secret =
@@ -423,13 +429,7 @@ async fn a_round_trip_probe_records_an_outage_while_the_gateway_cannot_sign() {
     );
     assert!(object(Some(&waiting)).is_none_or(|o| o.period.measured_seconds == 0.0));
 
-    string_secret(
-        &client,
-        &ns,
-        "probe-password",
-        json!({"password": password}),
-    )
-    .await;
+    password_secret(&client, &ns, "probe-password", &password).await;
     wait_for(
         &slas,
         &sla,

@@ -37,11 +37,7 @@ fn a_message_crosses_all_three_points_and_every_receipt_verifies() {
     let ca = p.ca_file();
     let (mario, anna) = (p.mario(), p.anna());
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(
-        &mario,
-        &[&anna],
-        &message(&mario, &[&anna], "Contratto", "In allegato il contratto."),
-    );
+    let (code, text) = c.send_message(&mario, &[&anna], "Contratto", "In allegato il contratto.");
     assert_eq!(code, 250, "{text}");
     c.expect("QUIT", 221);
 
@@ -108,11 +104,7 @@ fn a_message_within_one_domain_is_delivered_with_receipts() {
     let mario = p.mario();
     let luigi = format!("luigi@{}", p.da.name);
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(
-        &mario,
-        &[&luigi],
-        &message(&mario, &[&luigi], "Interno", "ciao"),
-    );
+    let (code, text) = c.send_message(&mario, &[&luigi], "Interno", "ciao");
     assert_eq!(code, 250, "{text}");
     let envelope =
         p.a.wait_for_mail("luigi", "X-Trasporto: posta-certificata", 1);
@@ -159,11 +151,7 @@ fn mail_for_a_domain_without_a_route_goes_to_its_mx_hosts_in_preference_order() 
     let mario = p.mario();
     let anna = p.anna();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(
-        &mario,
-        &[&anna],
-        &message(&mario, &[&anna], "Via MX", "trovato"),
-    );
+    let (code, text) = c.send_message(&mario, &[&anna], "Via MX", "trovato");
     assert_eq!(code, 250, "{text}");
     let envelope = p.b.wait_for_mail("anna", "Via MX", 1);
     assert!(
@@ -179,11 +167,7 @@ fn mail_for_a_domain_without_a_route_goes_to_its_mx_hosts_in_preference_order() 
     // A domain that does not exist: the sender gets the non-delivery
     // notice at once, not after the relay deadlines.
     let ghost = format!("nessuno@ghost-{b}");
-    let (code, text) = c.send_mail(
-        &mario,
-        &[&ghost],
-        &message(&mario, &[&ghost], "Nessuno", "ciao"),
-    );
+    let (code, text) = c.send_message(&mario, &[&ghost], "Nessuno", "ciao");
     assert_eq!(code, 250, "{text}");
     let failed = p.a.wait_for_mail("mario", "X-Ricevuta: errore-consegna", 1);
     openssl_verify(&failed[0], &ca).expect("the notice verifies");
@@ -217,11 +201,7 @@ fn a_silent_peer_brings_the_warning_then_the_final_notice_on_time() {
     let anna = p.anna();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
     let sent = std::time::Instant::now();
-    let (code, text) = c.send_mail(
-        &mario,
-        &[&anna],
-        &message(&mario, &[&anna], "Nessuna risposta", "ciao"),
-    );
+    let (code, text) = c.send_message(&mario, &[&anna], "Nessuna risposta", "ciao");
     assert_eq!(code, 250, "{text}");
     let warning =
         p.a.wait_for_mail("mario", "X-Ricevuta: preavviso-errore-consegna", 1);
@@ -297,11 +277,7 @@ fn oversize_gets_the_non_acceptance_notice() {
     let body = std::iter::repeat_n(big.as_str(), 250)
         .collect::<Vec<_>>()
         .join("\r\n");
-    let (code, text) = c.send_mail(
-        &mario,
-        &[&anna],
-        &message(&mario, &[&anna], "Grande", &body),
-    );
+    let (code, text) = c.send_message(&mario, &[&anna], "Grande", &body);
     assert_eq!(code, 552, "{text}");
     let notice =
         p.a.wait_for_mail("mario", "X-Ricevuta: non-accettazione", 1);
@@ -635,11 +611,11 @@ fn clamd_down_gives_a_temporary_failure_and_not_ready_then_recovers() {
     let (_, _, body) = p.a.http_get("/readyz");
     assert!(body.contains("antivirus"), "{body}");
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Durante", "x"));
+    let (code, text) = c.send_message(&mario, &[&anna], "Durante", "x");
     assert_eq!(code / 100, 4, "fail closed, temporarily: {text}");
     clamd.restart();
     p.a.wait_ready();
-    let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Dopo", "x"));
+    let (code, text) = c.send_message(&mario, &[&anna], "Dopo", "x");
     assert_eq!(code, 250, "{text}");
     p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
 }
@@ -666,7 +642,7 @@ fn a_gateway_killed_during_data_after_the_250_and_before_the_relay_loses_and_dup
     p.a.restart();
     p.a.wait_ready();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Uno", "primo"));
+    let (code, text) = c.send_message(&mario, &[&anna], "Uno", "primo");
     assert_eq!(code, 250, "{text}");
     let status = p.a.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
@@ -721,11 +697,7 @@ fn a_rotated_key_signs_from_the_next_start_and_both_generations_verify() {
     let mario = p.mario();
     let anna = p.anna();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    assert_eq!(
-        c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Prima", "g1"))
-            .0,
-        250
-    );
+    assert_eq!(c.send_message(&mario, &[&anna], "Prima", "g1").0, 250);
     let before = p.a.wait_for_mail("mario", "ACCETTAZIONE: Prima", 1);
     let g1 = p.da.cert_pem.clone();
 
@@ -742,11 +714,7 @@ fn a_rotated_key_signs_from_the_next_start_and_both_generations_verify() {
     p.a.restart();
     p.a.wait_ready();
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    assert_eq!(
-        c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Dopo", "g2"))
-            .0,
-        250
-    );
+    assert_eq!(c.send_message(&mario, &[&anna], "Dopo", "g2").0, 250);
     let after = p.a.wait_for_mail("mario", "ACCETTAZIONE: Dopo", 1);
     assert_eq!(
         pem_der(&openssl_verify(&before[0], &ca).expect("g1 receipt")),
@@ -782,11 +750,7 @@ fn a_wrong_pin_keeps_the_gateway_unready_until_fixed() {
     // Mail is refused temporarily while the gateway cannot sign, on both ports.
     let carla = format!("carla@{}", domain.name);
     let mut c = Client::login(domain.submissions, &carla, "c");
-    let (code, text) = c.send_mail(
-        &carla,
-        &[&carla],
-        &message(&carla, &[&carla], "Senza firma", "x"),
-    );
+    let (code, text) = c.send_message(&carla, &[&carla], "Senza firma", "x");
     assert_eq!(code, 451, "{text}");
     let mut p25 = Client::plain(domain.smtp);
     p25.expect("EHLO peer.test", 250);
@@ -800,11 +764,7 @@ fn a_wrong_pin_keeps_the_gateway_unready_until_fixed() {
     g.wait_ready();
     // A new session: the first one has idled out (3 s in the test configuration).
     let mut c = Client::login(domain.submissions, &carla, "c");
-    let (code, text) = c.send_mail(
-        &carla,
-        &[&carla],
-        &message(&carla, &[&carla], "Con firma", "x"),
-    );
+    let (code, text) = c.send_message(&carla, &[&carla], "Con firma", "x");
     assert_eq!(code, 250, "accepted once it can sign: {text}");
     g.wait_for_mail("carla", "X-Ricevuta: avvenuta-consegna", 1);
     assert!(
@@ -869,11 +829,7 @@ fn during_the_shutdown_delay_the_gateway_is_unready_but_still_takes_mail() {
     });
     // A connection the Service's rules still send is served in full.
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(
-        &mario,
-        &[&anna],
-        &message(&mario, &[&anna], "Ultima", "ciao"),
-    );
+    let (code, text) = c.send_message(&mario, &[&anna], "Ultima", "ciao");
     assert_eq!(code, 250, "{text}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -898,15 +854,7 @@ fn metrics_and_probes_answer_with_content_types() {
     let p = Pair::start();
     let (mario, anna) = (p.mario(), p.anna());
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    assert_eq!(
-        c.send_mail(
-            &mario,
-            &[&anna],
-            &message(&mario, &[&anna], "Metriche", "x")
-        )
-        .0,
-        250
-    );
+    assert_eq!(c.send_message(&mario, &[&anna], "Metriche", "x").0, 250);
     p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
     let (code, head, body) = p.a.http_get("/metrics");
     assert_eq!(code, 200);
@@ -984,12 +932,7 @@ fn a_receive_only_domain_has_no_access_point_but_receives_certified_mail() {
     let protocollo = format!("protocollo@{}", ufficio.name);
     let mut c = Client::login(sender.submissions, &mario, MARIO_PASSWORD);
     assert_eq!(
-        c.send_mail(
-            &mario,
-            &[&protocollo],
-            &message(&mario, &[&protocollo], "Istanza", "x")
-        )
-        .0,
+        c.send_message(&mario, &[&protocollo], "Istanza", "x").0,
         250
     );
     u.wait_for_mail("protocollo", "X-Trasporto: posta-certificata", 1);
@@ -1001,11 +944,7 @@ fn mailbox_owners_read_and_remove_their_mail_over_the_message_api() {
     let p = Pair::start();
     let (mario, anna) = (p.mario(), p.anna());
     let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    assert_eq!(
-        c.send_mail(&mario, &[&anna], &message(&mario, &[&anna], "Via API", "x"))
-            .0,
-        250
-    );
+    assert_eq!(c.send_message(&mario, &[&anna], "Via API", "x").0, 250);
     let delivered =
         p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
 

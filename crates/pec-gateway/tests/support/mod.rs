@@ -1081,6 +1081,18 @@ impl Client {
         }
         self.data(message)
     }
+
+    /// [`Client::send_mail`] of a plain [`message`] from `from` to `to`,
+    /// the envelope matching its headers.
+    pub fn send_message(
+        &mut self,
+        from: &str,
+        to: &[&str],
+        subject: &str,
+        body: &str,
+    ) -> (u16, String) {
+        self.send_mail(from, to, &message(from, to, subject, body))
+    }
 }
 
 /// A TLS connection to `port` on loopback that trusts the test CA, and a
