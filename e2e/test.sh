@@ -87,6 +87,15 @@ fi
 kubectl create namespace "$OPERATOR_NAMESPACE" >/dev/null
 helm template "$OPERATOR_RELEASE" charts/pec-operator --kube-version "$kube_version" --namespace "$OPERATOR_NAMESPACE" --include-crds \
   | kubectl apply --dry-run=server -f - >/dev/null
+# The optional templates against the Prometheus Operator's own CRDs: every
+# toggle on, checked by the API server's schema validation.
+kubectl apply --server-side -f "$bin/../crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/" >/dev/null
+kubectl wait --for condition=Established --timeout=60s \
+  crd/servicemonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com >/dev/null
+kubectl apply --dry-run=server --validate=strict -f - <<<"$rendered" >/dev/null
+
+step "chart: helm upgrade leaves crds/ alone; the README's CRD step upgrades them"
+check_crd_upgrade
 install_chart
 
 step "operator: two replicas under the chart's ServiceAccount"

@@ -19,11 +19,63 @@ build_operator() {
 
 # install_chart: helm install the chart (CRDs, ServiceAccount, RBAC, Deployment).
 install_chart() {
-  "$bin/kubectl" create namespace "$OPERATOR_NAMESPACE" --dry-run=client -o yaml | "$bin/kubectl" apply -f - >/dev/null
+  "$bin/kubectl" get namespace "$OPERATOR_NAMESPACE" >/dev/null 2>&1 || "$bin/kubectl" create namespace "$OPERATOR_NAMESPACE" >/dev/null
   "$bin/helm" upgrade --install "$OPERATOR_RELEASE" "$repo/charts/pec-operator" \
     --namespace "$OPERATOR_NAMESPACE" --wait=false >/dev/null
   "$bin/kubectl" wait --for condition=Established --timeout=60s \
     crd/sites.pec.dev crd/maildomains.pec.dev crd/signingkeys.pec.dev >/dev/null
+}
+
+# check_crd_upgrade: the README's upgrade story, as a user meets it. A copy
+# of the chart whose Site CRD lacks a field (an older release) is installed;
+# `helm upgrade` to this chart leaves the CRD as it was (Helm never upgrades
+# `crds/`), so a Site using the field is still refused; the documented step
+# (`kubectl apply --server-side --force-conflicts -f charts/pec-operator/crds/`:
+# Helm is the CRDs' field manager, so a plain server-side apply conflicts) then upgrades
+# the CRDs Helm installed and the Site is accepted. Leaves the release installed.
+check_crd_upgrade() {
+  local old site
+  old=$(mktemp -d)
+  cp -r "$repo/charts/pec-operator" "$old/"
+  # Drop the `maintenanceForce:` property: its line and the deeper-indented ones below.
+  python3 - "$old/pec-operator/crds/site.yaml" <<'PY'
+import sys
+path = sys.argv[1]
+lines, out, indent = open(path).read().split("\n"), [], None
+for line in lines:
+    depth = len(line) - len(line.lstrip())
+    if indent is not None and line.strip() and depth > indent:
+        continue
+    indent = None
+    if line.strip() == "maintenanceForce:":
+        indent = depth
+        continue
+    out.append(line)
+assert len(out) < len(lines), "no maintenanceForce property in the Site CRD"
+open(path, "w").write("\n".join(out))
+PY
+  site='{"apiVersion":"pec.dev/v1alpha1","kind":"Site","metadata":{"name":"crd-upgrade-check"},
+    "spec":{"nodeSelector":{"topology.kubernetes.io/zone":"crd-upgrade-check"},"maintenanceForce":true}}'
+  "$bin/kubectl" get namespace "$OPERATOR_NAMESPACE" >/dev/null 2>&1 || "$bin/kubectl" create namespace "$OPERATOR_NAMESPACE" >/dev/null
+  "$bin/helm" install "$OPERATOR_RELEASE" "$old/pec-operator" --namespace "$OPERATOR_NAMESPACE" --wait=false >/dev/null
+  "$bin/kubectl" wait --for condition=Established --timeout=60s crd/sites.pec.dev >/dev/null
+  refused() {
+    local out
+    if out=$("$bin/kubectl" apply -f - <<<"$site" 2>&1); then
+      echo "check_crd_upgrade: $1: a Site with spec.maintenanceForce was accepted" >&2; return 1
+    fi
+    grep -q 'unknown field "spec.maintenanceForce"' <<<"$out" ||
+      { echo "check_crd_upgrade: $1: refused for another reason: $out" >&2; return 1; }
+  }
+  refused "older CRDs installed"
+  "$bin/helm" upgrade "$OPERATOR_RELEASE" "$repo/charts/pec-operator" --namespace "$OPERATOR_NAMESPACE" --wait=false >/dev/null
+  refused "after helm upgrade alone"
+  (cd "$repo" && "$bin/kubectl" apply --server-side --force-conflicts -f charts/pec-operator/crds/ >/dev/null)
+  "$bin/kubectl" wait --for condition=Established --timeout=60s \
+    crd/sites.pec.dev crd/maildomains.pec.dev crd/signingkeys.pec.dev crd/slatargets.pec.dev >/dev/null
+  "$bin/kubectl" apply -f - <<<"$site" >/dev/null
+  "$bin/kubectl" delete site crd-upgrade-check --wait=true >/dev/null
+  rm -rf "$old"
 }
 
 # install_chart_on_real_nodes TOKEN_DIR CLAMD: helm install the chart with

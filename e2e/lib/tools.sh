@@ -81,4 +81,17 @@ own_build() {
 own_build "$COREDNS_VERSION" coredns github.com/coredns/coredns
 own_build "$PROMETHEUS_VERSION" prometheus \
   github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
+# The Prometheus Operator's own ServiceMonitor and PrometheusRule CRDs, so
+# that the chart's optional templates are checked by a real API server
+# (test.sh): taken from its Go module, cached as crds/prometheus-operator-<v>.
+monitoring="$cache/crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
+if [ ! -s "$monitoring/monitoring.coreos.com_servicemonitors.yaml" ]; then
+  module=$(cd "$cache" && GOFLAGS=-mod=mod go mod download -json \
+    "github.com/prometheus-operator/prometheus-operator@v$PROMETHEUS_OPERATOR_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$monitoring"
+  for kind in servicemonitors prometheusrules; do
+    cp "$module/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$monitoring/"
+  done
+fi
 echo "$bin"
