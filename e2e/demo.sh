@@ -77,6 +77,14 @@ spec:
   resources: {requests: {storage: 1Gi}}
 YAML
 done
+# The TLS certificate both example domains present (self-signed here), and
+# their mailboxes (in the demo nobody logs in: `!` instead of a hash).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+  -subj /CN=pec.example.it -addext subjectAltName=DNS:pec.example.it,DNS:ufficio.pec.example.it \
+  -keyout "$state/tls.key" -out "$state/tls.crt" 2>/dev/null
+kubectl -n pec-mail create secret tls pec-example-tls --cert="$state/tls.crt" --key="$state/tls.key" >/dev/null
+kubectl -n pec-mail create secret generic example-standard-mailboxes --from-literal=mailboxes=$'mario:!\n' >/dev/null
+kubectl -n pec-mail create secret generic example-ufficio-mailboxes --from-literal=mailboxes=$'protocollo:!\n' >/dev/null
 kubectl apply -f examples/ >/dev/null
 kubectl wait --for=condition=Ready --timeout=120s -n pec-mail signingkey --all >/dev/null
 kubectl wait --for=condition=Ready --timeout=120s -n pec-mail maildomain --all >/dev/null

@@ -64,7 +64,7 @@ pub async fn create_domain(
     mode: FailoverMode,
     stabilization: i32,
 ) -> String {
-    crate::harness::example_claims(client, ns).await;
+    crate::harness::example_prerequisites(client, ns).await;
     let mut md: MailDomain = example("20-maildomain-standard.yaml");
     md.metadata.namespace = Some(ns.to_string());
     md.spec.sites = sites.names.to_vec();

@@ -63,14 +63,58 @@ pub async fn ensure_example_sites(client: &Client) {
     }
 }
 
-/// The ReadWriteMany claims the example MailDomains name as their store.
-pub const EXAMPLE_CLAIMS: [&str; 2] = ["example-standard-mail", "example-ufficio-mail"];
+/// The example MailDomains (`examples/20-*` and `30-*`).
+pub fn example_domains() -> Vec<pec_operator::api::MailDomain> {
+    [
+        "20-maildomain-standard.yaml",
+        "30-maildomain-receive-only.yaml",
+    ]
+    .into_iter()
+    .map(example)
+    .collect()
+}
 
-/// Creates in `ns` the store claims the example MailDomains name, as a
-/// platform engineer must before applying them (see the examples' comments).
-pub async fn example_claims(client: &Client, ns: &str) {
-    for name in EXAMPLE_CLAIMS {
-        host_path_claim(client, ns, name, &store_dir(ns, name)).await;
+/// Creates in `ns` what the example MailDomains name and a platform engineer
+/// must make before applying them (see the examples' comments): the
+/// ReadWriteMany store claims, the TLS Secret (one certificate naming every
+/// example domain that uses it) and the mailboxes Secrets (mailboxes that
+/// receive but never log in). What exists already is left as it is.
+pub async fn example_prerequisites(client: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::Secret;
+    let domains = example_domains();
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let absent = |name: String| {
+        let secrets = secrets.clone();
+        async move { secrets.get_opt(&name).await.expect("read Secret").is_none() }
+    };
+    let mut tls: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for md in &domains {
+        let gateway = &md.spec.gateway;
+        if let Some(claim) = &gateway.storage_claim_name {
+            host_path_claim(client, ns, claim, &store_dir(ns, claim)).await;
+        }
+        if let Some(secret) = &gateway.tls_secret_ref {
+            tls.entry(secret.clone())
+                .or_default()
+                .push(md.spec.domain.clone());
+        }
+        if let Some(secret) = gateway.mailboxes_secret_ref.clone()
+            && absent(secret.clone()).await
+        {
+            crate::round_trip::string_secret(
+                client,
+                ns,
+                &secret,
+                serde_json::json!({"mailboxes": "postmaster:!\n"}),
+            )
+            .await;
+        }
+    }
+    for (secret, names) in tls {
+        if absent(secret.clone()).await {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            crate::round_trip::tls_secret(client, ns, &secret, &names).await;
+        }
     }
 }
 

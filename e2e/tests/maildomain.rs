@@ -28,14 +28,14 @@ use pec_operator::{
 use serde_json::json;
 
 use crate::harness::{
-    client, condition, ensure_example_sites, eventually, example, example_claims, has_condition,
-    namespace, wait_for,
+    client, condition, ensure_example_sites, eventually, example, example_prerequisites,
+    has_condition, namespace, wait_for,
 };
 
 const SITES: [&str; 2] = ["dc-it1", "dc-it2"];
 
 async fn create_example(client: &Client, ns: &str, file: &str) -> MailDomain {
-    example_claims(client, ns).await;
+    example_prerequisites(client, ns).await;
     let mut md: MailDomain = example(file);
     md.metadata.namespace = Some(ns.to_string());
     Api::<MailDomain>::namespaced(client.clone(), ns)
@@ -397,7 +397,7 @@ async fn a_missing_site_is_reported_and_recovers_when_it_appears() {
     ensure_example_sites(&client).await;
     let ns = namespace(&client, "missing-site").await;
     let late = format!("dc-late-{}", std::process::id());
-    example_claims(&client, &ns).await;
+    example_prerequisites(&client, &ns).await;
     let mut md: MailDomain = example("20-maildomain-standard.yaml");
     md.metadata.namespace = Some(ns.clone());
     md.spec.sites = vec!["dc-it1".into(), late.clone()];
@@ -455,8 +455,190 @@ async fn a_missing_site_is_reported_and_recovers_when_it_appears() {
         .expect("create the late Site");
     wait_ready(&client, &ns, &name).await;
     assert_eq!(pods(&client, &ns, &name, &late).await.len(), 2);
+
+    // Deleting the Site while the domain lists it is refused: the Site
+    // stays, says which domain holds it, and its gateways keep running.
     sites
         .delete(&late, &DeleteParams::default())
         .await
-        .expect("delete the late Site");
+        .expect("delete request accepted");
+    let held = wait_for(
+        &sites,
+        &late,
+        "DeletionRefused=True InUse",
+        has_condition("DeletionRefused", "True", Some("InUse")),
+    )
+    .await;
+    let refused = condition(&held, "DeletionRefused");
+    assert!(
+        refused.message.contains(&format!("{ns}/{name}")),
+        "names the domain: {}",
+        refused.message
+    );
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert_eq!(pods(&client, &ns, &name, &late).await.len(), 2);
+    assert!(
+        condition(&api.get(&name).await.expect("get"), "Ready").status == "True",
+        "the domain is untouched"
+    );
+    // Once no domain lists it, the deletion completes.
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"sites": ["dc-it1", "dc-it2"]}})),
+    )
+    .await
+    .expect("drop the late site");
+    eventually("the late Site deleted", || async {
+        sites
+            .get_opt(&late)
+            .await
+            .expect("get")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+/// A MailDomain whose TLS certificate names another domain and whose
+/// mailboxes Secret is missing is not Ready, says both, keeps its gateways,
+/// and becomes Ready once both are fixed, without being edited.
+#[tokio::test]
+async fn a_tls_certificate_for_another_name_and_a_missing_secret_are_reported() {
+    use k8s_openapi::api::core::v1::Secret;
+    let client = client().await;
+    ensure_example_sites(&client).await;
+    let ns = namespace(&client, "bad-references").await;
+    let md: MailDomain = example("20-maildomain-standard.yaml");
+    let tls = md
+        .spec
+        .gateway
+        .tls_secret_ref
+        .clone()
+        .expect("a TLS Secret");
+    let mailboxes = md
+        .spec
+        .gateway
+        .mailboxes_secret_ref
+        .clone()
+        .expect("a mailboxes Secret");
+    crate::round_trip::tls_secret(&client, &ns, &tls, &["www.other.example"]).await;
+    example_prerequisites(&client, &ns).await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    secrets
+        .delete(&mailboxes, &DeleteParams::default())
+        .await
+        .expect("delete the mailboxes Secret");
+    let mut created = md.clone();
+    created.metadata.namespace = Some(ns.clone());
+    let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &created)
+        .await
+        .expect("create MailDomain");
+    let name = created.name_any();
+
+    let reported = wait_for(
+        &api,
+        &name,
+        "Ready=False TlsCertificateDoesNotCoverDomain",
+        has_condition("Ready", "False", Some("TlsCertificateDoesNotCoverDomain")),
+    )
+    .await;
+    let ready = condition(&reported, "Ready");
+    for part in [
+        tls.as_str(),
+        "www.other.example",
+        &md.spec.domain,
+        &mailboxes,
+    ] {
+        assert!(
+            ready.message.contains(part),
+            "names {part}: {}",
+            ready.message
+        );
+    }
+    assert_eq!(
+        condition(&reported, "ReferencesResolved").status,
+        "False",
+        "the references condition says it too"
+    );
+    // Nothing is held back: the gateways are there for when the Secrets are.
+    for site in SITES {
+        eventually("gateways despite the bad references", || async {
+            (pods(&client, &ns, &name, site).await.len() == 2).then_some(())
+        })
+        .await;
+    }
+
+    secrets
+        .delete(&tls, &DeleteParams::default())
+        .await
+        .expect("delete the wrong certificate");
+    example_prerequisites(&client, &ns).await;
+    let fixed = wait_ready(&client, &ns, &name).await;
+    assert_eq!(condition(&fixed, "ReferencesResolved").status, "True");
+}
+
+/// A second MailDomain of the namespace (one platform) for a domain name
+/// another already has gets nothing applied and says who has the name; the
+/// first keeps serving and keeps the route. When the first goes, the second
+/// takes over.
+#[tokio::test]
+async fn a_domain_name_already_taken_is_refused_naming_the_holder() {
+    let client = client().await;
+    ensure_example_sites(&client).await;
+    let ns = namespace(&client, "domain-taken").await;
+    let first = create_example(&client, &ns, "20-maildomain-standard.yaml").await;
+    let name = first.name_any();
+    wait_ready(&client, &ns, &name).await;
+    let mut copy = first.clone();
+    copy.metadata = kube::api::ObjectMeta {
+        name: Some(format!("{name}-copy")),
+        namespace: Some(ns.clone()),
+        ..Default::default()
+    };
+    copy.status = None;
+    let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &copy)
+        .await
+        .expect("create the copy");
+    let copy_name = copy.name_any();
+
+    let refused = wait_for(
+        &api,
+        &copy_name,
+        "Ready=False DomainConflict",
+        has_condition("Ready", "False", Some("DomainConflict")),
+    )
+    .await;
+    let message = condition(&refused, "Ready").message;
+    assert!(
+        message.contains(&format!("{ns}/{name}")) && message.contains(&first.spec.domain),
+        "names the holder and the domain: {message}"
+    );
+    assert_eq!(
+        child_counts(&client, &ns, &format!("{DOMAIN_LABEL}={copy_name}")).await,
+        [0; 5],
+        "nothing applied for the duplicate"
+    );
+    wait_ready(&client, &ns, &name).await;
+    let routes = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("pec-platform-routes")
+        .await
+        .expect("the platform routes");
+    let routes = routes
+        .data
+        .unwrap_or_default()
+        .remove("routes.yaml")
+        .unwrap_or_default();
+    assert!(
+        routes.contains(&format!("{}.{ns}.svc:25", first.name_any()))
+            && !routes.contains(&copy_name),
+        "the route stays with the first: {routes}"
+    );
+
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the first");
+    wait_ready(&client, &ns, &copy_name).await;
 }

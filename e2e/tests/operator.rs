@@ -130,6 +130,7 @@ async fn the_operator_service_account_has_least_privilege() {
         ("watch", "", "pods", None, Some("any-ns")),
         ("patch", "pec.dev", "sites", None, None),
         ("get", "", "secrets", None, Some("any-ns")),
+        ("get", "", "persistentvolumeclaims", None, Some("any-ns")),
         (
             "patch",
             "pec.dev",
@@ -157,6 +158,8 @@ async fn the_operator_service_account_has_least_privilege() {
         ("list", "", "secrets", None, Some("any-ns")),
         ("watch", "", "secrets", None, Some("any-ns")),
         ("delete", "", "secrets", None, Some("any-ns")),
+        ("list", "", "persistentvolumeclaims", None, Some("any-ns")),
+        ("patch", "", "persistentvolumeclaims", None, Some("any-ns")),
         ("update", "pec.dev", "signingkeys", None, Some("any-ns")),
         ("delete", "", "nodes", None, None),
         ("update", "pec.dev", "maildomains", None, Some("any-ns")),

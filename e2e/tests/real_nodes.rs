@@ -26,12 +26,11 @@ use serde_json::json;
 
 use crate::{
     harness::{
-        client, eventually, example_claims, example_docs, has_condition, host_path_claim,
+        client, eventually, example_docs, example_prerequisites, has_condition, host_path_claim,
         namespace, store_dir, wait_for,
     },
     round_trip::{
         domain_key, domain_secrets, password_hash, password_secret, standard_domain, string_secret,
-        tls_secret,
     },
     signing::{create_key, pin_secret, real_pin, signing_key},
     sla::measure,
@@ -675,9 +674,7 @@ async fn the_examples_applied_become_ready_with_gateways_running_as_containers()
             .expect("apply the example namespace");
     }
     token_claim(&client, NS).await;
-    example_claims(&client, NS).await;
     pin_secret(&client, NS, &real_pin()).await;
-    tls_secret(&client, NS, "pec-example-tls", "pec.example.it").await;
     let password = format!("probe-{}", std::process::id());
     let hash = password_hash(&password);
     for (secret, mailboxes) in [
@@ -689,6 +686,8 @@ async fn the_examples_applied_become_ready_with_gateways_running_as_containers()
     ] {
         string_secret(&client, NS, secret, json!({"mailboxes": mailboxes})).await;
     }
+    // The claims and the TLS Secret (the mailboxes above are kept).
+    example_prerequisites(&client, NS).await;
     password_secret(&client, NS, "sla-probe-password", &password).await;
 
     async fn apply_all<K>(api: &Api<K>, file: &str) -> Vec<String>

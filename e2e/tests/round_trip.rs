@@ -207,8 +207,11 @@ async fn local_gateway(client: &Client, ns: &str, md: &MailDomain, site: &str) -
     }
 }
 
-/// A self-signed TLS certificate for `domain` in a `kubernetes.io/tls` Secret.
-pub async fn tls_secret(client: &Client, ns: &str, name: &str, domain: &str) {
+/// A self-signed TLS certificate for `names` (the first is also the common
+/// name) in a `kubernetes.io/tls` Secret.
+pub async fn tls_secret(client: &Client, ns: &str, name: &str, names: &[&str]) {
+    let domain = names.first().expect("at least one name");
+    let alt_names: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
     let dir = std::env::temp_dir().join(format!("pec-e2e-tls-{}-{ns}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let out = Command::new("openssl")
@@ -221,7 +224,10 @@ pub async fn tls_secret(client: &Client, ns: &str, name: &str, domain: &str) {
             "ec_paramgen_curve:P-256",
         ])
         .args(["-nodes", "-days", "2", "-subj", &format!("/CN={domain}")])
-        .args(["-addext", &format!("subjectAltName=DNS:{domain}")])
+        .args([
+            "-addext",
+            &format!("subjectAltName={}", alt_names.join(",")),
+        ])
         .arg("-keyout")
         .arg(dir.join("tls.key"))
         .arg("-out")
@@ -305,7 +311,7 @@ pub async fn domain_key(
 /// self-signed certificate for `domain`, and the probe mailbox `sla-probe`
 /// with `password`.
 pub async fn domain_secrets(client: &Client, ns: &str, name: &str, domain: &str, password: &str) {
-    tls_secret(client, ns, &format!("{name}-tls"), domain).await;
+    tls_secret(client, ns, &format!("{name}-tls"), &[domain]).await;
     string_secret(
         client,
         ns,

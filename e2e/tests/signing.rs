@@ -1180,7 +1180,7 @@ async fn a_signing_key_for_another_domain_keeps_the_domain_not_ready_and_says_wh
     )
     .await;
     wait_ready(&api, "other").await;
-    crate::harness::example_claims(&client, &ns).await;
+    crate::harness::example_prerequisites(&client, &ns).await;
     let mut md: MailDomain = crate::harness::example("20-maildomain-standard.yaml");
     md.metadata.namespace = Some(ns.clone());
     md.spec.signing_key_ref = Some("other".into());

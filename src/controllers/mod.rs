@@ -4,6 +4,7 @@
 //! validate (pure) -> build (pure) -> apply (client) -> status (pure, then one
 //! write). Only `mod.rs` and the fetch/apply code of each controller await.
 
+pub mod finalizer;
 pub mod mail_domain;
 pub mod signing_key;
 pub mod site;

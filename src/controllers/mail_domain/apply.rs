@@ -1,6 +1,7 @@
 //! Writes a MailDomain's children with server-side apply and deletes the ones
-//! this pass no longer wants. The only client code of this controller besides
-//! the fetches in `mod.rs`.
+//! this pass no longer wants, and fetches the objects a MailDomain names
+//! (its children, pods, Secrets, claim and ConfigMaps). The only client code
+//! of this controller besides the Site and SigningKey fetches in `mod.rs`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,7 +12,7 @@ use k8s_openapi::{
     NamespaceResourceScope,
     api::{
         apps::v1::Deployment,
-        core::v1::{ConfigMap, Pod, Service},
+        core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
@@ -26,8 +27,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::{
     Error,
     build::{Children, DOMAIN_LABEL, SITE_LABEL, SiteChildren},
+    references::{Named, Referenced},
 };
-use crate::controllers::MANAGED_BY;
+use crate::{api::MailDomain, controllers::MANAGED_BY};
 
 /// The field manager of everything this controller applies.
 pub const FIELD_MANAGER: &str = "pec-operator/maildomain";
@@ -150,6 +152,60 @@ pub async fn deployments(
             kind: "Deployment",
             source,
         })
+}
+
+/// The Secrets, claim and ConfigMaps `md`'s spec names, as they are now.
+pub async fn references(
+    client: &Client,
+    namespace: &str,
+    md: &MailDomain,
+) -> Result<Referenced, Error> {
+    let gateway = &md.spec.gateway;
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace);
+    let mut refs = Referenced {
+        tls: fetch(&secrets, "Secret", gateway.tls_secret_ref.as_deref()).await?,
+        mailboxes: fetch(&secrets, "Secret", gateway.mailboxes_secret_ref.as_deref()).await?,
+        claim: fetch(
+            &claims,
+            "PersistentVolumeClaim",
+            gateway.storage_claim_name.as_deref(),
+        )
+        .await?,
+        providers: Vec::with_capacity(gateway.providers.len()),
+    };
+    for name in &gateway.providers {
+        refs.providers
+            .extend(fetch(&config_maps, "ConfigMap", Some(name)).await?);
+    }
+    Ok(refs)
+}
+
+/// `name` through `api`, when a name is given.
+async fn fetch<K>(
+    api: &Api<K>,
+    kind: &'static str,
+    name: Option<&str>,
+) -> Result<Option<Named<K>>, Error>
+where
+    K: Clone + DeserializeOwned + Debug,
+{
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let found = api
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::FetchReference {
+            kind,
+            name: name.to_string(),
+            source,
+        })?;
+    Ok(Some(Named {
+        name: name.to_string(),
+        found,
+    }))
 }
 
 async fn apply<K>(client: &Client, namespace: &str, obj: &K) -> Result<K, Error>

@@ -9,6 +9,7 @@ mod apply;
 pub mod build;
 pub mod dns;
 pub mod gateway;
+pub mod references;
 pub mod routes;
 pub mod status;
 pub mod validate;
@@ -42,6 +43,11 @@ use crate::{
 const CONTROLLER: &str = "maildomain";
 /// Owned objects and Sites trigger reconciles; this is only the safety net.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a domain looks again at what it names while something is wrong
+/// there (a Secret, claim or ConfigMap, or a domain name another holds):
+/// those objects are not watched (a watch of every Secret would cache them
+/// all), so a fix is noticed within this.
+const RECHECK: Duration = Duration::from_secs(10);
 
 /// Why a MailDomain reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,14 @@ pub enum Error {
     /// Reading the named SigningKey failed.
     #[error("reading SigningKey {name} failed: {source}")]
     FetchSigningKey {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading a Secret, claim or ConfigMap the spec names failed.
+    #[error("reading {kind} {name} failed: {source}")]
+    FetchReference {
+        kind: &'static str,
         name: String,
         #[source]
         source: kube::Error,
@@ -101,6 +115,7 @@ impl Error {
             Error::NoNamespace(_) => "NoNamespace",
             Error::FetchSite { .. } => "FetchSiteFailed",
             Error::FetchSigningKey { .. } => "FetchSigningKeyFailed",
+            Error::FetchReference { .. } => "FetchReferenceFailed",
             Error::Render(_) => "RenderFailed",
             Error::Apply { .. } => "ApplyFailed",
             Error::List { .. } => "ListFailed",
@@ -119,6 +134,12 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let _timer = ctx.start_reconcile(CONTROLLER);
+
+    // A domain name another MailDomain holds: nothing is applied for this one.
+    let domains = ctx.routes.domains().await;
+    if let Some(holder) = references::domain_holder(&md, domains.iter().map(AsRef::as_ref)) {
+        return refuse_duplicate(&ctx, &md, &namespace, holder).await;
+    }
 
     // fetch
     let sites_api = Api::<Site>::all(ctx.client.clone());
@@ -145,10 +166,12 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
     };
     let before = apply::deployments(&ctx.client, &namespace, &name).await?;
     let pods = apply::pods(&ctx.client, &namespace, &name).await?;
+    let referenced = apply::references(&ctx.client, &namespace, &md).await?;
 
     // validate and plan
     let resolution = validate::resolve_sites(&md, &fetched);
     let key = status::KeyResolution::of(&md, signing_key.as_ref());
+    let problems = references::check(&md, &referenced, now);
     let gateways = validate::ready_gateways(&pods);
     let candidates = validate::candidates(&md, &fetched, &gateways);
     let previous = md
@@ -218,20 +241,14 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
     let deployments = validate::current_deployments(applied, &before, &resolution.missing);
 
     // status
-    let new = status::compute(&md, &key, &resolution, &deployments, &plan, switch, now);
+    let resolved = status::Resolved {
+        key: &key,
+        references: &problems,
+        sites: &resolution,
+    };
+    let new = status::compute(&md, &resolved, &deployments, &plan, switch, now);
     let old = md.status.clone().unwrap_or_default();
-    if new != old {
-        Api::<MailDomain>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &name,
-                &PatchParams::apply(apply::FIELD_MANAGER).force(),
-                &Patch::Apply(
-                    json!({"apiVersion": "pec.dev/v1alpha1", "kind": "MailDomain", "status": new}),
-                ),
-            )
-            .await
-            .map_err(Error::WriteStatus)?;
-    }
+    write_status(&ctx, &md, &namespace, &old, &new).await?;
     if let Some(reason) = switch {
         // When each site that left became unable to serve, as the operator learned it.
         let detected: Vec<_> = previous
@@ -244,7 +261,60 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
         record_switch(&ctx, &md, &previous, &plan.serving, reason, &detected, now).await;
     }
     publish_events(&ctx, &md, &old, &new, &before, &children, &removed).await;
-    Ok(Action::requeue(requeue_after(plan.next_check, now)))
+    let after = requeue_after(plan.next_check, now);
+    if problems.is_empty() {
+        Ok(Action::requeue(after))
+    } else {
+        Ok(Action::requeue(after.min(RECHECK)))
+    }
+}
+
+/// Writes `new` as `md`'s status unless it equals `old`.
+async fn write_status(
+    ctx: &Context,
+    md: &MailDomain,
+    namespace: &str,
+    old: &crate::api::MailDomainStatus,
+    new: &crate::api::MailDomainStatus,
+) -> Result<(), Error> {
+    if new == old {
+        return Ok(());
+    }
+    Api::<MailDomain>::namespaced(ctx.client.clone(), namespace)
+        .patch_status(
+            &md.name_any(),
+            &PatchParams::apply(apply::FIELD_MANAGER).force(),
+            &Patch::Apply(
+                json!({"apiVersion": "pec.dev/v1alpha1", "kind": "MailDomain", "status": new}),
+            ),
+        )
+        .await
+        .map_err(Error::WriteStatus)?;
+    Ok(())
+}
+
+/// `md` names a domain `holder` had first: Ready=False naming the holder,
+/// nothing applied, the rest of the status kept; looked at again every
+/// [`RECHECK`].
+async fn refuse_duplicate(
+    ctx: &Context,
+    md: &MailDomain,
+    namespace: &str,
+    holder: &MailDomain,
+) -> Result<Action, Error> {
+    let old = md.status.clone().unwrap_or_default();
+    let new = status::duplicate(md, holder, ctx.clock.now());
+    write_status(ctx, md, namespace, &old, &new).await?;
+    let ready = |s: &crate::api::MailDomainStatus| {
+        conditions::find(&s.conditions, status::READY).map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    if ready(&old) != ready(&new)
+        && let Some(c) = conditions::find(&new.conditions, status::READY)
+    {
+        ctx.event(md, EventType::Warning, &c.reason, c.message.clone())
+            .await;
+    }
+    Ok(Action::requeue(RECHECK))
 }
 
 /// Requeue at the next stabilization deadline, capped by the resync period,

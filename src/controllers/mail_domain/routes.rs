@@ -37,8 +37,11 @@ pub const PLATFORM_ROUTES: &str = "pec-platform-routes";
 pub const ROUTES_KEY: &str = "routes.yaml";
 
 /// The routes of `domains` (of one namespace `ns`): each PEC domain to the
-/// incoming point of its domain Service. Domains being deleted are left
-/// out; a domain two MailDomains claim goes to the older one.
+/// incoming point of its domain Service. A domain name two MailDomains
+/// claim goes to the one that holds it (the first created, see
+/// [`domain_holder`]). Domains being deleted are left out.
+///
+/// [`domain_holder`]: super::references::domain_holder
 pub fn platform_routes<'a>(
     domains: impl IntoIterator<Item = &'a MailDomain>,
     ns: &str,
@@ -51,7 +54,7 @@ pub fn platform_routes<'a>(
     let mut routes = BTreeMap::new();
     for md in sorted {
         routes
-            .entry(md.spec.domain.to_ascii_lowercase())
+            .entry(md.spec.domain.trim_end_matches('.').to_ascii_lowercase())
             .or_insert_with(|| format!("{}.{ns}.svc:25", domain_service_name(&md.name_any())));
     }
     routes
@@ -77,6 +80,18 @@ impl PlatformRoutes {
         let _ = self.domains.set(store);
     }
 
+    /// Every MailDomain in the controller's cache (empty before it is
+    /// set, and waits for the first full list).
+    pub async fn domains(&self) -> Vec<std::sync::Arc<MailDomain>> {
+        match self.domains.get() {
+            Some(store) => {
+                let _ = store.wait_until_ready().await;
+                store.state()
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// Brings [`PLATFORM_ROUTES`] in `ns` up to date with the MailDomains
     /// there; writes only what changed (or is due to be reasserted).
     pub async fn sync(
@@ -93,7 +108,7 @@ impl PlatformRoutes {
                 platform_routes(
                     domains
                         .iter()
-                        .map(|md| md.as_ref())
+                        .map(AsRef::as_ref)
                         .filter(|md| md.metadata.namespace.as_deref() == Some(ns)),
                     ns,
                 )
@@ -170,20 +185,17 @@ mod tests {
     fn every_domain_of_the_namespace_routes_to_its_service_and_the_first_claim_wins() {
         let mut leaving = domain("old", "old.pec.it", 1);
         leaving.metadata.deletion_timestamp = leaving.metadata.creation_timestamp.clone();
-        let routes = platform_routes(
-            &[
-                domain("second-claim", "a.pec.it", 30),
-                domain("a", "A.pec.it", 10),
-                domain("b", "b.pec.it", 20),
-                leaving,
-            ],
-            "pec-mail",
-        );
+        let all = [
+            domain("second-claim", "a.pec.it.", 30),
+            domain("a", "A.pec.it", 10),
+            domain("b", "b.pec.it", 20),
+            leaving,
+        ];
         assert_eq!(
-            routes,
+            platform_routes(&all, "mail"),
             BTreeMap::from([
-                ("a.pec.it".to_string(), "a.pec-mail.svc:25".to_string()),
-                ("b.pec.it".to_string(), "b.pec-mail.svc:25".to_string()),
+                ("a.pec.it".to_string(), "a.mail.svc:25".to_string()),
+                ("b.pec.it".to_string(), "b.mail.svc:25".to_string()),
             ])
         );
     }

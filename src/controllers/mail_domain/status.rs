@@ -4,7 +4,9 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 
-use super::{build::SITE_LABEL, gateway::GatewaySigning, validate::Resolution};
+use super::{
+    build::SITE_LABEL, gateway::GatewaySigning, references::Problem, validate::Resolution,
+};
 
 /// How a MailDomain's `signingKeyRef` resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,9 +71,14 @@ fn certificate_names(sk: &crate::api::SigningKey) -> Vec<String> {
 /// it: case-insensitively, a trailing dot ignored, `*.` standing for exactly
 /// one leftmost label.
 pub fn covers(sk: &crate::api::SigningKey, domain: &str) -> bool {
+    names_cover(&certificate_names(sk), domain)
+}
+
+/// Whether one of a certificate's DNS `names` matches `domain` (see [`covers`]).
+pub fn names_cover(names: &[String], domain: &str) -> bool {
     let norm = |s: &str| s.trim_end_matches('.').to_ascii_lowercase();
     let domain = norm(domain);
-    certificate_names(sk).iter().any(|name| {
+    names.iter().any(|name| {
         let name = norm(name);
         match name.strip_prefix("*.") {
             Some(suffix) => domain
@@ -100,6 +107,18 @@ pub const SITE_REDUNDANCY: &str = "SiteRedundancy";
 pub const NO_HEALTHY_SITE: &str = "NoHealthySite";
 /// Condition: the signing key reference resolves to a usable key.
 pub const SIGNING_KEY_RESOLVED: &str = "SigningKeyResolved";
+/// Condition: the Secrets, claim and ConfigMaps the spec names exist and fit
+/// (see `references`).
+pub const REFERENCES_RESOLVED: &str = "ReferencesResolved";
+
+/// The messages of `problems`, one sentence each.
+fn joined(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 /// Reasons.
 pub mod reason {
@@ -174,17 +193,33 @@ impl Counts {
     }
 }
 
-/// The status of `md`, given how its sites resolved, its Deployments, the
-/// serving plan and the reason the serving sites changed in this pass.
+/// How what a MailDomain names resolved: its SigningKey, the other objects
+/// (`references`: the problems found, empty when all resolve) and its Sites.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved<'a> {
+    /// The SigningKey.
+    pub key: &'a KeyResolution,
+    /// The problems of the Secrets, claim and ConfigMaps it names.
+    pub references: &'a [Problem],
+    /// The Sites.
+    pub sites: &'a Resolution,
+}
+
+/// The status of `md`, given how what it names resolved, its Deployments,
+/// the serving plan and the reason the serving sites changed in this pass.
 pub fn compute(
     md: &MailDomain,
-    key: &KeyResolution,
-    sites: &Resolution,
+    resolved: &Resolved<'_>,
     deployments: &[Deployment],
     plan: &Plan,
     switch: Option<&str>,
     now: DateTime<Utc>,
 ) -> MailDomainStatus {
+    let Resolved {
+        key,
+        references,
+        sites,
+    } = *resolved;
     let desired = md.spec.gateway.replicas_per_site;
     let per_site: Vec<(String, Counts)> = md
         .spec
@@ -218,6 +253,8 @@ pub fn compute(
                 md.spec.domain
             ),
         )
+    } else if let Some(first) = references.first() {
+        Verdict::new(READY, false, first.reason, joined(references))
     } else if !sites.missing.is_empty() {
         Verdict::new(
             READY,
@@ -338,6 +375,15 @@ pub fn compute(
             "spec.signingKeyRef is empty: receipts and envelopes cannot be signed",
         ),
     };
+    let resolved = match references.first() {
+        None => Verdict::new(
+            REFERENCES_RESOLVED,
+            true,
+            super::references::reason::RESOLVED,
+            "every Secret, claim and ConfigMap the gateways read exists and fits",
+        ),
+        Some(first) => Verdict::new(REFERENCES_RESOLVED, false, first.reason, joined(references)),
+    };
     let old_generation = md.status.as_ref().and_then(|s| s.signing_key_generation);
     let signing_key_generation = match key {
         KeyResolution::Active(c) if rolling.is_empty() && sites.missing.is_empty() => {
@@ -401,10 +447,45 @@ pub fn compute(
                 redundancy,
                 stranded,
                 signing_key,
+                resolved,
             ],
             generation,
             now,
         ),
+    }
+}
+
+/// The status of `md` while `holder` holds its domain name: `Ready` (and
+/// `ReferencesResolved`) false naming the holder, everything else as it was.
+pub fn duplicate(md: &MailDomain, holder: &MailDomain, now: DateTime<Utc>) -> MailDomainStatus {
+    let message = format!(
+        "domain {} belongs to MailDomain {}/{}, created earlier; this one gets no gateways until its spec.domain changes or the other is deleted",
+        md.spec.domain,
+        holder.metadata.namespace.clone().unwrap_or_default(),
+        holder.name_any()
+    );
+    let conflict = super::references::reason::DOMAIN_CONFLICT;
+    let old = md.status.clone().unwrap_or_default();
+    MailDomainStatus {
+        observed_generation: md.metadata.generation,
+        conditions: conditions::merge(
+            &old.conditions,
+            &[
+                Verdict::new(READY, false, conflict, message.clone()),
+                Verdict::new(REFERENCES_RESOLVED, false, conflict, message),
+            ],
+            md.metadata.generation,
+            now,
+        )
+        .into_iter()
+        .chain(
+            old.conditions
+                .iter()
+                .filter(|c| c.type_ != READY && c.type_ != REFERENCES_RESOLVED)
+                .cloned(),
+        )
+        .collect(),
+        ..old
     }
 }
 
@@ -476,8 +557,11 @@ mod tests {
         let md = domain(&["dc-it1", "dc-it2"]);
         let s = compute(
             &md,
-            &KeyResolution::of(&md, None),
-            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &Resolved {
+                key: &KeyResolution::of(&md, None),
+                references: &[],
+                sites: &resolution(&["dc-it1", "dc-it2"], &[]),
+            },
             &[deployment("dc-it1", 2, 2), deployment("dc-it2", 2, 2)],
             &serving(&["dc-it1"]),
             None,
@@ -501,8 +585,11 @@ mod tests {
         let md = domain(&["dc-it1", "dc-it2"]);
         let s = compute(
             &md,
-            &KeyResolution::of(&md, None),
-            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &Resolved {
+                key: &KeyResolution::of(&md, None),
+                references: &[],
+                sites: &resolution(&["dc-it1", "dc-it2"], &[]),
+            },
             &[deployment("dc-it1", 2, 2), deployment("dc-it2", 1, 2)],
             &serving(&["dc-it1"]),
             None,
@@ -521,8 +608,11 @@ mod tests {
         let md = domain(&["dc-it1"]);
         let s = compute(
             &md,
-            &KeyResolution::of(&md, None),
-            &resolution(&["dc-it1"], &[]),
+            &Resolved {
+                key: &KeyResolution::of(&md, None),
+                references: &[],
+                sites: &resolution(&["dc-it1"], &[]),
+            },
             &[deployment("dc-it1", 2, 1)],
             &serving(&["dc-it1"]),
             None,
@@ -536,8 +626,11 @@ mod tests {
         let md = domain(&["dc-it1", "dc-it9"]);
         let s = compute(
             &md,
-            &KeyResolution::of(&md, None),
-            &resolution(&["dc-it1"], &["dc-it9"]),
+            &Resolved {
+                key: &KeyResolution::of(&md, None),
+                references: &[],
+                sites: &resolution(&["dc-it1"], &["dc-it9"]),
+            },
             &[deployment("dc-it1", 2, 2)],
             &serving(&["dc-it1"]),
             None,
@@ -584,8 +677,11 @@ mod tests {
         );
         let s = compute(
             &md,
-            &key,
-            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &Resolved {
+                key: &key,
+                references: &[],
+                sites: &resolution(&["dc-it1", "dc-it2"], &[]),
+            },
             &[deployment("dc-it1", 2, 2), deployment("dc-it2", 2, 2)],
             &serving(&["dc-it1", "dc-it2"]),
             None,
@@ -612,8 +708,11 @@ mod tests {
         let md = domain(&["dc-it1"]);
         let s = compute(
             &md,
-            &KeyResolution::of(&md, None),
-            &resolution(&["dc-it1"], &[]),
+            &Resolved {
+                key: &KeyResolution::of(&md, None),
+                references: &[],
+                sites: &resolution(&["dc-it1"], &[]),
+            },
             &[deployment("dc-it1", 2, 2)],
             &serving(&["dc-it1"]),
             None,
@@ -633,8 +732,11 @@ mod tests {
         let mut plan = serving(&["dc-it2"]);
         let s = compute(
             &md,
-            &KeyResolution::of(&md, None),
-            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &Resolved {
+                key: &KeyResolution::of(&md, None),
+                references: &[],
+                sites: &resolution(&["dc-it1", "dc-it2"], &[]),
+            },
             &[],
             &plan,
             Some("SiteDown"),
@@ -649,8 +751,11 @@ mod tests {
         plan.no_healthy_site = true;
         let s = compute(
             &md,
-            &KeyResolution::of(&md, None),
-            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &Resolved {
+                key: &KeyResolution::of(&md, None),
+                references: &[],
+                sites: &resolution(&["dc-it1", "dc-it2"], &[]),
+            },
             &[],
             &plan,
             None,
@@ -665,8 +770,11 @@ mod tests {
         let md = domain(&["dc-it1", "dc-it2"]);
         let s = compute(
             &md,
-            &KeyResolution::of(&md, None),
-            &resolution(&["dc-it1", "dc-it2"], &[]),
+            &Resolved {
+                key: &KeyResolution::of(&md, None),
+                references: &[],
+                sites: &resolution(&["dc-it1", "dc-it2"], &[]),
+            },
             &[],
             &serving(&["dc-it1"]),
             None,

@@ -31,7 +31,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::Context;
+use super::{Context, finalizer};
 use crate::{
     api::{
         KeyGeneration, MailDomain, RetiredKeyPolicy, RevokedCertificate, SigningKey,
@@ -158,9 +158,10 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
         return finalize(&sk, &ctx, &ns).await;
     }
     if !sk.finalizers().iter().any(|f| f == FINALIZER) {
-        let mut finalizers = sk.finalizers().to_vec();
-        finalizers.push(FINALIZER.to_string());
-        set_finalizers(&ctx, &sk, &ns, finalizers).await?;
+        let keys = Api::<SigningKey>::namespaced(ctx.client.clone(), &ns);
+        finalizer::add(&keys, sk.as_ref(), FINALIZER)
+            .await
+            .map_err(api("adding the finalizer"))?;
         return Ok(Action::await_change());
     }
     let now = ctx.clock.now();
@@ -560,32 +561,11 @@ async fn finalize(sk: &SigningKey, ctx: &Context, ns: &str) -> Result<Action, Er
     if let Err(e) = publish::platform(&ctx.client, ns, Some(&publish::index_name(sk))).await {
         tracing::warn!(error = %e, "rewriting the platform providers failed");
     }
-    let finalizers = sk
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    set_finalizers(ctx, sk, ns, finalizers).await?;
-    Ok(Action::await_change())
-}
-
-/// Writes `metadata.finalizers` of `sk` (the only metadata the operator writes).
-async fn set_finalizers(
-    ctx: &Context,
-    sk: &SigningKey,
-    ns: &str,
-    finalizers: Vec<String>,
-) -> Result<(), Error> {
-    Api::<SigningKey>::namespaced(ctx.client.clone(), ns)
-        .patch(
-            &sk.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-        )
+    let keys = Api::<SigningKey>::namespaced(ctx.client.clone(), ns);
+    finalizer::remove(&keys, sk, FINALIZER)
         .await
-        .map_err(api("writing the finalizers"))?;
-    Ok(())
+        .map_err(api("removing the finalizer"))?;
+    Ok(Action::await_change())
 }
 
 /// An Event when the active certificate starts expiring without a successor.

@@ -2,9 +2,12 @@
 //! `spec.health.periodSeconds` and decides its phase (see
 //! `crate::failover::health`): declares it down after `failureThreshold`
 //! failed checks, fences it when it flaps, and enters or refuses maintenance.
+//! A Site that MailDomains still list cannot be deleted: its finalizer
+//! [`FINALIZER`] stays (and the condition `DeletionRefused` names them) until
+//! no MailDomain lists it, as Kubernetes keeps a claim that a pod still uses.
 //!
 //! Reads Nodes, Sites and MailDomains; writes Site status, `spec.fenced` of a
-//! flapping site, and Events.
+//! flapping site, the Site's finalizer, and Events.
 
 mod metrics;
 mod status;
@@ -22,7 +25,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::Context;
+use super::{Context, finalizer};
 use crate::{
     api::{MailDomain, Site, SitePhase, SiteStatus},
     conditions,
@@ -31,6 +34,10 @@ use crate::{
 
 const CONTROLLER: &str = "site";
 const FIELD_MANAGER: &str = "pec-operator/site";
+/// Keeps a Site that MailDomains list from being deleted.
+pub const FINALIZER: &str = "pec.dev/site-in-use";
+/// How often a refused deletion looks again for MailDomains that list the site.
+const DELETION_RECHECK: Duration = Duration::from_secs(5);
 
 /// Why a Site reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +49,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// Listing MailDomains (for a maintenance check) failed.
-    #[error("listing MailDomains for the maintenance of site {site} failed: {source}")]
+    /// Listing MailDomains (for a maintenance or deletion check) failed.
+    #[error("listing the MailDomains that list site {site} failed: {source}")]
     ListDomains {
         site: String,
         #[source]
@@ -52,6 +59,13 @@ pub enum Error {
     /// Setting `spec.fenced` on a flapping site failed.
     #[error("fencing site {site} failed: {source}")]
     Fence {
+        site: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Adding or removing the finalizer failed.
+    #[error("writing the finalizer of site {site} failed: {source}")]
+    Finalizer {
         site: String,
         #[source]
         source: kube::Error,
@@ -72,6 +86,7 @@ impl Error {
             Error::ListNodes { .. } => "ListNodesFailed",
             Error::ListDomains { .. } => "ListDomainsFailed",
             Error::Fence { .. } => "FenceFailed",
+            Error::Finalizer { .. } => "FinalizerFailed",
             Error::WriteStatus { .. } => "StatusWriteFailed",
         }
     }
@@ -84,6 +99,29 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     let name = site.name_any();
     let _timer = ctx.start_reconcile(CONTROLLER);
 
+    // deletion: refused while a MailDomain lists the site
+    let api = Api::<Site>::all(ctx.client.clone());
+    let finalizer_error = |source| Error::Finalizer {
+        site: name.clone(),
+        source,
+    };
+    let users = if site.metadata.deletion_timestamp.is_some() {
+        let domains = list_domains(&ctx, &name).await?;
+        let users = status::users(&name, &domains);
+        if users.is_empty() {
+            finalizer::remove(&api, site.as_ref(), FINALIZER)
+                .await
+                .map_err(finalizer_error)?;
+            return Ok(Action::await_change());
+        }
+        users
+    } else {
+        finalizer::add(&api, site.as_ref(), FINALIZER)
+            .await
+            .map_err(finalizer_error)?;
+        Vec::new()
+    };
+
     // fetch
     let selector = status::label_selector(&site.spec.node_selector);
     let nodes = Api::<Node>::all(ctx.client.clone())
@@ -94,19 +132,13 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
             source,
         })?;
     let blocking = if site.spec.maintenance && !site.spec.maintenance_force {
-        let domains = Api::<MailDomain>::all(ctx.client.clone())
-            .list(&ListParams::default())
-            .await
-            .map_err(|source| Error::ListDomains {
-                site: name.clone(),
-                source,
-            })?;
+        let domains = list_domains(&ctx, &name).await?;
         let already_drained =
             site.status.as_ref().and_then(|s| s.phase) == Some(SitePhase::Maintenance);
         if already_drained {
             Vec::new()
         } else {
-            status::blocking_domains(&name, &domains.items)
+            status::blocking_domains(&name, &domains)
         }
     } else {
         Vec::new()
@@ -118,11 +150,10 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     let probe = ctx.site_probe(&name);
     let decision = health::decide(&site.spec, &old, probe, seen, !blocking.is_empty(), now);
     ctx.set_site_probe(&name, decision.probe);
-    let mut new = status::compute(&site, seen, &decision, &blocking, now);
+    let mut new = status::compute(&site, seen, &decision, &blocking, &users, now);
     new.nodes_schedulable = status::nodes_taking_pods(&nodes.items);
 
     // apply
-    let api = Api::<Site>::all(ctx.client.clone());
     if decision.fence_now {
         api.patch(
             &name,
@@ -154,7 +185,24 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
         })?;
         publish_events(&ctx, &site, &old, &new).await;
     }
-    Ok(Action::requeue(next_check(&site, decision.probe, now)))
+    let next = next_check(&site, decision.probe, now);
+    if users.is_empty() {
+        Ok(Action::requeue(next))
+    } else {
+        Ok(Action::requeue(next.min(DELETION_RECHECK)))
+    }
+}
+
+/// Every MailDomain, in all namespaces (`site` names the Site in errors).
+async fn list_domains(ctx: &Context, site: &str) -> Result<Vec<MailDomain>, Error> {
+    Api::<MailDomain>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|list| list.items)
+        .map_err(|source| Error::ListDomains {
+            site: site.to_string(),
+            source,
+        })
 }
 
 /// The next check is due one period after the last counted one, whatever
@@ -200,18 +248,18 @@ async fn publish_events(ctx: &Context, site: &Site, old: &SiteStatus, new: &Site
         tracing::info!(site = %site.name_any(), from = ?old.phase, to = ?phase, %note, "site phase changed");
         ctx.event(site, type_, reason, note).await;
     }
-    let was_refused = conditions::is_true(&old.conditions, status::MAINTENANCE_REFUSED);
-    if let Some(c) = conditions::find(&new.conditions, status::MAINTENANCE_REFUSED)
-        && c.status == "True"
-        && !was_refused
-    {
-        ctx.event(
-            site,
-            EventType::Warning,
-            status::MAINTENANCE_REFUSED,
-            c.message.clone(),
-        )
-        .await;
+    for (type_, reason) in [
+        (status::MAINTENANCE_REFUSED, status::MAINTENANCE_REFUSED),
+        (status::DELETION_REFUSED, status::DELETION_REFUSED),
+    ] {
+        let was_refused = conditions::is_true(&old.conditions, type_);
+        if let Some(c) = conditions::find(&new.conditions, type_)
+            && c.status == "True"
+            && !was_refused
+        {
+            ctx.event(site, EventType::Warning, reason, c.message.clone())
+                .await;
+        }
     }
 }
 

@@ -35,6 +35,23 @@ pub fn blocking_domains(site: &str, domains: &[MailDomain]) -> Vec<String> {
         .collect()
 }
 
+/// The MailDomains (`namespace/name`) that list `site` and are not being
+/// deleted: while there are any, the Site's deletion is refused.
+pub fn users(site: &str, domains: &[MailDomain]) -> Vec<String> {
+    domains
+        .iter()
+        .filter(|md| md.metadata.deletion_timestamp.is_none())
+        .filter(|md| md.spec.sites.iter().any(|s| s == site))
+        .map(|md| {
+            format!(
+                "{}/{}",
+                md.metadata.namespace.clone().unwrap_or_default(),
+                md.metadata.name.clone().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
 /// The `Ready` condition type.
 pub const READY: &str = "Ready";
 /// Reason: at least one node is Ready.
@@ -53,6 +70,10 @@ pub const MAINTENANCE_REFUSED: &str = "MaintenanceRefused";
 pub const WOULD_STRAND_DOMAINS: &str = "WouldLeaveDomainWithoutSite";
 /// Reason: nothing refused.
 pub const NOT_REFUSED: &str = "NotRefused";
+/// Condition: the Site is being deleted but MailDomains still list it.
+pub const DELETION_REFUSED: &str = "DeletionRefused";
+/// Reason of `DeletionRefused`.
+pub const IN_USE: &str = "InUse";
 
 /// The label selector string for `selector` (`k=v,k2=v2`).
 pub fn label_selector(selector: &BTreeMap<String, String>) -> String {
@@ -95,6 +116,7 @@ pub fn compute(
     seen: Observation,
     decision: &Decision,
     blocking: &[String],
+    users: &[String],
     now: DateTime<Utc>,
 ) -> SiteStatus {
     let ready = if decision.phase.is_healthy() {
@@ -135,13 +157,25 @@ pub fn compute(
             ),
         )
     };
+    let mut verdicts = vec![ready, maintenance];
+    if !users.is_empty() {
+        verdicts.push(Verdict::new(
+            DELETION_REFUSED,
+            true,
+            IN_USE,
+            format!(
+                "deletion waits: MailDomain {} still lists this site; remove it from their spec.sites (their gateways here keep running until then)",
+                users.join(", ")
+            ),
+        ));
+    }
     let previous = site.status.clone().unwrap_or_default();
     let generation = site.metadata.generation;
     let mut status = SiteStatus {
         observed_generation: generation,
         nodes_total: seen.nodes_total as i32,
         nodes_ready: seen.nodes_ready as i32,
-        conditions: conditions::merge(&previous.conditions, &[ready, maintenance], generation, now),
+        conditions: conditions::merge(&previous.conditions, &verdicts, generation, now),
         ..SiteStatus::default()
     };
     decision.apply_to(&mut status);
@@ -190,7 +224,7 @@ mod tests {
             !blocking.is_empty(),
             now(),
         );
-        compute(site, seen, &d, blocking, now())
+        compute(site, seen, &d, blocking, &[], now())
     }
 
     #[test]
@@ -249,6 +283,43 @@ mod tests {
         assert_eq!(
             blocking_domains("dc-it1", &[alone, shared, elsewhere]),
             ["mail/pec.acme.it"]
+        );
+    }
+
+    #[test]
+    fn deletion_waits_for_the_domains_that_list_the_site_and_are_not_going() {
+        let mut listing = domain(&["dc-it1", "dc-it2"]);
+        listing.metadata.name = Some("acme".into());
+        let mut going = domain(&["dc-it1"]);
+        going.metadata.name = Some("old".into());
+        going.metadata.deletion_timestamp = Some(crate::time::to_k8s(now()));
+        let elsewhere = domain(&["dc-it2"]);
+        assert_eq!(users("dc-it1", &[listing, going, elsewhere]), ["mail/acme"]);
+    }
+
+    #[test]
+    fn a_refused_deletion_names_the_domains_and_the_way_out() {
+        let s = site();
+        let seen = observe(&[node(true)]);
+        let d = decide(
+            &s.spec,
+            &SiteStatus::default(),
+            ProbeState::default(),
+            seen,
+            false,
+            now(),
+        );
+        let status = compute(&s, seen, &d, &[], &["mail/acme".to_string()], now());
+        let c = conditions::find(&status.conditions, DELETION_REFUSED).expect("condition");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", IN_USE));
+        assert!(c.message.contains("mail/acme") && c.message.contains("spec.sites"));
+        assert!(
+            conditions::find(
+                &status_for(&s, &[node(true)], &[]).conditions,
+                DELETION_REFUSED
+            )
+            .is_none(),
+            "no DeletionRefused condition on a Site not being deleted"
         );
     }
 }
