@@ -116,7 +116,7 @@ start_clamd "$logs/clamd"
 pids+=("$CLAMD_PID")
 
 step "end-to-end tests"
-export PEC_E2E_METRICS_PORTS="$port_a,$port_b" PEC_E2E_PIDS="${pids[0]},${pids[1]}" PEC_E2E_LOGS="$logs"
+export PEC_E2E_METRICS_PORTS="$port_a,$port_b" PEC_E2E_LOGS="$logs"
 export PEC_E2E_OPERATOR="$operator" PEC_E2E_OPERATOR_KUBECONFIG="$logs/operator.kubeconfig"
 # E2E_FILTER=NAME runs only the end-to-end tests whose names contain NAME
 # (a quicker loop while working on one area; CI runs everything).

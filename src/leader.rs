@@ -7,6 +7,16 @@
 //! clock, so clock skew between machines does not matter). Writes use the
 //! Lease's `resourceVersion`, so two candidates cannot both win. The leader
 //! releases the Lease on shutdown, so a successor takes over at once.
+//!
+//! Leadership is bounded in time: the leader counts its tenure from the
+//! moment it *sent* its last successful renewal, and every renewal attempt
+//! is cut off at that moment plus the renew deadline ([`Elector::hold`]
+//! returns then, and the process stops reconciling). A candidate takes over
+//! only after seeing the record unchanged for the lease duration, measured
+//! from when it saw the last write, which is after the leader sent it. With
+//! the renew deadline shorter than the lease duration (10 s and 15 s), a
+//! leader whose requests stall, or which is cut off from the API server,
+//! has stopped before anyone else can lead.
 
 use std::time::Duration;
 
@@ -77,6 +87,21 @@ pub struct Elector {
     identity: String,
     timing: Timing,
     observed: Option<(String, Instant)>,
+    /// When the last successful write of the Lease by us was sent.
+    renewed_at: Option<Instant>,
+}
+
+/// How long a leader that last renewed (sent its successful write) at
+/// `renewed_at` may still try to renew at `now`; `None` once its renew
+/// deadline has passed and it must stop.
+pub fn renewal_budget(
+    renewed_at: Instant,
+    now: Instant,
+    renew_deadline: Duration,
+) -> Option<Duration> {
+    (renewed_at + renew_deadline)
+        .checked_duration_since(now)
+        .filter(|left| !left.is_zero())
 }
 
 impl Elector {
@@ -88,6 +113,7 @@ impl Elector {
             identity: identity.to_string(),
             timing,
             observed: None,
+            renewed_at: None,
         }
     }
 
@@ -98,6 +124,7 @@ impl Elector {
 
     /// One attempt to acquire or renew. `Ok(true)` while we hold the Lease.
     pub async fn try_acquire_or_renew(&mut self, clock: &dyn Clock) -> Result<bool, kube::Error> {
+        let sent = Instant::now();
         let now = clock.now();
         let current = self.api.get_opt(&self.name).await?;
         let holder = current
@@ -148,6 +175,7 @@ impl Elector {
         match result {
             Ok(lease) => {
                 self.observe(Some(&lease));
+                self.renewed_at = Some(sent);
                 Ok(true)
             }
             // Another candidate wrote first: not an error, just not us.
@@ -156,31 +184,50 @@ impl Elector {
         }
     }
 
-    /// Keeps renewing; returns only when leadership is lost (renewal failed
-    /// for longer than the renew deadline, or another holder took over).
+    /// Keeps renewing; returns when leadership is lost: another holder
+    /// took over, or no renewal succeeded within the renew deadline of the
+    /// last one (an attempt still under way then is abandoned, so a stalled
+    /// connection cannot stretch the tenure).
     pub async fn hold(&mut self, clock: &dyn Clock) {
-        let mut last_renewed = Instant::now();
         loop {
             tokio::time::sleep(self.timing.retry_period).await;
-            match self.try_acquire_or_renew(clock).await {
-                Ok(true) => last_renewed = Instant::now(),
-                Ok(false) => {
+            let Some(left) = self
+                .renewed_at
+                .and_then(|at| renewal_budget(at, Instant::now(), self.timing.renew_deadline))
+            else {
+                tracing::error!(lease = %self.name, "could not renew the leader lease within the deadline");
+                return;
+            };
+            match tokio::time::timeout(left, self.try_acquire_or_renew(clock)).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
                     tracing::error!(lease = %self.name, "another replica took the leader lease");
                     return;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(lease = %self.name, error = %e, "renewing the leader lease failed")
                 }
-            }
-            if last_renewed.elapsed() > self.timing.renew_deadline {
-                tracing::error!(lease = %self.name, "could not renew the leader lease within the deadline");
-                return;
+                Err(_) => {
+                    tracing::error!(lease = %self.name, "a renewal of the leader lease was still under way at the renew deadline");
+                    return;
+                }
             }
         }
     }
 
     /// Gives the Lease up so a successor need not wait for it to expire.
+    /// Bounded by the renew deadline: a shutdown never hangs on it.
     pub async fn release(&mut self) {
+        let name = self.name.clone();
+        if tokio::time::timeout(self.timing.renew_deadline, self.release_now())
+            .await
+            .is_err()
+        {
+            tracing::warn!(lease = %name, "releasing the leader lease timed out; it expires by itself");
+        }
+    }
+
+    async fn release_now(&mut self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
             return;
         };
@@ -224,6 +271,62 @@ mod tests {
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn a_leader_may_renew_only_until_its_deadline() {
+        let at = Instant::now();
+        let deadline = Duration::from_secs(10);
+        assert_eq!(
+            renewal_budget(at, at + Duration::from_secs(4), deadline),
+            Some(Duration::from_secs(6))
+        );
+        assert_eq!(renewal_budget(at, at + deadline, deadline), None);
+        assert_eq!(
+            renewal_budget(at, at + Duration::from_secs(11), deadline),
+            None
+        );
+    }
+
+    /// A leader whose API server accepts connections and never answers (a
+    /// stalled connection) gives up leadership at its renew deadline, not
+    /// when the request would time out.
+    #[tokio::test]
+    async fn a_stalled_renewal_ends_the_leadership_at_the_renew_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        // Accept and hold every connection, never answering.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let url: hyper::Uri = format!("http://{address}").parse().expect("url");
+        let mut config = kube::Config::new(url);
+        config.read_timeout = Some(Duration::from_secs(300));
+        let client = kube::Client::try_from(config).expect("client");
+        let timing = Timing {
+            lease_duration: Duration::from_secs(6),
+            renew_deadline: Duration::from_millis(1500),
+            retry_period: Duration::from_millis(200),
+        };
+        let mut elector = Elector::new(Api::namespaced(client, "ns"), "lease", "me", timing);
+        let renewed = Instant::now();
+        elector.renewed_at = Some(renewed);
+        let clock = crate::clock::SystemClock;
+        tokio::time::timeout(Duration::from_secs(30), elector.hold(&clock))
+            .await
+            .expect("hold returned");
+        let held = renewed.elapsed();
+        assert!(
+            held >= timing.renew_deadline && held < timing.lease_duration,
+            "led for {held:?}: from the deadline {:?} and before the lease {:?} lets another in",
+            timing.renew_deadline,
+            timing.lease_duration
+        );
+    }
 
     #[test]
     fn creates_a_missing_lease() {

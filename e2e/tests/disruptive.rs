@@ -53,28 +53,9 @@ async fn killing_the_leader_mid_outage_loses_nothing_and_records_the_gap_as_unob
         .expect("outage start");
 
     // Kill the leader the hard way: no lease release, no last status write.
-    let ports: Vec<String> = std::env::var("PEC_E2E_METRICS_PORTS")
-        .expect("ports")
-        .split(',')
-        .map(String::from)
-        .collect();
-    let pids: Vec<String> = std::env::var("PEC_E2E_PIDS")
-        .expect("e2e/test.sh sets PEC_E2E_PIDS")
-        .split(',')
-        .map(String::from)
-        .collect();
-    let mut leader = None;
-    for (i, port) in ports.iter().enumerate() {
-        if scrape(port).await.lines().any(|l| l == "pec_leader 1") {
-            leader = Some(i);
-        }
-    }
-    let leader = leader.expect("a leader");
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &pids[leader]])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    let ports = main_ports();
+    let leader = leader_index(&ports).await;
+    signal_listener(&ports[leader], "KILL");
     let survivor = ports[1 - leader].clone();
     eventually("the surviving replica to lead", || async {
         scrape(&survivor)
@@ -120,6 +101,97 @@ async fn killing_the_leader_mid_outage_loses_nothing_and_records_the_gap_as_unob
     assert!(after.period.unobserved_seconds >= 5.0);
     set_down(&client, &sites, false).await;
     sites.remove().await;
+}
+
+/// The identities of the two replicas e2e/test.sh starts, in the order of
+/// [`main_ports`].
+const IDENTITIES: [&str; 2] = ["replica-a", "replica-b"];
+
+/// The metrics ports of the two replicas e2e/test.sh starts (a replica a
+/// test restarts keeps its identity and port).
+fn main_ports() -> Vec<String> {
+    std::env::var("PEC_E2E_METRICS_PORTS")
+        .expect("e2e/test.sh sets PEC_E2E_METRICS_PORTS")
+        .split(',')
+        .map(String::from)
+        .collect()
+}
+
+/// Which of `ports` leads (waits for one to).
+async fn leader_index(ports: &[String]) -> usize {
+    eventually("a leading replica", || async {
+        for (i, port) in ports.iter().enumerate() {
+            if leads(port).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Sends `signal` to the process listening on the local TCP `port` (found
+/// with `ss`, so a replica restarted by an earlier test is found too).
+fn signal_listener(port: &str, signal: &str) {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltnp", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = text
+        .split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter(|pid| !pid.is_empty())
+        .unwrap_or_else(|| panic!("no process listens on port {port}: {text}"));
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -{signal} {pid}");
+}
+
+/// A leader given SIGTERM releases the Lease as it stops, so the follower
+/// leads at its next attempt (a retry period) instead of waiting for the
+/// Lease to expire (a lease duration after the last renewal). The stopped
+/// replica is started again under its identity, as a follower.
+#[tokio::test]
+async fn a_leader_given_sigterm_releases_the_lease_and_the_follower_leads_at_once() {
+    let ports = main_ports();
+    let leader = leader_index(&ports).await;
+    let follower = ports[1 - leader].clone();
+    let started = tokio::time::Instant::now();
+    signal_listener(&ports[leader], "TERM");
+    eventually("the follower to lead", || async {
+        leads(&follower).await.then_some(())
+    })
+    .await;
+    let handover = started.elapsed();
+    println!("SIGTERM to the leader -> the follower leads: {handover:?}");
+    // Without the release the follower waits for the record to stand
+    // unchanged for the lease duration (15 s), which began at the last
+    // renewal, at most one retry period (2 s) before the signal.
+    assert!(
+        handover < std::time::Duration::from_secs(13),
+        "the follower led after {handover:?}: it waited for the Lease to expire"
+    );
+    let logs = std::env::var("PEC_E2E_LOGS").expect("e2e/test.sh sets PEC_E2E_LOGS");
+    let suffix = if leader == 0 { "a" } else { "b" };
+    let log = std::fs::read_to_string(format!("{logs}/operator-{suffix}.log")).expect("log");
+    assert!(
+        log.contains("released the leader lease"),
+        "the stopped leader's log says it released the Lease"
+    );
+    // Back to two replicas for the tests that follow.
+    #[allow(clippy::zombie_processes)]
+    let _restarted = start_replica(IDENTITIES[leader], &ports[leader], None);
+    eventually("the restarted replica to answer as a follower", || async {
+        let up = tokio::net::TcpStream::connect(format!("127.0.0.1:{}", ports[leader]))
+            .await
+            .is_ok();
+        (up && !leads(&ports[leader]).await).then_some(())
+    })
+    .await;
 }
 
 /// Whether the replica on `port` answers and leads.
@@ -218,32 +290,12 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
     let client = client().await;
     let ns = namespace(&client, "sk-crash").await;
     pin_secret(&client, &ns, &real_pin()).await;
-    let ports: Vec<String> = std::env::var("PEC_E2E_METRICS_PORTS")
-        .expect("ports")
-        .split(',')
-        .map(String::from)
-        .collect();
-    let pids: Vec<String> = std::env::var("PEC_E2E_PIDS")
-        .expect("pids")
-        .split(',')
-        .map(String::from)
-        .collect();
-    let identities = ["replica-a", "replica-b"];
-    let mut leader = None;
-    for (i, port) in ports.iter().enumerate() {
-        if leads(port).await {
-            leader = Some(i);
-        }
-    }
-    let leader = leader.expect("a leader");
-    let (identity, port) = (identities[leader], ports[leader].as_str());
+    let ports = main_ports();
+    let leader = leader_index(&ports).await;
+    let (identity, port) = (IDENTITIES[leader], ports[leader].as_str());
     // Stop the leader; its restarts take the Lease back at once under the
     // same identity, before any other replica could.
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &pids[leader]])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    signal_listener(port, "KILL");
     eventually("the killed leader to stop answering", || async {
         tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
             .await
