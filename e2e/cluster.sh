@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real local two-data-center Kubernetes control plane for the demo and the tests.
 #
-#   e2e/cluster.sh up [NAME] [--real-nodes]
+#   e2e/cluster.sh up [NAME] [--real-nodes] [--three-sites]
 #                                start etcd, kube-apiserver, kube-controller-manager,
 #                                kube-scheduler and kwok; create six fake nodes,
 #                                three in zone dc-it1 and three in dc-it2; print
@@ -10,7 +10,17 @@
 #                                dc-it2-real-1, -2: kubelet, containerd, CNI
 #                                bridge, labelled pec.dev/node=real),
 #                                kube-proxy and CoreDNS; see lib/nodes.sh
-#                                for what the host needs.
+#                                for what the host needs. With --three-sites
+#                                the control plane spans three failure
+#                                domains: etcd as three members (dc-it1,
+#                                dc-it2, witness) and one API server per data
+#                                center, each talking to its own data center's
+#                                member; `kubeconfig-dc-it1` and
+#                                `kubeconfig-dc-it2` reach each, `kubeconfig`
+#                                (and the controller manager, scheduler and
+#                                kwok) dc-it2's. Components are named in
+#                                `pids` (etcd-dc-it1, kube-apiserver-dc-it1...)
+#                                so chaos tests can stop them.
 #   e2e/cluster.sh down [NAME]   stop what `up` started, by pid, and remove its files
 #   e2e/cluster.sh import [NAME] ARCHIVE...
 #                                import OCI archives into every real node
@@ -24,10 +34,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cmd=${1:-}
 shift || true
 real_nodes=false
+three_sites=false
 args=()
 for arg in "$@"; do
   case $arg in
     --real-nodes) real_nodes=true ;;
+    --three-sites) three_sites=true ;;
     *) args+=("$arg") ;;
   esac
 done
@@ -129,6 +141,28 @@ plugins:
 ADM
 }
 
+# Who wrote what, for the chaos tests' split-brain checks: writes at the
+# Metadata level, reads and the noisy node, lease and event writes not at all.
+write_audit_policy() {
+  cat >"$dir/audit-policy.yaml" <<POLICY
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: None
+  verbs: [get, list, watch]
+- level: None
+  resources:
+  - group: ""
+    resources: [nodes, nodes/status, events]
+  - group: coordination.k8s.io
+    resources: [leases]
+  - group: events.k8s.io
+    resources: [events]
+- level: Metadata
+POLICY
+}
+
 nodes_yaml() {
   local zone i
   for zone in dc-it1 dc-it2; do
@@ -176,12 +210,6 @@ up() {
   write_kubeconfig "$kc" "$api_port"
   local k="$bin/kubectl --kubeconfig $kc"
 
-  start etcd "$bin/etcd" --name default --data-dir "$shm" --unsafe-no-fsync \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "default=http://127.0.0.1:$peer_port" --log-level warn
-  wait_for 30 etcd curl -fsS "http://127.0.0.1:$etcd_port/health"
-
   local issuer=https://kubernetes.default.svc.cluster.local
   # Real pods reach the API server through the `kubernetes` Service: it then
   # listens beyond loopback and publishes its endpoint on a bridge address.
@@ -190,19 +218,73 @@ up() {
     real_bridges_up
     bind=0.0.0.0 advertise=$REAL_API_ADDRESS reconciler=lease
   fi
-  start kube-apiserver "$bin/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address "$bind" --advertise-address "$advertise" --secure-port "$api_port" \
-    --endpoint-reconciler-type "$reconciler" --kubelet-preferred-address-types InternalIP \
-    --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
-    --client-ca-file "$dir/pki/ca.crt" \
-    --service-account-issuer "$issuer" --api-audiences "$issuer" \
-    --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
-    --authorization-mode RBAC \
-    --admission-control-config-file "$dir/admission.yaml" \
-    --service-cluster-ip-range 10.96.0.0/16 \
-    --allow-privileged=false --profiling=false
-  wait_for 90 kube-apiserver $k get --raw /readyz
+  # Only the three-site control plane audits writes (its chaos tests read it).
+  local audit=()
+  if $three_sites; then
+    write_audit_policy
+    audit=(--audit-policy-file "$dir/audit-policy.yaml" --audit-log-format json)
+  fi
+  # start_apiserver COMPONENT PORT ETCD_URL
+  start_apiserver() {
+    local audit_log=()
+    [ ${#audit[@]} -eq 0 ] || audit_log=(--audit-log-path "$dir/logs/$1-audit.log")
+    start "$1" "$bin/kube-apiserver" \
+      --etcd-servers "$3" \
+      --bind-address "$bind" --advertise-address "$advertise" --secure-port "$2" \
+      --endpoint-reconciler-type "$reconciler" --kubelet-preferred-address-types InternalIP \
+      --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
+      --client-ca-file "$dir/pki/ca.crt" \
+      --service-account-issuer "$issuer" --api-audiences "$issuer" \
+      --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
+      --authorization-mode RBAC \
+      --admission-control-config-file "$dir/admission.yaml" \
+      "${audit[@]}" "${audit_log[@]}" \
+      --service-cluster-ip-range 10.96.0.0/16 \
+      --allow-privileged=false --profiling=false
+  }
+  if $three_sites; then
+    # One etcd member per failure domain; each data center's API server
+    # talks to its own member only, as it would across a real WAN.
+    local member entry members=() cluster_urls=()
+    declare -A client_port
+    for member in dc-it1 dc-it2 witness; do
+      client_port[$member]=$(free_port)
+      local peer
+      peer=$(free_port)
+      members+=("$member:$peer")
+      cluster_urls+=("$member=http://127.0.0.1:$peer")
+    done
+    local initial
+    initial=$(IFS=,; echo "${cluster_urls[*]}")
+    for entry in "${members[@]}"; do
+      member=${entry%%:*}
+      mkdir -p "$shm/$member"
+      start "etcd-$member" "$bin/etcd" --name "$member" --data-dir "$shm/$member" --unsafe-no-fsync \
+        --listen-client-urls "http://127.0.0.1:${client_port[$member]}" \
+        --advertise-client-urls "http://127.0.0.1:${client_port[$member]}" \
+        --listen-peer-urls "http://127.0.0.1:${entry#*:}" --initial-advertise-peer-urls "http://127.0.0.1:${entry#*:}" \
+        --initial-cluster "$initial" --initial-cluster-state new --log-level warn
+    done
+    for member in dc-it1 dc-it2 witness; do
+      wait_for 30 "etcd $member" curl -fsS "http://127.0.0.1:${client_port[$member]}/health"
+    done
+    local site port
+    for site in dc-it1 dc-it2; do
+      port=$(free_port)
+      start_apiserver "kube-apiserver-$site" "$port" "http://127.0.0.1:${client_port[$site]}"
+      write_kubeconfig "$dir/kubeconfig-$site" "$port"
+      wait_for 90 "kube-apiserver of $site" "$bin/kubectl" --kubeconfig "$dir/kubeconfig-$site" get --raw /readyz
+    done
+    cp "$dir/kubeconfig-dc-it2" "$kc"
+  else
+    start etcd "$bin/etcd" --name default --data-dir "$shm" --unsafe-no-fsync \
+      --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+      --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+      --initial-cluster "default=http://127.0.0.1:$peer_port" --log-level warn
+    wait_for 30 etcd curl -fsS "http://127.0.0.1:$etcd_port/health"
+    start_apiserver kube-apiserver "$api_port" "http://127.0.0.1:$etcd_port"
+    wait_for 90 kube-apiserver $k get --raw /readyz
+  fi
 
   # Real nodes that lose power go NotReady after 16 s (their kubelets renew
   # every 3 s), not the default 50 s: a data-center loss test stays short.
@@ -270,5 +352,5 @@ case "$cmd" in
   up) up ;;
   down) down ;;
   import) import_archives ;;
-  *) echo "usage: $0 up [NAME] [--real-nodes] | down [NAME] | import NAME ARCHIVE..." >&2; exit 2 ;;
+  *) echo "usage: $0 up [NAME] [--real-nodes] [--three-sites] | down [NAME] | import NAME ARCHIVE..." >&2; exit 2 ;;
 esac

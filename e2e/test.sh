@@ -58,6 +58,7 @@ cleanup() {
     echo "== operator logs (last lines)"; tail -n 30 "$logs"/operator-*.log 2>/dev/null || true
   fi
   "$here/cluster.sh" down "$cluster" || true
+  [ -z "${cp_cluster:-}" ] || "$here/cluster.sh" down "$cp_cluster" || true
   rm -rf "${hsm_dir:-/nonexistent}" "${gateway_hsm_dir:-/nonexistent}" "${real_hsm:-/nonexistent}"
   exit $code
 }
@@ -121,10 +122,27 @@ export PEC_E2E_OPERATOR="$operator" PEC_E2E_OPERATOR_KUBECONFIG="$logs/operator.
 # E2E_FILTER=NAME runs only the end-to-end tests whose names contain NAME
 # (a quicker loop while working on one area; CI runs everything).
 filter=${E2E_FILTER:-}
-cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive:: --skip real_nodes:: --skip real_loss:: $filter
+cargo test --features e2e --test e2e -- --test-threads 4 --skip disruptive:: --skip real_nodes:: --skip real_loss:: --skip control_plane:: $filter
 
 step "end-to-end tests that stop an operator replica (alone, last)"
-cargo test --features e2e --test e2e -- --test-threads 1 --skip real_nodes:: --skip real_loss:: "disruptive::$filter"
+cargo test --features e2e --test e2e -- --test-threads 1 --skip real_nodes:: --skip real_loss:: --skip control_plane:: "disruptive::$filter"
+
+step "three failure domains: a data center's control plane partitioned, stalled, lost (alone)"
+# The two-site cluster is done: its replicas and processes go first.
+for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+"$here/cluster.sh" down "$cluster"
+cp_cluster=cp-$$
+eval "$("$here/cluster.sh" up "$cp_cluster" --three-sites)"
+cp_dir=$(dirname "$KUBECONFIG")
+install_chart
+for site in dc-it1 dc-it2; do
+  KUBECONFIG="$cp_dir/kubeconfig-$site" sa_kubeconfig "$logs/operator-$site.kubeconfig"
+done
+export PEC_E2E_CP_DIR="$cp_dir"
+cargo test --features e2e --test e2e -- --test-threads 1 control_plane:: --skip control_plane::losing_dc_it1
+# Last: it leaves dc-it1's etcd member and API server dead.
+cargo test --features e2e --test e2e -- --test-threads 1 control_plane::losing_dc_it1
+"$here/cluster.sh" down "$cp_cluster"
 
 step "real nodes: helm install runs the operator image on kubelet and containerd"
 # shellcheck source=lib/nodes.sh

@@ -5,6 +5,7 @@
 //! these tests with `KUBECONFIG` pointing at the cluster as admin. Each test
 //! works in its own namespace and waits on conditions, never on sleeps.
 
+mod control_plane;
 #[path = "../support/datacenter.rs"]
 mod datacenter;
 mod disruptive;
