@@ -226,8 +226,25 @@ impl TestSites {
         }
     }
 
-    /// Deletes the Sites and nodes.
+    /// Deletes the Sites and their nodes, and first the MailDomains that
+    /// list them (a Site stays while a MailDomain lists it).
     pub async fn remove(self) {
+        let domains = Api::<pec_operator::api::MailDomain>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        for md in domains
+            .iter()
+            .filter(|md| md.spec.sites.iter().any(|s| self.names.contains(s)))
+        {
+            let _ = Api::<pec_operator::api::MailDomain>::namespaced(
+                self.client.clone(),
+                &md.namespace().unwrap_or_default(),
+            )
+            .delete(&md.name_any(), &DeleteParams::default())
+            .await;
+        }
         for site in &self.names {
             let _ = Api::<Site>::all(self.client.clone())
                 .delete(site, &DeleteParams::default())
@@ -243,13 +260,23 @@ impl TestSites {
 
 /// Ready endpoint addresses of the domain Service, by site.
 pub async fn endpoints_by_site(client: &Client, ns: &str, md: &str) -> BTreeMap<String, usize> {
+    try_endpoints_by_site(client, ns, md)
+        .await
+        .expect("list slices")
+}
+
+/// [`endpoints_by_site`], or the error of the list.
+pub async fn try_endpoints_by_site(
+    client: &Client,
+    ns: &str,
+    md: &str,
+) -> Result<BTreeMap<String, usize>, kube::Error> {
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels(&format!(
             "kubernetes.io/service-name={}",
             domain_service_name(md)
         )))
-        .await
-        .expect("list slices");
+        .await?;
     let mut by_site = BTreeMap::new();
     for slice in slices.items {
         let site = slice.labels().get(SITE_LABEL).cloned().unwrap_or_default();
@@ -262,5 +289,5 @@ pub async fn endpoints_by_site(client: &Client, ns: &str, md: &str) -> BTreeMap<
         *by_site.entry(site).or_default() += ready;
     }
     by_site.retain(|_, n| *n > 0);
-    by_site
+    Ok(by_site)
 }

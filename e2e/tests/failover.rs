@@ -198,9 +198,26 @@ async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization()
     })
     .await;
 
+    // Sites are cluster-scoped: their Events are in `default`.
+    let site_event = |reason: &'static str, type_: &'static str| {
+        let client = client.clone();
+        let a = a.clone();
+        async move {
+            eventually(&format!("a {reason} Event for {a}"), || async {
+                crate::harness::events_of(&client, "default", &a)
+                    .await
+                    .contains(&(type_.to_string(), reason.to_string()))
+                    .then_some(())
+            })
+            .await
+        }
+    };
+    site_event("SiteDown", "Warning").await;
+
     let recovered_at = Instant::now();
     sites.recover(&a).await;
     sites.wait_phase(&a, SitePhase::Serving).await;
+    site_event("SiteRecovered", "Normal").await;
     let rejoined = eventually("site a to rejoin", || async {
         let e = endpoints_by_site(&client, &ns, &md).await;
         assert!(
@@ -320,6 +337,13 @@ async fn a_flapping_site_is_fenced_until_a_person_clears_it() {
     sites.fail(&a).await;
     let fenced = sites.wait_phase(&a, SitePhase::Fenced).await;
     assert!(fenced.spec.fenced, "the operator sets spec.fenced");
+    eventually("a SiteFenced Event", || async {
+        crate::harness::events_of(&client, "default", &a)
+            .await
+            .contains(&("Warning".to_string(), "SiteFenced".to_string()))
+            .then_some(())
+    })
+    .await;
     eventually("the fenced site to leave the domain Service", || async {
         (!endpoints_by_site(&client, &ns, &md).await.contains_key(&a)).then_some(())
     })

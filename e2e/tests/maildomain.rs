@@ -28,7 +28,7 @@ use pec_operator::{
 use serde_json::json;
 
 use crate::harness::{
-    client, condition, ensure_example_sites, eventually, example, example_prerequisites,
+    client, condition, ensure_example_sites, events_of, eventually, example, example_prerequisites,
     has_condition, namespace, wait_for,
 };
 
@@ -303,6 +303,22 @@ async fn a_changed_gateway_setting_rolls_the_pods() {
     .await;
     eventually("pods replaced by the rollout", || async {
         let now = pods(&client, &ns, &name, "dc-it1").await;
+        // Never below full strength: a gateway goes only once its
+        // successor is ready (maxUnavailable 0 while the site has spare nodes).
+        let serving = now
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .count();
+        assert!(
+            serving >= 2,
+            "the rollout went below full strength: {serving} ready gateways"
+        );
         let ready_new = now
             .iter()
             .filter(|p| !before.contains(&p.uid().unwrap_or_default()))
@@ -317,6 +333,13 @@ async fn a_changed_gateway_setting_rolls_the_pods() {
     })
     .await;
     wait_ready(&client, &ns, &name).await;
+    eventually("a ConfigChanged Event", || async {
+        events_of(&client, &ns, &name)
+            .await
+            .contains(&("Normal".into(), "ConfigChanged".into()))
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -357,6 +380,13 @@ async fn removing_a_site_removes_its_children() {
     )
     .await;
     wait_ready(&client, &ns, &name).await;
+    eventually("a SiteRemoved Event", || async {
+        events_of(&client, &ns, &name)
+            .await
+            .contains(&("Normal".into(), "SiteRemoved".into()))
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -370,6 +400,20 @@ async fn deleting_a_domain_removes_everything() {
     let labels = format!("{DOMAIN_LABEL}={name}");
     // Per site a Deployment, ConfigMap, Service, PDB and NetworkPolicy, plus the domain Service.
     assert_eq!(child_counts(&client, &ns, &labels).await, [2, 2, 3, 2, 2]);
+    // The domain's own series, as the leader exports them.
+    let ours = |metrics: &str| {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("namespace=\"{ns}\""))
+                    && l.contains(&format!("maildomain=\"{name}\""))
+            })
+            .count()
+    };
+    eventually("the domain's series", || async {
+        (ours(&crate::harness::scrape_all().await) > 0).then_some(())
+    })
+    .await;
 
     Api::<MailDomain>::namespaced(client.clone(), &ns)
         .delete(&name, &DeleteParams::default())
@@ -388,6 +432,10 @@ async fn deleting_a_domain_removes_everything() {
             (child_counts(&client, &ns, &labels).await == [0; 5] && pods == 0).then_some(())
         },
     )
+    .await;
+    eventually("no series left for the deleted domain", || async {
+        (ours(&crate::harness::scrape_all().await) == 0).then_some(())
+    })
     .await;
 }
 

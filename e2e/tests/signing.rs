@@ -688,11 +688,18 @@ async fn a_short_lived_certificate_rotates_by_itself_with_no_gateway_gap() {
             json!({
                 "certificate": {"duration": "75s", "renewBefore": "50s"},
                 "publication": {"delay": format!("{delay}s")},
+                "retiredKeyPolicy": "Destroy",
             }),
         ),
     )
     .await;
     wait_ready(&api, "rot").await;
+    let uid = api.get("rot").await.expect("get").uid().expect("uid");
+    let keys = |generation| {
+        token()
+            .count_keys(&key_id(&uid, generation))
+            .expect("count")
+    };
     let domains = Api::<MailDomain>::namespaced(client.clone(), &ns);
     domains
         .patch(
@@ -760,16 +767,21 @@ async fn a_short_lived_certificate_rotates_by_itself_with_no_gateway_gap() {
         {
             configured_at = Some(start.elapsed());
         }
-        let done = domains
+        let generation = domains
             .get(&md)
             .await
             .expect("get")
             .status
-            .and_then(|s| s.signing_key_generation)
-            == Some(2);
-        if done {
+            .and_then(|s| s.signing_key_generation);
+        if generation == Some(2) {
             break;
         }
+        // `Destroy` waits for every domain: generation 1 signs until then.
+        assert_eq!(
+            keys(1),
+            1,
+            "generation 1's key destroyed while the domain used it"
+        );
         assert!(
             start.elapsed() < Duration::from_secs(150),
             "no rotation within 150 s"
@@ -800,6 +812,20 @@ async fn a_short_lived_certificate_rotates_by_itself_with_no_gateway_gap() {
         "a rotation on time is not expiring"
     );
     eprintln!("rotation watched over {looks} looks; published {published:?}, used {configured:?}");
+    // Every domain has rolled: `Destroy` removes generation 1's key, not 2's.
+    eventually("generation 1's key destroyed", || async {
+        (keys(1) == 0).then_some(())
+    })
+    .await;
+    assert_eq!(keys(2), 1, "the key in use is kept");
+    eventually("a KeyDestroyed Event", || async {
+        crate::harness::events_of(&client, &ns, "rot")
+            .await
+            .iter()
+            .any(|(_, reason)| reason == "KeyDestroyed")
+            .then_some(())
+    })
+    .await;
     sites.remove().await;
 }
 

@@ -129,7 +129,8 @@ pub fn plan(
 }
 
 /// Why the serving set changed from `before` to `after`, for Events and the
-/// failover metric: the reason a removed site left, else `SiteRejoined`.
+/// failover metric: the reason a removed site left, else `SiteRejoined`;
+/// `None` when nothing changed or nothing served before (a new domain).
 pub fn change_reason(
     before: &[String],
     after: &[String],
@@ -138,7 +139,8 @@ pub fn change_reason(
     stabilization: Duration,
     now: DateTime<Utc>,
 ) -> Option<&'static str> {
-    if before == after {
+    // A domain's first serving sites are not a switch: nothing served before.
+    if before == after || before.is_empty() {
         return None;
     }
     let removed = before.iter().find(|s| !after.contains(s));
@@ -219,6 +221,17 @@ mod tests {
             ),
             Some("SiteDown")
         );
+    }
+
+    #[test]
+    fn a_new_domain_starting_to_serve_is_not_a_switch() {
+        let c = [
+            site("a", 0, SitePhase::Serving, 0),
+            site("b", 10, SitePhase::Serving, 0),
+        ];
+        let p = plan(FailoverMode::ActiveActive, STAB, &c, &[], t(1000));
+        assert_eq!(p.serving, names(&["a", "b"]));
+        assert_eq!(change_reason(&[], &p.serving, &c, &[], STAB, t(1000)), None);
     }
 
     #[test]
