@@ -277,6 +277,30 @@ async fn start_pair(test: &str) -> Pair {
     }
 }
 
+/// A replica pair (dc-it1's leading) and a world of this test's own: two
+/// Sites with fast health checks and an active-active domain served from
+/// both.
+async fn converged(test: &str) -> (Pair, World) {
+    let pair = start_pair(test).await;
+    let world = world(
+        &format!("cp-{test}"),
+        &format!("cp{test}"),
+        fast_health(),
+        FailoverMode::ActiveActive,
+        1,
+    )
+    .await;
+    eventually("the domain served from both sites", || async {
+        (endpoints_by_site(&world.client, &world.ns, &world.md)
+            .await
+            .len()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    (pair, world)
+}
+
 /// Waits until `replica` has exited and returns how long after `since`
 /// that was seen, with its log.
 async fn exit_of(replica: &mut Replica, since: Instant) -> Duration {
@@ -345,15 +369,39 @@ fn operator_writes(site: &str) -> Vec<Write> {
         .collect()
 }
 
-/// No write through dc-it1's API server completed after the first write
-/// through dc-it2's began (after `since`): the two replicas never wrote at
-/// once. Returns the gap between them.
-fn no_overlapping_writes(since: DateTime<Utc>) -> chrono::Duration {
-    let old: Vec<Write> = operator_writes("dc-it1");
-    let new: Vec<Write> = operator_writes("dc-it2")
-        .into_iter()
-        .filter(|w| w.received >= since)
-        .collect();
+/// After a handover at `since`: makes the new leader write (a changed pod
+/// annotation on `md` rolls its gateways), waits for that write in dc-it2's
+/// audit log, then checks that no write through dc-it1's API server
+/// completed after the first write through dc-it2's began: the two replicas
+/// never wrote at once. Returns the gap between them.
+async fn no_overlapping_writes(
+    client: &kube::Client,
+    ns: &str,
+    md: &str,
+    since: DateTime<Utc>,
+) -> chrono::Duration {
+    Api::<pec_operator::api::MailDomain>::namespaced(client.clone(), ns)
+        .patch(
+            md,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"spec": {"gateway": {"podAnnotations": {"pec.dev/e2e-handover": "1"}}}}),
+            ),
+        )
+        .await
+        .expect("change the domain");
+    let new = eventually(
+        "a write by the new leader in dc-it2's audit log",
+        || async {
+            let new: Vec<Write> = operator_writes("dc-it2")
+                .into_iter()
+                .filter(|w| w.received >= since)
+                .collect();
+            (!new.is_empty()).then_some(new)
+        },
+    )
+    .await;
+    let old = operator_writes("dc-it1");
     let last_old = old
         .iter()
         .max_by_key(|w| w.completed)
@@ -380,19 +428,7 @@ fn no_overlapping_writes(since: DateTime<Utc>) -> chrono::Duration {
 /// partition heals, a dc-it1 replica rejoins as a follower.
 #[tokio::test]
 async fn a_partitioned_leader_stops_before_the_other_leads_and_rejoins_as_a_follower() {
-    let mut pair = start_pair("partition").await;
-    let World { client, ns, md, .. } = world(
-        "cp-partition",
-        "cpp",
-        fast_health(),
-        FailoverMode::ActiveActive,
-        1,
-    )
-    .await;
-    eventually("the domain served from both sites", || async {
-        (endpoints_by_site(&client, &ns, &md).await.len() == 2).then_some(())
-    })
-    .await;
+    let (mut pair, World { client, ns, md, .. }) = converged("partition").await;
 
     let cut = Instant::now();
     let cut_at = SystemClock.now();
@@ -436,7 +472,7 @@ async fn a_partitioned_leader_stops_before_the_other_leads_and_rejoins_as_a_foll
         holder(&client).await.as_deref(),
         Some(pair.dc_it2.identity.as_str())
     );
-    let gap = no_overlapping_writes(cut_at);
+    let gap = no_overlapping_writes(&client, &ns, &md, cut_at).await;
     println!("partition: last write through dc-it1 -> first through dc-it2: {gap}");
 }
 
@@ -445,19 +481,7 @@ async fn a_partitioned_leader_stops_before_the_other_leads_and_rejoins_as_a_foll
 /// expires and the follower takes over; no write by both.
 #[tokio::test]
 async fn a_stalled_connection_stops_the_leader_before_its_lease_expires() {
-    let mut pair = start_pair("stall").await;
-    let World { client, ns, md, .. } = world(
-        "cp-stall",
-        "cps",
-        fast_health(),
-        FailoverMode::ActiveActive,
-        1,
-    )
-    .await;
-    eventually("the domain served from both sites", || async {
-        (endpoints_by_site(&client, &ns, &md).await.len() == 2).then_some(())
-    })
-    .await;
+    let (mut pair, World { client, ns, md, .. }) = converged("stall").await;
 
     let stalled = Instant::now();
     let stalled_at = SystemClock.now();
@@ -476,7 +500,7 @@ async fn a_stalled_connection_stops_the_leader_before_its_lease_expires() {
         stopped < led,
         "the follower led while the stalled leader still ran"
     );
-    let gap = no_overlapping_writes(stalled_at);
+    let gap = no_overlapping_writes(&client, &ns, &md, stalled_at).await;
     println!("stall: last write through dc-it1 -> first through dc-it2: {gap}");
 }
 
@@ -484,15 +508,7 @@ async fn a_stalled_connection_stops_the_leader_before_its_lease_expires() {
 /// the leader, the serving sites and the domain's readiness do not change.
 #[tokio::test]
 async fn losing_the_witness_changes_nothing_for_the_domains() {
-    let pair = start_pair("witness").await;
-    let World { client, ns, md, .. } = world(
-        "cp-witness",
-        "cpw",
-        fast_health(),
-        FailoverMode::ActiveActive,
-        1,
-    )
-    .await;
+    let (pair, World { client, ns, md, .. }) = converged("witness").await;
     let before = eventually("the domain served from both sites", || async {
         let e = endpoints_by_site(&client, &ns, &md).await;
         (e.len() == 2).then_some(e)
@@ -528,26 +544,17 @@ async fn losing_the_witness_changes_nothing_for_the_domains() {
 /// unobserved. Leaves dc-it1 dead: run last.
 #[tokio::test]
 async fn losing_dc_it1_with_its_control_plane_and_leader_fails_over() {
-    let mut pair = start_pair("dcloss").await;
-    let World {
-        client,
-        ns,
-        sites,
-        md,
-    } = world(
-        "cp-dc-loss",
-        "cpl",
-        fast_health(),
-        FailoverMode::ActiveActive,
-        1,
-    )
-    .await;
+    let (
+        mut pair,
+        World {
+            client,
+            ns,
+            sites,
+            md,
+        },
+    ) = converged("dcloss").await;
     let sla = measure(&client, &ns, &md, json!({})).await;
     let [a, b] = sites.names.clone();
-    eventually("the domain served from both sites", || async {
-        (endpoints_by_site(&client, &ns, &md).await.len() == 2).then_some(())
-    })
-    .await;
 
     // The nodes' failure is written first, through dc-it2's API server,
     // while etcd still has its raft leader; then the rest of dc-it1 dies.

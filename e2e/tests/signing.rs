@@ -567,6 +567,42 @@ async fn the_external_issuer_waits_for_a_matching_certificate() {
     assert!(ok, "{out}");
     assert_certifies_token_key(&files, &sk, &pem);
     assert_one_protected_key(&sk, 1);
+    revocation_asks_a_person(&api, "ext", "Secret ext-signed").await;
+}
+
+/// Declares generation 1 of `name` compromised; with an issuer the operator
+/// cannot revoke at (external, cert-manager), `status.pendingAction` tells a
+/// person what to have revoked: `where` and the generation's serial.
+async fn revocation_asks_a_person(api: &Api<SigningKey>, name: &str, r#where: &str) {
+    let serial = status(&api.get(name).await.expect("get"))
+        .current
+        .and_then(|c| c.serial)
+        .expect("serial of generation 1");
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"revoke": {"reason": "KeyCompromise", "generation": 1}}})),
+    )
+    .await
+    .expect("declare the compromise");
+    let sk = wait_for(api, name, "a pending action", |s: Option<&SigningKey>| {
+        s.and_then(|s| s.status.as_ref())
+            .is_some_and(|st| st.pending_action.is_some())
+    })
+    .await;
+    let st = status(&sk);
+    let action = st.pending_action.clone().expect("pending action");
+    assert!(
+        action.contains(&serial) && action.contains(r#where),
+        "the pending action names {where} and serial {serial}: {action}"
+    );
+    assert_eq!(
+        st.revoked
+            .iter()
+            .map(|r| r.serial.clone())
+            .collect::<Vec<_>>(),
+        [Some(serial)]
+    );
 }
 
 /// A minimal cert-manager CertificateRequest CRD (the fields the operator uses).
@@ -660,6 +696,7 @@ async fn a_cert_manager_certificate_request_carries_the_csr_and_brings_the_certi
     let (ok, out) = openssl(&["verify", "-CAfile", &files.path("ca.crt"), &cert]);
     assert!(ok, "{out}");
     assert_certifies_token_key(&files, &sk, &pem);
+    revocation_asks_a_person(&api, "cm", "CertificateRequest cm-g1").await;
 }
 
 #[tokio::test]
