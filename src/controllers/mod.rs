@@ -4,6 +4,7 @@
 //! validate (pure) -> build (pure) -> apply (client) -> status (pure, then one
 //! write). Only `mod.rs` and the fetch/apply code of each controller await.
 
+pub mod backoff;
 pub mod finalizer;
 pub mod mail_domain;
 pub mod signing_key;
@@ -49,6 +50,8 @@ pub struct Context {
     pub gateway: mail_domain::gateway::GatewayDefaults,
     /// The platform routes of each namespace, as last written.
     pub routes: mail_domain::routes::PlatformRoutes,
+    /// Failures in a row of each failing object, for the retry delays.
+    pub backoff: backoff::Backoff,
 }
 
 impl Context {
@@ -69,6 +72,7 @@ impl Context {
             hsm: None,
             gateway: mail_domain::gateway::GatewayDefaults::default(),
             routes: mail_domain::routes::PlatformRoutes::default(),
+            backoff: backoff::Backoff::default(),
         }
     }
 
@@ -110,20 +114,36 @@ impl Context {
     }
 
     /// The error policy every controller shares: log, count by the error's
-    /// bounded reason, and retry after `delay`.
-    pub fn retry_after_error(
+    /// bounded reason, and retry `obj` with exponential backoff from `first`
+    /// (see [`backoff`]).
+    pub fn retry_after_error<K: Resource>(
         &self,
         controller: &str,
+        obj: &K,
         error: &dyn std::error::Error,
         reason: &str,
-        delay: std::time::Duration,
+        first: std::time::Duration,
     ) -> Action {
-        tracing::warn!(error = %error, controller, reason, "reconcile failed");
+        let delay = self.backoff.failed(controller, obj, first);
+        tracing::warn!(error = %error, controller, reason, retry_in = ?delay, "reconcile failed");
         self.metrics
             .reconcile_errors
             .with_label_values(&[controller, reason])
             .inc();
         Action::requeue(delay)
+    }
+
+    /// Forgets `obj`'s failures when `result` is a success; returns `result`.
+    pub fn reset_backoff<K: Resource, E>(
+        &self,
+        controller: &str,
+        obj: &K,
+        result: Result<Action, E>,
+    ) -> Result<Action, E> {
+        if result.is_ok() {
+            self.backoff.succeeded(controller, obj);
+        }
+        result
     }
 
     /// Publishes an Event about `obj`. Failing to publish is logged, never fatal:

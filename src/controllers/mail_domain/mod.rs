@@ -433,8 +433,14 @@ async fn publish_events(
     }
 }
 
-fn error_policy(_obj: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.retry_after_error(CONTROLLER, error, error.reason(), Duration::from_secs(10))
+fn error_policy(obj: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry_after_error(
+        CONTROLLER,
+        obj.as_ref(),
+        error,
+        error.reason(),
+        Duration::from_secs(10),
+    )
 }
 
 /// Runs the MailDomain controller until shutdown.
@@ -504,7 +510,14 @@ pub async fn run(ctx: Arc<Context>) {
             },
         )
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |obj, ctx| async move {
+                let result = reconcile(obj.clone(), ctx.clone()).await;
+                ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }

@@ -585,8 +585,14 @@ async fn announce_expiring(
     }
 }
 
-fn error_policy(_obj: Arc<SigningKey>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.retry_after_error(CONTROLLER, error, error.reason(), Duration::from_secs(10))
+fn error_policy(obj: Arc<SigningKey>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry_after_error(
+        CONTROLLER,
+        obj.as_ref(),
+        error,
+        error.reason(),
+        Duration::from_secs(10),
+    )
 }
 
 /// Runs the SigningKey controller until shutdown.
@@ -621,7 +627,14 @@ pub async fn run(ctx: Arc<Context>) {
             },
         )
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |obj, ctx| async move {
+                let result = reconcile(obj.clone(), ctx.clone()).await;
+                ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }

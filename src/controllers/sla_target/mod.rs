@@ -551,8 +551,14 @@ async fn write_status(
     .map_err(Error::WriteStatus)
 }
 
-fn error_policy(_obj: Arc<SlaTarget>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.retry_after_error(CONTROLLER, error, error.reason(), Duration::from_secs(5))
+fn error_policy(obj: Arc<SlaTarget>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry_after_error(
+        CONTROLLER,
+        obj.as_ref(),
+        error,
+        error.reason(),
+        Duration::from_secs(5),
+    )
 }
 
 /// Runs the SlaTarget controller until shutdown.
@@ -564,7 +570,14 @@ pub async fn run(ctx: Arc<Context>) {
     register_metrics(&ctx, controller.store());
     controller
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |obj, ctx| async move {
+                let result = reconcile(obj.clone(), ctx.clone()).await;
+                ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }
