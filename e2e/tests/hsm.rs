@@ -189,11 +189,38 @@ fn wrapped_export_needs_an_extractable_key_and_never_gives_plaintext() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    // The blob is that key: unwrapped in the token under the same KEK, it
+    // signs, and the original key's public half verifies the signature.
     let blob = std::fs::read(dir.join("wrapped.bin")).expect("wrapped key");
+    let kek = token.ensure_kek("pec-e2e-kek").expect("the KEK");
+    let restored = token
+        .unwrap_for_signing(kek, &blob, Algorithm::EcdsaP256)
+        .expect("the exported blob unwraps under the KEK");
+    let message = b"chiave ripristinata";
+    std::fs::write(dir.join("message"), message).expect("write message");
+    let signature = token
+        .sign(restored, Algorithm::EcdsaP256, message)
+        .expect("the restored key signs");
+    std::fs::write(dir.join("signature"), &signature).expect("write signature");
+    let public = token.public_key(&wrapped_id).expect("public key");
+    std::fs::write(dir.join("public.pem"), der::pem("PUBLIC KEY", &public)).expect("write key");
+    let (verified, said) = openssl_verify(&dir, "message");
+    assert!(verified, "the restored key is not the exported one: {said}");
+    // The control: another key's public half does not verify it.
+    let other = token.public_key(&never_id).expect("public key");
+    std::fs::write(dir.join("public.pem"), der::pem("PUBLIC KEY", &other)).expect("write key");
     assert!(
-        blob.len() >= 64,
-        "a wrapped PKCS#8 key, {} bytes",
-        blob.len()
+        !openssl_verify(&dir, "message").0,
+        "any key verifies: the check proves nothing"
+    );
+    // A damaged blob is refused by the token.
+    let mut damaged = blob.clone();
+    damaged[8] ^= 0xff;
+    assert!(
+        token
+            .unwrap_for_signing(kek, &damaged, Algorithm::EcdsaP256)
+            .is_err(),
+        "a damaged blob unwrapped"
     );
     let refused = run(&never_id, "never.bin");
     assert!(

@@ -448,6 +448,38 @@ impl Token {
             .map_err(call("wrapping the key"))
     }
 
+    /// The restore half of [`Token::wrap`]: `wrapped` (a private key of
+    /// `algorithm` wrapped under `kek`) unwrapped inside the token as a
+    /// session key, sensitive and usable only to sign. A blob that was not
+    /// wrapped under `kek` is refused by the token.
+    pub fn unwrap_for_signing(
+        &self,
+        kek: ObjectHandle,
+        wrapped: &[u8],
+        algorithm: Algorithm,
+    ) -> Result<ObjectHandle, HsmError> {
+        let key_type = match algorithm {
+            Algorithm::EcdsaP256 => KeyType::EC,
+            Algorithm::Rsa3072 | Algorithm::Rsa2048 => KeyType::RSA,
+        };
+        self.session
+            .unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                kek,
+                wrapped,
+                &[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(key_type),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Sign(true),
+                ],
+            )
+            .map_err(call("unwrapping the key"))
+    }
+
     /// Whether the plaintext value of the private key with `id` can be read
     /// (it never should: keys are sensitive).
     pub fn plaintext_readable(&self, id: &[u8]) -> Result<bool, HsmError> {
