@@ -25,6 +25,36 @@ impl Clock for SystemClock {
     }
 }
 
+/// The wall clock moved by a fixed offset: it reads `start` at the moment it
+/// is made and then runs at the wall clock's pace. The operator uses it only
+/// when `PEC_CLOCK_START` is set, which no deployment does: the period-close
+/// test starts a replica just before the end of a measurement period.
+#[derive(Debug, Clone, Copy)]
+pub struct OffsetClock(Duration);
+
+impl OffsetClock {
+    /// A clock that reads `start` now.
+    pub fn starting_at(start: DateTime<Utc>) -> Self {
+        Self(start - SystemClock.now())
+    }
+
+    /// The clock `PEC_CLOCK_START` (an RFC 3339 instant) asks for, if set.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        let Ok(start) = std::env::var("PEC_CLOCK_START") else {
+            return Ok(None);
+        };
+        DateTime::parse_from_rfc3339(&start)
+            .map(|start| Some(Self::starting_at(start.with_timezone(&Utc))))
+            .map_err(|e| format!("PEC_CLOCK_START={start:?} is not an RFC 3339 instant: {e}"))
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> DateTime<Utc> {
+        SystemClock.now() + self.0
+    }
+}
+
 /// A clock that only moves when told to, for tests and simulations.
 #[derive(Debug)]
 pub struct ManualClock(Mutex<DateTime<Utc>>);
@@ -51,6 +81,21 @@ impl Clock for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offset_clock_starts_where_told_and_runs_with_the_wall_clock() {
+        let start = DateTime::from_timestamp(1_777_586_340, 0).expect("valid timestamp");
+        let clock = OffsetClock::starting_at(start);
+        let first = clock.now();
+        assert!(
+            (first - start).num_seconds().abs() <= 1,
+            "starts at {first}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let later = clock.now();
+        assert!(later - first >= Duration::milliseconds(20), "runs: {later}");
+        assert!(later - first < Duration::seconds(5));
+    }
 
     #[test]
     fn manual_clock_moves_only_when_advanced() {

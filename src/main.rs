@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use kube::{Api, Client};
 use pec_operator::{
     api,
-    clock::{Clock, SystemClock},
+    clock::{Clock, OffsetClock, SystemClock},
     controllers::{self, Context},
     http::{self, Probe},
     leader::{Elector, Timing},
@@ -404,6 +404,14 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         image_pull_secrets: args.gateway_image_pull_secrets.clone(),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // The controllers' clock; the Lease keeps the wall clock.
+    let controllers_clock: Arc<dyn Clock> = match OffsetClock::from_env()? {
+        Some(moved) => {
+            tracing::warn!(now = %moved.now(), "PEC_CLOCK_START moves the controllers' clock: for tests only");
+            Arc::new(moved)
+        }
+        None => clock.clone(),
+    };
     let timing = Timing::default();
     let leases = Api::namespaced(client.clone(), &args.lease_namespace);
     let mut elector = Elector::new(leases, &args.lease_name, &identity, timing);
@@ -429,9 +437,14 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     tracing::info!(lease = %args.lease_name, "became leader; starting controllers");
 
     let ctx = Arc::new(
-        Context::new(client, clock.clone(), metrics.clone(), elector.identity())
-            .with_hsm(hsm)
-            .with_gateway_defaults(gateway_defaults),
+        Context::new(
+            client,
+            controllers_clock,
+            metrics.clone(),
+            elector.identity(),
+        )
+        .with_hsm(hsm)
+        .with_gateway_defaults(gateway_defaults),
     );
     // The controllers stop by themselves on SIGTERM or Ctrl-C.
     let lost = tokio::select! {

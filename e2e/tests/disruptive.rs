@@ -103,6 +103,128 @@ async fn killing_the_leader_mid_outage_loses_nothing_and_records_the_gap_as_unob
     sites.remove().await;
 }
 
+/// The end of a measurement period: the January-April quadrimester ends at
+/// midnight in Rome, 22:00 UTC (summer time).
+const PERIOD_END: &str = "2026-04-30T22:00:00Z";
+
+/// A measurement period closes: the SlaTarget moves it to its history with
+/// the period's figures and publishes a `PeriodClosed` Event that says them.
+/// The leader is restarted with its clock a minute before the end of a
+/// period (`PEC_CLOCK_START`), and on the wall clock again afterwards.
+#[tokio::test]
+async fn a_closing_period_moves_to_history_and_publishes_period_closed() {
+    let World {
+        client,
+        ns,
+        sites,
+        md,
+    } = world(
+        "sla-period",
+        "pc",
+        fast_health(),
+        FailoverMode::ActiveActive,
+        1,
+    )
+    .await;
+    let end: chrono::DateTime<chrono::Utc> = PERIOD_END.parse().expect("instant");
+    let ports = main_ports();
+    let leader = leader_index(&ports).await;
+    let (identity, port) = (IDENTITIES[leader], ports[leader].clone());
+    signal_listener(&port, "KILL");
+    stops_answering(&port).await;
+    let start = (end - chrono::Duration::seconds(60)).to_rfc3339();
+    let mut moved = start_replica(identity, &port, &[("PEC_CLOCK_START", &start)]);
+
+    let sla = measure(&client, &ns, &md, json!({"period": "Quadrimester"})).await;
+    let slas = Api::<SlaTarget>::namespaced(client.clone(), &ns);
+    let open = wait_for(
+        &slas,
+        &sla,
+        "measurement in January-April",
+        |s: Option<&SlaTarget>| {
+            first(s).is_some_and(|o| {
+                o.period.end.as_ref().map(|t| t.0.as_second()) == Some(end.timestamp())
+                    && o.period.measured_seconds > 0.0
+            })
+        },
+    )
+    .await;
+    let open = first(Some(&open)).expect("object").clone();
+    assert!(open.history.is_empty(), "nothing closed yet");
+    let label = open.period.label.clone();
+
+    let closed = wait_for(
+        &slas,
+        &sla,
+        "the period in history",
+        |s: Option<&SlaTarget>| first(s).is_some_and(|o| !o.history.is_empty()),
+    )
+    .await;
+    let object = first(Some(&closed)).expect("object").clone();
+    let period = object.history.last().expect("a closed period");
+    println!(
+        "closed {}: measured {:.0}s, availability {}%, met {:?}; now in {}",
+        period.label, period.measured_seconds, period.availability, period.met, object.period.label
+    );
+    assert_eq!(period.label, label, "the period that was open closed");
+    assert_eq!(
+        period.end.as_ref().map(|t| t.0.as_second()),
+        Some(end.timestamp()),
+        "it ends at midnight in Rome"
+    );
+    assert!(period.measured_seconds > 0.0);
+    assert_eq!(period.availability, 100.0, "the domain served throughout");
+    assert_eq!(period.met, Some(true));
+    assert_ne!(object.period.label, label, "a new period is open");
+    assert_eq!(
+        object.period.start.as_ref().map(|t| t.0.as_second()),
+        Some(end.timestamp()),
+        "the new period starts where the old one ended"
+    );
+
+    let note = eventually("a PeriodClosed Event", || async {
+        crate::harness::events_text(&client, &ns)
+            .await
+            .into_iter()
+            .find(|(reason, _)| reason == "PeriodClosed")
+            .map(|(_, note)| note)
+    })
+    .await;
+    println!("PeriodClosed: {note}");
+    assert!(
+        note.contains(&label) && note.contains(&md) && note.ends_with(": met"),
+        "the Event names the period, the domain and the verdict: {note}"
+    );
+    assert!(
+        crate::harness::events_of(&client, &ns, &sla)
+            .await
+            .contains(&("Normal".into(), "PeriodClosed".into())),
+        "a met period is a Normal Event about the SlaTarget"
+    );
+
+    // Back on the wall clock for the tests that follow.
+    moved.child.kill().expect("stop the moved replica");
+    let _ = moved.child.wait();
+    #[allow(clippy::zombie_processes)]
+    let _restarted = start_replica(identity, &port, &[]);
+    eventually("the restarted replica to lead again", || async {
+        leads(&port).await.then_some(())
+    })
+    .await;
+    sites.remove().await;
+}
+
+/// Waits until nothing answers on the local TCP `port`.
+async fn stops_answering(port: &str) {
+    eventually("the killed replica to stop answering", || async {
+        tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}
+
 /// The identities of the two replicas e2e/test.sh starts, in the order of
 /// [`main_ports`].
 const IDENTITIES: [&str; 2] = ["replica-a", "replica-b"];
@@ -184,7 +306,7 @@ async fn a_leader_given_sigterm_releases_the_lease_and_the_follower_leads_at_onc
     );
     // Back to two replicas for the tests that follow.
     #[allow(clippy::zombie_processes)]
-    let _restarted = start_replica(IDENTITIES[leader], &ports[leader], None);
+    let _restarted = start_replica(IDENTITIES[leader], &ports[leader], &[]);
     eventually("the restarted replica to answer as a follower", || async {
         let up = tokio::net::TcpStream::connect(format!("127.0.0.1:{}", ports[leader]))
             .await
@@ -211,9 +333,10 @@ struct Replica {
     log: std::path::PathBuf,
 }
 
-/// Starts an operator replica as `identity`, optionally armed to abort after
-/// the step `crash_after` (`point@namespace/name`, see src/failpoint.rs).
-fn start_replica(identity: &str, port: &str, crash_after: Option<&str>) -> Replica {
+/// Starts an operator replica as `identity` with `env` added, such as
+/// `PEC_CRASH_AFTER` (abort after a step, see src/failpoint.rs) or
+/// `PEC_CLOCK_START` (a moved clock, see src/clock.rs).
+fn start_replica(identity: &str, port: &str, env: &[(&str, &str)]) -> Replica {
     static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("e2e/test.sh sets {k}"));
     let logs = var("PEC_E2E_LOGS");
@@ -228,11 +351,10 @@ fn start_replica(identity: &str, port: &str, crash_after: Option<&str>) -> Repli
         .env("PEC_METRICS_ADDR", format!("127.0.0.1:{port}"))
         .env("PEC_LOG_FORMAT", "json")
         .env_remove("PEC_CRASH_AFTER")
+        .env_remove("PEC_CLOCK_START")
+        .envs(env.iter().copied())
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
-    if let Some(point) = crash_after {
-        cmd.env("PEC_CRASH_AFTER", point);
-    }
     let child = cmd.spawn().expect("start the operator");
     // e2e/test.sh stops whatever is left when the run ends.
     let mut pids = std::fs::OpenOptions::new()
@@ -296,13 +418,7 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
     // Stop the leader; its restarts take the Lease back at once under the
     // same identity, before any other replica could.
     signal_listener(port, "KILL");
-    eventually("the killed leader to stop answering", || async {
-        tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    stops_answering(port).await;
 
     let manifest = signing_key(
         "crash",
@@ -316,7 +432,11 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
 
     for point in ["key", "issued", "published", "activated"] {
         let armed = format!("{point}@{ns}/crash");
-        crashes(start_replica(identity, port, Some(&armed)), &armed).await;
+        crashes(
+            start_replica(identity, port, &[("PEC_CRASH_AFTER", &armed)]),
+            &armed,
+        )
+        .await;
         assert_eq!(keys(1), 1, "one key object for generation 1 after {point}");
         let sk = api.get("crash").await.expect("get");
         println!(
@@ -344,7 +464,7 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
 
     // An emergency rotation interrupted right after the new key is made.
     let armed = format!("key@{ns}/crash");
-    let replica = start_replica(identity, port, Some(&armed));
+    let replica = start_replica(identity, port, &[("PEC_CRASH_AFTER", &armed)]);
     api.patch(
         "crash",
         &PatchParams::default(),
@@ -364,7 +484,7 @@ async fn killing_the_operator_at_each_signing_key_step_makes_no_second_key() {
     // A plain restart converges.
     // Left running as a replica for the rest of the run; e2e/test.sh stops it.
     #[allow(clippy::zombie_processes)]
-    let _survivor = start_replica(identity, port, None);
+    let _survivor = start_replica(identity, port, &[]);
     let sk = crate::harness::wait_for(
         &api,
         "crash",
