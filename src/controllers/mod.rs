@@ -17,6 +17,7 @@ use std::{
 };
 
 use futures::future;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{
     Client, Resource,
     runtime::controller::Action,
@@ -52,6 +53,18 @@ pub struct Context {
     pub routes: mail_domain::routes::PlatformRoutes,
     /// Failures in a row of each failing object, for the retry delays.
     pub backoff: backoff::Backoff,
+    /// Watch caches one controller fills and others read.
+    pub stores: SharedStores,
+}
+
+/// Watch caches the MailDomain controller fills and the SlaTarget
+/// controller reads; unset until the MailDomain controller starts.
+#[derive(Default)]
+pub struct SharedStores {
+    /// Every MailDomain.
+    pub mail_domains: std::sync::OnceLock<kube::runtime::reflector::Store<crate::api::MailDomain>>,
+    /// The EndpointSlices this operator made.
+    pub endpoint_slices: std::sync::OnceLock<kube::runtime::reflector::Store<EndpointSlice>>,
 }
 
 impl Context {
@@ -73,6 +86,7 @@ impl Context {
             gateway: mail_domain::gateway::GatewayDefaults::default(),
             routes: mail_domain::routes::PlatformRoutes::default(),
             backoff: backoff::Backoff::default(),
+            stores: SharedStores::default(),
         }
     }
 

@@ -1,18 +1,20 @@
-//! Writes a MailDomain's children with server-side apply and deletes the ones
-//! this pass no longer wants, and fetches the objects a MailDomain names
-//! (its children, pods, Secrets, claim and ConfigMaps). The only client code
-//! of this controller besides the Site and SigningKey fetches in `mod.rs`.
+//! Writes a MailDomain's children with server-side apply when they differ
+//! from what was last applied, deletes the ones this pass no longer wants
+//! (both judged from the controller's caches), and fetches the Secrets,
+//! claim and ConfigMaps a MailDomain names. The only client code of this
+//! controller.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
+    sync::Arc,
 };
 
 use k8s_openapi::{
     NamespaceResourceScope,
     api::{
         apps::v1::Deployment,
-        core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service},
+        core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
@@ -20,27 +22,48 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::reflector::{ObjectRef, Store},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     Error,
-    build::{Children, DOMAIN_LABEL, SITE_LABEL, SiteChildren},
+    build::{Children, SITE_LABEL, SiteChildren, short_hash},
+    cache::{Caches, of_domain},
     references::{Named, Referenced},
 };
-use crate::{api::MailDomain, controllers::MANAGED_BY};
+use crate::api::MailDomain;
 
 /// The field manager of everything this controller applies.
 pub const FIELD_MANAGER: &str = "pec-operator/maildomain";
 
-/// Applies every child; returns the applied Deployments as the server has them.
+/// The annotation on every child that holds a hash of what was last applied:
+/// a child whose cached copy carries the hash of what is wanted now is not
+/// applied again (the way the Prometheus Operator skips unchanged objects).
+pub const APPLIED_HASH_ANNOTATION: &str = "pec.dev/applied-hash";
+
+/// What [`apply_all`] did.
+pub struct Applied {
+    /// The Deployments as the server has them (applied) or as the cache
+    /// holds them (unchanged).
+    pub deployments: Vec<Deployment>,
+    /// How many children were written.
+    pub writes: usize,
+}
+
+/// Applies every child that differs from what was last applied; returns the
+/// Deployments and the number of writes.
 pub async fn apply_all(
     client: &Client,
     namespace: &str,
     children: &Children,
-) -> Result<Vec<Deployment>, Error> {
-    let mut deployments = Vec::with_capacity(children.sites.len());
+    caches: &Caches,
+) -> Result<Applied, Error> {
+    let mut applied = Applied {
+        deployments: Vec::with_capacity(children.sites.len()),
+        writes: 0,
+    };
     for site in &children.sites {
         // Destructured without `..`: a new child must be applied here or the build fails.
         let SiteChildren {
@@ -52,34 +75,124 @@ pub async fn apply_all(
             network_policy,
         } = site;
         // The ConfigMap first, so new pods never start with a stale configuration.
-        apply(client, namespace, config_map).await?;
-        apply(client, namespace, service).await?;
-        apply(client, namespace, pdb).await?;
-        apply(client, namespace, network_policy).await?;
-        deployments.push(apply(client, namespace, deployment).await?);
+        apply_changed(
+            client,
+            namespace,
+            config_map,
+            &caches.config_maps,
+            &mut applied,
+        )
+        .await?;
+        apply_changed(client, namespace, service, &caches.services, &mut applied).await?;
+        apply_changed(client, namespace, pdb, &caches.pdbs, &mut applied).await?;
+        apply_changed(
+            client,
+            namespace,
+            network_policy,
+            &caches.network_policies,
+            &mut applied,
+        )
+        .await?;
+        let cached = cached(&caches.deployments, namespace, deployment);
+        let (wanted, hash) = with_applied_hash(deployment);
+        match cached.filter(|c| applied_hash(c.as_ref()) == Some(&hash)) {
+            Some(unchanged) => applied.deployments.push(unchanged.as_ref().clone()),
+            None => {
+                applied
+                    .deployments
+                    .push(apply(client, namespace, &wanted).await?);
+                applied.writes += 1;
+            }
+        }
     }
     let Children {
         sites: _,
         domain_service,
         endpoint_slices,
     } = children;
-    apply(client, namespace, domain_service).await?;
+    apply_changed(
+        client,
+        namespace,
+        domain_service,
+        &caches.services,
+        &mut applied,
+    )
+    .await?;
     for slice in endpoint_slices.iter().flatten() {
-        apply(client, namespace, slice).await?;
+        apply_changed(
+            client,
+            namespace,
+            slice,
+            &caches.endpoint_slices,
+            &mut applied,
+        )
+        .await?;
     }
-    Ok(deployments)
+    Ok(applied)
+}
+
+/// `obj` with [`APPLIED_HASH_ANNOTATION`] set to the hash of `obj`, and the hash.
+fn with_applied_hash<K: Resource + Serialize + Clone>(obj: &K) -> (K, String) {
+    let hash = short_hash(&serde_json::to_vec(obj).unwrap_or_default(), 16);
+    let mut wanted = obj.clone();
+    wanted
+        .annotations_mut()
+        .insert(APPLIED_HASH_ANNOTATION.into(), hash.clone());
+    (wanted, hash)
+}
+
+/// The hash of what was last applied to `obj`, if it carries one.
+fn applied_hash<K: Resource>(obj: &K) -> Option<&String> {
+    obj.annotations().get(APPLIED_HASH_ANNOTATION)
+}
+
+/// The cached copy of the object named like `obj` in `namespace`.
+fn cached<K, S>(store: &Store<S>, namespace: &str, obj: &K) -> Option<Arc<S>>
+where
+    K: Resource,
+    S: Resource<DynamicType = ()> + Clone,
+{
+    store.get(&ObjectRef::new(&obj.name_any()).within(namespace))
+}
+
+/// Applies `obj` unless `store` shows it as last applied in this form.
+async fn apply_changed<K, S>(
+    client: &Client,
+    namespace: &str,
+    obj: &K,
+    store: &Store<S>,
+    applied: &mut Applied,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+    S: Resource<DynamicType = ()> + Clone,
+{
+    let (wanted, hash) = with_applied_hash(obj);
+    let unchanged =
+        cached(store, namespace, obj).is_some_and(|c| applied_hash(c.as_ref()) == Some(&hash));
+    if !unchanged {
+        apply(client, namespace, &wanted).await?;
+        applied.writes += 1;
+    }
+    Ok(())
 }
 
 /// Deletes children of `domain` that this pass did not apply, except those of
 /// `kept_sites` (listed sites whose Site is missing: their running gateways
-/// stay until the site is removed from the spec). Returns the sites whose
-/// children were removed.
+/// stay until the site is removed from the spec). What exists is read from
+/// `caches`. Returns the sites whose children were removed.
 pub async fn prune(
     client: &Client,
     namespace: &str,
     domain: &str,
     children: &Children,
     kept_sites: &[String],
+    caches: &Caches,
 ) -> Result<BTreeSet<String>, Error> {
     let mut applied: BTreeSet<String> = children
         .sites
@@ -91,7 +204,6 @@ pub async fn prune(
         .endpoint_slices
         .as_ref()
         .map(|v| v.iter().filter_map(|s| s.metadata.name.clone()).collect());
-    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL}={domain}");
     let keep = |labels: &BTreeMap<String, String>, name: &str| {
         applied.contains(name)
             || labels
@@ -99,59 +211,86 @@ pub async fn prune(
                 .is_some_and(|s| kept_sites.contains(s))
     };
     let mut removed = BTreeSet::new();
-    removed.extend(prune_kind::<Deployment>(client, namespace, &selector, &keep).await?);
-    removed.extend(prune_kind::<Service>(client, namespace, &selector, &keep).await?);
-    removed.extend(prune_kind::<PodDisruptionBudget>(client, namespace, &selector, &keep).await?);
-    removed.extend(prune_kind::<NetworkPolicy>(client, namespace, &selector, &keep).await?);
-    removed.extend(prune_kind::<ConfigMap>(client, namespace, &selector, &keep).await?);
+    removed.extend(
+        prune_kind::<Deployment>(
+            client,
+            namespace,
+            present(&caches.deployments, namespace, domain),
+            &keep,
+        )
+        .await?,
+    );
+    removed.extend(
+        prune_kind::<Service>(
+            client,
+            namespace,
+            present(&caches.services, namespace, domain),
+            &keep,
+        )
+        .await?,
+    );
+    removed.extend(
+        prune_kind::<PodDisruptionBudget>(
+            client,
+            namespace,
+            present(&caches.pdbs, namespace, domain),
+            &keep,
+        )
+        .await?,
+    );
+    removed.extend(
+        prune_kind::<NetworkPolicy>(
+            client,
+            namespace,
+            present(&caches.network_policies, namespace, domain),
+            &keep,
+        )
+        .await?,
+    );
+    removed.extend(
+        prune_kind::<ConfigMap>(
+            client,
+            namespace,
+            present(&caches.config_maps, namespace, domain),
+            &keep,
+        )
+        .await?,
+    );
     // A slice is kept only while its site serves; with no site able to
     // serve, the last slices stay.
     if let Some(slices) = slices {
         let keep_slice = |_: &BTreeMap<String, String>, name: &str| slices.contains(name);
         // Only our slices: the per-site Services' own slices (made by the
         // EndpointSlice controller) carry our labels too.
-        let ours = format!(
-            "{selector},kubernetes.io/service-name={}",
-            children
-                .domain_service
-                .metadata
-                .name
-                .clone()
-                .unwrap_or_default()
-        );
-        prune_kind::<EndpointSlice>(client, namespace, &ours, &keep_slice).await?;
+        let service = children
+            .domain_service
+            .metadata
+            .name
+            .clone()
+            .unwrap_or_default();
+        let ours: Vec<_> = present(&caches.endpoint_slices, namespace, domain)
+            .into_iter()
+            .filter(|(labels, _)| {
+                labels.get("kubernetes.io/service-name").map(String::as_str) == Some(&service)
+            })
+            .collect();
+        prune_kind::<EndpointSlice>(client, namespace, ours, &keep_slice).await?;
     }
     Ok(removed)
 }
 
-/// Lists the gateway pods of `domain`, whatever their site.
-pub async fn pods(client: &Client, namespace: &str, domain: &str) -> Result<Vec<Pod>, Error> {
-    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL}={domain}");
-    Api::<Pod>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map(|l| l.items)
-        .map_err(|source| Error::List {
-            kind: "Pod",
-            source,
-        })
-}
-
-/// Lists the Deployments of `domain`, whatever their site.
-pub async fn deployments(
-    client: &Client,
+/// The labels and names of the objects of `store` made for `domain`.
+fn present<S>(
+    store: &Store<S>,
     namespace: &str,
     domain: &str,
-) -> Result<Vec<Deployment>, Error> {
-    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL}={domain}");
-    Api::<Deployment>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map(|l| l.items)
-        .map_err(|source| Error::List {
-            kind: "Deployment",
-            source,
-        })
+) -> Vec<(BTreeMap<String, String>, String)>
+where
+    S: Resource<DynamicType = ()> + Clone + 'static,
+{
+    of_domain(store, namespace, domain)
+        .map(|o| (o.labels().clone(), o.name_any()))
+        .collect()
 }
 
 /// The Secrets, claim and ConfigMaps `md`'s spec names, as they are now.
@@ -232,10 +371,12 @@ where
         })
 }
 
+/// Deletes the objects of kind `K` among `existing` (labels, name) that
+/// `keep` does not keep; returns the sites of those deleted.
 async fn prune_kind<K>(
     client: &Client,
     namespace: &str,
-    selector: &str,
+    existing: Vec<(BTreeMap<String, String>, String)>,
     keep: &(dyn Fn(&BTreeMap<String, String>, &str) -> bool + Sync),
 ) -> Result<Vec<String>, Error>
 where
@@ -246,22 +387,14 @@ where
         + DeserializeOwned,
 {
     let api = Api::<K>::namespaced(client.clone(), namespace);
-    let list = api
-        .list_metadata(&ListParams::default().labels(selector))
-        .await
-        .map_err(|source| Error::List {
-            kind: <K as k8s_openapi::Resource>::KIND,
-            source,
-        })?;
     let mut removed_sites = Vec::new();
-    for item in list.items {
-        let name = item.name_any();
-        if keep(item.labels(), &name) {
+    for (labels, name) in existing {
+        if keep(&labels, &name) {
             continue;
         }
         match api.delete(&name, &DeleteParams::background()).await {
             Ok(_) => {}
-            // Already gone: what we wanted.
+            // Already gone (the cache had not seen it go): what we wanted.
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(source) => {
                 return Err(Error::Delete {
@@ -272,7 +405,7 @@ where
             }
         }
         tracing::info!(kind = <K as k8s_openapi::Resource>::KIND, %name, "deleted a child no longer wanted");
-        if let Some(site) = item.labels().get(SITE_LABEL) {
+        if let Some(site) = labels.get(SITE_LABEL) {
             removed_sites.push(site.clone());
         }
     }

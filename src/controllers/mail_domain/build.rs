@@ -558,7 +558,8 @@ fn default_resources() -> ResourceRequirements {
     }
 }
 
-fn short_hash(data: &[u8], hex_chars: usize) -> String {
+/// The first `hex_chars` hex digits of the SHA-256 of `data`.
+pub(super) fn short_hash(data: &[u8], hex_chars: usize) -> String {
     let digest = Sha256::digest(data);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     hex[..hex_chars].to_string()

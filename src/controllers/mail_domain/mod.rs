@@ -3,10 +3,13 @@
 //! For each (domain, site) pair it applies a ConfigMap, Deployment, Service,
 //! PodDisruptionBudget and NetworkPolicy (see `build`), deletes the children
 //! of sites no longer listed, and reports per-site gateway counts. Reads
-//! Sites; writes only objects it owns, MailDomain status and Events.
+//! Sites, SigningKeys and its children from its watch caches (see `cache`);
+//! writes only objects it owns, and only when they change, MailDomain status
+//! and Events.
 
 mod apply;
 pub mod build;
+pub mod cache;
 pub mod dns;
 pub mod gateway;
 pub mod references;
@@ -17,13 +20,7 @@ pub mod validate;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    core::v1::{ConfigMap, Pod, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
-    policy::v1::PodDisruptionBudget,
-};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
@@ -55,20 +52,9 @@ pub enum Error {
     /// The object has no namespace (cannot happen for a namespaced kind).
     #[error("MailDomain {0} has no namespace")]
     NoNamespace(String),
-    /// Reading a listed Site failed.
-    #[error("reading Site {site} failed: {source}")]
-    FetchSite {
-        site: String,
-        #[source]
-        source: kube::Error,
-    },
-    /// Reading the named SigningKey failed.
-    #[error("reading SigningKey {name} failed: {source}")]
-    FetchSigningKey {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    /// A watch cache was dropped (the controller is shutting down).
+    #[error("the watch caches are gone: {0}")]
+    Cache(#[source] kube::runtime::reflector::store::WriterDropped),
     /// Reading a Secret, claim or ConfigMap the spec names failed.
     #[error("reading {kind} {name} failed: {source}")]
     FetchReference {
@@ -85,13 +71,6 @@ pub enum Error {
     Apply {
         kind: &'static str,
         name: String,
-        #[source]
-        source: kube::Error,
-    },
-    /// Listing children failed.
-    #[error("listing {kind} objects failed: {source}")]
-    List {
-        kind: &'static str,
         #[source]
         source: kube::Error,
     },
@@ -113,12 +92,10 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::NoNamespace(_) => "NoNamespace",
-            Error::FetchSite { .. } => "FetchSiteFailed",
-            Error::FetchSigningKey { .. } => "FetchSigningKeyFailed",
+            Error::Cache(_) => "CacheGone",
             Error::FetchReference { .. } => "FetchReferenceFailed",
             Error::Render(_) => "RenderFailed",
             Error::Apply { .. } => "ApplyFailed",
-            Error::List { .. } => "ListFailed",
             Error::Delete { .. } => "DeleteFailed",
             Error::WriteStatus(_) => "StatusWriteFailed",
         }
@@ -127,7 +104,12 @@ impl Error {
 
 /// Reconciles one MailDomain.
 #[tracing::instrument(skip_all, fields(maildomain = %md.name_any(), namespace = md.namespace().unwrap_or_default()))]
-pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    md: Arc<MailDomain>,
+    ctx: Arc<Context>,
+    caches: &cache::Caches,
+) -> Result<Action, Error> {
+    caches.ready().await.map_err(Error::Cache)?;
     let now = ctx.clock.now();
     let name = md.name_any();
     let namespace = md
@@ -142,30 +124,19 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
     }
 
     // fetch
-    let sites_api = Api::<Site>::all(ctx.client.clone());
-    let mut fetched = BTreeMap::new();
-    for site in &md.spec.sites {
-        let found = sites_api
-            .get_opt(site)
-            .await
-            .map_err(|source| Error::FetchSite {
-                site: site.clone(),
-                source,
-            })?;
-        fetched.insert(site.clone(), found);
-    }
-    let signing_key = match &md.spec.signing_key_ref {
-        Some(key) => Api::<SigningKey>::namespaced(ctx.client.clone(), &namespace)
-            .get_opt(key)
-            .await
-            .map_err(|source| Error::FetchSigningKey {
-                name: key.clone(),
-                source,
-            })?,
-        None => None,
-    };
-    let before = apply::deployments(&ctx.client, &namespace, &name).await?;
-    let pods = apply::pods(&ctx.client, &namespace, &name).await?;
+    let fetched: BTreeMap<String, Option<Site>> = md
+        .spec
+        .sites
+        .iter()
+        .map(|site| (site.clone(), caches.site(site)))
+        .collect();
+    let signing_key = md
+        .spec
+        .signing_key_ref
+        .as_deref()
+        .and_then(|key| caches.signing_key(&namespace, key));
+    let before = caches.deployments(&namespace, &name);
+    let pods = caches.pods(&namespace, &name);
     let referenced = apply::references(&ctx.client, &namespace, &md).await?;
 
     // validate and plan
@@ -210,17 +181,29 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
     .map_err(Error::Render)?;
 
     // apply
-    let applied = apply::apply_all(&ctx.client, &namespace, &children).await?;
+    let applied = apply::apply_all(&ctx.client, &namespace, &children, caches).await?;
+    if applied.writes > 0 {
+        tracing::debug!(writes = applied.writes, "applied changed children");
+    }
     let removed = apply::prune(
         &ctx.client,
         &namespace,
         &name,
         &children,
         &resolution.missing,
+        caches,
     )
     .await?;
+    let cached_routes = caches
+        .config_maps
+        .get(&kube::runtime::reflector::ObjectRef::new(routes::PLATFORM_ROUTES).within(&namespace));
     ctx.routes
-        .sync(&ctx.client, &namespace, apply::FIELD_MANAGER)
+        .sync(
+            &ctx.client,
+            &namespace,
+            apply::FIELD_MANAGER,
+            cached_routes.as_deref(),
+        )
         .await
         .map_err(|source| Error::Apply {
             kind: "ConfigMap",
@@ -238,7 +221,8 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
     }
     // Server-side apply returned the Deployments with their status; the
     // gateways still running in listed-but-missing sites come from `before`.
-    let deployments = validate::current_deployments(applied, &before, &resolution.missing);
+    let deployments =
+        validate::current_deployments(applied.deployments, &before, &resolution.missing);
 
     // status
     let resolved = status::Resolved {
@@ -460,27 +444,38 @@ pub async fn run(ctx: Arc<Context>) {
         }
         Err(e) => tracing::warn!(error = %e, "building the serving-site metrics failed"),
     }
-    let owned = || {
-        Config::default().labels(&format!(
-            "app.kubernetes.io/managed-by={}",
-            super::MANAGED_BY
-        ))
-    };
+    let (caches, feeds) = cache::caches(&client);
+    let _ = ctx
+        .stores
+        .endpoint_slices
+        .set(caches.endpoint_slices.clone());
+    let _ = ctx.stores.mail_domains.set(store.clone());
+    let cache::Feeds {
+        sites,
+        signing_keys,
+        deployments,
+        pods,
+        config_maps,
+        services,
+        pdbs,
+        network_policies,
+        endpoint_slices,
+    } = feeds;
     controller
-        .owns(Api::<Deployment>::all(client.clone()), owned())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned())
-        .owns(Api::<Service>::all(client.clone()), owned())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned())
-        .owns(Api::<NetworkPolicy>::all(client.clone()), owned())
-        .owns(Api::<EndpointSlice>::all(client.clone()), owned())
+        .owns_stream(deployments)
+        .owns_stream(config_maps)
+        .owns_stream(services)
+        .owns_stream(pdbs)
+        .owns_stream(network_policies)
+        .owns_stream(endpoint_slices)
         // Gateway readiness decides the endpoints of the domain Service.
-        .watches(Api::<Pod>::all(client.clone()), owned(), |pod: Pod| {
+        .watches_stream(pods, |pod: Pod| {
             let namespace = pod.namespace()?;
             let md = pod.labels().get(build::DOMAIN_LABEL)?;
             Some(ObjectRef::<MailDomain>::new(md).within(&namespace))
         })
         // A SigningKey's new active generation rolls the domains that name it.
-        .watches(Api::<SigningKey>::all(client.clone()), Config::default(), {
+        .watches_stream(signing_keys, {
             let store = store.clone();
             move |sk: SigningKey| {
                 let name = sk.name_any();
@@ -496,24 +491,23 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         // A Site appearing or changing re-reconciles the domains that list it.
-        .watches(
-            Api::<Site>::all(client),
-            Config::default(),
-            move |site: Site| {
-                let name = site.name_any();
-                store
-                    .state()
-                    .iter()
-                    .filter(|md| md.spec.sites.contains(&name))
-                    .map(|md| ObjectRef::from_obj(md.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(sites, move |site: Site| {
+            let name = site.name_any();
+            store
+                .state()
+                .iter()
+                .filter(|md| md.spec.sites.contains(&name))
+                .map(|md| ObjectRef::from_obj(md.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .shutdown_on_signal()
         .run(
-            |obj, ctx| async move {
-                let result = reconcile(obj.clone(), ctx.clone()).await;
-                ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+            move |obj, ctx| {
+                let caches = caches.clone();
+                async move {
+                    let result = reconcile(obj.clone(), ctx.clone(), &caches).await;
+                    ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+                }
             },
             error_policy,
             ctx,

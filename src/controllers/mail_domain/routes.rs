@@ -8,27 +8,31 @@
 //! trusts) a namespace is one platform.
 //!
 //! Computed by every reconcile of a MailDomain of the namespace from the
-//! controller's cache of MailDomains (no request), and written only when it
-//! changed or was last written more than [`REASSERT`] ago (so a ConfigMap
-//! edited or deleted by hand comes back). A deleted domain leaves it at the
-//! next reconcile of another (at most the resync period; meanwhile mail for
-//! it waits and retries).
+//! controller's cache of MailDomains (no request), and written only when
+//! the cached ConfigMap does not carry the hash of these routes, or when
+//! somebody else wrote it since this replica did (so a ConfigMap edited or
+//! deleted by hand comes back at the next reconcile of a domain there). A
+//! deleted domain leaves it at the next reconcile of another (at most the
+//! resync period; meanwhile mail for it waits and retries).
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Mutex, OnceLock},
-    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams},
+    core::PartialObjectMeta,
     runtime::reflector::Store,
 };
 use serde_json::json;
 
-use super::build::domain_service_name;
+use super::{
+    apply::APPLIED_HASH_ANNOTATION,
+    build::{domain_service_name, short_hash},
+};
 use crate::api::MailDomain;
 
 /// The ConfigMap's name.
@@ -60,18 +64,13 @@ pub fn platform_routes<'a>(
     routes
 }
 
-/// How long a written routes ConfigMap is trusted to be as written.
-pub const REASSERT: Duration = Duration::from_secs(300);
-
-/// One namespace's routes: PEC domain to `host:port`.
-type Routes = BTreeMap<String, String>;
-
-/// The routes of every namespace as last written, and the MailDomain
-/// controller's cache they are computed from.
+/// The MailDomain controller's cache the routes are computed from, and the
+/// resource version of each namespace's ConfigMap as this replica last
+/// wrote it.
 #[derive(Default)]
 pub struct PlatformRoutes {
     domains: OnceLock<Store<MailDomain>>,
-    written: Mutex<HashMap<String, (Routes, Instant)>>,
+    written: Mutex<HashMap<String, String>>,
 }
 
 impl PlatformRoutes {
@@ -93,13 +92,16 @@ impl PlatformRoutes {
     }
 
     /// Brings [`PLATFORM_ROUTES`] in `ns` up to date with the MailDomains
-    /// there; writes only what changed (or is due to be reasserted).
+    /// there; `cached` is the ConfigMap as the watch cache has it. Writes
+    /// only when the routes changed or another writer touched it; returns
+    /// whether it wrote.
     pub async fn sync(
         &self,
         client: &Client,
         ns: &str,
         field_manager: &str,
-    ) -> Result<(), kube::Error> {
+        cached: Option<&PartialObjectMeta<ConfigMap>>,
+    ) -> Result<bool, kube::Error> {
         let routes = match self.domains.get() {
             Some(store) => {
                 // Not before the first full list: a partial cache would drop routes.
@@ -121,32 +123,42 @@ impl PlatformRoutes {
                 platform_routes(&domains, ns)
             }
         };
-        let current = |written: &HashMap<String, (Routes, Instant)>| {
-            written
+        // A map of strings always renders; the error is only in the signature.
+        let yaml = serde_yaml::to_string(&routes).map_err(|e| kube::Error::Service(e.into()))?;
+        let hash = short_hash(yaml.as_bytes(), 16);
+        let current = cached.is_some_and(|cm| {
+            let ours = self
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
                 .get(ns)
-                .is_some_and(|(r, at)| *r == routes && at.elapsed() < REASSERT)
-        };
-        if current(&self.written.lock().unwrap_or_else(|e| e.into_inner())) {
-            return Ok(());
+                .cloned();
+            cm.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash)
+                && ours.is_none_or(|version| cm.resource_version() == Some(version))
+        });
+        if current {
+            return Ok(false);
         }
-        apply(client, ns, field_manager, &routes).await?;
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ns.to_string(), (routes, Instant::now()));
-        Ok(())
+        let written = apply(client, ns, field_manager, &yaml, &hash).await?;
+        if let Some(version) = written.resource_version() {
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ns.to_string(), version);
+        }
+        Ok(true)
     }
 }
 
-/// Writes `routes` as [`PLATFORM_ROUTES`] in `ns`.
+/// Writes the routes file `yaml` (whose hash is `hash`) as
+/// [`PLATFORM_ROUTES`] in `ns`; returns the ConfigMap as written.
 async fn apply(
     client: &Client,
     ns: &str,
     field_manager: &str,
-    routes: &BTreeMap<String, String>,
-) -> Result<(), kube::Error> {
-    // A map of strings always renders; the error is only in the signature.
-    let yaml = serde_yaml::to_string(routes).map_err(|e| kube::Error::Service(e.into()))?;
+    yaml: &str,
+    hash: &str,
+) -> Result<ConfigMap, kube::Error> {
     Api::<ConfigMap>::namespaced(client.clone(), ns)
         .patch(
             PLATFORM_ROUTES,
@@ -158,12 +170,12 @@ async fn apply(
                     "name": PLATFORM_ROUTES,
                     "namespace": ns,
                     "labels": {"app.kubernetes.io/managed-by": super::super::MANAGED_BY},
+                    "annotations": {APPLIED_HASH_ANNOTATION: hash},
                 },
                 "data": {ROUTES_KEY: yaml},
             })),
         )
-        .await?;
-    Ok(())
+        .await
 }
 
 #[cfg(test)]

@@ -15,12 +15,16 @@ mod status;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeStatus};
 use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams},
     runtime::{
-        Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher::Config,
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::EventType,
+        reflector::{self, ObjectRef, Store},
+        watcher::{Config, watcher},
     },
 };
 use serde_json::json;
@@ -42,13 +46,9 @@ const DELETION_RECHECK: Duration = Duration::from_secs(5);
 /// Why a Site reconcile failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Listing the site's nodes failed.
-    #[error("listing the nodes of site {site} failed: {source}")]
-    ListNodes {
-        site: String,
-        #[source]
-        source: kube::Error,
-    },
+    /// The node cache was dropped (the controller is shutting down).
+    #[error("the node cache is gone: {0}")]
+    NodeCache(#[source] kube::runtime::reflector::store::WriterDropped),
     /// Listing MailDomains (for a maintenance or deletion check) failed.
     #[error("listing the MailDomains that list site {site} failed: {source}")]
     ListDomains {
@@ -83,7 +83,7 @@ impl Error {
     /// A short, bounded reason for metrics and Events.
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::ListNodes { .. } => "ListNodesFailed",
+            Error::NodeCache(_) => "CacheGone",
             Error::ListDomains { .. } => "ListDomainsFailed",
             Error::Fence { .. } => "FenceFailed",
             Error::Finalizer { .. } => "FinalizerFailed",
@@ -94,7 +94,11 @@ impl Error {
 
 /// Reconciles one Site: one health check.
 #[tracing::instrument(skip_all, fields(site = %site.name_any()))]
-pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    site: Arc<Site>,
+    ctx: Arc<Context>,
+    nodes: &Store<Node>,
+) -> Result<Action, Error> {
     let now = ctx.clock.now();
     let name = site.name_any();
     let _timer = ctx.start_reconcile(CONTROLLER);
@@ -123,14 +127,13 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     };
 
     // fetch
-    let selector = status::label_selector(&site.spec.node_selector);
-    let nodes = Api::<Node>::all(ctx.client.clone())
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|source| Error::ListNodes {
-            site: name.clone(),
-            source,
-        })?;
+    nodes.wait_until_ready().await.map_err(Error::NodeCache)?;
+    let nodes: Vec<Node> = nodes
+        .state()
+        .iter()
+        .filter(|n| status::selected(&site.spec.node_selector, n.labels()))
+        .map(|n| n.as_ref().clone())
+        .collect();
     let blocking = if site.spec.maintenance && !site.spec.maintenance_force {
         let domains = list_domains(&ctx, &name).await?;
         let already_drained =
@@ -145,13 +148,13 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     };
 
     // decide
-    let seen = status::observe(&nodes.items);
+    let seen = status::observe(&nodes);
     let old = site.status.clone().unwrap_or_default();
     let probe = ctx.site_probe(&name);
     let decision = health::decide(&site.spec, &old, probe, seen, !blocking.is_empty(), now);
     ctx.set_site_probe(&name, decision.probe);
     let mut new = status::compute(&site, seen, &decision, &blocking, &users, now);
-    new.nodes_schedulable = status::nodes_taking_pods(&nodes.items);
+    new.nodes_schedulable = status::nodes_taking_pods(&nodes);
 
     // apply
     if decision.fence_now {
@@ -193,8 +196,15 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     }
 }
 
-/// Every MailDomain, in all namespaces (`site` names the Site in errors).
+/// Every MailDomain, in all namespaces (`site` names the Site in errors):
+/// from the MailDomain controller's cache once it holds a full list, else
+/// listed.
 async fn list_domains(ctx: &Context, site: &str) -> Result<Vec<MailDomain>, Error> {
+    if let Some(store) = ctx.stores.mail_domains.get()
+        && store.wait_until_ready().await.is_ok()
+    {
+        return Ok(store.state().iter().map(|d| d.as_ref().clone()).collect());
+    }
     Api::<MailDomain>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await
@@ -273,6 +283,17 @@ fn error_policy(obj: Arc<Site>, error: &Error, ctx: Arc<Context>) -> Action {
     )
 }
 
+/// A node as the health check reads it: labels, `unschedulable` and
+/// conditions (the image list and the rest of the status can be large).
+fn trim_node(node: &mut Node) {
+    node.managed_fields_mut().clear();
+    node.metadata.annotations = None;
+    node.status = node.status.take().map(|s| NodeStatus {
+        conditions: s.conditions,
+        ..NodeStatus::default()
+    });
+}
+
 /// Runs the Site controller until shutdown.
 pub async fn run(ctx: Arc<Context>) {
     let sites = Api::<Site>::all(ctx.client.clone());
@@ -286,24 +307,30 @@ pub async fn run(ctx: Arc<Context>) {
         }
         Err(e) => tracing::warn!(error = %e, "building the site metrics failed"),
     }
+    // The nodes, cached: a health check reads them from memory.
+    let (nodes, writer) = reflector::store();
+    let node_feed = watcher(Api::<Node>::all(ctx.client.clone()), Config::default())
+        .default_backoff()
+        .modify(trim_node)
+        .reflect(writer)
+        .touched_objects();
     controller
         // Any node change may change any site's counts; sites are few.
-        .watches(
-            Api::<Node>::all(ctx.client.clone()),
-            Config::default(),
-            move |_node: Node| {
-                store
-                    .state()
-                    .iter()
-                    .map(|s| ObjectRef::from_obj(s.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(node_feed, move |_node: Node| {
+            store
+                .state()
+                .iter()
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .shutdown_on_signal()
         .run(
-            |obj, ctx| async move {
-                let result = reconcile(obj.clone(), ctx.clone()).await;
-                ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+            move |obj, ctx| {
+                let nodes = nodes.clone();
+                async move {
+                    let result = reconcile(obj.clone(), ctx.clone(), &nodes).await;
+                    ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+                }
             },
             error_policy,
             ctx,

@@ -84,6 +84,12 @@ pub fn label_selector(selector: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
+/// Whether a node with `labels` matches `selector` (every label given; an
+/// empty selector selects every node).
+pub fn selected(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// Whether a node's `Ready` condition is `True`.
 pub fn node_is_ready(node: &Node) -> bool {
     node.status
@@ -225,6 +231,29 @@ mod tests {
             now(),
         );
         compute(site, seen, &d, blocking, &[], now())
+    }
+
+    #[test]
+    fn a_node_is_selected_when_it_has_every_label_of_the_selector() {
+        let labels: BTreeMap<String, String> = [
+            (
+                "topology.kubernetes.io/zone".to_string(),
+                "dc-it1".to_string(),
+            ),
+            ("kubernetes.io/os".to_string(), "linux".to_string()),
+        ]
+        .into();
+        let zone =
+            |v: &str| BTreeMap::from([("topology.kubernetes.io/zone".to_string(), v.to_string())]);
+        assert!(selected(&zone("dc-it1"), &labels));
+        assert!(!selected(&zone("dc-it2"), &labels));
+        assert!(
+            selected(&BTreeMap::new(), &labels),
+            "an empty selector selects all"
+        );
+        let mut both = zone("dc-it1");
+        both.insert("pec.dev/gateway".into(), "true".into());
+        assert!(!selected(&both, &labels), "every label must match");
     }
 
     #[test]

@@ -29,14 +29,14 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::{Patch, PatchParams},
     runtime::{
         Controller, controller::Action, events::EventType, reflector::Store, watcher::Config,
     },
 };
 use serde_json::json;
 
-use super::{Context, MANAGED_BY};
+use super::Context;
 use crate::{
     api::{
         MailDomain, PecRoundTripProbe, ProbeKind, Profile, SlaObjectStatus, SlaTarget,
@@ -157,6 +157,33 @@ fn signature(status: &SlaTargetStatus) -> String {
     format!("{}|{}", objects.join(","), conditions.join(","))
 }
 
+/// The MailDomains and this operator's EndpointSlices in `namespace`, from
+/// the MailDomain controller's caches once they hold a full list; `None`
+/// before.
+async fn cached_inputs(
+    ctx: &Context,
+    namespace: &str,
+) -> Option<(Vec<MailDomain>, Vec<EndpointSlice>)> {
+    let domains = ctx.stores.mail_domains.get()?;
+    let slices = ctx.stores.endpoint_slices.get()?;
+    domains.wait_until_ready().await.ok()?;
+    slices.wait_until_ready().await.ok()?;
+    Some((
+        domains
+            .state()
+            .iter()
+            .filter(|o| o.namespace().as_deref() == Some(namespace))
+            .map(|d| d.as_ref().clone())
+            .collect(),
+        slices
+            .state()
+            .iter()
+            .filter(|o| o.namespace().as_deref() == Some(namespace))
+            .map(|s| s.as_ref().clone())
+            .collect(),
+    ))
+}
+
 /// Reconciles one SlaTarget: one observation of every object it measures.
 #[tracing::instrument(skip_all, fields(slatarget = %sla.name_any(), namespace = sla.namespace().unwrap_or_default()))]
 pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -201,23 +228,11 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
         }
     };
 
-    // fetch
-    let domains = Api::<MailDomain>::namespaced(ctx.client.clone(), &namespace)
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| Error::List {
-            kind: "MailDomain",
-            source,
-        })?
-        .items;
-    let slices = Api::<EndpointSlice>::namespaced(ctx.client.clone(), &namespace)
-        .list(&ListParams::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")))
-        .await
-        .map_err(|source| Error::List {
-            kind: "EndpointSlice",
-            source,
-        })?
-        .items;
+    // fetch, from the MailDomain controller's watch caches
+    let Some((domains, slices)) = cached_inputs(&ctx, &namespace).await else {
+        // The MailDomain controller has not filled them yet.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
     let measured = status::select(&sla, &domains);
     let missing: Vec<String> = sla
         .spec
