@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real local two-data-center Kubernetes control plane for the demo and the tests.
 #
-#   e2e/cluster.sh up [NAME] [--real-nodes] [--three-sites]
+#   e2e/cluster.sh up [NAME] [--real-nodes] [--three-sites] [--audit-operator]
 #                                start etcd, kube-apiserver, kube-controller-manager,
 #                                kube-scheduler and kwok; create six fake nodes,
 #                                three in zone dc-it1 and three in dc-it2; print
@@ -20,7 +20,11 @@
 #                                (and the controller manager, scheduler and
 #                                kwok) dc-it2's. Components are named in
 #                                `pids` (etcd-dc-it1, kube-apiserver-dc-it1...)
-#                                so chaos tests can stop them.
+#                                so chaos tests can stop them. With
+#                                --audit-operator the API server logs every
+#                                request of the operator's ServiceAccount,
+#                                reads included, to logs/kube-apiserver-audit.log
+#                                (the scale benchmark counts them).
 #   e2e/cluster.sh down [NAME]   stop what `up` started, by pid, and remove its files
 #   e2e/cluster.sh import [NAME] ARCHIVE...
 #                                import OCI archives into every real node
@@ -35,11 +39,13 @@ cmd=${1:-}
 shift || true
 real_nodes=false
 three_sites=false
+audit_operator=false
 args=()
 for arg in "$@"; do
   case $arg in
     --real-nodes) real_nodes=true ;;
     --three-sites) three_sites=true ;;
+    --audit-operator) audit_operator=true ;;
     *) args+=("$arg") ;;
   esac
 done
@@ -163,6 +169,20 @@ rules:
 POLICY
 }
 
+# Every request of the operator's ServiceAccount, nothing else: what the
+# scale benchmark counts.
+write_operator_audit_policy() {
+  cat >"$dir/audit-policy.yaml" <<POLICY
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: ["system:serviceaccount:pec-system:pec-operator"]
+- level: None
+POLICY
+}
+
 nodes_yaml() {
   local zone i
   for zone in dc-it1 dc-it2; do
@@ -222,6 +242,9 @@ up() {
   local audit=()
   if $three_sites; then
     write_audit_policy
+    audit=(--audit-policy-file "$dir/audit-policy.yaml" --audit-log-format json)
+  elif $audit_operator; then
+    write_operator_audit_policy
     audit=(--audit-policy-file "$dir/audit-policy.yaml" --audit-log-format json)
   fi
   # start_apiserver COMPONENT PORT ETCD_URL

@@ -226,6 +226,10 @@ struct RunArgs {
     /// gateway pods pull their image with.
     #[arg(long, env = "PEC_GATEWAY_IMAGE_PULL_SECRETS", value_delimiter = ',')]
     gateway_image_pull_secrets: Vec<String>,
+    /// Seconds between reconciles of a MailDomain or SigningKey that nothing
+    /// triggers: the safety net under the watches.
+    #[arg(long, env = "PEC_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
 }
 
 #[tokio::main]
@@ -444,7 +448,8 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             elector.identity(),
         )
         .with_hsm(hsm)
-        .with_gateway_defaults(gateway_defaults),
+        .with_gateway_defaults(gateway_defaults)
+        .with_resync(std::time::Duration::from_secs(args.resync_seconds)),
     );
     // The controllers stop by themselves on SIGTERM or Ctrl-C.
     let lost = tokio::select! {

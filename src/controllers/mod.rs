@@ -55,7 +55,13 @@ pub struct Context {
     pub backoff: backoff::Backoff,
     /// Watch caches one controller fills and others read.
     pub stores: SharedStores,
+    /// The longest a MailDomain or SigningKey waits between reconciles
+    /// when nothing triggers one (the safety net under the watches).
+    pub resync: std::time::Duration,
 }
+
+/// The default [`Context::resync`].
+pub const DEFAULT_RESYNC: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Watch caches the MailDomain controller fills and the SlaTarget
 /// controller reads; unset until the MailDomain controller starts.
@@ -87,12 +93,19 @@ impl Context {
             routes: mail_domain::routes::PlatformRoutes::default(),
             backoff: backoff::Backoff::default(),
             stores: SharedStores::default(),
+            resync: DEFAULT_RESYNC,
         }
     }
 
     /// The same context with gateway defaults `gateway`.
     pub fn with_gateway_defaults(mut self, gateway: mail_domain::gateway::GatewayDefaults) -> Self {
         self.gateway = gateway;
+        self
+    }
+
+    /// The same context with the resync period `resync` (at least a second).
+    pub fn with_resync(mut self, resync: std::time::Duration) -> Self {
+        self.resync = resync.max(std::time::Duration::from_secs(1));
         self
     }
 

@@ -38,8 +38,6 @@ use crate::{
 };
 
 const CONTROLLER: &str = "maildomain";
-/// Owned objects and Sites trigger reconciles; this is only the safety net.
-const RESYNC: Duration = Duration::from_secs(300);
 /// How soon a domain looks again at what it names while something is wrong
 /// there (a Secret, claim or ConfigMap, or a domain name another holds):
 /// those objects are not watched (a watch of every Secret would cache them
@@ -245,7 +243,7 @@ pub async fn reconcile(
         record_switch(&ctx, &md, &previous, &plan.serving, reason, &detected, now).await;
     }
     publish_events(&ctx, &md, &old, &new, &before, &children, &removed).await;
-    let after = requeue_after(plan.next_check, now);
+    let after = requeue_after(plan.next_check, now, ctx.resync);
     if problems.is_empty() {
         Ok(Action::requeue(after))
     } else {
@@ -301,14 +299,16 @@ async fn refuse_duplicate(
     Ok(Action::requeue(RECHECK))
 }
 
-/// Requeue at the next stabilization deadline, capped by the resync period,
-/// never with a zero or negative delay.
+/// Requeue at the next stabilization deadline, capped by the resync period
+/// `resync` (owned objects and Sites trigger reconciles; the resync is only
+/// the safety net), never with a zero or negative delay.
 fn requeue_after(
     next: Option<chrono::DateTime<chrono::Utc>>,
     now: chrono::DateTime<chrono::Utc>,
+    resync: Duration,
 ) -> Duration {
     next.and_then(|at| (at - now).to_std().ok())
-        .map_or(RESYNC, |d| d.clamp(Duration::from_secs(1), RESYNC))
+        .map_or(resync, |d| d.clamp(Duration::from_secs(1), resync))
 }
 
 /// Counts a switch of the serving sites, times detection-to-switch for sites

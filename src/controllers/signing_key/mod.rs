@@ -49,8 +49,6 @@ pub const FINALIZER: &str = "pec.dev/hsm-keys";
 const FIELD_MANAGER: &str = "pec-operator";
 /// How often a request waiting for a person or cert-manager is looked at again.
 const POLL: Duration = Duration::from_secs(5);
-/// The safety-net resync.
-const RESYNC: Duration = Duration::from_secs(300);
 
 /// Why a SigningKey reconcile failed (as opposed to a lifecycle step, whose
 /// failures are recorded in status and retried with backoff).
@@ -204,7 +202,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
     let action = loop {
         let step = decide(&work.state, &policy, now);
         match step {
-            Step::WaitUntil(at) => break Action::requeue(until(at, now)),
+            Step::WaitUntil(at) => break Action::requeue(until(at, now, ctx.resync)),
             Step::Issue(n) => {
                 work.state.begin(n);
                 let csr = work.details.get(&n).and_then(|d| d.csr.clone());
@@ -242,7 +240,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                             .await;
                         commit(&ctx, &sk, &ns, &mut work, &policy, now).await?;
                         let at = work.state.backoff.retry_at.unwrap_or(now);
-                        break Action::requeue(until(at, now));
+                        break Action::requeue(until(at, now, ctx.resync));
                     }
                 }
             }
@@ -296,12 +294,12 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
     Ok(action)
 }
 
-/// The delay until `at`, at least a second, at most the resync period.
-fn until(at: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+/// The delay until `at`, at least a second, at most the resync period `resync`.
+fn until(at: DateTime<Utc>, now: DateTime<Utc>, resync: Duration) -> Duration {
     (at - now)
         .to_std()
         .unwrap_or_default()
-        .clamp(Duration::from_secs(1), RESYNC)
+        .clamp(Duration::from_secs(1), resync)
 }
 
 /// Writes the status `work` describes, if it changed since the last write.
