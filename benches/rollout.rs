@@ -1,11 +1,23 @@
-//! Rollout benchmark: how long N MailDomains over two sites take from apply to
-//! all Ready with the operator, beside a plain client that server-side-applies
-//! the same child objects itself and waits for the same Deployments.
+//! Rollout and scale benchmark. For each size N:
+//! - **convergence**: how long N MailDomains over two sites take from apply
+//!   to all Ready with the operator, beside a plain client that
+//!   server-side-applies the same child objects itself and waits for the
+//!   same Deployments, in the same run;
+//! - **requests**: the operator's API requests per second at steady state,
+//!   by verb, over a minute;
+//! - **resync**: the writes the operator makes during one full resync period
+//!   of the converged platform (Lease renewals counted apart);
+//! - **memory**: the operator's resident memory after convergence.
 //!
 //! Needs a local cluster with the operator running: `./e2e/bench.sh` sets it
 //! up, runs this program and tears it down. Prints figures; asserts nothing.
 //!
-//! Environment: `KUBECONFIG`, `PEC_BENCH_DOMAINS` (default 200).
+//! Environment: `KUBECONFIG`; `PEC_BENCH_DOMAINS`, sizes (default `200`;
+//! `200,1000` runs both, each in namespaces of its own, the earlier still
+//! there); `PEC_BENCH_AUDIT_LOG`, the API server's audit log of the
+//! operator's requests (`e2e/cluster.sh up --audit-operator`), without which
+//! requests and writes are not counted; `PEC_BENCH_RESYNC_SECONDS`, the
+//! operator's `--resync-seconds`; `PEC_BENCH_OPERATOR_PID`, for its memory.
 
 use std::time::{Duration, Instant};
 
@@ -221,26 +233,188 @@ async fn run_plain(client: &Client, ns: &str, n: usize) -> Result<(Duration, Dur
     Ok((applied, ready))
 }
 
+/// One request of the operator, from the audit log.
+struct Request {
+    at: chrono::DateTime<chrono::Utc>,
+    verb: String,
+    resource: String,
+}
+
+/// The operator's requests in the audit log at `path` (JSON lines).
+fn audit(path: &str) -> Result<Vec<Request>, BoxError> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|e| {
+            let at = e["requestReceivedTimestamp"].as_str()?.parse().ok()?;
+            let group = e["objectRef"]["apiGroup"].as_str().unwrap_or("");
+            let resource = e["objectRef"]["resource"].as_str().unwrap_or("?");
+            let subresource = e["objectRef"]["subresource"]
+                .as_str()
+                .map(|s| format!("/{s}"))
+                .unwrap_or_default();
+            Some(Request {
+                at,
+                verb: e["verb"].as_str()?.to_string(),
+                resource: if group.is_empty() {
+                    format!("{resource}{subresource}")
+                } else {
+                    format!("{resource}.{group}{subresource}")
+                },
+            })
+        })
+        .collect())
+}
+
+/// Counts of the requests in `[from, to)` by `key`.
+fn count_by(
+    requests: &[Request],
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+    key: impl Fn(&Request) -> Option<String>,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for r in requests.iter().filter(|r| r.at >= from && r.at < to) {
+        if let Some(k) = key(r) {
+            *counts.entry(k).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn is_write(verb: &str) -> bool {
+    matches!(
+        verb,
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+fn now() -> chrono::DateTime<chrono::Utc> {
+    pec_operator::clock::Clock::now(&pec_operator::clock::SystemClock)
+}
+
+/// The resident memory of process `pid`, in MiB.
+fn rss_mib(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Requests per second over a minute of steady state, and the writes of
+/// one resync period, from the audit log.
+async fn steady_state(log: &str, resync: u64) -> Result<(), BoxError> {
+    // Let the last reconciles of the rollout finish.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let from = now();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let to = now();
+    let requests = audit(log)?;
+    let by_verb = count_by(&requests, from, to, |r| Some(r.verb.clone()));
+    let total: usize = by_verb.values().sum();
+    println!(
+        "  requests at steady state: {:.2}/s over 60 s ({})",
+        total as f64 / 60.0,
+        by_verb
+            .iter()
+            .map(|(verb, n)| format!("{verb} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let window = resync + 15;
+    tokio::time::sleep(Duration::from_secs(window.saturating_sub(60))).await;
+    let to = now();
+    let requests = audit(log)?;
+    let writes = count_by(&requests, from, to, |r| {
+        (is_write(&r.verb) && !r.resource.starts_with("leases."))
+            .then(|| format!("{} {}", r.verb, r.resource))
+    });
+    let leases = count_by(&requests, from, to, |r| {
+        (is_write(&r.verb) && r.resource.starts_with("leases.")).then(|| r.verb.clone())
+    });
+    println!(
+        "  writes during one full resync ({window} s, resync period {resync} s): {} ({}); Lease renewals apart: {}",
+        writes.values().sum::<usize>(),
+        if writes.is_empty() {
+            "none".to_string()
+        } else {
+            writes
+                .iter()
+                .map(|(what, n)| format!("{what} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        leases.values().sum::<usize>()
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let n: usize = std::env::var("PEC_BENCH_DOMAINS")
+    let sizes: Vec<usize> = std::env::var("PEC_BENCH_DOMAINS")
+        .unwrap_or_else(|_| "200".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let audit_log = std::env::var("PEC_BENCH_AUDIT_LOG").ok();
+    let resync: u64 = std::env::var("PEC_BENCH_RESYNC_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(300);
+    let pid = std::env::var("PEC_BENCH_OPERATOR_PID").ok();
     let client = Client::try_default().await?;
+    if let Some(pid) = &pid {
+        println!(
+            "operator memory before any domain: {:.1} MiB",
+            rss_mib(pid).unwrap_or(f64::NAN)
+        );
+    }
+    for n in sizes {
+        rollout(&client, n).await?;
+        if let Some(pid) = &pid {
+            println!(
+                "  operator memory after convergence: {:.1} MiB",
+                rss_mib(pid).unwrap_or(f64::NAN)
+            );
+        }
+        match &audit_log {
+            Some(log) => steady_state(log, resync).await?,
+            None => println!("  requests and writes: not counted (no PEC_BENCH_AUDIT_LOG)"),
+        }
+    }
+    Ok(())
+}
+
+/// The convergence figures for `n` domains, plain client first.
+async fn rollout(client: &Client, n: usize) -> Result<(), BoxError> {
+    let client = client.clone();
     let tag = std::process::id();
     println!(
         "rollout benchmark: {n} MailDomains x {} sites, {} gateway pods, 5 objects per (domain, site)",
         SITES.len(),
         n * SITES.len() * 2
     );
-    let (plain_applied, plain_ready) = run_plain(&client, &format!("bench-plain-{tag}"), n).await?;
+    let plain_ns = format!("bench-plain-{tag}-{n}");
+    let (plain_applied, plain_ready) = run_plain(&client, &plain_ns, n).await?;
     println!(
         "plain client : applied {:>7.2} s, all Deployments ready {:>7.2} s",
         plain_applied.as_secs_f64(),
         plain_ready.as_secs_f64()
     );
-    let (op_applied, op_ready) = run_operator(&client, &format!("bench-operator-{tag}"), n).await?;
+    // The plain client's objects go: they carry the operator's labels and
+    // would sit in its caches.
+    Api::<Namespace>::all(client.clone())
+        .delete(&plain_ns, &Default::default())
+        .await?;
+    let (op_applied, op_ready) =
+        run_operator(&client, &format!("bench-operator-{tag}-{n}"), n).await?;
     println!(
         "operator     : applied {:>7.2} s, all MailDomains Ready  {:>7.2} s",
         op_applied.as_secs_f64(),

@@ -4,6 +4,12 @@
 # programs, prints their figures, and tears everything down.
 #
 #   ./e2e/bench.sh                      (PEC_BENCH_DOMAINS=200 by default)
+#   PEC_BENCH_DOMAINS=200,1000 PEC_BENCH_ONLY=rollout ./e2e/bench.sh
+#
+# The rollout benchmark also counts the operator's requests (the API server
+# audits them) and the writes of one resync period (the operator runs with
+# --resync-seconds $PEC_BENCH_RESYNC_SECONDS, 60 by default), and reads its
+# memory. PEC_BENCH_ONLY=rollout skips the other benchmarks.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$here/.."
@@ -23,19 +29,24 @@ cleanup() {
 trap cleanup EXIT
 cargo build --release --quiet --bin pec-operator
 cargo bench --no-run --quiet --bench rollout --bench failover --bench hsm --bench sla 2>/dev/null
-eval "$("$here/cluster.sh" up "$cluster")"
+eval "$("$here/cluster.sh" up "$cluster" --audit-operator)"
 install_chart
 state=$(mktemp -d "${TMPDIR:-/tmp}/pec-bench.XXXXXX")
 sa_kubeconfig "$state/operator.kubeconfig"
 port=$(free_port)
-pid=$(RUST_LOG=warn start_operator "${CARGO_TARGET_DIR:-target}/release/pec-operator" "$state/operator.kubeconfig" bench "$port" "$state/operator.log")
+export PEC_BENCH_RESYNC_SECONDS=${PEC_BENCH_RESYNC_SECONDS:-60}
+pid=$(RUST_LOG=warn PEC_RESYNC_SECONDS=$PEC_BENCH_RESYNC_SECONDS start_operator "${CARGO_TARGET_DIR:-target}/release/pec-operator" "$state/operator.kubeconfig" bench "$port" "$state/operator.log")
 wait_leader "$port"
-# shellcheck source=lib/hsm.sh
-. "$here/lib/hsm.sh"
-init_hsm "$state/hsm"
-cargo bench --quiet --bench hsm
-# The gateway end to end (needs the token and clamd, not the cluster).
-cargo bench --quiet -p pec-gateway --bench pec_e2e
-cargo bench --quiet --bench sla
-cargo bench --quiet --bench failover
+PEC_BENCH_AUDIT_LOG=$(dirname "$KUBECONFIG")/logs/kube-apiserver-audit.log
+export PEC_BENCH_AUDIT_LOG PEC_BENCH_OPERATOR_PID=$pid
+if [ "${PEC_BENCH_ONLY:-}" != rollout ]; then
+  # shellcheck source=lib/hsm.sh
+  . "$here/lib/hsm.sh"
+  init_hsm "$state/hsm"
+  cargo bench --quiet --bench hsm
+  # The gateway end to end (needs the token and clamd, not the cluster).
+  cargo bench --quiet -p pec-gateway --bench pec_e2e
+  cargo bench --quiet --bench sla
+  cargo bench --quiet --bench failover
+fi
 cargo bench --quiet --bench rollout
