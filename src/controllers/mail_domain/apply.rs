@@ -194,22 +194,13 @@ pub async fn prune(
     kept_sites: &[String],
     caches: &Caches,
 ) -> Result<BTreeSet<String>, Error> {
-    let mut applied: BTreeSet<String> = children
-        .sites
-        .iter()
-        .filter_map(|s| s.deployment.metadata.name.clone())
-        .collect();
-    applied.extend(children.domain_service.metadata.name.clone());
+    let applied = applied_names(children);
     let slices: Option<BTreeSet<String>> = children
         .endpoint_slices
         .as_ref()
         .map(|v| v.iter().filter_map(|s| s.metadata.name.clone()).collect());
-    let keep = |labels: &BTreeMap<String, String>, name: &str| {
-        applied.contains(name)
-            || labels
-                .get(SITE_LABEL)
-                .is_some_and(|s| kept_sites.contains(s))
-    };
+    let keep =
+        |labels: &BTreeMap<String, String>, name: &str| keeps(&applied, kept_sites, labels, name);
     let mut removed = BTreeSet::new();
     removed.extend(
         prune_kind::<Deployment>(
@@ -277,6 +268,35 @@ pub async fn prune(
         prune_kind::<EndpointSlice>(client, namespace, ours, &keep_slice).await?;
     }
     Ok(removed)
+}
+
+/// The names of the per-site objects and the domain Service this pass
+/// applies (a site's ConfigMap, Service, PDB and NetworkPolicy share its
+/// Deployment's name).
+fn applied_names(children: &Children) -> BTreeSet<String> {
+    let mut applied: BTreeSet<String> = children
+        .sites
+        .iter()
+        .filter_map(|s| s.deployment.metadata.name.clone())
+        .collect();
+    applied.extend(children.domain_service.metadata.name.clone());
+    applied
+}
+
+/// The prune rule for every child but EndpointSlices: an object stays when
+/// this pass applied its name, or when it belongs to a listed site whose
+/// Site is missing (`kept_sites`: its gateways run on until the site leaves
+/// the spec).
+fn keeps(
+    applied: &BTreeSet<String>,
+    kept_sites: &[String],
+    labels: &BTreeMap<String, String>,
+    name: &str,
+) -> bool {
+    applied.contains(name)
+        || labels
+            .get(SITE_LABEL)
+            .is_some_and(|s| kept_sites.contains(s))
 }
 
 /// The labels and names of the objects of `store` made for `domain`.
@@ -410,4 +430,91 @@ where
         }
     }
     Ok(removed_sites)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controllers::mail_domain::{
+        build::{self, tests::domain},
+        validate::ResolvedSite,
+    };
+
+    fn children(sites: &[&str]) -> Children {
+        let resolved: Vec<ResolvedSite> = sites
+            .iter()
+            .map(|s| ResolvedSite {
+                name: s.to_string(),
+                node_selector: [("topology.kubernetes.io/zone".to_string(), s.to_string())].into(),
+                nodes: 3,
+            })
+            .collect();
+        build::children(
+            &domain(sites),
+            None,
+            &Default::default(),
+            &resolved,
+            Some(&[]),
+            &[],
+        )
+        .expect("children")
+    }
+
+    fn site_labels(site: &str) -> BTreeMap<String, String> {
+        [(SITE_LABEL.to_string(), site.to_string())].into()
+    }
+
+    #[test]
+    fn what_this_pass_applied_stays_and_a_dropped_site_goes() {
+        let now = children(&["dc-it1"]);
+        let before = children(&["dc-it1", "dc-it2"]);
+        let applied = applied_names(&now);
+        for site in &before.sites {
+            let name = site.deployment.metadata.name.clone().expect("name");
+            let kept = keeps(&applied, &[], &site_labels(&site.site), &name);
+            assert_eq!(kept, site.site == "dc-it1", "{name}");
+        }
+        let service = now.domain_service.metadata.name.clone().expect("name");
+        assert!(keeps(&applied, &[], &BTreeMap::new(), &service));
+    }
+
+    #[test]
+    fn a_listed_site_whose_site_is_missing_keeps_its_gateways() {
+        let now = children(&["dc-it1"]);
+        let before = children(&["dc-it1", "dc-it2"]);
+        let applied = applied_names(&now);
+        let missing = ["dc-it2".to_string()];
+        for site in &before.sites {
+            let name = site.deployment.metadata.name.clone().expect("name");
+            assert!(keeps(&applied, &missing, &site_labels(&site.site), &name));
+        }
+        assert!(
+            !keeps(&applied, &missing, &site_labels("dc-it3"), "pec-x-dc-it3"),
+            "only the missing site's objects"
+        );
+    }
+
+    #[test]
+    fn the_applied_hash_follows_the_object_and_only_the_object() {
+        let a = children(&["dc-it1"]);
+        let b = children(&["dc-it1"]);
+        let (wanted, hash) = with_applied_hash(&a.sites[0].config_map);
+        let (_, again) = with_applied_hash(&b.sites[0].config_map);
+        assert_eq!(hash, again, "the same object, the same hash");
+        assert_eq!(
+            applied_hash(&wanted),
+            Some(&hash),
+            "carried by what is applied"
+        );
+        let mut changed = a.sites[0].config_map.clone();
+        changed
+            .data
+            .get_or_insert_default()
+            .insert("extra".into(), "1".into());
+        assert_ne!(with_applied_hash(&changed).1, hash);
+        // What the cache shows after the apply carries the hash it was given.
+        let (rewanted, rehash) = with_applied_hash(&a.sites[0].config_map);
+        assert_eq!(rewanted, wanted);
+        assert_eq!(rehash, hash);
+    }
 }

@@ -515,3 +515,38 @@ pub async fn run(ctx: Arc<Context>) {
         .for_each(|_| futures::future::ready(()))
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).expect("time")
+    }
+
+    #[test]
+    fn the_requeue_is_the_next_deadline_within_a_second_and_the_resync() {
+        let resync = Duration::from_secs(300);
+        assert_eq!(requeue_after(None, at(0), resync), resync, "nothing due");
+        assert_eq!(
+            requeue_after(Some(at(42)), at(0), resync),
+            Duration::from_secs(42)
+        );
+        assert_eq!(
+            requeue_after(Some(at(0)), at(0), resync),
+            Duration::from_secs(1),
+            "never at zero"
+        );
+        assert_eq!(
+            requeue_after(Some(at(-5)), at(0), resync),
+            resync,
+            "a deadline already past is no deadline"
+        );
+        assert_eq!(requeue_after(Some(at(3600)), at(0), resync), resync);
+        assert_eq!(
+            requeue_after(None, at(0), Duration::from_secs(60)),
+            Duration::from_secs(60),
+            "the resync given"
+        );
+    }
+}
