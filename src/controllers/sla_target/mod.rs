@@ -608,3 +608,59 @@ fn register_metrics(ctx: &Arc<Context>, store: Store<SlaTarget>) {
         Err(e) => tracing::warn!(error = %e, "building the SLA metrics failed"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::SlaObjectStatus;
+
+    fn status(state: &str, outages: i64, measured: f64) -> SlaTargetStatus {
+        let mut object = SlaObjectStatus {
+            name: "acme".into(),
+            state: state.into(),
+            ..SlaObjectStatus::default()
+        };
+        object.period.outages = outages;
+        object.period.measured_seconds = measured;
+        SlaTargetStatus {
+            objects: vec![object],
+            ..SlaTargetStatus::default()
+        }
+    }
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).expect("time")
+    }
+
+    #[test]
+    fn status_is_written_at_once_on_a_change_people_act_on_else_at_the_interval() {
+        let state = SlaState::default();
+        let every = chrono::Duration::seconds(30);
+        let key = "ns/sla";
+        assert!(
+            state.should_write(key, &status("Met", 0, 1.0), at(0), every),
+            "the first"
+        );
+        assert!(
+            !state.should_write(key, &status("Met", 0, 5.0), at(5), every),
+            "only the figures moved"
+        );
+        assert!(
+            state.should_write(key, &status("Met", 1, 6.0), at(6), every),
+            "an outage began"
+        );
+        assert!(!state.should_write(key, &status("Met", 1, 20.0), at(20), every));
+        assert!(
+            state.should_write(key, &status("Met", 1, 36.0), at(36), every),
+            "the interval since the last write passed"
+        );
+        assert!(
+            state.should_write(key, &status("AtRisk", 1, 37.0), at(37), every),
+            "the state turned"
+        );
+        assert!(
+            state.should_write("ns/other", &status("Met", 0, 1.0), at(37), every),
+            "each SlaTarget on its own"
+        );
+    }
+}
