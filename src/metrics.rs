@@ -545,6 +545,46 @@ impl Collector for CertificateCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::{reflector, watcher};
+
+    fn render(collector: ServingCollector) -> String {
+        let registry = Registry::new();
+        registry.register(Box::new(collector)).expect("register");
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut buf)
+            .expect("encode");
+        String::from_utf8(buf).expect("utf-8")
+    }
+
+    #[test]
+    fn serving_gauges_follow_the_store_and_a_deleted_domain_leaves_no_series() {
+        let (store, mut writer) = reflector::store();
+        let mut md = crate::controllers::mail_domain::build::tests::domain(&["dc-it1", "dc-it2"]);
+        md.metadata.namespace = Some("mail".into());
+        md.status = Some(crate::api::MailDomainStatus {
+            serving_sites: vec!["dc-it2".into()],
+            ..Default::default()
+        });
+        writer.apply_watcher_event(&watcher::Event::Apply(md.clone()));
+        let name = md.metadata.name.clone().expect("name");
+        let text = render(ServingCollector::new(store.clone()).expect("collector"));
+        let series = |site: &str, value: u8| {
+            format!(
+                "pec_site_serving{{domain=\"{}\",maildomain=\"{name}\",namespace=\"mail\",site=\"{site}\"}} {value}",
+                md.spec.domain
+            )
+        };
+        assert!(text.contains(&series("dc-it1", 0)), "{text}");
+        assert!(text.contains(&series("dc-it2", 1)), "{text}");
+        assert!(text.contains("pec_domain_serving_sites{"), "{text}");
+        writer.apply_watcher_event(&watcher::Event::Delete(md.clone()));
+        let text = render(ServingCollector::new(store).expect("collector"));
+        assert!(
+            !text.contains(&name),
+            "a deleted domain left series: {text}"
+        );
+    }
 
     #[test]
     fn renders_registered_metrics() {
