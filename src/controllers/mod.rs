@@ -10,6 +10,7 @@ pub mod mail_domain;
 pub mod signing_key;
 pub mod site;
 pub mod sla_target;
+pub mod status_write;
 
 use std::{
     collections::HashMap,

@@ -23,12 +23,10 @@ use futures::StreamExt;
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{
     Api, ResourceExt,
-    api::{Patch, PatchParams},
     runtime::{
         Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher::Config,
     },
 };
-use serde_json::json;
 
 use super::Context;
 use crate::{
@@ -259,17 +257,8 @@ async fn write_status(
     old: &crate::api::MailDomainStatus,
     new: &crate::api::MailDomainStatus,
 ) -> Result<(), Error> {
-    if new == old {
-        return Ok(());
-    }
-    Api::<MailDomain>::namespaced(ctx.client.clone(), namespace)
-        .patch_status(
-            &md.name_any(),
-            &PatchParams::apply(apply::FIELD_MANAGER).force(),
-            &Patch::Apply(
-                json!({"apiVersion": "pec.dev/v1alpha1", "kind": "MailDomain", "status": new}),
-            ),
-        )
+    let api = Api::<MailDomain>::namespaced(ctx.client.clone(), namespace);
+    super::status_write::write(&api, apply::FIELD_MANAGER, &md.name_any(), old, new)
         .await
         .map_err(Error::WriteStatus)?;
     Ok(())

@@ -338,17 +338,8 @@ async fn write_status(
     old: &SigningKeyStatus,
     new: &SigningKeyStatus,
 ) -> Result<(), Error> {
-    if old == new {
-        return Ok(());
-    }
-    Api::<SigningKey>::namespaced(ctx.client.clone(), ns)
-        .patch_status(
-            &sk.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(
-                json!({"apiVersion": "pec.dev/v1alpha1", "kind": "SigningKey", "status": new}),
-            ),
-        )
+    let keys = Api::<SigningKey>::namespaced(ctx.client.clone(), ns);
+    super::status_write::write(&keys, FIELD_MANAGER, &sk.name_any(), old, new)
         .await
         .map_err(api("writing the status"))?;
     Ok(())

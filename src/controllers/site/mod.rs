@@ -175,17 +175,13 @@ pub async fn reconcile(
         ctx.event(site.as_ref(), EventType::Warning, "SiteFenced", note)
             .await;
     }
-    if new != old {
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(json!({"apiVersion": "pec.dev/v1alpha1", "kind": "Site", "status": new})),
-        )
+    let wrote = super::status_write::write(&api, FIELD_MANAGER, &name, &old, &new)
         .await
         .map_err(|source| Error::WriteStatus {
             site: name.clone(),
             source,
         })?;
+    if wrote {
         publish_events(&ctx, &site, &old, &new).await;
     }
     let next = next_check(&site, decision.probe, now);

@@ -34,7 +34,6 @@ use kube::{
         Controller, controller::Action, events::EventType, reflector::Store, watcher::Config,
     },
 };
-use serde_json::json;
 
 use super::Context;
 use crate::{
@@ -557,9 +556,7 @@ async fn write_status(
     api.patch_status(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(
-            json!({"apiVersion": "pec.dev/v1alpha1", "kind": "SlaTarget", "status": status}),
-        ),
+        &Patch::Apply(super::status_write::body::<SlaTarget, _>(status)),
     )
     .await
     .map(|_| ())
