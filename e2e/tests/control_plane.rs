@@ -145,6 +145,11 @@ struct Replica {
 impl Replica {
     /// Starts the operator as `identity` with `kubeconfig`.
     fn start(identity: &str, kubeconfig: &std::path::Path) -> Self {
+        Self::start_with(identity, kubeconfig, &[])
+    }
+
+    /// Starts the operator as `identity` with `kubeconfig` and `env` added.
+    fn start_with(identity: &str, kubeconfig: &std::path::Path, env: &[(&str, &str)]) -> Self {
         let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("e2e/test.sh sets {k}"));
         let port = free_port().to_string();
         let log = PathBuf::from(var("PEC_E2E_LOGS")).join(format!("cp-{identity}-{port}.log"));
@@ -157,6 +162,7 @@ impl Replica {
             .env("PEC_METRICS_ADDR", format!("127.0.0.1:{port}"))
             .env("PEC_LOG_FORMAT", "json")
             .env_remove("PEC_CRASH_AFTER")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
             .spawn()
@@ -502,6 +508,78 @@ async fn a_stalled_connection_stops_the_leader_before_its_lease_expires() {
     );
     let gap = no_overlapping_writes(&client, &ns, &md, stalled_at).await;
     println!("stall: last write through dc-it1 -> first through dc-it2: {gap}");
+}
+
+/// The reconciles of a converged platform's resync make no write: the
+/// replica runs with a 5 s resync, and over three periods the audit logs of
+/// both API servers show no write by the operator (Lease renewals and
+/// Events are not audited), while its reconcile counter shows the resyncs
+/// ran.
+#[tokio::test]
+async fn a_converged_platform_makes_no_write_in_a_full_resync() {
+    let replica = Replica::start_with(
+        "resync-dc-it2",
+        &kubeconfig("dc-it2", None),
+        &[("PEC_RESYNC_SECONDS", "5")],
+    );
+    eventually("the replica to lead", || async {
+        replica.leads().await.then_some(())
+    })
+    .await;
+    let World { client, ns, md, .. } = world(
+        "cp-resync",
+        "cpresync",
+        fast_health(),
+        FailoverMode::ActiveActive,
+        1,
+    )
+    .await;
+    let mds = Api::<pec_operator::api::MailDomain>::namespaced(client.clone(), &ns);
+    wait_for(
+        &mds,
+        &md,
+        "Ready",
+        crate::harness::has_condition("Ready", "True", None),
+    )
+    .await;
+    // The last writes of the rollout (status as the gateways turn ready).
+    let settled = eventually("no write for 3 s", || async {
+        let last = ["dc-it1", "dc-it2"]
+            .iter()
+            .flat_map(|site| operator_writes(site))
+            .map(|w| w.completed)
+            .max();
+        let now = SystemClock.now();
+        last.is_none_or(|at| now - at > chrono::Duration::seconds(3))
+            .then_some(now)
+    })
+    .await;
+    let reconciles = || async {
+        scrape(&replica.port)
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("pec_reconciles_total{controller=\"maildomain\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = reconciles().await;
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let ran = reconciles().await - before;
+    let writes: Vec<Write> = ["dc-it1", "dc-it2"]
+        .iter()
+        .flat_map(|site| operator_writes(site))
+        .filter(|w| w.received >= settled)
+        .collect();
+    println!(
+        "resync: {ran} MailDomain reconciles in 16 s, {} writes",
+        writes.len()
+    );
+    assert!(ran >= 3.0, "the resyncs did not run: {ran} reconciles");
+    assert!(
+        writes.is_empty(),
+        "a converged platform wrote during its resyncs: {:?}",
+        writes.iter().map(|w| &w.what).collect::<Vec<_>>()
+    );
 }
 
 /// The witness's etcd member stops: two of three members keep the quorum;
