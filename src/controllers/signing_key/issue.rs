@@ -421,7 +421,14 @@ async fn send_csr(client: &Client, sk: &SigningKey, n: u32, csr: &str) -> Result
             }))
             .map_err(|e| IssueError::Refused(e.to_string()))?;
             request.metadata.namespace = Some(ns.clone());
-            api.create(&PostParams::default(), &request).await?;
+            match api.create(&PostParams::default(), &request).await {
+                // Made since the read (a previous attempt whose answer was
+                // lost): the request stands, which is what was wanted.
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                other => {
+                    other?;
+                }
+            }
         }
     }
     Ok(())
