@@ -12,6 +12,7 @@ pub mod build;
 pub mod cache;
 pub mod dns;
 pub mod gateway;
+pub mod metrics;
 pub mod references;
 pub mod routes;
 pub mod status;
@@ -425,7 +426,7 @@ pub async fn run(ctx: Arc<Context>) {
     );
     let store = controller.store();
     ctx.routes.use_store(store.clone());
-    match crate::metrics::ServingCollector::new(store.clone()) {
+    match metrics::ServingCollector::new(store.clone()) {
         Ok(collector) => {
             if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
                 tracing::warn!(error = %e, "registering the serving-site metrics failed");

@@ -13,6 +13,7 @@
 //! Secrets, CertificateRequests, Events.
 
 pub mod issue;
+pub mod metrics;
 pub mod publish;
 pub mod status;
 
@@ -588,7 +589,7 @@ fn error_policy(obj: Arc<SigningKey>, error: &Error, ctx: Arc<Context>) -> Actio
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let controller = Controller::new(Api::<SigningKey>::all(client.clone()), Config::default());
-    match crate::metrics::CertificateCollector::new(controller.store()) {
+    match metrics::CertificateCollector::new(controller.store()) {
         Ok(collector) => {
             if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
                 tracing::warn!(error = %e, "registering the certificate metrics failed");

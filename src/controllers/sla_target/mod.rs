@@ -11,6 +11,7 @@
 //! password Secret, each domain's TLS Secret and its SigningKey's published
 //! certificates); writes SlaTarget status and Events.
 
+pub mod metrics;
 pub mod probe;
 pub mod round_trip;
 pub mod status;
@@ -595,7 +596,7 @@ pub async fn run(ctx: Arc<Context>) {
 }
 
 fn register_metrics(ctx: &Arc<Context>, store: Store<SlaTarget>) {
-    let collector = crate::metrics::SlaCollector::new(ctx.sla.clone(), store);
+    let collector = metrics::SlaCollector::new(ctx.sla.clone(), store);
     match collector {
         Ok(c) => {
             if let Err(e) = ctx.metrics.register_collector(Box::new(c)) {
