@@ -36,7 +36,7 @@ use pec_operator::{
     api::{MailDomain, MailDomainSpec, Site},
     controllers::mail_domain::{
         build::{self, SiteChildren},
-        validate::ResolvedSite,
+        observe::ResolvedSite,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};

@@ -1,8 +1,10 @@
 //! The reconcilers, one folder per kind, and what they share.
 //!
-//! Each reconcile runs the same pipeline: fetch (client) ->
-//! validate (pure) -> build (pure) -> apply (client) -> status (pure, then one
-//! write). Only `mod.rs` and the fetch/apply code of each controller await.
+//! Each reconcile runs the same pipeline: read (the watch caches, and the
+//! client for the few objects not cached) -> observe and plan (pure) ->
+//! build (pure) -> apply what changed (client) -> status (pure, then one
+//! write when it changed, see `status_write`). Only `mod.rs` and the
+//! fetch/apply code of each controller await.
 
 pub mod backoff;
 pub mod finalizer;

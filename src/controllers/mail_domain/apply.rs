@@ -1,8 +1,6 @@
 //! Writes a MailDomain's children with server-side apply when they differ
-//! from what was last applied, deletes the ones this pass no longer wants
-//! (both judged from the controller's caches), and fetches the Secrets,
-//! claim and ConfigMaps a MailDomain names. The only client code of this
-//! controller.
+//! from what was last applied, and deletes the ones this pass no longer
+//! wants, both judged from the controller's caches.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,7 +12,7 @@ use k8s_openapi::{
     NamespaceResourceScope,
     api::{
         apps::v1::Deployment,
-        core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service},
+        core::v1::{ConfigMap, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
@@ -31,9 +29,7 @@ use super::{
     Error,
     build::{Children, SITE_LABEL, SiteChildren, short_hash},
     cache::{Caches, of_domain},
-    references::{Named, Referenced},
 };
-use crate::api::MailDomain;
 
 /// The field manager of everything this controller applies.
 pub const FIELD_MANAGER: &str = "pec-operator/maildomain";
@@ -313,60 +309,6 @@ where
         .collect()
 }
 
-/// The Secrets, claim and ConfigMaps `md`'s spec names, as they are now.
-pub async fn references(
-    client: &Client,
-    namespace: &str,
-    md: &MailDomain,
-) -> Result<Referenced, Error> {
-    let gateway = &md.spec.gateway;
-    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
-    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
-    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace);
-    let mut refs = Referenced {
-        tls: fetch(&secrets, "Secret", gateway.tls_secret_ref.as_deref()).await?,
-        mailboxes: fetch(&secrets, "Secret", gateway.mailboxes_secret_ref.as_deref()).await?,
-        claim: fetch(
-            &claims,
-            "PersistentVolumeClaim",
-            gateway.storage_claim_name.as_deref(),
-        )
-        .await?,
-        providers: Vec::with_capacity(gateway.providers.len()),
-    };
-    for name in &gateway.providers {
-        refs.providers
-            .extend(fetch(&config_maps, "ConfigMap", Some(name)).await?);
-    }
-    Ok(refs)
-}
-
-/// `name` through `api`, when a name is given.
-async fn fetch<K>(
-    api: &Api<K>,
-    kind: &'static str,
-    name: Option<&str>,
-) -> Result<Option<Named<K>>, Error>
-where
-    K: Clone + DeserializeOwned + Debug,
-{
-    let Some(name) = name else {
-        return Ok(None);
-    };
-    let found = api
-        .get_opt(name)
-        .await
-        .map_err(|source| Error::FetchReference {
-            kind,
-            name: name.to_string(),
-            source,
-        })?;
-    Ok(Some(Named {
-        name: name.to_string(),
-        found,
-    }))
-}
-
 async fn apply<K>(client: &Client, namespace: &str, obj: &K) -> Result<K, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -437,7 +379,7 @@ mod tests {
     use super::*;
     use crate::controllers::mail_domain::{
         build::{self, tests::domain},
-        validate::ResolvedSite,
+        observe::ResolvedSite,
     };
 
     fn children(sites: &[&str]) -> Children {

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     gateway::{self, GatewayDefaults, GatewaySigning, METRICS_PORT},
-    validate::ResolvedSite,
+    observe::ResolvedSite,
 };
 use crate::{
     api::{GatewayPort, MailDomain},

@@ -11,12 +11,13 @@ mod apply;
 pub mod build;
 pub mod cache;
 pub mod dns;
+mod fetch;
 pub mod gateway;
 pub mod metrics;
+pub mod observe;
 pub mod references;
 pub mod routes;
 pub mod status;
-pub mod validate;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -134,14 +135,14 @@ pub async fn reconcile(
         .and_then(|key| caches.signing_key(&namespace, key));
     let before = caches.deployments(&namespace, &name);
     let pods = caches.pods(&namespace, &name);
-    let referenced = apply::references(&ctx.client, &namespace, &md).await?;
+    let referenced = fetch::references(&ctx.client, &namespace, &md).await?;
 
-    // validate and plan
-    let resolution = validate::resolve_sites(&md, &fetched);
+    // observe and plan
+    let resolution = observe::resolve_sites(&md, &fetched);
     let key = status::KeyResolution::of(&md, signing_key.as_ref());
     let problems = references::check(&md, &referenced, now);
-    let gateways = validate::ready_gateways(&pods);
-    let candidates = validate::candidates(&md, &fetched, &gateways);
+    let gateways = observe::ready_gateways(&pods);
+    let candidates = observe::candidates(&md, &fetched, &gateways);
     let previous = md
         .status
         .as_ref()
@@ -219,7 +220,7 @@ pub async fn reconcile(
     // Server-side apply returned the Deployments with their status; the
     // gateways still running in listed-but-missing sites come from `before`.
     let deployments =
-        validate::current_deployments(applied.deployments, &before, &resolution.missing);
+        observe::current_deployments(applied.deployments, &before, &resolution.missing);
 
     // status
     let resolved = status::Resolved {
@@ -236,7 +237,7 @@ pub async fn reconcile(
             .iter()
             .filter(|s| !plan.serving.contains(s))
             .filter_map(|s| {
-                validate::unavailable_since(fetched.get(s).and_then(Option::as_ref), s, &pods)
+                observe::unavailable_since(fetched.get(s).and_then(Option::as_ref), s, &pods)
             })
             .collect();
         record_switch(&ctx, &md, &previous, &plan.serving, reason, &detected, now).await;

@@ -4,9 +4,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 
-use super::{
-    build::SITE_LABEL, gateway::GatewaySigning, references::Problem, validate::Resolution,
-};
+use super::{build::SITE_LABEL, gateway::GatewaySigning, observe::Resolution, references::Problem};
 
 /// How a MailDomain's `signingKeyRef` resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -494,7 +492,7 @@ mod tests {
     use super::*;
     use crate::controllers::mail_domain::{
         build::{labels, tests::domain},
-        validate::ResolvedSite,
+        observe::ResolvedSite,
     };
     use k8s_openapi::{
         api::apps::v1::DeploymentStatus, apimachinery::pkg::apis::meta::v1::ObjectMeta,

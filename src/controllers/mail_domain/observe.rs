@@ -1,8 +1,10 @@
-//! Pure checks of a MailDomain against the cluster state the reconcile fetched.
+//! What a MailDomain reconcile makes of the cluster state it read, purely:
+//! which listed Sites exist, which gateways are ready, which sites are
+//! failover candidates and since when one could not serve, and which
+//! Deployments stand after the apply.
 //!
 //! The CRD schema and CEL rules refuse malformed specs at apply time; what is
-//! left here is what only the cluster can tell, such as whether the listed
-//! Sites exist.
+//! left here is what only the cluster can tell.
 
 use std::collections::BTreeMap;
 
