@@ -4,55 +4,42 @@
 //! a Deployment, a Service, a PodDisruptionBudget and a NetworkPolicy. Names
 //! are deterministic, every object carries the standard labels and a
 //! controller owner reference, so the garbage collector removes them with the
-//! MailDomain.
+//! MailDomain. `mod.rs` assembles them per site and builds the domain
+//! Service and its EndpointSlices; `names` holds the names and labels,
+//! `workload` the Deployment, `network` the ports of the Services and the
+//! NetworkPolicy. The gateway's own configuration is built in `gateway`.
+
+mod names;
+mod network;
+mod workload;
+
+pub use names::*;
+use network::{metrics_policy_port, policy_port, service_port, service_port_numbered};
+use workload::deployment;
+pub use workload::rollout;
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
-        core::v1::{
-            Affinity, Capabilities, ConfigMap, Container, ContainerPort, HTTPGetAction,
-            LocalObjectReference, ObjectReference, PodAffinityTerm, PodAntiAffinity,
-            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-            SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Sysctl,
-        },
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, ObjectReference, Service, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-        networking::v1::{
-            NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec,
-        },
+        networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicySpec},
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
     apimachinery::pkg::{
-        api::resource::Quantity,
         apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
         util::intstr::IntOrString,
     },
 };
 use kube::{Resource, ResourceExt};
-use sha2::{Digest, Sha256};
 
 use super::{
-    gateway::{self, GatewayDefaults, GatewaySigning, METRICS_PORT},
+    gateway::{self, GatewayDefaults, GatewaySigning},
     observe::ResolvedSite,
 };
-use crate::{
-    api::{GatewayPort, MailDomain},
-    controllers::MANAGED_BY,
-};
-
-/// Label naming the MailDomain a child belongs to.
-pub const DOMAIN_LABEL: &str = "pec.dev/maildomain";
-/// Label naming the site a child serves.
-pub const SITE_LABEL: &str = "pec.dev/site";
-/// Pod template annotation holding the configuration hash; a change rolls the pods.
-pub const CONFIG_HASH_ANNOTATION: &str = "pec.dev/config-hash";
-/// The key of the gateway configuration in its ConfigMap.
-pub const CONFIG_KEY: &str = "gateway.yaml";
-/// Gateways run as this unprivileged user (restricted Pod Security): the
-/// images' own user, the operator's too, so the files the operator writes
-/// into a shared SoftHSM2 token directory are the gateways' as well.
-const GATEWAY_UID: i64 = 65_532;
+use crate::{api::MailDomain, controllers::MANAGED_BY};
 
 /// Everything one MailDomain owns.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,75 +82,6 @@ pub struct SiteChildren {
     pub pdb: PodDisruptionBudget,
     /// Admits ingress only on the profile's ports.
     pub network_policy: NetworkPolicy,
-}
-
-/// The name of the children of `md` in `site`: `<domain>-<site>`, shortened
-/// with a stable hash to fit a DNS label (63 characters), starting with a letter.
-pub fn child_name(md: &str, site: &str) -> String {
-    dns_label(format!("{md}-{site}"))
-}
-
-/// The name of the domain-level Service of `md`: the MailDomain's own name,
-/// made a DNS label like [`child_name`].
-pub fn domain_service_name(md: &str) -> String {
-    dns_label(md.to_string())
-}
-
-fn dns_label(full: String) -> String {
-    let prefixed = if full.starts_with(|c: char| c.is_ascii_lowercase()) {
-        full
-    } else {
-        format!("gw-{full}")
-    };
-    if prefixed.len() <= 63 {
-        return prefixed;
-    }
-    let hash = short_hash(prefixed.as_bytes(), 8);
-    let head = prefixed[..54].trim_end_matches(['-', '.']);
-    format!("{head}-{hash}")
-}
-
-/// The labels of every child of `md` in `site`.
-pub fn labels(md: &str, site: &str) -> BTreeMap<String, String> {
-    let mut labels = selector_labels(md, site);
-    labels.insert("app.kubernetes.io/name".into(), "pec-gateway".into());
-    labels.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
-    labels.insert(DOMAIN_LABEL.into(), md.into());
-    labels
-}
-
-/// The labels of the domain-level objects of `md` (no site).
-pub fn domain_labels(md: &str) -> BTreeMap<String, String> {
-    [
-        (
-            "app.kubernetes.io/name".to_string(),
-            "pec-gateway".to_string(),
-        ),
-        ("app.kubernetes.io/instance".to_string(), md.to_string()),
-        (
-            "app.kubernetes.io/component".to_string(),
-            "gateway".to_string(),
-        ),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            MANAGED_BY.to_string(),
-        ),
-        (DOMAIN_LABEL.to_string(), md.to_string()),
-    ]
-    .into()
-}
-
-/// The labels that select the gateway pods of `md` in `site`.
-fn selector_labels(md: &str, site: &str) -> BTreeMap<String, String> {
-    [
-        ("app.kubernetes.io/instance".to_string(), md.to_string()),
-        (
-            "app.kubernetes.io/component".to_string(),
-            "gateway".to_string(),
-        ),
-        (SITE_LABEL.to_string(), site.to_string()),
-    ]
-    .into()
 }
 
 /// All children of `md`: per-site objects for the present sites, and the
@@ -341,228 +259,8 @@ fn site_children(
     })
 }
 
-fn deployment(
-    md: &MailDomain,
-    signing: Option<&GatewaySigning>,
-    defaults: &GatewayDefaults,
-    site: &ResolvedSite,
-    meta: ObjectMeta,
-    selector: LabelSelector,
-    config: &str,
-) -> Deployment {
-    let mut annotations = md.spec.gateway.pod_annotations.clone();
-    annotations.insert(
-        CONFIG_HASH_ANNOTATION.into(),
-        short_hash(config.as_bytes(), 16),
-    );
-    let name = meta.name.clone().unwrap_or_default();
-    let pod_labels = meta.labels.clone();
-    let (volumes, volume_mounts, env) = gateway::volumes(md, signing, defaults, &name);
-    let image = if md.spec.gateway.image.is_empty() {
-        defaults.image.clone()
-    } else {
-        md.spec.gateway.image.clone()
-    };
-    let mut container_ports: Vec<ContainerPort> =
-        md.spec.profile.ports().iter().map(container_port).collect();
-    container_ports.push(ContainerPort {
-        name: Some("metrics".into()),
-        container_port: METRICS_PORT,
-        protocol: Some("TCP".into()),
-        ..ContainerPort::default()
-    });
-    Deployment {
-        metadata: meta,
-        spec: DeploymentSpec {
-            replicas: Some(md.spec.gateway.replicas_per_site),
-            selector: selector.clone(),
-            strategy: Some(rollout(site.nodes, md.spec.gateway.replicas_per_site)),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: pod_labels,
-                    annotations: Some(annotations),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    node_selector: Some(site.node_selector.clone()),
-                    affinity: Some(Affinity {
-                        pod_anti_affinity: Some(PodAntiAffinity {
-                            required_during_scheduling_ignored_during_execution: Some(vec![
-                                PodAffinityTerm {
-                                    label_selector: Some(selector),
-                                    topology_key: "kubernetes.io/hostname".into(),
-                                    ..PodAffinityTerm::default()
-                                },
-                            ]),
-                            ..PodAntiAffinity::default()
-                        }),
-                        ..Affinity::default()
-                    }),
-                    image_pull_secrets: (!defaults.image_pull_secrets.is_empty()).then(|| {
-                        defaults
-                            .image_pull_secrets
-                            .iter()
-                            .map(|name| LocalObjectReference { name: name.clone() })
-                            .collect()
-                    }),
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    termination_grace_period_seconds: Some(60),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(GATEWAY_UID),
-                        run_as_group: Some(GATEWAY_UID),
-                        fs_group: Some(GATEWAY_UID),
-                        // Ports 25 and 465 without root: a capability added to
-                        // a non-root container is dropped at exec, so the pod
-                        // lowers the privileged port range instead (a sysctl
-                        // restricted Pod Security allows, scoped to the pod's
-                        // network namespace).
-                        sysctls: Some(vec![Sysctl {
-                            name: "net.ipv4.ip_unprivileged_port_start".into(),
-                            value: "0".into(),
-                        }]),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    containers: vec![Container {
-                        name: "gateway".into(),
-                        image: Some(image),
-                        // The gateway binary serves only when told to; it
-                        // reads gateway.yaml where the ConfigMap is mounted.
-                        args: Some(vec!["serve".into()]),
-                        ports: Some(container_ports),
-                        env: Some(env),
-                        resources: Some(
-                            md.spec
-                                .gateway
-                                .resources
-                                .clone()
-                                .unwrap_or_else(default_resources),
-                        ),
-                        // Ready only with an HSM session, clamd answering and
-                        // a writable store; alive while the process answers.
-                        readiness_probe: Some(http_probe("/readyz", 5, 2)),
-                        liveness_probe: Some(http_probe("/healthz", 10, 3)),
-                        security_context: Some(SecurityContext {
-                            allow_privilege_escalation: Some(false),
-                            read_only_root_filesystem: Some(true),
-                            run_as_non_root: Some(true),
-                            capabilities: Some(Capabilities {
-                                drop: Some(vec!["ALL".into()]),
-                                add: None,
-                            }),
-                            ..SecurityContext::default()
-                        }),
-                        volume_mounts: Some(volume_mounts),
-                        ..Container::default()
-                    }],
-                    volumes: Some(volumes),
-                    ..PodSpec::default()
-                }),
-            },
-            ..DeploymentSpec::default()
-        },
-        ..Deployment::default()
-    }
-}
-
 fn owner(md: &MailDomain) -> Option<OwnerReference> {
     md.controller_owner_ref(&())
-}
-
-fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
-    Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String("metrics".into()),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        ..Probe::default()
-    }
-}
-
-/// How a site's gateways roll: never below full strength (a surge pod
-/// first) when the site has a machine to spare (ready and not cordoned);
-/// otherwise, since no two gateways share a machine, one pod at a time makes
-/// room for its successor (it drains first; the site's other gateways and
-/// the other sites carry the traffic). Surging without a spare machine would leave the new pod
-/// Pending and the rollout stuck, with the old certificate in use.
-pub fn rollout(nodes: i32, replicas: i32) -> DeploymentStrategy {
-    let (surge, unavailable) = if nodes > replicas { (1, 0) } else { (0, 1) };
-    DeploymentStrategy {
-        type_: Some("RollingUpdate".into()),
-        rolling_update: Some(RollingUpdateDeployment {
-            max_surge: Some(IntOrString::Int(surge)),
-            max_unavailable: Some(IntOrString::Int(unavailable)),
-        }),
-    }
-}
-
-fn container_port(p: &GatewayPort) -> ContainerPort {
-    ContainerPort {
-        name: Some(p.name.into()),
-        container_port: p.port,
-        protocol: Some("TCP".into()),
-        ..ContainerPort::default()
-    }
-}
-
-fn service_port(p: &GatewayPort) -> ServicePort {
-    ServicePort {
-        name: Some(p.name.into()),
-        port: p.port,
-        target_port: Some(IntOrString::String(p.name.into())),
-        protocol: Some("TCP".into()),
-        ..ServicePort::default()
-    }
-}
-
-fn service_port_numbered(p: &GatewayPort) -> ServicePort {
-    ServicePort {
-        name: Some(p.name.into()),
-        port: p.port,
-        target_port: Some(IntOrString::Int(p.port)),
-        protocol: Some("TCP".into()),
-        ..ServicePort::default()
-    }
-}
-
-fn policy_port(p: &GatewayPort) -> NetworkPolicyPort {
-    NetworkPolicyPort {
-        port: Some(IntOrString::Int(p.port)),
-        protocol: Some("TCP".into()),
-        ..NetworkPolicyPort::default()
-    }
-}
-
-fn metrics_policy_port() -> NetworkPolicyPort {
-    NetworkPolicyPort {
-        port: Some(IntOrString::Int(METRICS_PORT)),
-        protocol: Some("TCP".into()),
-        ..NetworkPolicyPort::default()
-    }
-}
-
-fn default_resources() -> ResourceRequirements {
-    let q = |s: &str| Quantity(s.to_string());
-    ResourceRequirements {
-        requests: Some([("cpu".into(), q("100m")), ("memory".into(), q("128Mi"))].into()),
-        limits: Some([("cpu".into(), q("1")), ("memory".into(), q("512Mi"))].into()),
-        ..ResourceRequirements::default()
-    }
-}
-
-/// The first `hex_chars` hex digits of the SHA-256 of `data`.
-pub(super) fn short_hash(data: &[u8], hex_chars: usize) -> String {
-    let digest = Sha256::digest(data);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    hex[..hex_chars].to_string()
 }
 
 #[cfg(test)]
@@ -571,6 +269,8 @@ pub(crate) mod tests {
     use crate::api::{
         AntivirusSpec, FailoverSpec, GatewaySpec, MailDomainSpec, Profile, Site, SiteSpec,
     };
+    use crate::controllers::mail_domain::gateway::METRICS_PORT;
+    use k8s_openapi::api::core::v1::{LocalObjectReference, PodSpec};
 
     pub(crate) fn domain(sites: &[&str]) -> MailDomain {
         let mut md = MailDomain::new(
