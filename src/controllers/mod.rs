@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod finalizer;
 pub mod mail_domain;
+pub mod names;
 pub mod signing_key;
 pub mod site;
 pub mod sla_target;
@@ -29,8 +30,7 @@ use kube::{
 
 use crate::{clock::Clock, failover::health::ProbeState, metrics::Metrics};
 
-/// The name every object we apply is labelled with as its manager.
-pub const MANAGED_BY: &str = "pec-operator";
+pub use names::MANAGED_BY;
 
 /// What every reconcile gets: the client, the one clock, metrics and events.
 pub struct Context {

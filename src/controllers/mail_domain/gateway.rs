@@ -18,7 +18,7 @@ use pec_core::config::{
 
 use crate::{
     api::{MailDomain, Profile, SecretKeyRef, SigningKey},
-    controllers::signing_key::publish::PLATFORM_PROVIDERS,
+    controllers::names::PLATFORM_PROVIDERS,
 };
 
 /// Where the gateway configuration is mounted.
@@ -80,7 +80,7 @@ pub struct GatewaySigning {
 impl GatewaySigning {
     /// The active generation of `sk`, if it has one.
     pub fn of(sk: &SigningKey) -> Option<Self> {
-        use crate::controllers::signing_key::publish;
+        use crate::controllers::names;
         let current = sk.status.as_ref()?.current.as_ref()?;
         Some(Self {
             config: SigningConfig {
@@ -88,12 +88,12 @@ impl GatewaySigning {
                 token_label: sk.spec.hsm.token_label.clone(),
                 key_id: current.key_id.clone(),
                 generation: current.generation,
-                certificate_secret: publish::secret_name(sk),
-                certificate_key: publish::certificate_key(current.generation),
+                certificate_secret: names::certificates_secret_name(&sk.name_any()),
+                certificate_key: names::certificate_key(current.generation),
                 certificate_sha256: current.fingerprint.clone().unwrap_or_default(),
             },
             pin: sk.spec.hsm.pin_secret_ref.clone(),
-            index_config_map: publish::index_name(sk),
+            index_config_map: names::index_name_of(&sk.name_any()),
         })
     }
 }

@@ -101,8 +101,7 @@ pub const DEGRADED: &str = "Degraded";
 pub const PROGRESSING: &str = "Progressing";
 /// Condition: the domain is served from at least two data centers.
 pub const SITE_REDUNDANCY: &str = "SiteRedundancy";
-/// Condition: no listed site can serve; the last serving sites are kept.
-pub const NO_HEALTHY_SITE: &str = "NoHealthySite";
+pub use crate::controllers::names::NO_HEALTHY_SITE;
 /// Condition: the signing key reference resolves to a usable key.
 pub const SIGNING_KEY_RESOLVED: &str = "SigningKeyResolved";
 /// Condition: the Secrets, claim and ConfigMaps the spec names exist and fit

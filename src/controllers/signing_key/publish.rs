@@ -29,9 +29,11 @@ use crate::{
     signing::lifecycle::{KeyState, Phase},
 };
 
+pub use crate::controllers::names::{PLATFORM_PROVIDERS, certificate_key, index_name_of};
+
 /// Name of the publication Secret.
 pub fn secret_name(sk: &SigningKey) -> String {
-    format!("{}-certificates", sk.name_any())
+    crate::controllers::names::certificates_secret_name(&sk.name_any())
 }
 
 /// Name of the index ConfigMap.
@@ -39,25 +41,12 @@ pub fn index_name(sk: &SigningKey) -> String {
     index_name_of(&sk.name_any())
 }
 
-/// Name of the index ConfigMap of the SigningKey named `key`.
-pub fn index_name_of(key: &str) -> String {
-    format!("{key}-index")
-}
-
-/// Name of the namespace's aggregate of every index (see the module docs).
-pub const PLATFORM_PROVIDERS: &str = "pec-platform-providers";
-
 /// The label every index ConfigMap carries.
 const INDEX_LABEL: &str = "pec.dev/certificate-index";
 
 /// Name of the CRL Secret.
 pub fn crl_name(sk: &SigningKey) -> String {
     format!("{}-crl", sk.name_any())
-}
-
-/// The key under which generation `n`'s certificate is published.
-pub fn certificate_key(n: i64) -> String {
-    format!("g{n}.crt")
 }
 
 /// The published generations: issued certificates of `state` that reached

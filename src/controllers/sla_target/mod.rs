@@ -43,10 +43,7 @@ use crate::{
         SlaTargetStatus,
     },
     conditions,
-    controllers::{
-        mail_domain::{build::domain_service_name, status::NO_HEALTHY_SITE},
-        signing_key::publish,
-    },
+    controllers::names::{NO_HEALTHY_SITE, domain_service_name, index_name_of},
     sla::{
         evaluate::{self, Targets},
         ledger::Ledger,
@@ -510,7 +507,7 @@ async fn round_trip_of(
     let key = md.spec.signing_key_ref.as_deref().ok_or_else(|| {
         format!("MailDomain {name} has no signingKeyRef: nothing signs its receipts")
     })?;
-    let index = publish::index_name_of(key);
+    let index = index_name_of(key);
     let bundle = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
         .get_opt(&index)
         .await

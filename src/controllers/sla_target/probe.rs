@@ -7,7 +7,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use crate::controllers::mail_domain::build::SITE_LABEL;
+use crate::controllers::names::SITE_LABEL;
 
 /// What a probe saw.
 #[derive(Debug, Clone, PartialEq, Eq)]

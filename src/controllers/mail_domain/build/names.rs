@@ -2,15 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest, Sha256};
-
-use crate::controllers::MANAGED_BY;
-
-/// Label naming the MailDomain a child belongs to.
-pub const DOMAIN_LABEL: &str = "pec.dev/maildomain";
-
-/// Label naming the site a child serves.
-pub const SITE_LABEL: &str = "pec.dev/site";
+pub use crate::controllers::names::{DOMAIN_LABEL, SITE_LABEL, domain_service_name, short_hash};
+use crate::controllers::{MANAGED_BY, names::dns_label};
 
 /// Pod template annotation holding the configuration hash; a change rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "pec.dev/config-hash";
@@ -22,26 +15,6 @@ pub const CONFIG_KEY: &str = "gateway.yaml";
 /// with a stable hash to fit a DNS label (63 characters), starting with a letter.
 pub fn child_name(md: &str, site: &str) -> String {
     dns_label(format!("{md}-{site}"))
-}
-
-/// The name of the domain-level Service of `md`: the MailDomain's own name,
-/// made a DNS label like [`child_name`].
-pub fn domain_service_name(md: &str) -> String {
-    dns_label(md.to_string())
-}
-
-pub(super) fn dns_label(full: String) -> String {
-    let prefixed = if full.starts_with(|c: char| c.is_ascii_lowercase()) {
-        full
-    } else {
-        format!("gw-{full}")
-    };
-    if prefixed.len() <= 63 {
-        return prefixed;
-    }
-    let hash = short_hash(prefixed.as_bytes(), 8);
-    let head = prefixed[..54].trim_end_matches(['-', '.']);
-    format!("{head}-{hash}")
 }
 
 /// The labels of every child of `md` in `site`.
@@ -85,11 +58,4 @@ pub(super) fn selector_labels(md: &str, site: &str) -> BTreeMap<String, String> 
         (SITE_LABEL.to_string(), site.to_string()),
     ]
     .into()
-}
-
-/// The first `hex_chars` hex digits of the SHA-256 of `data`.
-pub(crate) fn short_hash(data: &[u8], hex_chars: usize) -> String {
-    let digest = Sha256::digest(data);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    hex[..hex_chars].to_string()
 }
