@@ -197,52 +197,22 @@ pub async fn prune(
         .map(|v| v.iter().filter_map(|s| s.metadata.name.clone()).collect());
     let keep =
         |labels: &BTreeMap<String, String>, name: &str| keeps(&applied, kept_sites, labels, name);
+    let pruner = Pruner {
+        client,
+        namespace,
+        domain,
+        keep: &keep,
+    };
     let mut removed = BTreeSet::new();
+    removed.extend(pruner.prune::<Deployment, _>(&caches.deployments).await?);
+    removed.extend(pruner.prune::<Service, _>(&caches.services).await?);
+    removed.extend(pruner.prune::<PodDisruptionBudget, _>(&caches.pdbs).await?);
     removed.extend(
-        prune_kind::<Deployment>(
-            client,
-            namespace,
-            present(&caches.deployments, namespace, domain),
-            &keep,
-        )
-        .await?,
+        pruner
+            .prune::<NetworkPolicy, _>(&caches.network_policies)
+            .await?,
     );
-    removed.extend(
-        prune_kind::<Service>(
-            client,
-            namespace,
-            present(&caches.services, namespace, domain),
-            &keep,
-        )
-        .await?,
-    );
-    removed.extend(
-        prune_kind::<PodDisruptionBudget>(
-            client,
-            namespace,
-            present(&caches.pdbs, namespace, domain),
-            &keep,
-        )
-        .await?,
-    );
-    removed.extend(
-        prune_kind::<NetworkPolicy>(
-            client,
-            namespace,
-            present(&caches.network_policies, namespace, domain),
-            &keep,
-        )
-        .await?,
-    );
-    removed.extend(
-        prune_kind::<ConfigMap>(
-            client,
-            namespace,
-            present(&caches.config_maps, namespace, domain),
-            &keep,
-        )
-        .await?,
-    );
+    removed.extend(pruner.prune::<ConfigMap, _>(&caches.config_maps).await?);
     // A slice is kept only while its site serves; with no site able to
     // serve, the last slices stay.
     if let Some(slices) = slices {
@@ -293,6 +263,31 @@ fn keeps(
         || labels
             .get(SITE_LABEL)
             .is_some_and(|s| kept_sites.contains(s))
+}
+
+/// Deletes one domain's children that `keep` does not keep, kind by kind.
+struct Pruner<'a> {
+    client: &'a Client,
+    namespace: &'a str,
+    domain: &'a str,
+    keep: &'a (dyn Fn(&BTreeMap<String, String>, &str) -> bool + Sync),
+}
+
+impl Pruner<'_> {
+    /// Prunes the `K` objects `store` shows for the domain; returns the
+    /// sites of those deleted.
+    async fn prune<K, S>(&self, store: &Store<S>) -> Result<Vec<String>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + k8s_openapi::Resource
+            + Clone
+            + Debug
+            + DeserializeOwned,
+        S: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let existing = present(store, self.namespace, self.domain);
+        prune_kind::<K>(self.client, self.namespace, existing, self.keep).await
+    }
 }
 
 /// The labels and names of the objects of `store` made for `domain`.
