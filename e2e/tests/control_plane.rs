@@ -633,6 +633,21 @@ async fn losing_dc_it1_with_its_control_plane_and_leader_fails_over() {
     ) = converged("dcloss").await;
     let sla = measure(&client, &ns, &md, json!({})).await;
     let [a, b] = sites.names.clone();
+    // The leader has measured and persisted it: the handover's gap is then
+    // time the ledger knows it did not see (a ledger the old leader never
+    // wrote starts afresh with the new one, with nothing unobserved).
+    let slas = Api::<SlaTarget>::namespaced(client.clone(), &ns);
+    wait_for(
+        &slas,
+        &sla,
+        "a measurement persisted by the leader",
+        |s: Option<&SlaTarget>| {
+            s.and_then(|s| s.status.as_ref())
+                .and_then(|st| st.objects.first())
+                .is_some_and(|o| o.period.measured_seconds > 0.0)
+        },
+    )
+    .await;
 
     // The nodes' failure is written first, through dc-it2's API server,
     // while etcd still has its raft leader; then the rest of dc-it1 dies.
@@ -659,7 +674,6 @@ async fn losing_dc_it1_with_its_control_plane_and_leader_fails_over() {
     );
     assert!(pair.dc_it2.leads().await);
     sites.wait_phase(&a, SitePhase::Down).await;
-    let slas = Api::<SlaTarget>::namespaced(client.clone(), &ns);
     wait_for(
         &slas,
         &sla,
