@@ -113,6 +113,25 @@ const PERIOD_END: &str = "2026-04-30T22:00:00Z";
 /// period (`PEC_CLOCK_START`), and on the wall clock again afterwards.
 #[tokio::test]
 async fn a_closing_period_moves_to_history_and_publishes_period_closed() {
+    let end: chrono::DateTime<chrono::Utc> = PERIOD_END.parse().expect("instant");
+    let ports = main_ports();
+    let leader = leader_index(&ports).await;
+    let (identity, port) = (IDENTITIES[leader], ports[leader].clone());
+    signal_listener(&port, "KILL");
+    stops_answering(&port).await;
+    let start = (end - chrono::Duration::seconds(90)).to_rfc3339();
+    let mut moved = KilledOnDrop(start_replica(
+        identity,
+        &port,
+        &[("PEC_CLOCK_START", &start)],
+    ));
+    eventually("the moved replica to lead", || async {
+        leads(&port).await.then_some(())
+    })
+    .await;
+    // Sites and domain made under the moved clock, so every time in their
+    // status is on it too (a site healthy since December would not be
+    // stable yet in April).
     let World {
         client,
         ns,
@@ -126,15 +145,6 @@ async fn a_closing_period_moves_to_history_and_publishes_period_closed() {
         1,
     )
     .await;
-    let end: chrono::DateTime<chrono::Utc> = PERIOD_END.parse().expect("instant");
-    let ports = main_ports();
-    let leader = leader_index(&ports).await;
-    let (identity, port) = (IDENTITIES[leader], ports[leader].clone());
-    signal_listener(&port, "KILL");
-    stops_answering(&port).await;
-    let start = (end - chrono::Duration::seconds(60)).to_rfc3339();
-    let mut moved = start_replica(identity, &port, &[("PEC_CLOCK_START", &start)]);
-
     let sla = measure(&client, &ns, &md, json!({"period": "Quadrimester"})).await;
     let slas = Api::<SlaTarget>::namespaced(client.clone(), &ns);
     let open = wait_for(
@@ -203,8 +213,7 @@ async fn a_closing_period_moves_to_history_and_publishes_period_closed() {
     );
 
     // Back on the wall clock for the tests that follow.
-    moved.child.kill().expect("stop the moved replica");
-    let _ = moved.child.wait();
+    moved.stop();
     #[allow(clippy::zombie_processes)]
     let _restarted = start_replica(identity, &port, &[]);
     eventually("the restarted replica to lead again", || async {
@@ -212,6 +221,23 @@ async fn a_closing_period_moves_to_history_and_publishes_period_closed() {
     })
     .await;
     sites.remove().await;
+}
+
+/// A replica that must not outlive its test, even one that fails (a
+/// replica on a moved clock would measure every other test's SLA wrong).
+struct KilledOnDrop(Replica);
+
+impl KilledOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.child.kill();
+        let _ = self.0.child.wait();
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Waits until nothing answers on the local TCP `port`.
