@@ -1,9 +1,9 @@
 //! DNS for clients outside the cluster: one external-dns `DNSEndpoint` per
 //! domain naming the load-balancer addresses of its serving sites.
 //!
-//! Written only when the `DNSEndpoint` CRD is installed; its presence is
+//! Written only when the `DNSEndpoint` CRD is installed (its presence is
 //! looked up through discovery at most every [`RECHECK`], and its absence is
-//! logged once.
+//! logged once), and only when it differs from what was last applied.
 
 use std::{
     sync::{
@@ -23,8 +23,8 @@ use tokio::time::Instant;
 
 use super::{
     Error,
-    apply::FIELD_MANAGER,
-    build::{domain_labels, domain_service_name},
+    apply::{APPLIED_HASH_ANNOTATION, FIELD_MANAGER},
+    build::{domain_labels, domain_service_name, short_hash},
 };
 use crate::api::{MailDomain, Site};
 
@@ -95,7 +95,8 @@ pub fn endpoint(md: &MailDomain, serving: &[String], sites: &[&Site]) -> Value {
     })
 }
 
-/// Applies the DNSEndpoint.
+/// Applies the DNSEndpoint unless the one there carries the hash of
+/// `endpoint` (DNSEndpoints are not watched: one read instead of a write).
 pub async fn apply(client: &Client, namespace: &str, endpoint: &Value) -> Result<(), Error> {
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, KIND));
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
@@ -103,18 +104,32 @@ pub async fn apply(client: &Client, namespace: &str, endpoint: &Value) -> Result
         .as_str()
         .unwrap_or_default()
         .to_string();
+    let failed = |source| Error::Apply {
+        kind: KIND,
+        name: name.clone(),
+        source,
+    };
+    let (wanted, hash) = with_hash(endpoint);
+    let current = api.get_opt(&name).await.map_err(failed)?;
+    if current.is_some_and(|c| c.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash)) {
+        return Ok(());
+    }
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(endpoint),
+        &Patch::Apply(wanted),
     )
     .await
     .map(|_| ())
-    .map_err(|source| Error::Apply {
-        kind: KIND,
-        name,
-        source,
-    })
+    .map_err(failed)
+}
+
+/// `endpoint` with [`APPLIED_HASH_ANNOTATION`] set to its hash, and the hash.
+fn with_hash(endpoint: &Value) -> (Value, String) {
+    let hash = short_hash(endpoint.to_string().as_bytes(), 16);
+    let mut wanted = endpoint.clone();
+    wanted["metadata"]["annotations"] = json!({ APPLIED_HASH_ANNOTATION: hash });
+    (wanted, hash)
 }
 
 #[cfg(test)]
@@ -134,5 +149,21 @@ mod tests {
         assert_eq!(record["dnsName"], "pec.acme.it");
         assert_eq!(record["targets"], json!(["198.51.100.1"]));
         assert_eq!(record["recordTTL"], 30);
+    }
+
+    #[test]
+    fn the_hash_follows_the_endpoint_and_is_carried_by_what_is_applied() {
+        let md = domain(&["dc-it1", "dc-it2"]);
+        let mut a = site("dc-it1");
+        a.spec.load_balancer_addresses = vec!["192.0.2.1".into()];
+        let one = endpoint(&md, &["dc-it1".to_string()], &[&a]);
+        let none = endpoint(&md, &[], &[&a]);
+        let (wanted, hash) = with_hash(&one);
+        assert_eq!(
+            wanted["metadata"]["annotations"][APPLIED_HASH_ANNOTATION],
+            hash
+        );
+        assert_eq!(with_hash(&one).1, hash, "stable");
+        assert_ne!(with_hash(&none).1, hash, "another target set, another hash");
     }
 }
