@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{ConfigMap, Namespace, Service},
+    core::v1::{ConfigMap, Namespace, Secret, Service},
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
 };
@@ -62,6 +62,12 @@ fn domain(ns: &str, i: usize) -> MailDomain {
     // No store claim: a claim that does not exist keeps pods from being
     // scheduled, and both sides would wait for nothing.
     md.spec.gateway.storage_claim_name = None;
+    // Small requests, so a thousand domains' gateways fit the simulated nodes.
+    let q = |v: &str| k8s_openapi::apimachinery::pkg::api::resource::Quantity(v.into());
+    md.spec.gateway.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+        requests: Some([("cpu".into(), q("10m")), ("memory".into(), q("16Mi"))].into()),
+        ..Default::default()
+    });
     md
 }
 
@@ -117,12 +123,50 @@ async fn all_deployments_ready(
     Ok(ready == expected)
 }
 
+/// The Secrets every bench domain names, as a platform engineer makes them:
+/// a TLS certificate for `*.bench.example.it` and a mailboxes file. With
+/// them the reference checks pass, so a domain is looked at again only at
+/// the resync, as on a healthy platform.
+async fn create_secrets(client: &Client, ns: &str, md: &MailDomain) -> Result<(), BoxError> {
+    let cert = rcgen::generate_simple_self_signed(vec!["*.bench.example.it".to_string()])?;
+    let secret = |name: &str, type_: &str, data: Vec<(&str, String)>| Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        type_: Some(type_.into()),
+        string_data: Some(data.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
+        ..Secret::default()
+    };
+    let gateway = &md.spec.gateway;
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    for s in [
+        secret(
+            gateway.tls_secret_ref.as_deref().unwrap_or_default(),
+            "kubernetes.io/tls",
+            vec![
+                ("tls.crt", cert.cert.pem()),
+                ("tls.key", cert.signing_key.serialize_pem()),
+            ],
+        ),
+        secret(
+            gateway.mailboxes_secret_ref.as_deref().unwrap_or_default(),
+            "Opaque",
+            vec![("mailboxes", String::new())],
+        ),
+    ] {
+        secrets.create(&PostParams::default(), &s).await?;
+    }
+    Ok(())
+}
+
 async fn run_operator(
     client: &Client,
     ns: &str,
     n: usize,
 ) -> Result<(Duration, Duration), BoxError> {
     create_namespace(client, ns).await?;
+    create_secrets(client, ns, &domain(ns, 0)).await?;
     for doc in include_str!("../examples/10-sites.yaml").split("\n---\n") {
         let site: Site = serde_yaml::from_str(doc)?;
         let name = site.metadata.name.clone().unwrap_or_default();
