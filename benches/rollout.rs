@@ -152,7 +152,7 @@ async fn create_secrets(client: &Client, ns: &str, md: &MailDomain) -> Result<()
         secret(
             gateway.mailboxes_secret_ref.as_deref().unwrap_or_default(),
             "Opaque",
-            vec![("mailboxes", String::new())],
+            vec![("mailboxes", "bench:!\n".to_string())],
         ),
     ] {
         secrets.create(&PostParams::default(), &s).await?;
