@@ -17,7 +17,8 @@
 //! there); `PEC_BENCH_AUDIT_LOG`, the API server's audit log of the
 //! operator's requests (`e2e/cluster.sh up --audit-operator`), without which
 //! requests and writes are not counted; `PEC_BENCH_RESYNC_SECONDS`, the
-//! operator's `--resync-seconds`; `PEC_BENCH_OPERATOR_PID`, for its memory.
+//! operator's `--resync-seconds`; `PEC_BENCH_OPERATOR_PORT`, its metrics
+//! port, for its memory.
 
 use std::time::{Duration, Instant};
 
@@ -343,18 +344,20 @@ fn now() -> chrono::DateTime<chrono::Utc> {
     pec_operator::clock::Clock::now(&pec_operator::clock::SystemClock)
 }
 
-/// The resident memory of process `pid`, in MiB.
-fn rss_mib(pid: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
+/// The operator's resident memory in MiB, from its own metrics on `port`
+/// (`process_resident_memory_bytes`; the process may have been restarted).
+fn rss_mib(port: &str) -> Option<f64> {
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .ok()?;
+    let bytes: f64 = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))?
         .trim()
         .parse()
         .ok()?;
-    Some(kib / 1024.0)
+    Some(bytes / 1024.0 / 1024.0)
 }
 
 /// Requests per second over a minute of steady state, and the writes of
@@ -417,20 +420,20 @@ async fn main() -> Result<(), BoxError> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let pid = std::env::var("PEC_BENCH_OPERATOR_PID").ok();
+    let port = std::env::var("PEC_BENCH_OPERATOR_PORT").ok();
     let client = Client::try_default().await?;
-    if let Some(pid) = &pid {
+    if let Some(port) = &port {
         println!(
             "operator memory before any domain: {:.1} MiB",
-            rss_mib(pid).unwrap_or(f64::NAN)
+            rss_mib(port).unwrap_or(f64::NAN)
         );
     }
     for n in sizes {
         rollout(&client, n).await?;
-        if let Some(pid) = &pid {
+        if let Some(port) = &port {
             println!(
                 "  operator memory after convergence: {:.1} MiB",
-                rss_mib(pid).unwrap_or(f64::NAN)
+                rss_mib(port).unwrap_or(f64::NAN)
             );
         }
         match &audit_log {

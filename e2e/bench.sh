@@ -23,7 +23,11 @@ export PATH="$bin:$PATH"
 cluster=bench-$$
 pid=
 cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  if [ -n "$pid" ]; then
+    kill -STOP "$pid" 2>/dev/null || true
+    pkill -P "$pid" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
   "$here/cluster.sh" down "$cluster" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -35,10 +39,22 @@ state=$(mktemp -d "${TMPDIR:-/tmp}/pec-bench.XXXXXX")
 sa_kubeconfig "$state/operator.kubeconfig"
 port=$(free_port)
 export PEC_BENCH_RESYNC_SECONDS=${PEC_BENCH_RESYNC_SECONDS:-60}
-pid=$(RUST_LOG=warn PEC_RESYNC_SECONDS=$PEC_BENCH_RESYNC_SECONDS start_operator "${CARGO_TARGET_DIR:-target}/release/pec-operator" "$state/operator.kubeconfig" bench "$port" "$state/operator.log")
+# Restarted whenever it exits, as its Deployment's pod would be: under an
+# overloaded API server a leader that cannot renew in time exits by design.
+operator_binary="${CARGO_TARGET_DIR:-target}/release/pec-operator"
+(
+  while true; do
+    KUBECONFIG=$state/operator.kubeconfig POD_NAMESPACE=$OPERATOR_NAMESPACE POD_NAME=bench \
+      PEC_METRICS_ADDR=127.0.0.1:$port PEC_LOG_FORMAT=json RUST_LOG=warn \
+      PEC_RESYNC_SECONDS=$PEC_BENCH_RESYNC_SECONDS "$operator_binary" run >>"$state/operator.log" 2>&1 || true
+    echo "bench.sh: the operator exited; restarting it" >>"$state/operator.log"
+    sleep 1
+  done
+) &
+pid=$!
 wait_leader "$port"
 PEC_BENCH_AUDIT_LOG=$(dirname "$KUBECONFIG")/logs/kube-apiserver-audit.log
-export PEC_BENCH_AUDIT_LOG PEC_BENCH_OPERATOR_PID=$pid
+export PEC_BENCH_AUDIT_LOG PEC_BENCH_OPERATOR_PORT=$port
 if [ "${PEC_BENCH_ONLY:-}" != rollout ]; then
   # shellcheck source=lib/hsm.sh
   . "$here/lib/hsm.sh"
@@ -50,3 +66,4 @@ if [ "${PEC_BENCH_ONLY:-}" != rollout ]; then
   cargo bench --quiet --bench failover
 fi
 cargo bench --quiet --bench rollout
+echo "operator restarts during the run: $(grep -c 'the operator exited' "$state/operator.log" || true)"

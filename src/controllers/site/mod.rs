@@ -46,6 +46,13 @@ const DELETION_RECHECK: Duration = Duration::from_secs(5);
 /// Why a Site reconcile failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Listing the site's nodes (the cache not being ready) failed.
+    #[error("listing the nodes of site {site} failed: {source}")]
+    ListNodes {
+        site: String,
+        #[source]
+        source: kube::Error,
+    },
     /// The node cache was dropped (the controller is shutting down).
     #[error("the node cache is gone: {0}")]
     NodeCache(#[source] kube::runtime::reflector::store::WriterDropped),
@@ -84,6 +91,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::NodeCache(_) => "CacheGone",
+            Error::ListNodes { .. } => "ListNodesFailed",
             Error::ListDomains { .. } => "ListDomainsFailed",
             Error::Fence { .. } => "FenceFailed",
             Error::Finalizer { .. } => "FinalizerFailed",
@@ -127,13 +135,7 @@ pub async fn reconcile(
     };
 
     // fetch
-    nodes.wait_until_ready().await.map_err(Error::NodeCache)?;
-    let nodes: Vec<Node> = nodes
-        .state()
-        .iter()
-        .filter(|n| status::selected(&site.spec.node_selector, n.labels()))
-        .map(|n| n.as_ref().clone())
-        .collect();
+    let nodes = site_nodes(&ctx, &site, nodes).await?;
     let blocking = if site.spec.maintenance && !site.spec.maintenance_force {
         let domains = list_domains(&ctx, &name).await?;
         let already_drained =
@@ -191,6 +193,38 @@ pub async fn reconcile(
         Ok(Action::requeue(next.min(DELETION_RECHECK)))
     }
 }
+
+/// The nodes `site` selects: from the node cache once it holds a full list;
+/// listed when it does not within [`CACHE_WAIT`] (a watch whose first list
+/// hangs, as around an etcd leader election, must not stop health checks).
+async fn site_nodes(ctx: &Context, site: &Site, nodes: &Store<Node>) -> Result<Vec<Node>, Error> {
+    let selector = &site.spec.node_selector;
+    match tokio::time::timeout(CACHE_WAIT, nodes.wait_until_ready()).await {
+        Ok(ready) => {
+            ready.map_err(Error::NodeCache)?;
+            Ok(nodes
+                .state()
+                .iter()
+                .filter(|n| status::selected(selector, n.labels()))
+                .map(|n| n.as_ref().clone())
+                .collect())
+        }
+        Err(_) => {
+            tracing::warn!(site = %site.name_any(), "the node cache holds no full list yet; listing the nodes");
+            Api::<Node>::all(ctx.client.clone())
+                .list(&ListParams::default().labels(&status::label_selector(selector)))
+                .await
+                .map(|l| l.items)
+                .map_err(|source| Error::ListNodes {
+                    site: site.name_any(),
+                    source,
+                })
+        }
+    }
+}
+
+/// How long a health check waits for the node cache before listing.
+const CACHE_WAIT: Duration = Duration::from_secs(2);
 
 /// Every MailDomain, in all namespaces (`site` names the Site in errors):
 /// from the MailDomain controller's cache once it holds a full list, else
