@@ -28,9 +28,10 @@ pub fn token() -> Token {
     loop {
         match hsm().login(&label, &pin) {
             Ok(token) => return token,
-            Err(e) if attempt < 5 => {
+            // Up to about 5 s: the operators may be writing several keys.
+            Err(e) if attempt < 20 => {
                 eprintln!("log in to the test token, attempt {attempt}: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(200));
+                std::thread::sleep(std::time::Duration::from_millis(250));
                 attempt += 1;
             }
             Err(e) => panic!("log in to the test token: {e}"),
