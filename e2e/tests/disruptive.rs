@@ -112,7 +112,7 @@ const PERIOD_END: &str = "2026-04-30T22:00:00Z";
 /// The leader is restarted with its clock a minute before the end of a
 /// period (`PEC_CLOCK_START`), and on the wall clock again afterwards.
 #[tokio::test]
-async fn a_closing_period_moves_to_history_and_publishes_period_closed() {
+async fn the_end_of_a_period_moves_it_to_history_and_publishes_period_closed() {
     let end: chrono::DateTime<chrono::Utc> = PERIOD_END.parse().expect("instant");
     let ports = main_ports();
     let leader = leader_index(&ports).await;
@@ -302,7 +302,10 @@ fn signal_listener(port: &str, signal: &str) {
 /// A leader given SIGTERM releases the Lease as it stops, so the follower
 /// leads at its next attempt (a retry period) instead of waiting for the
 /// Lease to expire (a lease duration after the last renewal). The stopped
-/// replica is started again under its identity, as a follower.
+/// replica is started again under its identity, as a follower. It reads the
+/// log e2e/test.sh gave the leader, so it must run first of this module
+/// (tests run alone, in name order); the restart comes before that check so
+/// a failure leaves two replicas for the tests after it.
 #[tokio::test]
 async fn a_leader_given_sigterm_releases_the_lease_and_the_follower_leads_at_once() {
     let ports = main_ports();
@@ -323,13 +326,6 @@ async fn a_leader_given_sigterm_releases_the_lease_and_the_follower_leads_at_onc
         handover < std::time::Duration::from_secs(13),
         "the follower led after {handover:?}: it waited for the Lease to expire"
     );
-    let logs = std::env::var("PEC_E2E_LOGS").expect("e2e/test.sh sets PEC_E2E_LOGS");
-    let suffix = if leader == 0 { "a" } else { "b" };
-    let log = std::fs::read_to_string(format!("{logs}/operator-{suffix}.log")).expect("log");
-    assert!(
-        log.contains("released the leader lease"),
-        "the stopped leader's log says it released the Lease"
-    );
     // Back to two replicas for the tests that follow.
     #[allow(clippy::zombie_processes)]
     let _restarted = start_replica(IDENTITIES[leader], &ports[leader], &[]);
@@ -340,6 +336,13 @@ async fn a_leader_given_sigterm_releases_the_lease_and_the_follower_leads_at_onc
         (up && !leads(&ports[leader]).await).then_some(())
     })
     .await;
+    let logs = std::env::var("PEC_E2E_LOGS").expect("e2e/test.sh sets PEC_E2E_LOGS");
+    let suffix = if leader == 0 { "a" } else { "b" };
+    let log = std::fs::read_to_string(format!("{logs}/operator-{suffix}.log")).expect("log");
+    assert!(
+        log.contains("released the leader lease"),
+        "the stopped leader's log says it released the Lease"
+    );
 }
 
 /// Whether the replica on `port` answers and leads.
