@@ -63,6 +63,12 @@ pub struct Context {
     pub resync: std::time::Duration,
 }
 
+/// The longest a MailDomain or Site reconcile may take: one stuck request
+/// (the client's own read timeout is minutes, for watches) must not hold
+/// that object's reconciles, and so its failover, behind it. It is
+/// abandoned, counted as an error and retried.
+pub const RECONCILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The default [`Context::resync`].
 pub const DEFAULT_RESYNC: std::time::Duration = std::time::Duration::from_secs(300);
 

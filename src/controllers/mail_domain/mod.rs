@@ -50,6 +50,10 @@ pub enum Error {
     /// The object has no namespace (cannot happen for a namespaced kind).
     #[error("MailDomain {0} has no namespace")]
     NoNamespace(String),
+    /// The reconcile took longer than [`super::RECONCILE_TIMEOUT`] (a request
+    /// that never answers); it is abandoned and retried.
+    #[error("the reconcile took longer than {0:?}; retrying")]
+    TimedOut(Duration),
     /// A watch cache was dropped (the controller is shutting down).
     #[error("the watch caches are gone: {0}")]
     Cache(#[source] kube::runtime::reflector::store::WriterDropped),
@@ -91,6 +95,7 @@ impl Error {
         match self {
             Error::NoNamespace(_) => "NoNamespace",
             Error::Cache(_) => "CacheGone",
+            Error::TimedOut(_) => "TimedOut",
             Error::FetchReference { .. } => "FetchReferenceFailed",
             Error::Render(_) => "RenderFailed",
             Error::Apply { .. } => "ApplyFailed",
@@ -496,7 +501,12 @@ pub async fn run(ctx: Arc<Context>) {
             move |obj, ctx| {
                 let caches = caches.clone();
                 async move {
-                    let result = reconcile(obj.clone(), ctx.clone(), &caches).await;
+                    let result = tokio::time::timeout(
+                        super::RECONCILE_TIMEOUT,
+                        reconcile(obj.clone(), ctx.clone(), &caches),
+                    )
+                    .await
+                    .unwrap_or(Err(Error::TimedOut(super::RECONCILE_TIMEOUT)));
                     ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
                 }
             },

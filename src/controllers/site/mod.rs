@@ -53,6 +53,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The reconcile took longer than [`super::RECONCILE_TIMEOUT`].
+    #[error("the health check took longer than {0:?}; retrying")]
+    TimedOut(Duration),
     /// The node cache was dropped (the controller is shutting down).
     #[error("the node cache is gone: {0}")]
     NodeCache(#[source] kube::runtime::reflector::store::WriterDropped),
@@ -91,6 +94,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::NodeCache(_) => "CacheGone",
+            Error::TimedOut(_) => "TimedOut",
             Error::ListNodes { .. } => "ListNodesFailed",
             Error::ListDomains { .. } => "ListDomainsFailed",
             Error::Fence { .. } => "FenceFailed",
@@ -358,7 +362,12 @@ pub async fn run(ctx: Arc<Context>) {
             move |obj, ctx| {
                 let nodes = nodes.clone();
                 async move {
-                    let result = reconcile(obj.clone(), ctx.clone(), &nodes).await;
+                    let result = tokio::time::timeout(
+                        super::RECONCILE_TIMEOUT,
+                        reconcile(obj.clone(), ctx.clone(), &nodes),
+                    )
+                    .await
+                    .unwrap_or(Err(Error::TimedOut(super::RECONCILE_TIMEOUT)));
                     ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
                 }
             },
