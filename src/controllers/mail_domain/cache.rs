@@ -60,8 +60,7 @@ pub struct Caches {
 /// controller's triggers take it.
 pub type Objects<K> = std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
 
-/// The trigger streams that feed [`Caches`]; the controller must poll them
-/// (they are its `owns` and `watches` inputs) for the stores to fill.
+/// The watch streams that fill [`Caches`]; [`Feeds::spawn`] runs them.
 pub struct Feeds {
     pub sites: Objects<Site>,
     pub signing_keys: Objects<SigningKey>,
@@ -190,6 +189,28 @@ pub fn caches(client: &Client) -> (Caches, Feeds) {
             endpoint_slices: endpoint_slices_feed,
         },
     )
+}
+
+impl Feeds {
+    /// Runs every stream in a task of its own until the process ends, so the
+    /// stores fill whatever the controller is doing (a reconcile waits for
+    /// them: were they the controller's own trigger inputs, a burst of
+    /// reconciles waiting for a store could hold back the very polling that
+    /// fills it).
+    pub fn spawn(self) {
+        fn run<K: Send + 'static>(feed: Objects<K>) {
+            tokio::spawn(feed.for_each(|_| futures::future::ready(())));
+        }
+        run(self.sites);
+        run(self.signing_keys);
+        run(self.deployments);
+        run(self.pods);
+        run(self.config_maps);
+        run(self.services);
+        run(self.pdbs);
+        run(self.network_policies);
+        run(self.endpoint_slices);
+    }
 }
 
 impl Caches {

@@ -22,7 +22,13 @@ pub mod status;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+    policy::v1::PodDisruptionBudget,
+};
 use kube::{
     Api, ResourceExt,
     runtime::{
@@ -446,32 +452,30 @@ pub async fn run(ctx: Arc<Context>) {
         .endpoint_slices
         .set(caches.endpoint_slices.clone());
     let _ = ctx.stores.mail_domains.set(store.clone());
-    let cache::Feeds {
-        sites,
-        signing_keys,
-        deployments,
-        pods,
-        config_maps,
-        services,
-        pdbs,
-        network_policies,
-        endpoint_slices,
-    } = feeds;
+    // The caches fill in tasks of their own: a reconcile waits for them, so
+    // they must never depend on the controller polling its triggers.
+    feeds.spawn();
+    let owned = || {
+        Config::default().labels(&format!(
+            "app.kubernetes.io/managed-by={}",
+            super::MANAGED_BY
+        ))
+    };
     controller
-        .owns_stream(deployments)
-        .owns_stream(config_maps)
-        .owns_stream(services)
-        .owns_stream(pdbs)
-        .owns_stream(network_policies)
-        .owns_stream(endpoint_slices)
+        .owns(Api::<Deployment>::all(client.clone()), owned())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned())
+        .owns(Api::<Service>::all(client.clone()), owned())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned())
+        .owns(Api::<NetworkPolicy>::all(client.clone()), owned())
+        .owns(Api::<EndpointSlice>::all(client.clone()), owned())
         // Gateway readiness decides the endpoints of the domain Service.
-        .watches_stream(pods, |pod: Pod| {
+        .watches(Api::<Pod>::all(client.clone()), owned(), |pod: Pod| {
             let namespace = pod.namespace()?;
             let md = pod.labels().get(build::DOMAIN_LABEL)?;
             Some(ObjectRef::<MailDomain>::new(md).within(&namespace))
         })
         // A SigningKey's new active generation rolls the domains that name it.
-        .watches_stream(signing_keys, {
+        .watches(Api::<SigningKey>::all(client.clone()), Config::default(), {
             let store = store.clone();
             move |sk: SigningKey| {
                 let name = sk.name_any();
@@ -487,15 +491,19 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         // A Site appearing or changing re-reconciles the domains that list it.
-        .watches_stream(sites, move |site: Site| {
-            let name = site.name_any();
-            store
-                .state()
-                .iter()
-                .filter(|md| md.spec.sites.contains(&name))
-                .map(|md| ObjectRef::from_obj(md.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<Site>::all(client),
+            Config::default(),
+            move |site: Site| {
+                let name = site.name_any();
+                store
+                    .state()
+                    .iter()
+                    .filter(|md| md.spec.sites.contains(&name))
+                    .map(|md| ObjectRef::from_obj(md.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .shutdown_on_signal()
         .run(
             move |obj, ctx| {

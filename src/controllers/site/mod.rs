@@ -343,20 +343,26 @@ pub async fn run(ctx: Arc<Context>) {
     }
     // The nodes, cached: a health check reads them from memory.
     let (nodes, writer) = reflector::store();
+    // Filled in a task of its own, never behind the controller's polling.
     let node_feed = watcher(Api::<Node>::all(ctx.client.clone()), Config::default())
         .default_backoff()
         .modify(trim_node)
         .reflect(writer)
         .touched_objects();
+    tokio::spawn(node_feed.for_each(|_| futures::future::ready(())));
     controller
         // Any node change may change any site's counts; sites are few.
-        .watches_stream(node_feed, move |_node: Node| {
-            store
-                .state()
-                .iter()
-                .map(|s| ObjectRef::from_obj(s.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<Node>::all(ctx.client.clone()),
+            Config::default(),
+            move |_node: Node| {
+                store
+                    .state()
+                    .iter()
+                    .map(|s| ObjectRef::from_obj(s.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .shutdown_on_signal()
         .run(
             move |obj, ctx| {
