@@ -255,7 +255,11 @@ pub async fn reconcile(
     }
     publish_events(&ctx, &md, &old, &new, &before, &children, &removed).await;
     let after = requeue_after(plan.next_check, now, ctx.resync);
-    if problems.is_empty() {
+    // Not Ready (a Site or SigningKey not yet in the cache, gateways not
+    // yet ready, a reference wrong): look again soon. The caches' watches
+    // are not the triggers' watches, so a trigger can arrive a moment before
+    // the cache shows what caused it.
+    if problems.is_empty() && conditions::is_true(&new.conditions, status::READY) {
         Ok(Action::requeue(after))
     } else {
         Ok(Action::requeue(after.min(RECHECK)))
