@@ -63,6 +63,35 @@ pub struct Context {
     pub resync: std::time::Duration,
 }
 
+/// A store of `api`'s objects matching `config`, each passed through `trim`
+/// first, filled by a watch in a task of its own until the process ends. A
+/// reconcile that waits for the store never holds back what fills it.
+pub fn spawn_store<K>(
+    api: kube::Api<K>,
+    config: kube::runtime::watcher::Config,
+    trim: fn(&mut K),
+) -> kube::runtime::reflector::Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let (store, writer) = kube::runtime::reflector::store();
+    let feed = kube::runtime::watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer)
+        .touched_objects();
+    tokio::spawn(feed.for_each(|_| futures::future::ready(())));
+    store
+}
+
 /// The longest a MailDomain or Site reconcile may take: one stuck request
 /// (the client's own read timeout is minutes, for watches) must not hold
 /// that object's reconciles, and so its failover, behind it. It is
@@ -167,6 +196,22 @@ impl Context {
             .with_label_values(&[controller, reason])
             .inc();
         Action::requeue(delay)
+    }
+
+    /// Runs `reconcile` of `obj` for at most [`RECONCILE_TIMEOUT`] (then it
+    /// is abandoned as `timed_out`), and forgets `obj`'s failures when it
+    /// succeeds.
+    pub async fn bounded<K: Resource, E>(
+        &self,
+        controller: &str,
+        obj: &K,
+        reconcile: impl std::future::Future<Output = Result<Action, E>>,
+        timed_out: E,
+    ) -> Result<Action, E> {
+        let result = tokio::time::timeout(RECONCILE_TIMEOUT, reconcile)
+            .await
+            .unwrap_or(Err(timed_out));
+        self.reset_backoff(controller, obj, result)
     }
 
     /// Forgets `obj`'s failures when `result` is a success; returns `result`.

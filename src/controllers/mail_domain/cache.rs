@@ -1,5 +1,6 @@
-//! What the MailDomain controller reads from memory: reflector stores fed by
-//! the very watches that trigger its reconciles. A reconcile finds the Sites,
+//! What the MailDomain controller reads from memory: reflector stores, each
+//! filled by a watch in a task of its own (never by the controller's
+//! trigger polling: a reconcile waits for them). A reconcile finds the Sites,
 //! SigningKeys, gateway Deployments and pods, and the names and labels of
 //! its other children here instead of asking the API server, so a converged
 //! platform costs watches only.
@@ -17,7 +18,6 @@
 
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Pod, PodSpec, PodStatus, Service},
@@ -29,22 +29,23 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     core::PartialObjectMeta,
     runtime::{
-        WatchStreamExt,
         reflector::{self, ObjectRef, Store},
-        watcher::{self, Config, watcher},
+        watcher::Config,
     },
 };
 use serde::de::DeserializeOwned;
 
 use super::build::DOMAIN_LABEL;
 use crate::{
-    api::{SigningKey, Site},
-    controllers::MANAGED_BY,
+    api::{MailDomain, SigningKey, Site},
+    controllers::{MANAGED_BY, spawn_store},
 };
 
 /// The stores a reconcile reads.
 #[derive(Clone)]
 pub struct Caches {
+    /// The controller's own store of MailDomains.
+    pub mail_domains: Store<MailDomain>,
     pub sites: Store<Site>,
     pub signing_keys: Store<SigningKey>,
     pub deployments: Store<Deployment>,
@@ -56,60 +57,26 @@ pub struct Caches {
     pub endpoint_slices: Store<EndpointSlice>,
 }
 
-/// A watch stream of objects (touched: applied or deleted), as the
-/// controller's triggers take it.
-pub type Objects<K> = std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
-
-/// The watch streams that fill [`Caches`]; [`Feeds::spawn`] runs them.
-pub struct Feeds {
-    pub sites: Objects<Site>,
-    pub signing_keys: Objects<SigningKey>,
-    pub deployments: Objects<Deployment>,
-    pub pods: Objects<Pod>,
-    pub config_maps: Objects<PartialObjectMeta<ConfigMap>>,
-    pub services: Objects<PartialObjectMeta<Service>>,
-    pub pdbs: Objects<PartialObjectMeta<PodDisruptionBudget>>,
-    pub network_policies: Objects<PartialObjectMeta<NetworkPolicy>>,
-    pub endpoint_slices: Objects<EndpointSlice>,
-}
-
 /// The label selector of everything this operator made.
 fn owned() -> Config {
     Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
 }
 
-/// A store of whole objects of `api` and the stream that fills it, with
-/// `trim` applied to each object first.
-fn reflect<K>(api: Api<K>, config: Config, trim: fn(&mut K)) -> (Store<K>, Objects<K>)
+/// A store of the metadata of `K`'s objects this operator made, filled by a
+/// task of its own.
+fn reflect_metadata<K>(client: &Client) -> Store<PartialObjectMeta<K>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
     K: 'static,
 {
-    let (store, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .reflect(writer)
-        .touched_objects()
-        .boxed();
-    (store, stream)
-}
-
-/// A store of the metadata of `api`'s objects and the stream that fills it.
-fn reflect_metadata<K>(
-    client: &Client,
-) -> (Store<PartialObjectMeta<K>>, Objects<PartialObjectMeta<K>>)
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
-    K: 'static,
-{
-    reflect(
+    spawn_store(
         Api::<PartialObjectMeta<K>>::all(client.clone()),
         owned(),
         drop_managed_fields,
     )
 }
 
+/// Drops what no reconcile reads from every cached object.
 fn drop_managed_fields<K: Resource>(obj: &mut K) {
     obj.managed_fields_mut().clear();
 }
@@ -138,78 +105,35 @@ fn trim_deployment(deployment: &mut Deployment) {
     deployment.spec.template.spec = None;
 }
 
-/// Builds the stores and their feeds.
-pub fn caches(client: &Client) -> (Caches, Feeds) {
-    let (sites, sites_feed) = reflect(
-        Api::<Site>::all(client.clone()),
-        Config::default(),
-        drop_managed_fields,
-    );
-    let (signing_keys, keys_feed) = reflect(
-        Api::<SigningKey>::all(client.clone()),
-        Config::default(),
-        drop_managed_fields,
-    );
-    let (deployments, deployments_feed) = reflect(
-        Api::<Deployment>::all(client.clone()),
-        owned(),
-        trim_deployment,
-    );
-    let (pods, pods_feed) = reflect(Api::<Pod>::all(client.clone()), owned(), trim_pod);
-    let (config_maps, config_maps_feed) = reflect_metadata::<ConfigMap>(client);
-    let (services, services_feed) = reflect_metadata::<Service>(client);
-    let (pdbs, pdbs_feed) = reflect_metadata::<PodDisruptionBudget>(client);
-    let (network_policies, network_policies_feed) = reflect_metadata::<NetworkPolicy>(client);
-    let (endpoint_slices, endpoint_slices_feed) = reflect(
-        Api::<EndpointSlice>::all(client.clone()),
-        owned(),
-        drop_managed_fields,
-    );
-    (
-        Caches {
-            sites,
-            signing_keys,
-            deployments,
-            pods,
-            config_maps,
-            services,
-            pdbs,
-            network_policies,
-            endpoint_slices,
-        },
-        Feeds {
-            sites: sites_feed,
-            signing_keys: keys_feed,
-            deployments: deployments_feed,
-            pods: pods_feed,
-            config_maps: config_maps_feed,
-            services: services_feed,
-            pdbs: pdbs_feed,
-            network_policies: network_policies_feed,
-            endpoint_slices: endpoint_slices_feed,
-        },
-    )
-}
-
-impl Feeds {
-    /// Runs every stream in a task of its own until the process ends, so the
-    /// stores fill whatever the controller is doing (a reconcile waits for
-    /// them: were they the controller's own trigger inputs, a burst of
-    /// reconciles waiting for a store could hold back the very polling that
-    /// fills it).
-    pub fn spawn(self) {
-        fn run<K: Send + 'static>(feed: Objects<K>) {
-            tokio::spawn(feed.for_each(|_| futures::future::ready(())));
-        }
-        run(self.sites);
-        run(self.signing_keys);
-        run(self.deployments);
-        run(self.pods);
-        run(self.config_maps);
-        run(self.services);
-        run(self.pdbs);
-        run(self.network_policies);
-        run(self.endpoint_slices);
+/// Builds the stores; each fills in a task of its own.
+pub fn caches(client: &Client, mail_domains: Store<MailDomain>) -> Caches {
+    Caches {
+        mail_domains,
+        sites: spawn_store(
+            Api::<Site>::all(client.clone()),
+            Config::default(),
+            drop_managed_fields,
+        ),
+        signing_keys: spawn_store(
+            Api::<SigningKey>::all(client.clone()),
+            Config::default(),
+            drop_managed_fields,
+        ),
+        deployments: spawn_store(
+            Api::<Deployment>::all(client.clone()),
+            owned(),
+            trim_deployment,
+        ),
+        pods: spawn_store(Api::<Pod>::all(client.clone()), owned(), trim_pod),
+        config_maps: reflect_metadata::<ConfigMap>(client),
+        services: reflect_metadata::<Service>(client),
+        pdbs: reflect_metadata::<PodDisruptionBudget>(client),
+        network_policies: reflect_metadata::<NetworkPolicy>(client),
+        endpoint_slices: spawn_store(
+            Api::<EndpointSlice>::all(client.clone()),
+            owned(),
+            drop_managed_fields,
+        ),
     }
 }
 
@@ -218,6 +142,7 @@ impl Caches {
     /// must never take a store still filling for the truth (a Site not yet
     /// listed would look deleted).
     pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.mail_domains.wait_until_ready().await?;
         self.sites.wait_until_ready().await?;
         self.signing_keys.wait_until_ready().await?;
         self.deployments.wait_until_ready().await?;

@@ -127,7 +127,7 @@ pub async fn reconcile(
     let _timer = ctx.start_reconcile(CONTROLLER);
 
     // A domain name another MailDomain holds: nothing is applied for this one.
-    let domains = ctx.routes.domains().await;
+    let domains = caches.mail_domains.state();
     if let Some(holder) = references::domain_holder(&md, domains.iter().map(AsRef::as_ref)) {
         return refuse_duplicate(&ctx, &md, &namespace, holder).await;
     }
@@ -212,6 +212,7 @@ pub async fn reconcile(
             &namespace,
             apply::FIELD_MANAGER,
             cached_routes.as_deref(),
+            &domains,
         )
         .await
         .map_err(|source| Error::Apply {
@@ -441,7 +442,6 @@ pub async fn run(ctx: Arc<Context>) {
         Config::default().any_semantic(),
     );
     let store = controller.store();
-    ctx.routes.use_store(store.clone());
     match metrics::ServingCollector::new(store.clone()) {
         Ok(collector) => {
             if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
@@ -450,15 +450,12 @@ pub async fn run(ctx: Arc<Context>) {
         }
         Err(e) => tracing::warn!(error = %e, "building the serving-site metrics failed"),
     }
-    let (caches, feeds) = cache::caches(&client);
+    let caches = cache::caches(&client, store.clone());
     let _ = ctx
         .stores
         .endpoint_slices
         .set(caches.endpoint_slices.clone());
     let _ = ctx.stores.mail_domains.set(store.clone());
-    // The caches fill in tasks of their own: a reconcile waits for them, so
-    // they must never depend on the controller polling its triggers.
-    feeds.spawn();
     let owned = || {
         Config::default().labels(&format!(
             "app.kubernetes.io/managed-by={}",
@@ -513,13 +510,9 @@ pub async fn run(ctx: Arc<Context>) {
             move |obj, ctx| {
                 let caches = caches.clone();
                 async move {
-                    let result = tokio::time::timeout(
-                        super::RECONCILE_TIMEOUT,
-                        reconcile(obj.clone(), ctx.clone(), &caches),
-                    )
-                    .await
-                    .unwrap_or(Err(Error::TimedOut(super::RECONCILE_TIMEOUT)));
-                    ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+                    let timed_out = Error::TimedOut(super::RECONCILE_TIMEOUT);
+                    let run = reconcile(obj.clone(), ctx.clone(), &caches);
+                    ctx.bounded(CONTROLLER, obj.as_ref(), run, timed_out).await
                 }
             },
             error_policy,

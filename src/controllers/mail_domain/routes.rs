@@ -17,15 +17,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Mutex, OnceLock},
+    sync::Mutex,
 };
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::{Patch, PatchParams},
     core::PartialObjectMeta,
-    runtime::reflector::Store,
 };
 use serde_json::json;
 
@@ -64,35 +63,18 @@ pub fn platform_routes<'a>(
     routes
 }
 
-/// The MailDomain controller's cache the routes are computed from, and the
-/// resource version of each namespace's ConfigMap as this replica last
+/// The resource version of each namespace's ConfigMap as this replica last
 /// wrote it.
 #[derive(Default)]
 pub struct PlatformRoutes {
-    domains: OnceLock<Store<MailDomain>>,
     written: Mutex<HashMap<String, String>>,
 }
 
 impl PlatformRoutes {
-    /// Reads MailDomains from `store` from now on (the controller's cache).
-    pub fn use_store(&self, store: Store<MailDomain>) {
-        let _ = self.domains.set(store);
-    }
-
-    /// Every MailDomain in the controller's cache (empty before it is
-    /// set, and waits for the first full list).
-    pub async fn domains(&self) -> Vec<std::sync::Arc<MailDomain>> {
-        match self.domains.get() {
-            Some(store) => {
-                let _ = store.wait_until_ready().await;
-                store.state()
-            }
-            None => Vec::new(),
-        }
-    }
-
     /// Brings [`PLATFORM_ROUTES`] in `ns` up to date with the MailDomains
-    /// there; `cached` is the ConfigMap as the watch cache has it. Writes
+    /// there, from `domains` (the controller's full cache; never a partial
+    /// list, which would drop routes); `cached` is the ConfigMap as the watch
+    /// cache has it. Writes
     /// only when the routes changed or another writer touched it; returns
     /// whether it wrote.
     pub async fn sync(
@@ -101,28 +83,15 @@ impl PlatformRoutes {
         ns: &str,
         field_manager: &str,
         cached: Option<&PartialObjectMeta<ConfigMap>>,
+        domains: &[std::sync::Arc<MailDomain>],
     ) -> Result<bool, kube::Error> {
-        let routes = match self.domains.get() {
-            Some(store) => {
-                // Not before the first full list: a partial cache would drop routes.
-                let _ = store.wait_until_ready().await;
-                let domains = store.state();
-                platform_routes(
-                    domains
-                        .iter()
-                        .map(AsRef::as_ref)
-                        .filter(|md| md.metadata.namespace.as_deref() == Some(ns)),
-                    ns,
-                )
-            }
-            None => {
-                let domains = Api::<MailDomain>::namespaced(client.clone(), ns)
-                    .list(&ListParams::default())
-                    .await?
-                    .items;
-                platform_routes(&domains, ns)
-            }
-        };
+        let routes = platform_routes(
+            domains
+                .iter()
+                .map(AsRef::as_ref)
+                .filter(|md| md.metadata.namespace.as_deref() == Some(ns)),
+            ns,
+        );
         // A map of strings always renders; the error is only in the signature.
         let yaml = serde_yaml::to_string(&routes).map_err(|e| kube::Error::Service(e.into()))?;
         let hash = short_hash(yaml.as_bytes(), 16);

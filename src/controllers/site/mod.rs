@@ -20,11 +20,11 @@ use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams},
     runtime::{
-        Controller, WatchStreamExt,
+        Controller,
         controller::Action,
         events::EventType,
-        reflector::{self, ObjectRef, Store},
-        watcher::{Config, watcher},
+        reflector::{ObjectRef, Store},
+        watcher::Config,
     },
 };
 use serde_json::json;
@@ -342,14 +342,11 @@ pub async fn run(ctx: Arc<Context>) {
         Err(e) => tracing::warn!(error = %e, "building the site metrics failed"),
     }
     // The nodes, cached: a health check reads them from memory.
-    let (nodes, writer) = reflector::store();
-    // Filled in a task of its own, never behind the controller's polling.
-    let node_feed = watcher(Api::<Node>::all(ctx.client.clone()), Config::default())
-        .default_backoff()
-        .modify(trim_node)
-        .reflect(writer)
-        .touched_objects();
-    tokio::spawn(node_feed.for_each(|_| futures::future::ready(())));
+    let nodes = super::spawn_store(
+        Api::<Node>::all(ctx.client.clone()),
+        Config::default(),
+        trim_node,
+    );
     controller
         // Any node change may change any site's counts; sites are few.
         .watches(
@@ -368,13 +365,9 @@ pub async fn run(ctx: Arc<Context>) {
             move |obj, ctx| {
                 let nodes = nodes.clone();
                 async move {
-                    let result = tokio::time::timeout(
-                        super::RECONCILE_TIMEOUT,
-                        reconcile(obj.clone(), ctx.clone(), &nodes),
-                    )
-                    .await
-                    .unwrap_or(Err(Error::TimedOut(super::RECONCILE_TIMEOUT)));
-                    ctx.reset_backoff(CONTROLLER, obj.as_ref(), result)
+                    let timed_out = Error::TimedOut(super::RECONCILE_TIMEOUT);
+                    let run = reconcile(obj.clone(), ctx.clone(), &nodes);
+                    ctx.bounded(CONTROLLER, obj.as_ref(), run, timed_out).await
                 }
             },
             error_policy,
