@@ -8,6 +8,7 @@ use std::{
     sync::Arc,
 };
 
+use futures::future;
 use k8s_openapi::{
     NamespaceResourceScope,
     api::{
@@ -50,81 +51,99 @@ pub struct Applied {
 
 /// Applies every child that differs from what was last applied; returns the
 /// Deployments and the number of writes.
+///
+/// The sites go at once, and within a site in two rounds: the ConfigMap
+/// and NetworkPolicy first, so new pods never start with a stale
+/// configuration or unfenced, then the Deployment, Service and PDB. A
+/// reconcile waits for about two round trips instead of one per child. The
+/// first failure is returned; the writes already made stay (the next
+/// reconcile finds them applied).
 pub async fn apply_all(
     client: &Client,
     namespace: &str,
     children: &Children,
     caches: &Caches,
 ) -> Result<Applied, Error> {
-    let mut applied = Applied {
-        deployments: Vec::with_capacity(children.sites.len()),
-        writes: 0,
-    };
-    for site in &children.sites {
-        // Destructured without `..`: a new child must be applied here or the build fails.
-        let SiteChildren {
-            site: _,
-            config_map,
-            deployment,
-            service,
-            pdb,
-            network_policy,
-        } = site;
-        // The ConfigMap first, so new pods never start with a stale configuration.
-        apply_changed(
-            client,
-            namespace,
-            config_map,
-            &caches.config_maps,
-            &mut applied,
-        )
-        .await?;
-        apply_changed(client, namespace, service, &caches.services, &mut applied).await?;
-        apply_changed(client, namespace, pdb, &caches.pdbs, &mut applied).await?;
-        apply_changed(
-            client,
-            namespace,
-            network_policy,
-            &caches.network_policies,
-            &mut applied,
-        )
-        .await?;
-        let cached = cached(&caches.deployments, namespace, deployment);
-        let (wanted, hash) = with_applied_hash(deployment);
-        match cached.filter(|c| applied_hash(c.as_ref()) == Some(&hash)) {
-            Some(unchanged) => applied.deployments.push(unchanged.as_ref().clone()),
-            None => {
-                applied
-                    .deployments
-                    .push(apply(client, namespace, &wanted).await?);
-                applied.writes += 1;
-            }
-        }
-    }
     let Children {
-        sites: _,
+        sites,
         domain_service,
         endpoint_slices,
     } = children;
-    apply_changed(
-        client,
-        namespace,
-        domain_service,
-        &caches.services,
-        &mut applied,
-    )
-    .await?;
-    for slice in endpoint_slices.iter().flatten() {
-        apply_changed(
-            client,
-            namespace,
-            slice,
-            &caches.endpoint_slices,
-            &mut applied,
-        )
-        .await?;
+    let sites = future::try_join_all(
+        sites
+            .iter()
+            .map(|site| apply_site(client, namespace, site, caches)),
+    );
+    let domain_service = apply_changed(client, namespace, domain_service, &caches.services);
+    let slices = future::try_join_all(
+        endpoint_slices
+            .iter()
+            .flatten()
+            .map(|slice| apply_changed(client, namespace, slice, &caches.endpoint_slices)),
+    );
+    let (sites, service_written, slices_written) =
+        future::try_join3(sites, domain_service, slices).await?;
+    let mut applied = Applied {
+        deployments: Vec::with_capacity(sites.len()),
+        writes: usize::from(service_written)
+            + slices_written.into_iter().map(usize::from).sum::<usize>(),
+    };
+    for (deployment, writes) in sites {
+        applied.deployments.push(deployment);
+        applied.writes += writes;
     }
     Ok(applied)
+}
+
+/// Applies one site's children: the ConfigMap and NetworkPolicy, then the
+/// rest.
+/// Returns its Deployment (as applied, or as cached when unchanged) and the
+/// number of writes.
+async fn apply_site(
+    client: &Client,
+    namespace: &str,
+    site: &SiteChildren,
+    caches: &Caches,
+) -> Result<(Deployment, usize), Error> {
+    // Destructured without `..`: a new child must be applied here or the build fails.
+    let SiteChildren {
+        site: _,
+        config_map,
+        deployment,
+        service,
+        pdb,
+        network_policy,
+    } = site;
+    let (config_written, policy_written) = future::try_join(
+        apply_changed(client, namespace, config_map, &caches.config_maps),
+        apply_changed(client, namespace, network_policy, &caches.network_policies),
+    )
+    .await?;
+    let deployment = async {
+        let cached = cached(&caches.deployments, namespace, deployment);
+        let (wanted, hash) = with_applied_hash(deployment);
+        match cached.filter(|c| applied_hash(c.as_ref()) == Some(&hash)) {
+            Some(unchanged) => Ok((unchanged.as_ref().clone(), false)),
+            None => Ok((apply(client, namespace, &wanted).await?, true)),
+        }
+    };
+    let ((deployment, deployment_written), service_written, pdb_written) = future::try_join3(
+        deployment,
+        apply_changed(client, namespace, service, &caches.services),
+        apply_changed(client, namespace, pdb, &caches.pdbs),
+    )
+    .await?;
+    let writes = [
+        config_written,
+        policy_written,
+        deployment_written,
+        service_written,
+        pdb_written,
+    ]
+    .into_iter()
+    .map(usize::from)
+    .sum();
+    Ok((deployment, writes))
 }
 
 /// `obj` with [`APPLIED_HASH_ANNOTATION`] set to the hash of `obj`, and the hash.
@@ -151,14 +170,14 @@ where
     store.get(&ObjectRef::new(&obj.name_any()).within(namespace))
 }
 
-/// Applies `obj` unless `store` shows it as last applied in this form.
+/// Applies `obj` unless `store` shows it as last applied in this form;
+/// returns whether it wrote.
 async fn apply_changed<K, S>(
     client: &Client,
     namespace: &str,
     obj: &K,
     store: &Store<S>,
-    applied: &mut Applied,
-) -> Result<(), Error>
+) -> Result<bool, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + k8s_openapi::Resource
@@ -171,11 +190,11 @@ where
     let (wanted, hash) = with_applied_hash(obj);
     let unchanged =
         cached(store, namespace, obj).is_some_and(|c| applied_hash(c.as_ref()) == Some(&hash));
-    if !unchanged {
-        apply(client, namespace, &wanted).await?;
-        applied.writes += 1;
+    if unchanged {
+        return Ok(false);
     }
-    Ok(())
+    apply(client, namespace, &wanted).await?;
+    Ok(true)
 }
 
 /// Deletes children of `domain` that this pass did not apply, except those of
