@@ -14,6 +14,7 @@ pub mod signing_key;
 pub mod site;
 pub mod sla_target;
 pub mod status_write;
+pub mod watch_cache;
 
 use std::{
     collections::HashMap,
@@ -63,33 +64,22 @@ pub struct Context {
     pub resync: std::time::Duration,
 }
 
-/// A store of `api`'s objects matching `config`, each passed through `trim`
-/// first, filled by a watch in a task of its own until the process ends. A
-/// reconcile that waits for the store never holds back what fills it.
-pub fn spawn_store<K>(
-    api: kube::Api<K>,
-    config: kube::runtime::watcher::Config,
-    trim: fn(&mut K),
-) -> kube::runtime::reflector::Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+/// Where a watch cache's changes ask for reconciles: an unbounded channel,
+/// so the watch's task never waits for the controller.
+pub type Triggers<K> =
+    futures::channel::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<K>>;
+
+/// Asks `triggers` to reconcile each of `objects`; a controller already
+/// gone (the process is shutting down) is no error.
+pub fn trigger<K>(
+    triggers: &Triggers<K>,
+    objects: impl IntoIterator<Item = kube::runtime::reflector::ObjectRef<K>>,
+) where
+    K: Resource<DynamicType = ()>,
 {
-    use futures::StreamExt;
-    use kube::runtime::WatchStreamExt;
-    let (store, writer) = kube::runtime::reflector::store();
-    let feed = kube::runtime::watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .reflect(writer)
-        .touched_objects();
-    tokio::spawn(feed.for_each(|_| futures::future::ready(())));
-    store
+    for obj in objects {
+        let _ = triggers.unbounded_send(obj);
+    }
 }
 
 /// The longest a MailDomain or Site reconcile may take: one stuck request
@@ -106,9 +96,9 @@ pub const DEFAULT_RESYNC: std::time::Duration = std::time::Duration::from_secs(3
 #[derive(Default)]
 pub struct SharedStores {
     /// Every MailDomain.
-    pub mail_domains: std::sync::OnceLock<kube::runtime::reflector::Store<crate::api::MailDomain>>,
+    pub mail_domains: std::sync::OnceLock<watch_cache::Cache<crate::api::MailDomain>>,
     /// The EndpointSlices this operator made.
-    pub endpoint_slices: std::sync::OnceLock<kube::runtime::reflector::Store<EndpointSlice>>,
+    pub endpoint_slices: std::sync::OnceLock<watch_cache::Cache<EndpointSlice>>,
 }
 
 impl Context {

@@ -1,6 +1,8 @@
 //! What the MailDomain controller reads from memory: reflector stores, each
 //! filled by a watch in a task of its own (never by the controller's
-//! trigger polling: a reconcile waits for them). A reconcile finds the Sites,
+//! trigger polling: a reconcile waits for them). The same watches trigger
+//! the reconciles, each after its store holds the change, so a reconcile
+//! never reads a store older than what triggered it. A reconcile finds the Sites,
 //! SigningKeys, gateway Deployments and pods, and the names and labels of
 //! its other children here instead of asking the API server, so a converged
 //! platform costs watches only.
@@ -18,6 +20,7 @@
 
 use std::sync::Arc;
 
+use futures::channel::mpsc::UnboundedReceiver;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Pod, PodSpec, PodStatus, Service},
@@ -29,7 +32,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     core::PartialObjectMeta,
     runtime::{
-        reflector::{self, ObjectRef, Store},
+        reflector::{ObjectRef, Store},
         watcher::Config,
     },
 };
@@ -38,23 +41,26 @@ use serde::de::DeserializeOwned;
 use super::build::DOMAIN_LABEL;
 use crate::{
     api::{MailDomain, SigningKey, Site},
-    controllers::{MANAGED_BY, spawn_store},
+    controllers::{
+        MANAGED_BY, Triggers, trigger,
+        watch_cache::{self, Cache, Stopped},
+    },
 };
 
 /// The stores a reconcile reads.
 #[derive(Clone)]
 pub struct Caches {
     /// The controller's own store of MailDomains.
-    pub mail_domains: Store<MailDomain>,
-    pub sites: Store<Site>,
-    pub signing_keys: Store<SigningKey>,
-    pub deployments: Store<Deployment>,
-    pub pods: Store<Pod>,
-    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
-    pub services: Store<PartialObjectMeta<Service>>,
-    pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
-    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
-    pub endpoint_slices: Store<EndpointSlice>,
+    pub mail_domains: Cache<MailDomain>,
+    pub sites: Cache<Site>,
+    pub signing_keys: Cache<SigningKey>,
+    pub deployments: Cache<Deployment>,
+    pub pods: Cache<Pod>,
+    pub config_maps: Cache<PartialObjectMeta<ConfigMap>>,
+    pub services: Cache<PartialObjectMeta<Service>>,
+    pub pdbs: Cache<PartialObjectMeta<PodDisruptionBudget>>,
+    pub network_policies: Cache<PartialObjectMeta<NetworkPolicy>>,
+    pub endpoint_slices: Cache<EndpointSlice>,
 }
 
 /// The label selector of everything this operator made.
@@ -63,17 +69,75 @@ fn owned() -> Config {
 }
 
 /// A store of the metadata of `K`'s objects this operator made, filled by a
-/// task of its own.
-fn reflect_metadata<K>(client: &Client) -> Store<PartialObjectMeta<K>>
+/// task of its own; a change reconciles the MailDomain that owns the object.
+fn reflect_metadata<K>(
+    client: &Client,
+    triggers: &Triggers<MailDomain>,
+) -> Cache<PartialObjectMeta<K>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
     K: 'static,
 {
-    spawn_store(
+    watch_cache::spawn(
         Api::<PartialObjectMeta<K>>::all(client.clone()),
         owned(),
         drop_managed_fields,
+        owners(triggers),
     )
+}
+
+/// Reconciles the MailDomains that own a changed object.
+fn owners<K: Resource>(triggers: &Triggers<MailDomain>) -> impl FnMut(&K) + Send + 'static {
+    let triggers = triggers.clone();
+    move |obj| trigger(&triggers, owning_domains(obj))
+}
+
+/// The MailDomains among `obj`'s owners.
+fn owning_domains<K: Resource>(obj: &K) -> Vec<ObjectRef<MailDomain>> {
+    let Some(namespace) = obj.meta().namespace.as_deref() else {
+        return Vec::new();
+    };
+    let api_version = MailDomain::api_version(&());
+    obj.owner_references()
+        .iter()
+        .filter(|o| o.kind == MailDomain::kind(&()) && o.api_version == api_version)
+        .map(|o| ObjectRef::new(&o.name).within(namespace))
+        .collect()
+}
+
+/// The MailDomain a gateway pod serves, from its domain label.
+fn pod_domain(pod: &Pod) -> Option<ObjectRef<MailDomain>> {
+    let namespace = pod.namespace()?;
+    let md = pod.labels().get(DOMAIN_LABEL)?;
+    Some(ObjectRef::new(md).within(&namespace))
+}
+
+/// The MailDomains in `domains` that list the Site `site`.
+fn domains_on_site(domains: &Store<MailDomain>, site: &Site) -> Vec<ObjectRef<MailDomain>> {
+    let name = site.name_any();
+    domains
+        .state()
+        .iter()
+        .filter(|md| md.spec.sites.contains(&name))
+        .map(|md| ObjectRef::from_obj(md.as_ref()))
+        .collect()
+}
+
+/// The MailDomains in `domains` that sign with the SigningKey `key`.
+fn domains_signing_with(
+    domains: &Store<MailDomain>,
+    key: &SigningKey,
+) -> Vec<ObjectRef<MailDomain>> {
+    let name = key.name_any();
+    let namespace = key.namespace();
+    domains
+        .state()
+        .iter()
+        .filter(|md| {
+            md.namespace() == namespace && md.spec.signing_key_ref.as_deref() == Some(&name)
+        })
+        .map(|md| ObjectRef::from_obj(md.as_ref()))
+        .collect()
 }
 
 /// Drops what no reconcile reads from every cached object.
@@ -105,53 +169,85 @@ fn trim_deployment(deployment: &mut Deployment) {
     deployment.spec.template.spec = None;
 }
 
-/// Builds the stores; each fills in a task of its own.
-pub fn caches(client: &Client, mail_domains: Store<MailDomain>) -> Caches {
-    Caches {
-        mail_domains,
-        sites: spawn_store(
+/// Builds the stores, each filled in a task of its own, and the stream of
+/// the reconciles their changes ask for:
+/// - a MailDomain's change reconciles it;
+/// - a child's change reconciles the MailDomain that owns it;
+/// - a gateway pod's change (its readiness decides the domain's endpoints)
+///   reconciles the domain it serves;
+/// - a SigningKey's change (a new active generation rolls the gateways)
+///   reconciles the domains that sign with it;
+/// - a Site's change reconciles the domains that list it.
+pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomain>>) {
+    let (triggers, requests) = futures::channel::mpsc::unbounded();
+    let mail_domains = watch_cache::spawn(
+        Api::<MailDomain>::all(client.clone()),
+        Config::default(),
+        drop_managed_fields,
+        {
+            let triggers = triggers.clone();
+            move |md: &MailDomain| trigger(&triggers, [ObjectRef::from_obj(md)])
+        },
+    );
+    let caches = Caches {
+        sites: watch_cache::spawn(
             Api::<Site>::all(client.clone()),
             Config::default(),
             drop_managed_fields,
+            {
+                let (triggers, domains) = (triggers.clone(), mail_domains.clone());
+                move |site| trigger(&triggers, domains_on_site(&domains, site))
+            },
         ),
-        signing_keys: spawn_store(
+        signing_keys: watch_cache::spawn(
             Api::<SigningKey>::all(client.clone()),
             Config::default(),
             drop_managed_fields,
+            {
+                let (triggers, domains) = (triggers.clone(), mail_domains.clone());
+                move |key| trigger(&triggers, domains_signing_with(&domains, key))
+            },
         ),
-        deployments: spawn_store(
+        deployments: watch_cache::spawn(
             Api::<Deployment>::all(client.clone()),
             owned(),
             trim_deployment,
+            owners(&triggers),
         ),
-        pods: spawn_store(Api::<Pod>::all(client.clone()), owned(), trim_pod),
-        config_maps: reflect_metadata::<ConfigMap>(client),
-        services: reflect_metadata::<Service>(client),
-        pdbs: reflect_metadata::<PodDisruptionBudget>(client),
-        network_policies: reflect_metadata::<NetworkPolicy>(client),
-        endpoint_slices: spawn_store(
+        pods: watch_cache::spawn(Api::<Pod>::all(client.clone()), owned(), trim_pod, {
+            let triggers = triggers.clone();
+            move |pod| trigger(&triggers, pod_domain(pod))
+        }),
+        config_maps: reflect_metadata::<ConfigMap>(client, &triggers),
+        services: reflect_metadata::<Service>(client, &triggers),
+        pdbs: reflect_metadata::<PodDisruptionBudget>(client, &triggers),
+        network_policies: reflect_metadata::<NetworkPolicy>(client, &triggers),
+        endpoint_slices: watch_cache::spawn(
             Api::<EndpointSlice>::all(client.clone()),
             owned(),
             drop_managed_fields,
+            owners(&triggers),
         ),
-    }
+        mail_domains,
+    };
+    (caches, requests)
 }
 
 impl Caches {
     /// Waits until every store holds its first complete list; a reconcile
     /// must never take a store still filling for the truth (a Site not yet
     /// listed would look deleted).
-    pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.mail_domains.wait_until_ready().await?;
-        self.sites.wait_until_ready().await?;
-        self.signing_keys.wait_until_ready().await?;
-        self.deployments.wait_until_ready().await?;
-        self.pods.wait_until_ready().await?;
-        self.config_maps.wait_until_ready().await?;
-        self.services.wait_until_ready().await?;
-        self.pdbs.wait_until_ready().await?;
-        self.network_policies.wait_until_ready().await?;
-        self.endpoint_slices.wait_until_ready().await
+    pub async fn ready(&self) -> Result<(), Stopped> {
+        self.mail_domains.ready().await?;
+        self.sites.ready().await?;
+        self.signing_keys.ready().await?;
+        self.deployments.ready().await?;
+        self.pods.ready().await?;
+        self.config_maps.ready().await?;
+        self.services.ready().await?;
+        self.pdbs.ready().await?;
+        self.network_policies.ready().await?;
+        self.endpoint_slices.ready().await
     }
 
     /// The Site `name`, if it exists.
@@ -206,7 +302,89 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{Container, PodCondition};
+    use crate::controllers::mail_domain::{
+        build::tests::{domain, site},
+        status::tests::key,
+    };
+    use k8s_openapi::{
+        api::core::v1::{Container, PodCondition},
+        apimachinery::pkg::apis::meta::v1::OwnerReference,
+    };
+    use kube::runtime::watcher::Event;
+
+    fn owner(kind: &str, api_version: &str, name: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: format!("{name}-uid"),
+            ..OwnerReference::default()
+        }
+    }
+
+    /// A store holding `domains`, as the controller's watch fills it.
+    fn store_of(domains: Vec<MailDomain>) -> Store<MailDomain> {
+        let (store, mut writer) = kube::runtime::reflector::store();
+        for md in domains {
+            writer.apply_watcher_event(&Event::Apply(md));
+        }
+        store
+    }
+
+    #[test]
+    fn a_child_triggers_the_mail_domain_that_owns_it_and_nothing_else() {
+        let mut deployment = Deployment::default();
+        deployment.metadata.namespace = Some("mail".into());
+        deployment.metadata.owner_references = Some(vec![
+            owner("MailDomain", "pec.dev/v1alpha1", "acme"),
+            owner("MailDomain", "other.example/v1", "lookalike"),
+            owner("ReplicaSet", "apps/v1", "acme-dc-it1"),
+        ]);
+        assert_eq!(
+            owning_domains(&deployment),
+            vec![ObjectRef::<MailDomain>::new("acme").within("mail")]
+        );
+        deployment.metadata.owner_references = None;
+        assert!(
+            owning_domains(&deployment).is_empty(),
+            "an orphan triggers nothing"
+        );
+    }
+
+    #[test]
+    fn a_site_triggers_the_domains_that_list_it_and_a_key_those_that_sign_with_it() {
+        let mut other = domain(&["dc-it3"]);
+        other.metadata.name = Some("other".into());
+        other.spec.signing_key_ref = Some("other-key".into());
+        let domains = store_of(vec![domain(&["dc-it1", "dc-it2"]), other]);
+        let acme = ObjectRef::<MailDomain>::new("acme").within("mail");
+        assert_eq!(
+            domains_on_site(&domains, &site("dc-it2")),
+            vec![acme.clone()]
+        );
+        assert!(domains_on_site(&domains, &site("dc-it9")).is_empty());
+
+        let mut key = key(&["pec.acme.it"]);
+        key.metadata.namespace = Some("mail".into());
+        assert_eq!(domains_signing_with(&domains, &key), vec![acme]);
+        key.metadata.namespace = Some("elsewhere".into());
+        assert!(
+            domains_signing_with(&domains, &key).is_empty(),
+            "a key of the same name in another namespace"
+        );
+    }
+
+    #[test]
+    fn a_pod_triggers_the_domain_its_label_names() {
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some("mail".into());
+        assert_eq!(pod_domain(&pod), None, "no label, no domain");
+        pod.metadata.labels = Some([(DOMAIN_LABEL.to_string(), "acme".to_string())].into());
+        assert_eq!(
+            pod_domain(&pod),
+            Some(ObjectRef::new("acme").within("mail"))
+        );
+    }
 
     #[test]
     fn a_trimmed_pod_keeps_what_readiness_needs() {

@@ -22,23 +22,15 @@ pub mod status;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    core::v1::{ConfigMap, Pod, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
-    policy::v1::PodDisruptionBudget,
-};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
     Api, ResourceExt,
-    runtime::{
-        Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher::Config,
-    },
+    runtime::{Controller, controller::Action, events::EventType},
 };
 
 use super::Context;
 use crate::{
-    api::{MailDomain, SigningKey, Site},
+    api::{MailDomain, Site},
     conditions,
     failover::serving,
 };
@@ -62,7 +54,7 @@ pub enum Error {
     TimedOut(Duration),
     /// A watch cache was dropped (the controller is shutting down).
     #[error("the watch caches are gone: {0}")]
-    Cache(#[source] kube::runtime::reflector::store::WriterDropped),
+    Cache(#[source] super::watch_cache::Stopped),
     /// Reading a Secret, claim or ConfigMap the spec names failed.
     #[error("reading {kind} {name} failed: {source}")]
     FetchReference {
@@ -256,10 +248,9 @@ pub async fn reconcile(
     }
     publish_events(&ctx, &md, &old, &new, &before, &children, &removed).await;
     let after = requeue_after(plan.next_check, now, ctx.resync);
-    // Not Ready (a Site or SigningKey not yet in the cache, gateways not
-    // yet ready, a reference wrong): look again soon. The caches' watches
-    // are not the triggers' watches, so a trigger can arrive a moment before
-    // the cache shows what caused it.
+    // Not Ready: look again soon. Most causes (a Site, SigningKey or
+    // gateway pod) trigger a reconcile when they change, but a reference
+    // to a Secret does not: Secrets are read, never watched.
     if problems.is_empty() && conditions::is_true(&new.conditions, status::READY) {
         Ok(Action::requeue(after))
     } else {
@@ -437,12 +428,12 @@ fn error_policy(obj: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Actio
 /// Runs the MailDomain controller until shutdown.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
-    let controller = Controller::new(
-        Api::<MailDomain>::all(client.clone()),
-        Config::default().any_semantic(),
-    );
-    let store = controller.store();
-    match metrics::ServingCollector::new(store.clone()) {
+    // The caches' watches are the triggers: each change asks for its
+    // reconciles once the cache holds it (see `cache::caches`), the
+    // MailDomains' own changes included, so the controller needs no watch
+    // of its own.
+    let (caches, requests) = cache::caches(&client);
+    match metrics::ServingCollector::new(caches.mail_domains.store().clone()) {
         Ok(collector) => {
             if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
                 tracing::warn!(error = %e, "registering the serving-site metrics failed");
@@ -450,76 +441,31 @@ pub async fn run(ctx: Arc<Context>) {
         }
         Err(e) => tracing::warn!(error = %e, "building the serving-site metrics failed"),
     }
-    let caches = cache::caches(&client, store.clone());
     let _ = ctx
         .stores
         .endpoint_slices
         .set(caches.endpoint_slices.clone());
-    let _ = ctx.stores.mail_domains.set(store.clone());
-    let owned = || {
-        Config::default().labels(&format!(
-            "app.kubernetes.io/managed-by={}",
-            super::MANAGED_BY
-        ))
-    };
-    controller
-        .owns(Api::<Deployment>::all(client.clone()), owned())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned())
-        .owns(Api::<Service>::all(client.clone()), owned())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned())
-        .owns(Api::<NetworkPolicy>::all(client.clone()), owned())
-        .owns(Api::<EndpointSlice>::all(client.clone()), owned())
-        // Gateway readiness decides the endpoints of the domain Service.
-        .watches(Api::<Pod>::all(client.clone()), owned(), |pod: Pod| {
-            let namespace = pod.namespace()?;
-            let md = pod.labels().get(build::DOMAIN_LABEL)?;
-            Some(ObjectRef::<MailDomain>::new(md).within(&namespace))
-        })
-        // A SigningKey's new active generation rolls the domains that name it.
-        .watches(Api::<SigningKey>::all(client.clone()), Config::default(), {
-            let store = store.clone();
-            move |sk: SigningKey| {
-                let name = sk.name_any();
-                let ns = sk.namespace();
-                store
-                    .state()
-                    .iter()
-                    .filter(|md| {
-                        md.namespace() == ns && md.spec.signing_key_ref.as_deref() == Some(&name)
-                    })
-                    .map(|md| ObjectRef::from_obj(md.as_ref()))
-                    .collect::<Vec<_>>()
+    let _ = ctx.stores.mail_domains.set(caches.mail_domains.clone());
+    Controller::for_stream(
+        futures::stream::pending(),
+        caches.mail_domains.store().clone(),
+    )
+    .reconcile_on(requests)
+    .shutdown_on_signal()
+    .run(
+        move |obj, ctx| {
+            let caches = caches.clone();
+            async move {
+                let timed_out = Error::TimedOut(super::RECONCILE_TIMEOUT);
+                let run = reconcile(obj.clone(), ctx.clone(), &caches);
+                ctx.bounded(CONTROLLER, obj.as_ref(), run, timed_out).await
             }
-        })
-        // A Site appearing or changing re-reconciles the domains that list it.
-        .watches(
-            Api::<Site>::all(client),
-            Config::default(),
-            move |site: Site| {
-                let name = site.name_any();
-                store
-                    .state()
-                    .iter()
-                    .filter(|md| md.spec.sites.contains(&name))
-                    .map(|md| ObjectRef::from_obj(md.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .shutdown_on_signal()
-        .run(
-            move |obj, ctx| {
-                let caches = caches.clone();
-                async move {
-                    let timed_out = Error::TimedOut(super::RECONCILE_TIMEOUT);
-                    let run = reconcile(obj.clone(), ctx.clone(), &caches);
-                    ctx.bounded(CONTROLLER, obj.as_ref(), run, timed_out).await
-                }
-            },
-            error_policy,
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        },
+        error_policy,
+        ctx,
+    )
+    .for_each(|_| futures::future::ready(()))
+    .await;
 }
 
 #[cfg(test)]

@@ -487,7 +487,7 @@ pub fn duplicate(md: &MailDomain, holder: &MailDomain, now: DateTime<Utc>) -> Ma
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::controllers::mail_domain::{
         build::{labels, tests::domain},
@@ -638,7 +638,7 @@ mod tests {
         assert!(ready.message.contains("dc-it9"));
     }
 
-    fn key(dns_names: &[&str]) -> crate::api::SigningKey {
+    pub(crate) fn key(dns_names: &[&str]) -> crate::api::SigningKey {
         let spec = serde_json::from_value(serde_json::json!({
             "hsm": {"tokenLabel": "t", "pinSecretRef": {"name": "pin"}},
             "subject": {"commonName": "pec.acme.it"},

@@ -20,16 +20,12 @@ use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams},
     runtime::{
-        Controller,
-        controller::Action,
-        events::EventType,
-        reflector::{ObjectRef, Store},
-        watcher::Config,
+        Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher::Config,
     },
 };
 use serde_json::json;
 
-use super::{Context, finalizer};
+use super::{Context, finalizer, watch_cache::Cache};
 use crate::{
     api::{MailDomain, Site, SitePhase, SiteStatus},
     conditions,
@@ -58,7 +54,7 @@ pub enum Error {
     TimedOut(Duration),
     /// The node cache was dropped (the controller is shutting down).
     #[error("the node cache is gone: {0}")]
-    NodeCache(#[source] kube::runtime::reflector::store::WriterDropped),
+    NodeCache(#[source] super::watch_cache::Stopped),
     /// Listing MailDomains (for a maintenance or deletion check) failed.
     #[error("listing the MailDomains that list site {site} failed: {source}")]
     ListDomains {
@@ -109,7 +105,7 @@ impl Error {
 pub async fn reconcile(
     site: Arc<Site>,
     ctx: Arc<Context>,
-    nodes: &Store<Node>,
+    nodes: &Cache<Node>,
 ) -> Result<Action, Error> {
     let now = ctx.clock.now();
     let name = site.name_any();
@@ -201,9 +197,9 @@ pub async fn reconcile(
 /// The nodes `site` selects: from the node cache once it holds a full list;
 /// listed when it does not within [`CACHE_WAIT`] (a watch whose first list
 /// hangs, as around an etcd leader election, must not stop health checks).
-async fn site_nodes(ctx: &Context, site: &Site, nodes: &Store<Node>) -> Result<Vec<Node>, Error> {
+async fn site_nodes(ctx: &Context, site: &Site, nodes: &Cache<Node>) -> Result<Vec<Node>, Error> {
     let selector = &site.spec.node_selector;
-    match tokio::time::timeout(CACHE_WAIT, nodes.wait_until_ready()).await {
+    match tokio::time::timeout(CACHE_WAIT, nodes.ready()).await {
         Ok(ready) => {
             ready.map_err(Error::NodeCache)?;
             Ok(nodes
@@ -235,7 +231,7 @@ const CACHE_WAIT: Duration = Duration::from_secs(2);
 /// listed.
 async fn list_domains(ctx: &Context, site: &str) -> Result<Vec<MailDomain>, Error> {
     if let Some(store) = ctx.stores.mail_domains.get()
-        && store.wait_until_ready().await.is_ok()
+        && store.ready().await.is_ok()
     {
         return Ok(store.state().iter().map(|d| d.as_ref().clone()).collect());
     }
@@ -341,25 +337,24 @@ pub async fn run(ctx: Arc<Context>) {
         }
         Err(e) => tracing::warn!(error = %e, "building the site metrics failed"),
     }
-    // The nodes, cached: a health check reads them from memory.
-    let nodes = super::spawn_store(
+    // The nodes, cached: a health check reads them from memory. Any node
+    // change may change any site's counts (sites are few), so each asks
+    // for every site's reconcile, once the cache holds it.
+    let (triggers, requests) = futures::channel::mpsc::unbounded();
+    let nodes = super::watch_cache::spawn(
         Api::<Node>::all(ctx.client.clone()),
         Config::default(),
         trim_node,
+        move |_node: &Node| {
+            let sites = store.state();
+            super::trigger(
+                &triggers,
+                sites.iter().map(|s| ObjectRef::from_obj(s.as_ref())),
+            );
+        },
     );
     controller
-        // Any node change may change any site's counts; sites are few.
-        .watches(
-            Api::<Node>::all(ctx.client.clone()),
-            Config::default(),
-            move |_node: Node| {
-                store
-                    .state()
-                    .iter()
-                    .map(|s| ObjectRef::from_obj(s.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .reconcile_on(requests)
         .shutdown_on_signal()
         .run(
             move |obj, ctx| {

@@ -163,8 +163,8 @@ async fn cached_inputs(
 ) -> Option<(Vec<MailDomain>, Vec<EndpointSlice>)> {
     let domains = ctx.stores.mail_domains.get()?;
     let slices = ctx.stores.endpoint_slices.get()?;
-    domains.wait_until_ready().await.ok()?;
-    slices.wait_until_ready().await.ok()?;
+    domains.ready().await.ok()?;
+    slices.ready().await.ok()?;
     Some((
         domains
             .state()
@@ -228,6 +228,7 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
     // fetch, from the MailDomain controller's watch caches
     let Some((domains, slices)) = cached_inputs(&ctx, &namespace).await else {
         // The MailDomain controller has not filled them yet.
+        tracing::debug!("the MailDomain caches are not filled yet; again in 1 s");
         return Ok(Action::requeue(Duration::from_secs(1)));
     };
     let measured = status::select(&sla, &domains);
@@ -376,10 +377,11 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
 
     // status
     let status_every = chrono::Duration::seconds(sla.spec.status_interval_seconds.max(1).into());
-    if ctx
+    let due = ctx
         .sla
-        .should_write(&format!("{namespace}/{name}"), &new, now, status_every)
-    {
+        .should_write(&format!("{namespace}/{name}"), &new, now, status_every);
+    tracing::debug!(objects = new.objects.len(), write = due, "observed");
+    if due {
         write_status(&api, &name, &new).await?;
     }
     if previous.state != new.state
