@@ -178,10 +178,15 @@ impl Hsm {
 }
 
 impl Hsm {
+    /// The slot of the token labelled `label`. A token whose information
+    /// cannot be read is passed over, not an error: SoftHSM2, for one,
+    /// fails to read a token another process is rewriting (a failed login
+    /// rewrites it), and that token must not hide the others. An
+    /// uninitialised token has a blank label, so it never matches.
     fn find_slot(&self, label: &str) -> Result<cryptoki::slot::Slot, HsmError> {
         let slots = self
             .ctx
-            .get_slots_with_initialized_token()
+            .get_slots_with_token()
             .map_err(call("listing slots"))?;
         slots
             .into_iter()
