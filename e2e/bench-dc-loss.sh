@@ -27,9 +27,24 @@ init_hsm "$state/hsm"
 export PEC_E2E_OPERATOR
 PEC_E2E_OPERATOR=$(build_operator)
 cargo test --features e2e --test e2e --no-run --quiet 2>/dev/null
+# A cluster that fails to start is no measurement: its log is shown and it
+# is started once more; a second failure ends the benchmark.
+cluster_up() {
+  local env attempt
+  for attempt in 1 2; do
+    if env=$("$here/cluster.sh" up "$cluster" --three-sites 2>"$state/cluster-up.log"); then
+      eval "$env"
+      return 0
+    fi
+    echo "run $run: the cluster did not start (attempt $attempt):" >&2
+    tail -n 20 "$state/cluster-up.log" >&2
+    "$here/cluster.sh" down "$cluster" >/dev/null 2>&1 || true
+  done
+  return 1
+}
 figures=()
 for run in $(seq 1 "$runs"); do
-  eval "$("$here/cluster.sh" up "$cluster" --three-sites 2>/dev/null)"
+  cluster_up || exit 1
   cp_dir=$(dirname "$KUBECONFIG")
   install_chart
   logs="$state/run-$run"
