@@ -230,6 +230,11 @@ struct RunArgs {
     /// triggers: the safety net under the watches.
     #[arg(long, env = "PEC_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// Reconciles each controller runs at once. More converge a large
+    /// platform sooner on a roomy control plane; fewer spare a small one
+    /// (the Lease renewals share it).
+    #[arg(long, env = "PEC_MAX_CONCURRENT_RECONCILES", default_value_t = controllers::DEFAULT_CONCURRENCY)]
+    max_concurrent_reconciles: u16,
 }
 
 #[tokio::main]
@@ -449,7 +454,8 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         )
         .with_hsm(hsm)
         .with_gateway_defaults(gateway_defaults)
-        .with_resync(std::time::Duration::from_secs(args.resync_seconds)),
+        .with_resync(std::time::Duration::from_secs(args.resync_seconds))
+        .with_concurrency(args.max_concurrent_reconciles),
     );
     // The controllers stop by themselves on SIGTERM or Ctrl-C.
     let lost = tokio::select! {

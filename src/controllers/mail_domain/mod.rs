@@ -451,6 +451,7 @@ pub async fn run(ctx: Arc<Context>) {
         caches.mail_domains.store().clone(),
     )
     .reconcile_on(requests)
+    .with_config(ctx.controller_config())
     .shutdown_on_signal()
     .run(
         move |obj, ctx| {

@@ -616,6 +616,7 @@ pub async fn run(ctx: Arc<Context>) {
                 Some(ObjectRef::<SigningKey>::new(key).within(&ns))
             },
         )
+        .with_config(ctx.controller_config())
         .shutdown_on_signal()
         .run(
             |obj, ctx| async move {

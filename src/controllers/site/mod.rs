@@ -355,6 +355,7 @@ pub async fn run(ctx: Arc<Context>) {
     );
     controller
         .reconcile_on(requests)
+        .with_config(ctx.controller_config())
         .shutdown_on_signal()
         .run(
             move |obj, ctx| {

@@ -581,6 +581,7 @@ pub async fn run(ctx: Arc<Context>) {
     );
     register_metrics(&ctx, controller.store());
     controller
+        .with_config(ctx.controller_config())
         .shutdown_on_signal()
         .run(
             |obj, ctx| async move {
