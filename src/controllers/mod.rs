@@ -66,24 +66,6 @@ pub struct Context {
     pub concurrency: u16,
 }
 
-/// Where a watch cache's changes ask for reconciles: an unbounded channel,
-/// so the watch's task never waits for the controller.
-pub type Triggers<K> =
-    futures::channel::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<K>>;
-
-/// Asks `triggers` to reconcile each of `objects`; a controller already
-/// gone (the process is shutting down) is no error.
-pub fn trigger<K>(
-    triggers: &Triggers<K>,
-    objects: impl IntoIterator<Item = kube::runtime::reflector::ObjectRef<K>>,
-) where
-    K: Resource<DynamicType = ()>,
-{
-    for obj in objects {
-        let _ = triggers.unbounded_send(obj);
-    }
-}
-
 /// The longest a MailDomain or Site reconcile may take: one stuck request
 /// (the client's own read timeout is minutes, for watches) must not hold
 /// that object's reconciles, and so its failover, behind it. It is

@@ -119,6 +119,23 @@ where
     Cache { store, ready }
 }
 
+/// Where a watch cache's changes ask for reconciles: an unbounded channel,
+/// so the watch's task never waits for the controller.
+pub type Triggers<K> = futures::channel::mpsc::UnboundedSender<reflector::ObjectRef<K>>;
+
+/// Asks `triggers` to reconcile each of `objects`; a controller already
+/// gone (the process is shutting down) is no error.
+pub fn trigger<K>(
+    triggers: &Triggers<K>,
+    objects: impl IntoIterator<Item = reflector::ObjectRef<K>>,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    for obj in objects {
+        let _ = triggers.unbounded_send(obj);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,8 +42,8 @@ use super::build::DOMAIN_LABEL;
 use crate::{
     api::{MailDomain, SigningKey, Site},
     controllers::{
-        MANAGED_BY, Triggers, trigger,
-        watch_cache::{self, Cache, Stopped},
+        MANAGED_BY,
+        watch_cache::{self, Cache, Stopped, Triggers, trigger},
     },
 };
 
@@ -103,6 +103,17 @@ fn owning_domains<K: Resource>(obj: &K) -> Vec<ObjectRef<MailDomain>> {
         .filter(|o| o.kind == MailDomain::kind(&()) && o.api_version == api_version)
         .map(|o| ObjectRef::new(&o.name).within(namespace))
         .collect()
+}
+
+/// Reconciles the MailDomains `domains_of` finds in `domains` for a
+/// changed object.
+fn related<K: 'static>(
+    triggers: &Triggers<MailDomain>,
+    domains: &Cache<MailDomain>,
+    domains_of: fn(&Store<MailDomain>, &K) -> Vec<ObjectRef<MailDomain>>,
+) -> impl FnMut(&K) + Send + 'static {
+    let (triggers, domains) = (triggers.clone(), domains.clone());
+    move |obj| trigger(&triggers, domains_of(&domains, obj))
 }
 
 /// The MailDomain a gateway pod serves, from its domain label.
@@ -194,19 +205,13 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
             Api::<Site>::all(client.clone()),
             Config::default(),
             drop_managed_fields,
-            {
-                let (triggers, domains) = (triggers.clone(), mail_domains.clone());
-                move |site| trigger(&triggers, domains_on_site(&domains, site))
-            },
+            related(&triggers, &mail_domains, domains_on_site),
         ),
         signing_keys: watch_cache::spawn(
             Api::<SigningKey>::all(client.clone()),
             Config::default(),
             drop_managed_fields,
-            {
-                let (triggers, domains) = (triggers.clone(), mail_domains.clone());
-                move |key| trigger(&triggers, domains_signing_with(&domains, key))
-            },
+            related(&triggers, &mail_domains, domains_signing_with),
         ),
         deployments: watch_cache::spawn(
             Api::<Deployment>::all(client.clone()),

@@ -347,7 +347,7 @@ pub async fn run(ctx: Arc<Context>) {
         trim_node,
         move |_node: &Node| {
             let sites = store.state();
-            super::trigger(
+            super::watch_cache::trigger(
                 &triggers,
                 sites.iter().map(|s| ObjectRef::from_obj(s.as_ref())),
             );
