@@ -28,8 +28,10 @@ pub fn token() -> Token {
     loop {
         match hsm().login(&label, &pin) {
             Ok(token) => return token,
-            // Up to about 5 s: the operators may be writing several keys.
-            Err(e) if attempt < 20 => {
+            // Up to about 20 s: the operators may be writing several keys,
+            // and the crash test's replicas make one each second or so; 5 s
+            // was seen not to be enough there.
+            Err(e) if attempt < 80 => {
                 eprintln!("log in to the test token, attempt {attempt}: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(250));
                 attempt += 1;
