@@ -344,20 +344,24 @@ fn now() -> chrono::DateTime<chrono::Utc> {
     pec_operator::clock::Clock::now(&pec_operator::clock::SystemClock)
 }
 
-/// The operator's resident memory in MiB, from its own metrics on `port`
-/// (`process_resident_memory_bytes`; the process may have been restarted).
-fn rss_mib(port: &str) -> Option<f64> {
+/// The value of the operator's own metric `name` (unlabelled), from its
+/// metrics on `port` (the process may have been restarted).
+fn operator_metric(port: &str, name: &str) -> Option<f64> {
     let out = std::process::Command::new("curl")
         .args(["-fsS", &format!("http://127.0.0.1:{port}/metrics")])
         .output()
         .ok()?;
-    let bytes: f64 = String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))?
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
         .trim()
         .parse()
-        .ok()?;
-    Some(bytes / 1024.0 / 1024.0)
+        .ok()
+}
+
+/// The operator's resident memory in MiB.
+fn rss_mib(port: &str) -> Option<f64> {
+    operator_metric(port, "process_resident_memory_bytes").map(|b| b / 1024.0 / 1024.0)
 }
 
 /// Requests per second over a minute of steady state, and the writes of
@@ -429,7 +433,7 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     for n in sizes {
-        rollout(&client, n).await?;
+        rollout(&client, n, audit_log.as_deref(), port.as_deref()).await?;
         if let Some(port) = &port {
             println!(
                 "  operator memory after convergence: {:.1} MiB",
@@ -444,8 +448,16 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
-/// The convergence figures for `n` domains, plain client first.
-async fn rollout(client: &Client, n: usize) -> Result<(), BoxError> {
+/// The convergence figures for `n` domains, plain client first, and the
+/// operator's requests per domain while it converged (from the audit log
+/// at `audit_log`, when there is one) and the CPU it spent (from its
+/// metrics on `port`).
+async fn rollout(
+    client: &Client,
+    n: usize,
+    audit_log: Option<&str>,
+    port: Option<&str>,
+) -> Result<(), BoxError> {
     let client = client.clone();
     let tag = std::process::id();
     println!(
@@ -465,8 +477,37 @@ async fn rollout(client: &Client, n: usize) -> Result<(), BoxError> {
     Api::<Namespace>::all(client.clone())
         .delete(&plain_ns, &Default::default())
         .await?;
+    let cpu = || port.and_then(|p| operator_metric(p, "process_cpu_seconds_total"));
+    // Before the first MailDomain the series may not exist yet: zero.
+    let reconciles = || {
+        let metric = |m: &str| {
+            operator_metric(port?, &format!("{m}{{controller=\"maildomain\"}}")).or(Some(0.0))
+        };
+        Some((
+            metric("pec_reconcile_duration_seconds_count")?,
+            metric("pec_reconcile_duration_seconds_sum")?,
+        ))
+    };
+    let cpu_before = cpu();
+    let reconciles_before = reconciles();
+    let from = now();
     let (op_applied, op_ready) =
         run_operator(&client, &format!("bench-operator-{tag}-{n}"), n).await?;
+    let to = now();
+    if let (Some(before), Some(after)) = (cpu_before, cpu()) {
+        println!(
+            "  operator CPU while converging: {:.1} s ({:.0}% of one core)",
+            after - before,
+            100.0 * (after - before) / op_ready.as_secs_f64()
+        );
+    }
+    if let (Some((count0, sum0)), Some((count1, sum1))) = (reconciles_before, reconciles()) {
+        println!(
+            "  MailDomain reconciles while converging: {:.1} per domain, {:.2} s each on average",
+            (count1 - count0) / n as f64,
+            (sum1 - sum0) / (count1 - count0).max(1.0)
+        );
+    }
     println!(
         "operator     : applied {:>7.2} s, all Deployments ready {:>7.2} s (and every status written)",
         op_applied.as_secs_f64(),
@@ -476,5 +517,31 @@ async fn rollout(client: &Client, n: usize) -> Result<(), BoxError> {
         "ratio operator/plain (to all ready): {:.2}",
         op_ready.as_secs_f64() / plain_ready.as_secs_f64()
     );
+    if let Some(log) = audit_log {
+        let requests = audit(log)?;
+        let last_deployment = requests
+            .iter()
+            .filter(|r| r.at >= from && r.at < to && r.resource == "deployments.apps")
+            .map(|r| r.at)
+            .max();
+        if let Some(at) = last_deployment {
+            println!(
+                "  operator's last Deployment write: {:.2} s after the first MailDomain",
+                (at - from).num_milliseconds() as f64 / 1000.0
+            );
+        }
+        let by_kind = count_by(&requests, from, to, |r| {
+            (!r.resource.starts_with("leases.")).then(|| format!("{} {}", r.verb, r.resource))
+        });
+        println!(
+            "  operator requests per domain while converging: {:.1} ({})",
+            by_kind.values().sum::<usize>() as f64 / n as f64,
+            by_kind
+                .iter()
+                .map(|(what, k)| format!("{what} {:.2}", *k as f64 / n as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok(())
 }
