@@ -235,6 +235,12 @@ struct RunArgs {
     /// (the Lease renewals share it).
     #[arg(long, env = "PEC_MAX_CONCURRENT_RECONCILES", default_value_t = controllers::DEFAULT_CONCURRENCY)]
     max_concurrent_reconciles: u16,
+    /// Milliseconds the MailDomain controller waits for a domain to stop
+    /// changing before it reconciles it: the burst of changes a rollout
+    /// makes (each gateway pod turning ready) becomes one reconcile. 0
+    /// reconciles at every change.
+    #[arg(long, env = "PEC_RECONCILE_DEBOUNCE_MS", default_value_t = controllers::DEFAULT_DEBOUNCE.as_millis() as u64)]
+    reconcile_debounce_ms: u64,
 }
 
 #[tokio::main]
@@ -455,7 +461,8 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         .with_hsm(hsm)
         .with_gateway_defaults(gateway_defaults)
         .with_resync(std::time::Duration::from_secs(args.resync_seconds))
-        .with_concurrency(args.max_concurrent_reconciles),
+        .with_concurrency(args.max_concurrent_reconciles)
+        .with_debounce(std::time::Duration::from_millis(args.reconcile_debounce_ms)),
     );
     // The controllers stop by themselves on SIGTERM or Ctrl-C.
     let lost = tokio::select! {

@@ -139,6 +139,16 @@ impl Metrics {
         self.registry.register(collector)
     }
 
+    /// Registers the scrape-time collector a controller `built` (its
+    /// constructor's result). One that could not be built or registered is
+    /// logged, and the operator runs on without those metrics: they are
+    /// worth less than the reconciles.
+    pub fn install<C: Collector + 'static>(&self, what: &str, built: Result<C, prometheus::Error>) {
+        if let Err(e) = built.and_then(|c| self.register_collector(Box::new(c))) {
+            tracing::warn!(error = %e, metrics = what, "installing scrape-time metrics failed");
+        }
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::new();

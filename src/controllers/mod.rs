@@ -64,6 +64,11 @@ pub struct Context {
     pub resync: std::time::Duration,
     /// How many reconciles each controller runs at once.
     pub concurrency: u16,
+    /// How long the MailDomain controller waits for a domain to stop
+    /// changing before it reconciles it. The other controllers do not wait:
+    /// a Site is triggered by every node's change, and a trailing debounce
+    /// would hold it back for as long as some node keeps changing.
+    pub debounce: std::time::Duration,
 }
 
 /// The longest a MailDomain or Site reconcile may take: one stuck request
@@ -77,6 +82,12 @@ pub const RECONCILE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// object does not flood the API server and starve its own Lease renewals
 /// (1,000 domains reconciled all at once did, on a small control plane).
 pub const DEFAULT_CONCURRENCY: u16 = 16;
+
+/// The default [`Context::debounce`]: long enough that a gateway rollout's
+/// pods, turning ready within moments of each other, make one reconcile of
+/// their domain rather than one each; short beside the failover bounds,
+/// whose detection is counted in seconds.
+pub const DEFAULT_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The default [`Context::resync`].
 pub const DEFAULT_RESYNC: std::time::Duration = std::time::Duration::from_secs(300);
@@ -113,6 +124,7 @@ impl Context {
             stores: SharedStores::default(),
             resync: DEFAULT_RESYNC,
             concurrency: DEFAULT_CONCURRENCY,
+            debounce: DEFAULT_DEBOUNCE,
         }
     }
 
@@ -126,6 +138,13 @@ impl Context {
     /// reconciles per controller at once.
     pub fn with_concurrency(mut self, concurrency: u16) -> Self {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// The same context waiting `debounce` for a MailDomain to stop
+    /// changing before reconciling it.
+    pub fn with_debounce(mut self, debounce: std::time::Duration) -> Self {
+        self.debounce = debounce;
         self
     }
 
@@ -222,7 +241,7 @@ impl Context {
 
     /// Publishes an Event about `obj`. Failing to publish is logged, never fatal:
     /// an Event is a story for people, not state.
-    pub async fn event<K>(&self, obj: &K, type_: EventType, reason: &str, note: String)
+    pub fn event<K>(&self, obj: &K, type_: EventType, reason: &str, note: String)
     where
         K: Resource<DynamicType = ()>,
     {
@@ -233,9 +252,18 @@ impl Context {
             action: reason.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "publishing an event failed");
-        }
+        let (recorder, object, reason) = (
+            self.recorder.clone(),
+            obj.object_ref(&()),
+            reason.to_string(),
+        );
+        // In the background: a reconcile does not wait a round trip per
+        // Event (a failed one is only logged, as before).
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &object).await {
+                tracing::warn!(error = %e, %reason, "publishing an event failed");
+            }
+        });
     }
 }
 

@@ -151,6 +151,36 @@ fn domains_signing_with(
         .collect()
 }
 
+/// Which MailDomain changes ask for a reconcile: a domain seen for the
+/// first time, a new generation (its spec changed) or its deletion
+/// starting. A change of status or metadata alone does not: most are this
+/// controller's own status writes, and the reconcile that wrote one has
+/// already acted on what it reports (the way controller-runtime's
+/// `GenerationChangedPredicate` filters). A relist after a broken watch
+/// still catches a spec changed meanwhile, by its generation.
+#[derive(Default)]
+struct SpecChanges {
+    seen: std::collections::HashMap<ObjectRef<MailDomain>, (Option<i64>, bool)>,
+}
+
+impl SpecChanges {
+    /// Whether `md`'s change asks for a reconcile; `held` says whether the
+    /// store still holds a domain (one it no longer holds was deleted, and
+    /// is forgotten here too).
+    fn changed(&mut self, md: &MailDomain, held: impl Fn(&ObjectRef<MailDomain>) -> bool) -> bool {
+        let key = ObjectRef::from_obj(md);
+        if !held(&key) {
+            self.seen.remove(&key);
+            return false;
+        }
+        let now = (
+            md.metadata.generation,
+            md.metadata.deletion_timestamp.is_some(),
+        );
+        self.seen.insert(key, now) != Some(now)
+    }
+}
+
 /// Drops what no reconcile reads from every cached object.
 fn drop_managed_fields<K: Resource>(obj: &mut K) {
     obj.managed_fields_mut().clear();
@@ -191,15 +221,26 @@ fn trim_deployment(deployment: &mut Deployment) {
 /// - a Site's change reconciles the domains that list it.
 pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomain>>) {
     let (triggers, requests) = futures::channel::mpsc::unbounded();
+    // The store the callback below reads is the one `spawn` makes: set
+    // before the watch's task delivers its first event to it.
+    let store = Arc::new(std::sync::OnceLock::<Store<MailDomain>>::new());
     let mail_domains = watch_cache::spawn(
         Api::<MailDomain>::all(client.clone()),
         Config::default(),
         drop_managed_fields,
         {
-            let triggers = triggers.clone();
-            move |md: &MailDomain| trigger(&triggers, [ObjectRef::from_obj(md)])
+            let (triggers, store) = (triggers.clone(), store.clone());
+            let mut seen = SpecChanges::default();
+            move |md: &MailDomain| {
+                let held =
+                    |key: &ObjectRef<MailDomain>| store.get().is_none_or(|s| s.get(key).is_some());
+                if seen.changed(md, held) {
+                    trigger(&triggers, [ObjectRef::from_obj(md)]);
+                }
+            }
         },
     );
+    let _ = store.set(mail_domains.store().clone());
     let caches = Caches {
         sites: watch_cache::spawn(
             Api::<Site>::all(client.clone()),
@@ -306,6 +347,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::SpecChanges;
     use super::*;
     use crate::controllers::mail_domain::{
         build::tests::{domain, site},
@@ -429,5 +471,28 @@ mod tests {
         assert_eq!(status.host_ip, None);
         assert_eq!(pod.metadata.annotations, None);
         assert_eq!(pod.labels()["pec.dev/site"], "dc-it1");
+    }
+
+    #[test]
+    fn only_a_new_domain_a_new_generation_or_a_deletion_asks_for_a_reconcile() {
+        let mut md: MailDomain = serde_yaml::from_str(include_str!(
+            "../../../examples/20-maildomain-standard.yaml"
+        ))
+        .expect("the example parses");
+        md.metadata.generation = Some(1);
+        let mut seen = SpecChanges::default();
+        let held = |_: &ObjectRef<MailDomain>| true;
+        assert!(seen.changed(&md, held), "first seen");
+        md.status = Some(Default::default());
+        assert!(!seen.changed(&md, held), "status alone");
+        md.metadata.generation = Some(2);
+        assert!(seen.changed(&md, held), "the spec changed");
+        md.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+        );
+        assert!(seen.changed(&md, held), "deletion started");
+        assert!(!seen.changed(&md, |_| false), "gone: nothing to reconcile");
+        assert!(seen.seen.is_empty(), "and forgotten");
+        assert!(seen.changed(&md, held), "made again under the same name");
     }
 }

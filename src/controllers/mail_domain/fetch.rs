@@ -24,22 +24,29 @@ pub async fn references(
     let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace);
-    let mut refs = Referenced {
-        tls: fetch(&secrets, "Secret", gateway.tls_secret_ref.as_deref()).await?,
-        mailboxes: fetch(&secrets, "Secret", gateway.mailboxes_secret_ref.as_deref()).await?,
-        claim: fetch(
+    // At once: a reconcile waits one round trip for all of them.
+    let (tls, mailboxes, claim, providers) = futures::future::try_join4(
+        fetch(&secrets, "Secret", gateway.tls_secret_ref.as_deref()),
+        fetch(&secrets, "Secret", gateway.mailboxes_secret_ref.as_deref()),
+        fetch(
             &claims,
             "PersistentVolumeClaim",
             gateway.storage_claim_name.as_deref(),
-        )
-        .await?,
-        providers: Vec::with_capacity(gateway.providers.len()),
-    };
-    for name in &gateway.providers {
-        refs.providers
-            .extend(fetch(&config_maps, "ConfigMap", Some(name)).await?);
-    }
-    Ok(refs)
+        ),
+        futures::future::try_join_all(
+            gateway
+                .providers
+                .iter()
+                .map(|name| fetch(&config_maps, "ConfigMap", Some(name))),
+        ),
+    )
+    .await?;
+    Ok(Referenced {
+        tls,
+        mailboxes,
+        claim,
+        providers: providers.into_iter().flatten().collect(),
+    })
 }
 
 /// `name` through `api`, when a name is given.

@@ -291,8 +291,7 @@ async fn refuse_duplicate(
     if ready(&old) != ready(&new)
         && let Some(c) = conditions::find(&new.conditions, status::READY)
     {
-        ctx.event(md, EventType::Warning, &c.reason, c.message.clone())
-            .await;
+        ctx.event(md, EventType::Warning, &c.reason, c.message.clone());
     }
     Ok(Action::requeue(RECHECK))
 }
@@ -345,7 +344,7 @@ async fn record_switch(
         to.join(", ")
     );
     tracing::info!(domain = %md.spec.domain, %reason, from = ?from, to = ?to, "switched serving sites");
-    ctx.event(md, type_, "Failover", note).await;
+    ctx.event(md, type_, "Failover", note);
 }
 
 /// Events for what a person would want to know: readiness flips, missing
@@ -369,8 +368,7 @@ async fn publish_events(
             } else {
                 EventType::Warning
             };
-            ctx.event(md, type_, &ready.reason, ready.message.clone())
-                .await;
+            ctx.event(md, type_, &ready.reason, ready.message.clone());
         }
     }
     let was_stranded = conditions::is_true(&old.conditions, status::NO_HEALTHY_SITE);
@@ -383,8 +381,7 @@ async fn publish_events(
             EventType::Warning,
             status::NO_HEALTHY_SITE,
             c.message.clone(),
-        )
-        .await;
+        );
     }
     for site in &children.sites {
         let hash_of = |d: &Deployment| {
@@ -405,13 +402,12 @@ async fn publish_events(
                 "gateway configuration changed; rolling the gateways of site {}",
                 site.site
             );
-            ctx.event(md, EventType::Normal, "ConfigChanged", note)
-                .await;
+            ctx.event(md, EventType::Normal, "ConfigChanged", note);
         }
     }
     for site in removed {
         let note = format!("site {site} is no longer listed; its gateways were removed");
-        ctx.event(md, EventType::Normal, "SiteRemoved", note).await;
+        ctx.event(md, EventType::Normal, "SiteRemoved", note);
     }
 }
 
@@ -433,14 +429,10 @@ pub async fn run(ctx: Arc<Context>) {
     // MailDomains' own changes included, so the controller needs no watch
     // of its own.
     let (caches, requests) = cache::caches(&client);
-    match metrics::ServingCollector::new(caches.mail_domains.store().clone()) {
-        Ok(collector) => {
-            if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
-                tracing::warn!(error = %e, "registering the serving-site metrics failed");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "building the serving-site metrics failed"),
-    }
+    ctx.metrics.install(
+        "serving sites",
+        metrics::ServingCollector::new(caches.mail_domains.store().clone()),
+    );
     let _ = ctx
         .stores
         .endpoint_slices
@@ -451,7 +443,7 @@ pub async fn run(ctx: Arc<Context>) {
         caches.mail_domains.store().clone(),
     )
     .reconcile_on(requests)
-    .with_config(ctx.controller_config())
+    .with_config(ctx.controller_config().debounce(ctx.debounce))
     .shutdown_on_signal()
     .run(
         move |obj, ctx| {

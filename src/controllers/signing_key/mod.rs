@@ -220,8 +220,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                             info.serial,
                             info.not_after.to_rfc3339()
                         );
-                        ctx.event(sk.as_ref(), EventType::Normal, "Issued", note)
-                            .await;
+                        ctx.event(sk.as_ref(), EventType::Normal, "Issued", note);
                     }
                     Ok(issue::Outcome::Waiting { reason, message }) => {
                         work.waiting = Some(status::Waiting { reason, message });
@@ -237,8 +236,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                             .inc();
                         tracing::warn!(error = %e, generation = n, reason, "issuing failed; retrying with backoff");
                         let note = format!("generation {n}: {e}; retrying with backoff");
-                        ctx.event(sk.as_ref(), EventType::Warning, reason, note)
-                            .await;
+                        ctx.event(sk.as_ref(), EventType::Warning, reason, note);
                         commit(&ctx, &sk, &ns, &mut work, &policy, now).await?;
                         let at = work.state.backoff.retry_at.unwrap_or(now);
                         break Action::requeue(until(at, now, ctx.resync));
@@ -258,8 +256,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                     publish::secret_name(&sk),
                     publish::index_name(&sk)
                 );
-                ctx.event(sk.as_ref(), EventType::Normal, "Published", note)
-                    .await;
+                ctx.event(sk.as_ref(), EventType::Normal, "Published", note);
             }
             Step::Activate(n) => {
                 let emergency = work.state.next.as_ref().is_some_and(|g| g.emergency);
@@ -279,8 +276,7 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
                 let note = format!(
                     "generation {n} is active; the gateways of the MailDomains using this key roll to it"
                 );
-                ctx.event(sk.as_ref(), EventType::Normal, "Activated", note)
-                    .await;
+                ctx.event(sk.as_ref(), EventType::Normal, "Activated", note);
                 tracing::info!(generation = n, kind, "signing key generation activated");
             }
         }
@@ -366,8 +362,7 @@ async fn revoke(
         let note = format!(
             "spec.revoke.generation {n} names no issued generation of this key (see status.current.generation)"
         );
-        ctx.event(sk, EventType::Warning, "RevokeUnknownGeneration", note)
-            .await;
+        ctx.event(sk, EventType::Warning, "RevokeUnknownGeneration", note);
         return Ok(());
     };
     let serial = detail.serial.clone();
@@ -409,7 +404,7 @@ async fn revoke(
         r.reason
     );
     tracing::warn!(generation = n, reason = ?r.reason, "certificate revoked");
-    ctx.event(sk, EventType::Warning, "Revoked", note).await;
+    ctx.event(sk, EventType::Warning, "Revoked", note);
     commit(ctx, sk, ns, work, policy, now).await
 }
 
@@ -444,7 +439,7 @@ async fn destroy_retired(
         Ok(()) => {
             work.details.entry(n).or_default().key_destroyed = true;
             let note = format!("generation {n}: retired key destroyed in the token");
-            ctx.event(sk, EventType::Normal, "KeyDestroyed", note).await;
+            ctx.event(sk, EventType::Normal, "KeyDestroyed", note);
             commit(ctx, sk, ns, work, policy, now).await
         }
         Err(e) => {
@@ -525,8 +520,7 @@ async fn finalize(sk: &SigningKey, ctx: &Context, ns: &str) -> Result<Action, Er
         ));
         new.conditions = conds;
         if new != old {
-            ctx.event(sk, EventType::Warning, "DeletionRefused", message)
-                .await;
+            ctx.event(sk, EventType::Warning, "DeletionRefused", message);
         }
         write_status(ctx, sk, ns, &old, &new).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
@@ -541,8 +535,7 @@ async fn finalize(sk: &SigningKey, ctx: &Context, ns: &str) -> Result<Action, Er
                 e.reason(),
                 sk.spec.hsm.token_label
             );
-            ctx.event(sk, EventType::Warning, "KeysLeftInToken", note)
-                .await;
+            ctx.event(sk, EventType::Warning, "KeysLeftInToken", note);
         }
     }
     // The key's certificates leave the platform's trust with it (its index
@@ -570,8 +563,7 @@ async fn announce_expiring(
         && c.status == "True"
         && !was
     {
-        ctx.event(sk, EventType::Warning, status::EXPIRING, c.message.clone())
-            .await;
+        ctx.event(sk, EventType::Warning, status::EXPIRING, c.message.clone());
     }
 }
 
@@ -589,14 +581,10 @@ fn error_policy(obj: Arc<SigningKey>, error: &Error, ctx: Arc<Context>) -> Actio
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let controller = Controller::new(Api::<SigningKey>::all(client.clone()), Config::default());
-    match metrics::CertificateCollector::new(controller.store()) {
-        Ok(collector) => {
-            if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
-                tracing::warn!(error = %e, "registering the certificate metrics failed");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "building the certificate metrics failed"),
-    }
+    ctx.metrics.install(
+        "certificates",
+        metrics::CertificateCollector::new(controller.store()),
+    );
     let owned = || {
         Config::default().labels(&format!(
             "app.kubernetes.io/managed-by={}",

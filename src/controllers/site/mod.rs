@@ -174,8 +174,7 @@ pub async fn reconcile(
             "{}; clear with: kubectl patch site {name} --type merge -p '{{\"spec\":{{\"fenced\":false}}}}'",
             decision.reason
         );
-        ctx.event(site.as_ref(), EventType::Warning, "SiteFenced", note)
-            .await;
+        ctx.event(site.as_ref(), EventType::Warning, "SiteFenced", note);
     }
     let wrote = super::status_write::write(&api, FIELD_MANAGER, &name, &old, &new)
         .await
@@ -286,7 +285,7 @@ async fn publish_events(ctx: &Context, site: &Site, old: &SiteStatus, new: &Site
             new.phase_reason.clone().unwrap_or_default()
         );
         tracing::info!(site = %site.name_any(), from = ?old.phase, to = ?phase, %note, "site phase changed");
-        ctx.event(site, type_, reason, note).await;
+        ctx.event(site, type_, reason, note);
     }
     for (type_, reason) in [
         (status::MAINTENANCE_REFUSED, status::MAINTENANCE_REFUSED),
@@ -297,8 +296,7 @@ async fn publish_events(ctx: &Context, site: &Site, old: &SiteStatus, new: &Site
             && c.status == "True"
             && !was_refused
         {
-            ctx.event(site, EventType::Warning, reason, c.message.clone())
-                .await;
+            ctx.event(site, EventType::Warning, reason, c.message.clone());
         }
     }
 }
@@ -329,14 +327,8 @@ pub async fn run(ctx: Arc<Context>) {
     let sites = Api::<Site>::all(ctx.client.clone());
     let controller = Controller::new(sites, Config::default().any_semantic());
     let store = controller.store();
-    match metrics::SiteCollector::new(store.clone()) {
-        Ok(collector) => {
-            if let Err(e) = ctx.metrics.register_collector(Box::new(collector)) {
-                tracing::warn!(error = %e, "registering the site metrics failed");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "building the site metrics failed"),
-    }
+    ctx.metrics
+        .install("sites", metrics::SiteCollector::new(store.clone()));
     // The nodes, cached: a health check reads them from memory. Any node
     // change may change any site's counts (sites are few), so each asks
     // for every site's reconcile, once the cache holds it.

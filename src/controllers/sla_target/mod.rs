@@ -31,9 +31,7 @@ use k8s_openapi::api::{
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::{
-        Controller, controller::Action, events::EventType, reflector::Store, watcher::Config,
-    },
+    runtime::{Controller, controller::Action, events::EventType, watcher::Config},
 };
 
 use super::Context;
@@ -218,8 +216,7 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
                     EventType::Warning,
                     "InvalidSpec",
                     e.to_string(),
-                )
-                .await;
+                );
             }
             return Ok(Action::await_change());
         }
@@ -361,7 +358,7 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
             } else {
                 EventType::Warning
             };
-            ctx.event(sla.as_ref(), type_, "PeriodClosed", note).await;
+            ctx.event(sla.as_ref(), type_, "PeriodClosed", note);
         }
         ctx.sla.put_ledger(key, ledger);
         objects.push(object);
@@ -396,7 +393,7 @@ pub async fn reconcile(sla: Arc<SlaTarget>, ctx: Arc<Context>) -> Result<Action,
             "SLA state {} -> {state}",
             previous.state.as_deref().unwrap_or("none")
         );
-        ctx.event(sla.as_ref(), type_, state, note).await;
+        ctx.event(sla.as_ref(), type_, state, note);
     }
     ctx.sla
         .latest
@@ -579,7 +576,10 @@ pub async fn run(ctx: Arc<Context>) {
         Api::<SlaTarget>::all(ctx.client.clone()),
         Config::default().any_semantic(),
     );
-    register_metrics(&ctx, controller.store());
+    ctx.metrics.install(
+        "SLA",
+        metrics::SlaCollector::new(ctx.sla.clone(), controller.store()),
+    );
     controller
         .with_config(ctx.controller_config())
         .shutdown_on_signal()
@@ -593,18 +593,6 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .for_each(|_| futures::future::ready(()))
         .await;
-}
-
-fn register_metrics(ctx: &Arc<Context>, store: Store<SlaTarget>) {
-    let collector = metrics::SlaCollector::new(ctx.sla.clone(), store);
-    match collector {
-        Ok(c) => {
-            if let Err(e) = ctx.metrics.register_collector(Box::new(c)) {
-                tracing::warn!(error = %e, "registering the SLA metrics failed");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "building the SLA metrics failed"),
-    }
 }
 
 #[cfg(test)]
