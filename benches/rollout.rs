@@ -7,7 +7,9 @@
 //!   by verb, over a minute;
 //! - **resync**: the writes the operator makes during one full resync period
 //!   of the converged platform (Lease renewals counted apart);
-//! - **memory**: the operator's resident memory after convergence.
+//! - **memory**: the operator's resident memory after convergence, and
+//!   again after the resync period (idle connections and transient
+//!   buffers gone).
 //!
 //! Needs a local cluster with the operator running: `./e2e/bench.sh` sets it
 //! up, runs this program and tears it down. Prints figures; asserts nothing.
@@ -441,7 +443,15 @@ async fn main() -> Result<(), BoxError> {
             );
         }
         match &audit_log {
-            Some(log) => steady_state(log, resync).await?,
+            Some(log) => {
+                steady_state(log, resync).await?;
+                if let Some(port) = &port {
+                    println!(
+                        "  operator memory after the resync: {:.1} MiB",
+                        rss_mib(port).unwrap_or(f64::NAN)
+                    );
+                }
+            }
             None => println!("  requests and writes: not counted (no PEC_BENCH_AUDIT_LOG)"),
         }
     }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use futures::channel::mpsc::UnboundedReceiver;
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{ConfigMap, Pod, PodSpec, PodStatus, Service},
+    core::v1::{ConfigMap, Pod, PodSpec, PodStatus, Secret, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
@@ -38,7 +38,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::build::DOMAIN_LABEL;
+use super::{build::DOMAIN_LABEL, references};
 use crate::{
     api::{MailDomain, SigningKey, Site},
     controllers::{
@@ -61,6 +61,9 @@ pub struct Caches {
     pub pdbs: Cache<PartialObjectMeta<PodDisruptionBudget>>,
     pub network_policies: Cache<PartialObjectMeta<NetworkPolicy>>,
     pub endpoint_slices: Cache<EndpointSlice>,
+    /// Every Secret, cut to what the reference checks read (see
+    /// [`references::keep_what_is_checked`]).
+    pub secrets: Cache<Secret>,
 }
 
 /// The label selector of everything this operator made.
@@ -181,6 +184,27 @@ impl SpecChanges {
     }
 }
 
+/// The MailDomains in `domains` that name the Secret `secret` (as their TLS
+/// or mailboxes Secret).
+fn domains_naming_secret(
+    domains: &Store<MailDomain>,
+    secret: &Secret,
+) -> Vec<ObjectRef<MailDomain>> {
+    let name = secret.name_any();
+    let namespace = secret.namespace();
+    domains
+        .state()
+        .iter()
+        .filter(|md| {
+            let gateway = &md.spec.gateway;
+            md.namespace() == namespace
+                && (gateway.tls_secret_ref.as_deref() == Some(&name)
+                    || gateway.mailboxes_secret_ref.as_deref() == Some(&name))
+        })
+        .map(|md| ObjectRef::from_obj(md.as_ref()))
+        .collect()
+}
+
 /// Drops what no reconcile reads from every cached object.
 fn drop_managed_fields<K: Resource>(obj: &mut K) {
     obj.managed_fields_mut().clear();
@@ -274,6 +298,12 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
             drop_managed_fields,
             owners(&triggers),
         ),
+        secrets: watch_cache::spawn(
+            Api::<Secret>::all(client.clone()),
+            Config::default(),
+            references::keep_what_is_checked,
+            related(&triggers, &mail_domains, domains_naming_secret),
+        ),
         mail_domains,
     };
     (caches, requests)
@@ -293,7 +323,15 @@ impl Caches {
         self.services.ready().await?;
         self.pdbs.ready().await?;
         self.network_policies.ready().await?;
-        self.endpoint_slices.ready().await
+        self.endpoint_slices.ready().await?;
+        self.secrets.ready().await
+    }
+
+    /// The Secret `name` in `namespace` as the cache keeps it, if it exists.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
+        self.secrets
+            .get(&ObjectRef::new(name).within(namespace))
+            .map(|s| s.as_ref().clone())
     }
 
     /// The Site `name`, if it exists.
@@ -418,6 +456,40 @@ mod tests {
         assert!(
             domains_signing_with(&domains, &key).is_empty(),
             "a key of the same name in another namespace"
+        );
+    }
+
+    #[test]
+    fn a_secret_triggers_the_domains_that_name_it() {
+        let mut tls = domain(&["dc-it1"]);
+        tls.spec.gateway.tls_secret_ref = Some("acme-tls".into());
+        let mut mailboxes = domain(&["dc-it1"]);
+        mailboxes.metadata.name = Some("mailboxes".into());
+        mailboxes.spec.gateway.mailboxes_secret_ref = Some("acme-tls".into());
+        let mut other = domain(&["dc-it1"]);
+        other.metadata.name = Some("other".into());
+        other.spec.gateway.tls_secret_ref = Some("other-tls".into());
+        let domains = store_of(vec![tls, mailboxes, other]);
+        let secret = |namespace: &str| Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("acme-tls".into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
+            ..Secret::default()
+        };
+        let mut named = domains_naming_secret(&domains, &secret("mail"));
+        named.sort_by_key(|r| r.name.clone());
+        assert_eq!(
+            named,
+            vec![
+                ObjectRef::new("acme").within("mail"),
+                ObjectRef::new("mailboxes").within("mail")
+            ]
+        );
+        assert!(
+            domains_naming_secret(&domains, &secret("elsewhere")).is_empty(),
+            "a Secret of the same name in another namespace"
         );
     }
 

@@ -1,33 +1,41 @@
-//! The reads a MailDomain reconcile still sends to the API server: the
-//! Secrets, claim and ConfigMaps its spec names, by name (caching every
-//! Secret of the cluster would cost more than these GETs).
+//! What a MailDomain's spec names besides its Sites and SigningKey: the TLS
+//! and mailboxes Secrets from the watch cache (cut to what the checks read),
+//! and the store claim and providers' ConfigMaps by name from the API server
+//! (few domains name them, and a watch of every claim and ConfigMap would
+//! cost more memory than these reads).
 
 use std::fmt::Debug;
 
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim};
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 
 use super::{
     Error,
+    cache::Caches,
     references::{Named, Referenced},
 };
 use crate::api::MailDomain;
 
-/// The Secrets, claim and ConfigMaps `md`'s spec names, as they are now.
+/// The Secrets, claim and ConfigMaps `md`'s spec names: the Secrets as
+/// `caches` hold them, the others as they are now.
 pub async fn references(
     client: &Client,
     namespace: &str,
     md: &MailDomain,
+    caches: &Caches,
 ) -> Result<Referenced, Error> {
     let gateway = &md.spec.gateway;
-    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    let cached = |name: Option<&str>| {
+        name.map(|name| Named {
+            name: name.to_string(),
+            found: caches.secret(namespace, name),
+        })
+    };
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace);
     // At once: a reconcile waits one round trip for all of them.
-    let (tls, mailboxes, claim, providers) = futures::future::try_join4(
-        fetch(&secrets, "Secret", gateway.tls_secret_ref.as_deref()),
-        fetch(&secrets, "Secret", gateway.mailboxes_secret_ref.as_deref()),
+    let (claim, providers) = futures::future::try_join(
         fetch(
             &claims,
             "PersistentVolumeClaim",
@@ -42,8 +50,8 @@ pub async fn references(
     )
     .await?;
     Ok(Referenced {
-        tls,
-        mailboxes,
+        tls: cached(gateway.tls_secret_ref.as_deref()),
+        mailboxes: cached(gateway.mailboxes_secret_ref.as_deref()),
         claim,
         providers: providers.into_iter().flatten().collect(),
     })

@@ -36,10 +36,11 @@ use crate::{
 };
 
 const CONTROLLER: &str = "maildomain";
-/// How soon a domain looks again at what it names while something is wrong
-/// there (a Secret, claim or ConfigMap, or a domain name another holds):
-/// those objects are not watched (a watch of every Secret would cache them
-/// all), so a fix is noticed within this.
+/// How soon a domain looks again while it is not Ready or something it
+/// names is wrong (a claim or providers' ConfigMap, or a domain name
+/// another holds). Secrets, Sites, SigningKeys and gateway pods trigger a
+/// reconcile when they change; claims and those ConfigMaps are read, not
+/// watched, so a fix there is noticed within this.
 const RECHECK: Duration = Duration::from_secs(10);
 
 /// Why a MailDomain reconcile failed.
@@ -138,7 +139,7 @@ pub async fn reconcile(
         .and_then(|key| caches.signing_key(&namespace, key));
     let before = caches.deployments(&namespace, &name);
     let pods = caches.pods(&namespace, &name);
-    let referenced = fetch::references(&ctx.client, &namespace, &md).await?;
+    let referenced = fetch::references(&ctx.client, &namespace, &md, caches).await?;
 
     // observe and plan
     let resolution = observe::resolve_sites(&md, &fetched);
@@ -248,9 +249,9 @@ pub async fn reconcile(
     }
     publish_events(&ctx, &md, &old, &new, &before, &children, &removed).await;
     let after = requeue_after(plan.next_check, now, ctx.resync);
-    // Not Ready: look again soon. Most causes (a Site, SigningKey or
-    // gateway pod) trigger a reconcile when they change, but a reference
-    // to a Secret does not: Secrets are read, never watched.
+    // Not Ready: look again soon. Most causes (a Secret, Site, SigningKey
+    // or gateway pod) trigger a reconcile when they change, but a claim or
+    // providers' ConfigMap does not: those are read, never watched.
     if problems.is_empty() && conditions::is_true(&new.conditions, status::READY) {
         Ok(Action::requeue(after))
     } else {

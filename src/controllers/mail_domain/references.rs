@@ -9,7 +9,11 @@
 //! before: a Secret deleted by mistake does not take running gateways away.
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::ResourceExt;
 
 use super::status::names_cover;
@@ -41,6 +45,39 @@ pub mod reason {
     pub const DOMAIN_CONFLICT: &str = "DomainConflict";
     /// Every reference resolved.
     pub const RESOLVED: &str = "ReferencesResolved";
+}
+
+/// The TLS Secret's certificate: read whole (it is public).
+const TLS_CRT: &str = "tls.crt";
+/// The TLS Secret's private key: only its presence is checked.
+const TLS_KEY: &str = "tls.key";
+/// The mailboxes Secret's file: only its presence is checked.
+const MAILBOXES: &str = "mailboxes";
+
+/// A Secret as the checks here read it, and all the operator keeps of one
+/// in its watch cache: its name and namespace, `tls.crt`, and a one-byte
+/// marker for a `tls.key` or `mailboxes` that is present and not empty.
+/// No private key, password hash, annotation (`kubectl apply` copies the
+/// whole Secret into one) or other key stays in the operator's memory.
+pub fn keep_what_is_checked(secret: &mut Secret) {
+    secret.metadata = ObjectMeta {
+        name: secret.metadata.name.take(),
+        namespace: secret.metadata.namespace.take(),
+        resource_version: secret.metadata.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+    secret.string_data = None;
+    secret.type_ = None;
+    secret.data = secret.data.take().map(|data| {
+        data.into_iter()
+            .filter(|(_, value)| !value.0.is_empty())
+            .filter_map(|(key, value)| match key.as_str() {
+                TLS_CRT => Some((key, value)),
+                TLS_KEY | MAILBOXES => Some((key, ByteString(vec![1]))),
+                _ => None,
+            })
+            .collect()
+    });
 }
 
 /// An object a MailDomain names, as found (`None`: it does not exist).
@@ -94,7 +131,7 @@ pub fn check(md: &MailDomain, refs: &Referenced, now: DateTime<Utc>) -> Vec<Prob
                     "Secret {name} (spec.gateway.mailboxesSecretRef) not found in this namespace; create it with a `mailboxes` key or fix the reference"
                 ),
             )),
-            Some(secret) if secret_value(secret, "mailboxes").is_none() => {
+            Some(secret) if secret_value(secret, MAILBOXES).is_none() => {
                 problems.push(Problem::new(
                     reason::MAILBOXES_INVALID,
                     format!(
@@ -160,10 +197,10 @@ fn check_tls(domain: &str, tls: &Named<Secret>, now: DateTime<Utc>) -> Option<Pr
             format!("Secret {name} (spec.gateway.tlsSecretRef): {what}"),
         ))
     };
-    if secret_value(secret, "tls.key").is_none() {
+    if secret_value(secret, TLS_KEY).is_none() {
         return invalid("no `tls.key`");
     }
-    let Some(pem) = secret_value(secret, "tls.crt") else {
+    let Some(pem) = secret_value(secret, TLS_CRT) else {
         return invalid("no `tls.crt`");
     };
     let Ok((_, block)) = x509_parser::pem::parse_x509_pem(pem) else {
@@ -290,6 +327,82 @@ mod tests {
             ),
             ..Secret::default()
         }
+    }
+
+    #[test]
+    fn the_cached_secret_keeps_the_certificate_and_only_the_presence_of_the_rest() {
+        let whole = {
+            let mut s = tls_secret(&["pec.acme.it"]);
+            let data = s.data.get_or_insert_default();
+            data.insert(
+                "mailboxes".into(),
+                ByteString(b"alice:$argon2id$...".to_vec()),
+            );
+            data.insert("other".into(), ByteString(b"secret".to_vec()));
+            data.insert("empty".into(), ByteString(Vec::new()));
+            s.metadata.name = Some("acme-tls".into());
+            s.metadata.namespace = Some("mail".into());
+            s.metadata.annotations = Some(
+                [(
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    "{... the whole Secret ...}".to_string(),
+                )]
+                .into(),
+            );
+            s
+        };
+        let mut cached = whole.clone();
+        keep_what_is_checked(&mut cached);
+        let data = cached.data.clone().expect("data");
+        assert_eq!(
+            data.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["mailboxes", "tls.crt", "tls.key"]
+        );
+        assert_eq!(
+            data["tls.crt"],
+            whole.data.as_ref().expect("data")["tls.crt"]
+        );
+        assert_eq!(data["tls.key"].0, [1], "no private key kept");
+        assert_eq!(data["mailboxes"].0, [1], "no password hash kept");
+        assert_eq!(cached.metadata.annotations, None);
+        assert_eq!(cached.name_any(), "acme-tls");
+        assert_eq!(cached.namespace().as_deref(), Some("mail"));
+        // The checks find what they found in the whole Secret.
+        for domain in ["pec.acme.it", "pec.other.it"] {
+            assert_eq!(
+                check_tls(
+                    domain,
+                    &named("acme-tls", Some(cached.clone())).expect("named"),
+                    now()
+                ),
+                check_tls(
+                    domain,
+                    &named("acme-tls", Some(whole.clone())).expect("named"),
+                    now()
+                ),
+            );
+        }
+        let mut no_key = whole.clone();
+        no_key
+            .data
+            .get_or_insert_default()
+            .insert("tls.key".into(), ByteString(Vec::new()));
+        let whole_problem = check_tls(
+            "pec.acme.it",
+            &named("t", Some(no_key.clone())).expect("named"),
+            now(),
+        );
+        keep_what_is_checked(&mut no_key);
+        assert!(whole_problem.is_some());
+        assert_eq!(
+            check_tls(
+                "pec.acme.it",
+                &named("t", Some(no_key)).expect("named"),
+                now()
+            ),
+            whole_problem,
+            "an empty key is as missing after the cut as before"
+        );
     }
 
     fn named<T>(name: &str, found: Option<T>) -> Option<Named<T>> {
