@@ -10,6 +10,9 @@
 # audits them) and the writes of one resync period (the operator runs with
 # --resync-seconds $PEC_BENCH_RESYNC_SECONDS, 60 by default), and reads its
 # memory. PEC_BENCH_ONLY=rollout skips the other benchmarks.
+# PEC_BENCH_OPERATOR_WRAPPER runs the operator under a command, for example
+# a heap profiler: PEC_BENCH_OPERATOR_WRAPPER="heaptrack -o /tmp/op" (its
+# figures are then the profiler's, not the operator's alone).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$here/.."
@@ -44,9 +47,10 @@ export PEC_BENCH_RESYNC_SECONDS=${PEC_BENCH_RESYNC_SECONDS:-60}
 operator_binary="${CARGO_TARGET_DIR:-target}/release/pec-operator"
 (
   while true; do
+    # shellcheck disable=SC2086 # the wrapper is a command and its arguments
     KUBECONFIG=$state/operator.kubeconfig POD_NAMESPACE=$OPERATOR_NAMESPACE POD_NAME=bench \
       PEC_METRICS_ADDR=127.0.0.1:$port PEC_LOG_FORMAT=json RUST_LOG=warn \
-      PEC_RESYNC_SECONDS=$PEC_BENCH_RESYNC_SECONDS "$operator_binary" run >>"$state/operator.log" 2>&1 || true
+      PEC_RESYNC_SECONDS=$PEC_BENCH_RESYNC_SECONDS ${PEC_BENCH_OPERATOR_WRAPPER:-} "$operator_binary" run >>"$state/operator.log" 2>&1 || true
     echo "bench.sh: the operator exited; restarting it" >>"$state/operator.log"
     sleep 1
   done

@@ -2,37 +2,93 @@
 //! generated sensitive and non-extractable, found again by their id instead of
 //! made twice, and signing inside the token with signatures openssl verifies.
 
-use std::{path::PathBuf, process::Command, sync::OnceLock};
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::{RwLock, RwLockReadGuard},
+};
 
 use cryptoki::types::AuthPin;
 use pec_operator::hsm::{Algorithm, Hsm, Token, der, key_id};
 
-fn hsm() -> &'static Hsm {
-    static HSM: OnceLock<Hsm> = OnceLock::new();
-    HSM.get_or_init(|| {
-        let module =
-            std::env::var("PEC_PKCS11_MODULE").expect("e2e/test.sh sets PEC_PKCS11_MODULE");
-        Hsm::open(&PathBuf::from(module)).expect("the SoftHSM2 module loads")
+/// The SoftHSM2 module, opened at the first use and again after a token
+/// was lost (see [`token`]). A [`TestToken`] holds it open (a read lock);
+/// reopening takes it whole, when no session is left.
+static MODULE: RwLock<Option<Hsm>> = RwLock::new(None);
+
+/// A logged-in session on a test token; the module stays open while it lives.
+pub struct TestToken {
+    // Dropped first: the session closes before the module may be reopened.
+    token: Token,
+    _module: RwLockReadGuard<'static, Option<Hsm>>,
+}
+
+impl std::ops::Deref for TestToken {
+    type Target = Token;
+
+    fn deref(&self) -> &Token {
+        &self.token
+    }
+}
+
+fn open() -> Hsm {
+    let module = std::env::var("PEC_PKCS11_MODULE").expect("e2e/test.sh sets PEC_PKCS11_MODULE");
+    Hsm::open(&PathBuf::from(module)).expect("the SoftHSM2 module loads")
+}
+
+/// Logs in to the token `label` through the shared module.
+fn login(label: &str, pin: &AuthPin) -> Result<TestToken, pec_operator::hsm::HsmError> {
+    let read = || MODULE.read().unwrap_or_else(|e| e.into_inner());
+    let mut module = read();
+    if module.is_none() {
+        drop(module);
+        let mut write = MODULE.write().unwrap_or_else(|e| e.into_inner());
+        write.get_or_insert_with(open);
+        drop(write);
+        module = read();
+    }
+    let token = module.as_ref().expect("opened above").login(label, pin)?;
+    Ok(TestToken {
+        token,
+        _module: module,
     })
 }
 
+/// Finalizes the module and opens it afresh, once no session holds it
+/// (waiting up to 20 s; never blocking, so a test holding a session while
+/// it asks for another cannot deadlock: it just goes on without).
+fn reopen() {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut module) = MODULE.try_write() {
+            // The old module's drop finalizes it; the new one re-reads the tokens.
+            *module = None;
+            *module = Some(open());
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("reopening the SoftHSM2 module: sessions still open after 20 s");
+}
+
 /// A session on the tests' token. SoftHSM2 keeps a token in files that
-/// other processes (the operators) rewrite as they make keys; reading them
-/// at that moment fails with a general error, so a few attempts are made,
-/// as the operator's own reconciles retry.
-pub fn token() -> Token {
+/// other processes (the operators) rewrite as they make keys; a process
+/// reading them at that moment can find the token unreadable, and the
+/// module keeps it so until it is opened again. So a failed login is tried
+/// again, and every few failures the module is reopened.
+pub fn token() -> TestToken {
     let label = std::env::var("PEC_E2E_HSM_TOKEN").expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN");
     let pin =
         AuthPin::from(std::env::var("PEC_E2E_HSM_PIN").expect("e2e/test.sh sets PEC_E2E_HSM_PIN"));
     let mut attempt = 1;
     loop {
-        match hsm().login(&label, &pin) {
+        match login(&label, &pin) {
             Ok(token) => return token,
-            // Up to about 20 s: the operators may be writing several keys,
-            // and the crash test's replicas make one each second or so; 5 s
-            // was seen not to be enough there.
-            Err(e) if attempt < 80 => {
+            Err(e) if attempt < 40 => {
                 eprintln!("log in to the test token, attempt {attempt}: {e}");
+                if attempt % 4 == 0 {
+                    reopen();
+                }
                 std::thread::sleep(std::time::Duration::from_millis(250));
                 attempt += 1;
             }
@@ -49,8 +105,8 @@ fn a_wrong_pin_is_refused_even_while_another_session_is_logged_in() {
     let label = std::env::var("PEC_E2E_HSM_TOKEN_WRONG_PIN")
         .expect("e2e/test.sh sets PEC_E2E_HSM_TOKEN_WRONG_PIN");
     let pin = std::env::var("PEC_E2E_HSM_PIN").expect("e2e/test.sh sets PEC_E2E_HSM_PIN");
-    let held = hsm().login(&label, &AuthPin::from(pin)).expect("log in");
-    let wrong = hsm().login(&label, &AuthPin::from("not-the-pin".to_string()));
+    let held = login(&label, &AuthPin::from(pin)).expect("log in");
+    let wrong = login(&label, &AuthPin::from("not-the-pin".to_string()));
     assert!(
         matches!(wrong, Err(pec_operator::hsm::HsmError::Login { .. })),
         "a wrong PIN logged in"

@@ -155,15 +155,16 @@ fn domains_signing_with(
 }
 
 /// Which MailDomain changes ask for a reconcile: a domain seen for the
-/// first time, a new generation (its spec changed) or its deletion
-/// starting. A change of status or metadata alone does not: most are this
-/// controller's own status writes, and the reconcile that wrote one has
-/// already acted on what it reports (the way controller-runtime's
-/// `GenerationChangedPredicate` filters). A relist after a broken watch
-/// still catches a spec changed meanwhile, by its generation.
+/// first time, a new generation (its spec changed), its deletion starting,
+/// or a change of its labels or annotations (so `kubectl annotate` asks for
+/// a reconcile, as it does of Flux's controllers). A change of status alone
+/// does not: those are this controller's own writes, and the reconcile that
+/// wrote one has already acted on what it reports (controller-runtime's
+/// `GenerationChangedPredicate` filters the same way). A relist after a
+/// broken watch still catches a spec changed meanwhile, by its generation.
 #[derive(Default)]
 struct SpecChanges {
-    seen: std::collections::HashMap<ObjectRef<MailDomain>, (Option<i64>, bool)>,
+    seen: std::collections::HashMap<ObjectRef<MailDomain>, u64>,
 }
 
 impl SpecChanges {
@@ -171,15 +172,21 @@ impl SpecChanges {
     /// store still holds a domain (one it no longer holds was deleted, and
     /// is forgotten here too).
     fn changed(&mut self, md: &MailDomain, held: impl Fn(&ObjectRef<MailDomain>) -> bool) -> bool {
+        use std::hash::{Hash, Hasher};
         let key = ObjectRef::from_obj(md);
         if !held(&key) {
             self.seen.remove(&key);
             return false;
         }
-        let now = (
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (
             md.metadata.generation,
             md.metadata.deletion_timestamp.is_some(),
-        );
+            &md.metadata.labels,
+            &md.metadata.annotations,
+        )
+            .hash(&mut hasher);
+        let now = hasher.finish();
         self.seen.insert(key, now) != Some(now)
     }
 }
@@ -546,7 +553,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_new_domain_a_new_generation_or_a_deletion_asks_for_a_reconcile() {
+    fn a_status_write_alone_asks_for_no_reconcile() {
         let mut md: MailDomain = serde_yaml::from_str(include_str!(
             "../../../examples/20-maildomain-standard.yaml"
         ))
@@ -559,6 +566,12 @@ mod tests {
         assert!(!seen.changed(&md, held), "status alone");
         md.metadata.generation = Some(2);
         assert!(seen.changed(&md, held), "the spec changed");
+        md.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("touch".into(), "1".into());
+        assert!(seen.changed(&md, held), "annotated");
+        assert!(!seen.changed(&md, held), "the same again");
         md.metadata.deletion_timestamp = Some(
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
         );
