@@ -237,8 +237,9 @@ struct RunArgs {
     max_concurrent_reconciles: u16,
     /// Milliseconds the MailDomain controller waits for a domain to stop
     /// changing before it reconciles it: the burst of changes a rollout
-    /// makes (each gateway pod turning ready) becomes one reconcile. 0
-    /// reconciles at every change.
+    /// makes (each gateway pod turning ready) becomes one reconcile. 0, the
+    /// default, reconciles at every change: the wait restarts with each
+    /// change, so a domain changing faster than it would never be reconciled.
     #[arg(long, env = "PEC_RECONCILE_DEBOUNCE_MS", default_value_t = controllers::DEFAULT_DEBOUNCE.as_millis() as u64)]
     reconcile_debounce_ms: u64,
 }
