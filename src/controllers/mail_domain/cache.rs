@@ -126,15 +126,23 @@ fn pod_domain(pod: &Pod) -> Option<ObjectRef<MailDomain>> {
     Some(ObjectRef::new(md).within(&namespace))
 }
 
-/// The MailDomains in `domains` that list the Site `site`.
-fn domains_on_site(domains: &Store<MailDomain>, site: &Site) -> Vec<ObjectRef<MailDomain>> {
-    let name = site.name_any();
+/// The MailDomains in `domains` for which `wanted` holds.
+fn domains_where(
+    domains: &Store<MailDomain>,
+    wanted: impl Fn(&MailDomain) -> bool,
+) -> Vec<ObjectRef<MailDomain>> {
     domains
         .state()
         .iter()
-        .filter(|md| md.spec.sites.contains(&name))
+        .filter(|md| wanted(md))
         .map(|md| ObjectRef::from_obj(md.as_ref()))
         .collect()
+}
+
+/// The MailDomains in `domains` that list the Site `site`.
+fn domains_on_site(domains: &Store<MailDomain>, site: &Site) -> Vec<ObjectRef<MailDomain>> {
+    let name = site.name_any();
+    domains_where(domains, |md| md.spec.sites.contains(&name))
 }
 
 /// The MailDomains in `domains` that sign with the SigningKey `key`.
@@ -144,14 +152,9 @@ fn domains_signing_with(
 ) -> Vec<ObjectRef<MailDomain>> {
     let name = key.name_any();
     let namespace = key.namespace();
-    domains
-        .state()
-        .iter()
-        .filter(|md| {
-            md.namespace() == namespace && md.spec.signing_key_ref.as_deref() == Some(&name)
-        })
-        .map(|md| ObjectRef::from_obj(md.as_ref()))
-        .collect()
+    domains_where(domains, |md| {
+        md.namespace() == namespace && md.spec.signing_key_ref.as_deref() == Some(&name)
+    })
 }
 
 /// Which MailDomain changes ask for a reconcile: a domain seen for the
@@ -199,17 +202,12 @@ fn domains_naming_secret(
 ) -> Vec<ObjectRef<MailDomain>> {
     let name = secret.name_any();
     let namespace = secret.namespace();
-    domains
-        .state()
-        .iter()
-        .filter(|md| {
-            let gateway = &md.spec.gateway;
-            md.namespace() == namespace
-                && (gateway.tls_secret_ref.as_deref() == Some(&name)
-                    || gateway.mailboxes_secret_ref.as_deref() == Some(&name))
-        })
-        .map(|md| ObjectRef::from_obj(md.as_ref()))
-        .collect()
+    domains_where(domains, |md| {
+        let gateway = &md.spec.gateway;
+        md.namespace() == namespace
+            && (gateway.tls_secret_ref.as_deref() == Some(&name)
+                || gateway.mailboxes_secret_ref.as_deref() == Some(&name))
+    })
 }
 
 /// Drops what no reconcile reads from every cached object.
