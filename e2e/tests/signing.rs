@@ -16,7 +16,10 @@ use kube::{
 };
 use pec_operator::{
     api::{MailDomain, SigningKey, SigningKeyStatus},
-    controllers::signing_key::{issue::certificate_requests, publish::PLATFORM_PROVIDERS},
+    controllers::{
+        handover::{Part, held_by},
+        signing_key::{issue::certificate_requests, publish::PLATFORM_PROVIDERS},
+    },
     hsm::key_id,
 };
 use serde_json::json;
@@ -864,6 +867,123 @@ async fn a_short_lived_certificate_rotates_by_itself_with_no_gateway_gap() {
     })
     .await;
     sites.remove().await;
+}
+
+/// The field manager the SigningKey controller applied under before it was
+/// named like the other controllers.
+const LEGACY_MANAGER: &str = "pec-operator";
+
+#[tokio::test]
+async fn what_the_old_field_manager_applied_is_handed_to_the_current_one() {
+    // A key that renews 15 s after issue: its second generation is
+    // published soon, which is when its publication is written again.
+    let (client, ns, api) = new_key(
+        "sk-handover",
+        &signing_key(
+            "handover",
+            json!({"selfSigned": {}}),
+            json!({
+                "certificate": {"duration": "75s", "renewBefore": "60s"},
+                "publication": {"delay": "8s"},
+            }),
+        ),
+    )
+    .await;
+    let ready = wait_ready(&api, "handover").await;
+    assert!(
+        held_by(&ready.metadata, "pec-operator/signingkey", Part::Status),
+        "the status is applied under the controller's own name"
+    );
+
+    // What an operator of the old release left: the status and the
+    // publication applied as `pec-operator`, the publication with a key the
+    // current release does not write.
+    let legacy = PatchParams::apply(LEGACY_MANAGER).force();
+    api.patch_status(
+        "handover",
+        &legacy,
+        &Patch::Apply(json!({
+            "apiVersion": "pec.dev/v1alpha1",
+            "kind": "SigningKey",
+            "status": ready.status,
+        })),
+    )
+    .await
+    .expect("apply the status as the old manager");
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let published = secrets
+        .get("handover-certificates")
+        .await
+        .expect("publication");
+    let mut data = published.data.clone().unwrap_or_default();
+    assert!(data.contains_key("g1.crt"), "generation 1 published");
+    data.insert(
+        "stale.crt".into(),
+        ByteString(b"left by the old release".to_vec()),
+    );
+    secrets
+        .patch(
+            "handover-certificates",
+            &legacy,
+            &Patch::Apply(json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "handover-certificates"},
+                "data": data,
+            })),
+        )
+        .await
+        .expect("apply the publication as the old manager");
+
+    // The status: taken over at the next reconcile (the apply above is a
+    // change of the key), unchanged.
+    let taken = eventually("the status released by the old manager", || async {
+        let sk = api.get("handover").await.expect("get");
+        (!held_by(&sk.metadata, LEGACY_MANAGER, Part::Status)).then_some(sk)
+    })
+    .await;
+    assert!(
+        held_by(&taken.metadata, "pec-operator/signingkey", Part::Status),
+        "the current name holds the status"
+    );
+    let st = status(&taken);
+    assert_eq!(st.current.as_ref().map(|c| c.generation), Some(1));
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        "still Ready after the hand-over: {:?}",
+        st.conditions
+    );
+
+    // The publication: handed over when generation 2 is published, and
+    // the key only the old name held is gone with it.
+    let after = eventually("generation 2 published", || async {
+        let s = secrets.get("handover-certificates").await.expect("get");
+        s.data
+            .as_ref()
+            .is_some_and(|d| d.contains_key("g2.crt"))
+            .then_some(s)
+    })
+    .await;
+    assert!(
+        !held_by(&after.metadata, LEGACY_MANAGER, Part::Object),
+        "the old manager still holds the publication: {:?}",
+        after.metadata.managed_fields
+    );
+    let keys: Vec<&String> = after
+        .data
+        .as_ref()
+        .map(|d| d.keys().collect())
+        .unwrap_or_default();
+    assert!(
+        !keys.iter().any(|k| k.as_str() == "stale.crt"),
+        "a key only the old manager held outlived the hand-over: {keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.as_str() == "g1.crt"),
+        "generation 1 is still published: {keys:?}"
+    );
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod finalizer;
+pub mod handover;
 pub mod mail_domain;
 pub mod names;
 pub mod signing_key;

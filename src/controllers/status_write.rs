@@ -41,13 +41,28 @@ where
     if old == new {
         return Ok(false);
     }
+    apply(api, field_manager, name, new).await?;
+    Ok(true)
+}
+
+/// Writes `status` as the status of `name` through `api` under
+/// `field_manager`, whatever the object holds now.
+pub async fn apply<K, S>(
+    api: &Api<K>,
+    field_manager: &str,
+    name: &str,
+    status: &S,
+) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+{
     api.patch_status(
         name,
         &PatchParams::apply(field_manager).force(),
-        &Patch::Apply(body::<K, S>(new)),
+        &Patch::Apply(body::<K, S>(status)),
     )
-    .await?;
-    Ok(true)
+    .await
 }
 
 #[cfg(test)]

@@ -32,7 +32,10 @@ use kube::{
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::{Context, finalizer};
+use super::{
+    Context, finalizer,
+    handover::{self, Part},
+};
 use crate::{
     api::{
         KeyGeneration, MailDomain, RetiredKeyPolicy, RevokedCertificate, SigningKey,
@@ -47,7 +50,15 @@ use crate::{
 const CONTROLLER: &str = "signingkey";
 /// Protects the HSM objects: removed only after cleanup.
 pub const FINALIZER: &str = "pec.dev/hsm-keys";
-const FIELD_MANAGER: &str = "pec-operator";
+/// The field manager of every write this controller applies, named like
+/// the other controllers' (`pec-operator/<kind>`).
+const FIELD_MANAGER: &str = "pec-operator/signingkey";
+/// The field manager this controller applied under before it was named like
+/// the others. What that name still holds is handed over to
+/// [`FIELD_MANAGER`] at the next write of each object (see `handover`), so
+/// a field the controller no longer sets is removed, not kept by the old
+/// name forever.
+const LEGACY_FIELD_MANAGER: &str = "pec-operator";
 /// How often a request waiting for a person or cert-manager is looked at again.
 const POLL: Duration = Duration::from_secs(5);
 
@@ -125,13 +136,18 @@ where
         + Clone
         + Debug,
 {
-    Api::<K>::namespaced(client.clone(), ns)
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    let applied = api
         .patch(
             name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(value),
         )
-        .await
+        .await?;
+    if handover::held_by(applied.meta(), LEGACY_FIELD_MANAGER, Part::Object) {
+        return handover::release(&api, name, LEGACY_FIELD_MANAGER, Part::Object).await;
+    }
+    Ok(applied)
 }
 
 /// What one reconcile carries besides the lifecycle state.
@@ -165,6 +181,9 @@ pub async fn reconcile(sk: Arc<SigningKey>, ctx: Arc<Context>) -> Result<Action,
     }
     let now = ctx.clock.now();
     let old = sk.status.clone().unwrap_or_default();
+    if handover::held_by(&sk.metadata, LEGACY_FIELD_MANAGER, Part::Status) {
+        take_status_over(&ctx, &sk, &ns, &old).await?;
+    }
     let policy = match status::policy(&sk.spec) {
         Ok(p) => p,
         Err(problem) => {
@@ -339,6 +358,31 @@ async fn write_status(
     super::status_write::write(&keys, FIELD_MANAGER, &sk.name_any(), old, new)
         .await
         .map_err(api("writing the status"))?;
+    Ok(())
+}
+
+/// Applies the status as it is under [`FIELD_MANAGER`], then has
+/// [`LEGACY_FIELD_MANAGER`] give it up: the status is unchanged, and owned
+/// by the current name only.
+async fn take_status_over(
+    ctx: &Context,
+    sk: &SigningKey,
+    ns: &str,
+    status: &SigningKeyStatus,
+) -> Result<(), Error> {
+    let keys = Api::<SigningKey>::namespaced(ctx.client.clone(), ns);
+    let name = sk.name_any();
+    super::status_write::apply(&keys, FIELD_MANAGER, &name, status)
+        .await
+        .map_err(api("taking the status over"))?;
+    handover::release(&keys, &name, LEGACY_FIELD_MANAGER, Part::Status)
+        .await
+        .map_err(api("releasing the status from the old field manager"))?;
+    tracing::info!(
+        from = LEGACY_FIELD_MANAGER,
+        to = FIELD_MANAGER,
+        "status handed over to the current field manager"
+    );
     Ok(())
 }
 
