@@ -210,10 +210,33 @@ COREFILE
   done
 }
 
-# real_nodes_down: what containerd left behind (shims, mounts, bridges, the
-# kube-proxy rules), after cluster.sh stopped the processes by pid.
+# real_node_processes NODE: the processes in NODE's cgroups, pods' and
+# containers' included.
+real_node_processes() {
+  local controller
+  for controller in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
+    [ -d "$controller/pec-$name-$1" ] || continue
+    find "$controller/pec-$name-$1" -name cgroup.procs -exec cat {} + 2>/dev/null || true
+  done | sort -u
+}
+
+# real_nodes_down: what containerd left behind (shims, the containers
+# themselves, mounts, bridges, the kube-proxy rules), after cluster.sh
+# stopped the processes by pid.
 real_nodes_down() {
   pkill -f "containerd-shim.*$dir/nodes" 2>/dev/null || true
+  # A shim's death does not end its container: its processes, reparented,
+  # are found by their node's cgroups.
+  local node pids
+  for node in "${REAL_NODES[@]}"; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+      pids=$(real_node_processes "$node")
+      [ -n "$pids" ] || break
+      # shellcheck disable=SC2086 # one pid per word
+      kill -KILL $pids 2>/dev/null || true
+      sleep 0.5
+    done
+  done
   "$bin/kube-proxy" --cleanup >/dev/null 2>&1 || true
   local mount
   for mount in $(awk -v d="$dir/nodes" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
@@ -222,7 +245,7 @@ real_nodes_down() {
   if [ -f "$dir/bridges" ]; then
     while read -r bridge; do ip link delete "$bridge" 2>/dev/null || true; done <"$dir/bridges"
   fi
-  local node controller
+  local controller
   for node in "${REAL_NODES[@]}"; do
     for controller in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
       find "$controller/pec-$name-$node" -depth -type d -exec rmdir {} \; 2>/dev/null || true
