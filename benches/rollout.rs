@@ -9,14 +9,19 @@
 //!   of the converged platform (Lease renewals counted apart);
 //! - **memory**: the operator's resident memory after convergence, and
 //!   again after the resync period (idle connections and transient
-//!   buffers gone).
+//!   buffers gone), against the domains in the cluster, and its slope per
+//!   domain.
 //!
 //! Needs a local cluster with the operator running: `./e2e/bench.sh` sets it
 //! up, runs this program and tears it down. Prints figures; asserts nothing.
 //!
 //! Environment: `KUBECONFIG`; `PEC_BENCH_DOMAINS`, sizes (default `200`;
 //! `200,1000` runs both, each in namespaces of its own, the earlier still
-//! there); `PEC_BENCH_AUDIT_LOG`, the API server's audit log of the
+//! there, so the cluster then holds 1,200 domains); `PEC_BENCH_PLAIN_UP_TO`,
+//! the largest size the plain client runs beside the operator (larger sizes
+//! run the operator alone, for its memory and requests: `1000,4000,5000`
+//! with `PEC_BENCH_PLAIN_UP_TO=1000` measures 1,000, 5,000 and 10,000
+//! domains); `PEC_BENCH_AUDIT_LOG`, the API server's audit log of the
 //! operator's requests (`e2e/cluster.sh up --audit-operator`), without which
 //! requests and writes are not counted; `PEC_BENCH_RESYNC_SECONDS`, the
 //! operator's `--resync-seconds`; `PEC_BENCH_OPERATOR_PORT`, its metrics
@@ -89,20 +94,24 @@ async fn create_namespace(client: &Client, name: &str) -> Result<(), BoxError> {
 }
 
 /// Polls until `done` says so; returns the elapsed time since `start`.
-async fn until<F, Fut>(start: Instant, mut done: F) -> Result<Duration, BoxError>
+/// For `n` domains: each poll lists them all, so polls are spaced by the
+/// size (200 ms at 1,000 domains or fewer, 1 s at 5,000) and the time is
+/// that coarse; the bench gives up after 15 minutes plus 0.3 s per domain.
+async fn until<F, Fut>(start: Instant, n: usize, mut done: F) -> Result<Duration, BoxError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<bool, BoxError>>,
 {
-    let deadline = start + Duration::from_secs(900);
+    let limit = Duration::from_secs(900) + Duration::from_millis(300 * n as u64);
+    let interval = Duration::from_millis((n as u64 / 5).max(200));
     loop {
         if done().await? {
             return Ok(start.elapsed());
         }
-        if Instant::now() > deadline {
-            return Err("gave up after 15 minutes".into());
+        if start.elapsed() > limit {
+            return Err(format!("gave up after {} s", limit.as_secs()).into());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -199,7 +208,7 @@ async fn run_operator(
     // every domain's status written for its generation. Not Ready=True: that
     // also needs each domain's SigningKey active in an HSM and its Secrets
     // in place, which the plain client has no counterpart for.
-    let ready = until(start, || async {
+    let ready = until(start, n, || async {
         let list = api.list(&ListParams::default()).await?;
         let observed = list
             .items
@@ -281,7 +290,10 @@ async fn run_plain(client: &Client, ns: &str, n: usize) -> Result<(Duration, Dur
     .try_collect::<Vec<_>>()
     .await?;
     let applied = start.elapsed();
-    let ready = until(start, || all_deployments_ready(client, ns, children.len())).await?;
+    let ready = until(start, n, || {
+        all_deployments_ready(client, ns, children.len())
+    })
+    .await?;
     Ok((applied, ready))
 }
 
@@ -294,10 +306,11 @@ struct Request {
 
 /// The operator's requests in the audit log at `path` (JSON lines).
 fn audit(path: &str) -> Result<Vec<Request>, BoxError> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(text
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    use std::io::BufRead;
+    let lines = std::io::BufReader::new(std::fs::File::open(path)?).lines();
+    Ok(lines
+        .map_while(Result::ok)
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
         .filter_map(|e| {
             let at = e["requestReceivedTimestamp"].as_str()?.parse().ok()?;
             let group = e["objectRef"]["apiGroup"].as_str().unwrap_or("");
@@ -421,6 +434,10 @@ async fn main() -> Result<(), BoxError> {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
+    let plain_up_to: usize = std::env::var("PEC_BENCH_PLAIN_UP_TO")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX);
     let audit_log = std::env::var("PEC_BENCH_AUDIT_LOG").ok();
     let resync: u64 = std::env::var("PEC_BENCH_RESYNC_SECONDS")
         .ok()
@@ -428,43 +445,73 @@ async fn main() -> Result<(), BoxError> {
         .unwrap_or(300);
     let port = std::env::var("PEC_BENCH_OPERATOR_PORT").ok();
     let client = Client::try_default().await?;
-    if let Some(port) = &port {
-        println!(
-            "operator memory before any domain: {:.1} MiB",
-            rss_mib(port).unwrap_or(f64::NAN)
-        );
+    let rss = || port.as_deref().and_then(rss_mib);
+    let idle = rss();
+    if let Some(idle) = idle {
+        println!("operator memory before any domain: {idle:.1} MiB");
     }
+    // (domains in the cluster, the operator's memory once they settled)
+    let mut memory = Vec::new();
+    let mut total = 0;
     for n in sizes {
-        rollout(&client, n, audit_log.as_deref(), port.as_deref()).await?;
-        if let Some(port) = &port {
+        rollout(
+            &client,
+            n,
+            n <= plain_up_to,
+            audit_log.as_deref(),
+            port.as_deref(),
+        )
+        .await?;
+        total += n;
+        let converged = rss();
+        if let Some(mib) = converged {
             println!(
-                "  operator memory after convergence: {:.1} MiB",
-                rss_mib(port).unwrap_or(f64::NAN)
+                "  operator memory after convergence: {mib:.1} MiB ({total} domains in the cluster)"
             );
         }
-        match &audit_log {
+        let settled = match &audit_log {
             Some(log) => {
                 steady_state(log, resync).await?;
-                if let Some(port) = &port {
+                let settled = rss();
+                if let Some(mib) = settled {
                     println!(
-                        "  operator memory after the resync: {:.1} MiB",
-                        rss_mib(port).unwrap_or(f64::NAN)
+                        "  operator memory after the resync: {mib:.1} MiB ({total} domains in the cluster)"
                     );
                 }
+                settled
             }
-            None => println!("  requests and writes: not counted (no PEC_BENCH_AUDIT_LOG)"),
+            None => {
+                println!("  requests and writes: not counted (no PEC_BENCH_AUDIT_LOG)");
+                converged
+            }
+        };
+        if let Some(mib) = settled {
+            memory.push((total, mib));
+        }
+    }
+    if let (Some(idle), false) = (idle, memory.is_empty()) {
+        println!("operator memory by domains in the cluster (settled):");
+        let mut before = (0, idle);
+        for &(domains, mib) in &memory {
+            println!(
+                "  {domains:>6} domains: {mib:7.1} MiB, {:6.1} KiB per domain since {} domains",
+                (mib - before.1) * 1024.0 / (domains - before.0) as f64,
+                before.0
+            );
+            before = (domains, mib);
         }
     }
     Ok(())
 }
 
-/// The convergence figures for `n` domains, plain client first, and the
-/// operator's requests per domain while it converged (from the audit log
+/// The convergence figures for `n` domains, plain client first (when
+/// `plain`), and the operator's requests per domain while it converged (from the audit log
 /// at `audit_log`, when there is one) and the CPU it spent (from its
 /// metrics on `port`).
 async fn rollout(
     client: &Client,
     n: usize,
+    plain: bool,
     audit_log: Option<&str>,
     port: Option<&str>,
 ) -> Result<(), BoxError> {
@@ -475,18 +522,24 @@ async fn rollout(
         SITES.len(),
         n * SITES.len() * 2
     );
-    let plain_ns = format!("bench-plain-{tag}-{n}");
-    let (plain_applied, plain_ready) = run_plain(&client, &plain_ns, n).await?;
-    println!(
-        "plain client : applied {:>7.2} s, all Deployments ready {:>7.2} s",
-        plain_applied.as_secs_f64(),
-        plain_ready.as_secs_f64()
-    );
-    // The plain client's objects go: they carry the operator's labels and
-    // would sit in its caches.
-    Api::<Namespace>::all(client.clone())
-        .delete(&plain_ns, &Default::default())
-        .await?;
+    let plain_ready = if plain {
+        let plain_ns = format!("bench-plain-{tag}-{n}");
+        let (plain_applied, plain_ready) = run_plain(&client, &plain_ns, n).await?;
+        println!(
+            "plain client : applied {:>7.2} s, all Deployments ready {:>7.2} s",
+            plain_applied.as_secs_f64(),
+            plain_ready.as_secs_f64()
+        );
+        // The plain client's objects go: they carry the operator's labels
+        // and would sit in its caches.
+        Api::<Namespace>::all(client.clone())
+            .delete(&plain_ns, &Default::default())
+            .await?;
+        Some(plain_ready)
+    } else {
+        println!("plain client : not run at this size (PEC_BENCH_PLAIN_UP_TO)");
+        None
+    };
     let cpu = || port.and_then(|p| operator_metric(p, "process_cpu_seconds_total"));
     // Before the first MailDomain the series may not exist yet: zero.
     let reconciles = || {
@@ -523,10 +576,12 @@ async fn rollout(
         op_applied.as_secs_f64(),
         op_ready.as_secs_f64()
     );
-    println!(
-        "ratio operator/plain (to all ready): {:.2}",
-        op_ready.as_secs_f64() / plain_ready.as_secs_f64()
-    );
+    if let Some(plain_ready) = plain_ready {
+        println!(
+            "ratio operator/plain (to all ready): {:.2}",
+            op_ready.as_secs_f64() / plain_ready.as_secs_f64()
+        );
+    }
     if let Some(log) = audit_log {
         let requests = audit(log)?;
         let last_deployment = requests

@@ -183,6 +183,8 @@ rules:
 POLICY
 }
 
+# Six simulated nodes, each with room for 10,000 small pods: the scale
+# benchmark runs 10,000 domains' gateways (two per site) on them.
 nodes_yaml() {
   local zone i
   for zone in dc-it1 dc-it2; do
@@ -203,8 +205,8 @@ metadata:
     type: kwok
     topology.kubernetes.io/zone: $zone
 status:
-  allocatable: {cpu: "64", memory: 512Gi, pods: "1000"}
-  capacity: {cpu: "64", memory: 512Gi, pods: "1000"}
+  allocatable: {cpu: "128", memory: 512Gi, pods: "10000"}
+  capacity: {cpu: "128", memory: 512Gi, pods: "10000"}
 NODE
     done
   done
@@ -300,7 +302,10 @@ up() {
     done
     cp "$dir/kubeconfig-dc-it2" "$kc"
   else
+    # An 8 GiB quota, not the default 2 GiB: the scale benchmark's 10,000
+    # domains, their pods and Events outgrow 2 GiB between compactions.
     start etcd "$bin/etcd" --name default --data-dir "$shm" --unsafe-no-fsync \
+      --quota-backend-bytes 8589934592 \
       --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
       --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
       --initial-cluster "default=http://127.0.0.1:$peer_port" --log-level warn
