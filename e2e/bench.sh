@@ -9,7 +9,8 @@
 # The rollout benchmark also counts the operator's requests (the API server
 # audits them) and the writes of one resync period (the operator runs with
 # --resync-seconds $PEC_BENCH_RESYNC_SECONDS, 60 by default), and reads its
-# memory. PEC_BENCH_ONLY=rollout skips the other benchmarks.
+# memory, then measures what its caches hold of those domains, kind by
+# kind (cache_memory). PEC_BENCH_ONLY=rollout skips the other benchmarks.
 # PEC_BENCH_OPERATOR_WRAPPER runs the operator under a command, for example
 # a heap profiler: PEC_BENCH_OPERATOR_WRAPPER="heaptrack -o /tmp/op" (its
 # figures are then the profiler's, not the operator's alone).
@@ -35,7 +36,7 @@ cleanup() {
 }
 trap cleanup EXIT
 cargo build --release --quiet --bin pec-operator
-cargo bench --no-run --quiet --bench rollout --bench failover --bench hsm --bench sla 2>/dev/null
+cargo bench --no-run --quiet --bench rollout --bench cache_memory --bench failover --bench hsm --bench sla 2>/dev/null
 eval "$("$here/cluster.sh" up "$cluster" --audit-operator)"
 install_chart
 state=$(mktemp -d "${TMPDIR:-/tmp}/pec-bench.XXXXXX")
@@ -70,4 +71,6 @@ if [ "${PEC_BENCH_ONLY:-}" != rollout ]; then
   cargo bench --quiet --bench failover
 fi
 cargo bench --quiet --bench rollout
+# What the operator's caches hold of the domains the rollout left.
+cargo bench --quiet --bench cache_memory
 echo "operator restarts during the run: $(grep -c 'the operator exited' "$state/operator.log" || true)"

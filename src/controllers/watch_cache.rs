@@ -1,6 +1,7 @@
 //! Watch caches: a reflector store filled by a watch in a task of its own,
 //! that knows when it holds its first full list and tells which objects
-//! changed once it holds the change.
+//! changed once it holds the change. A cache keeps either the watched
+//! objects, trimmed, or a compact type made from each ([`spawn_as`]).
 //!
 //! A reconcile waits for [`Cache::ready`], never for kube's
 //! `Store::wait_until_ready`: that one is a one-shot channel with a single
@@ -18,7 +19,7 @@ use kube::{
     Api, Resource,
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store},
+        reflector::{self, Lookup, Store},
         watcher::{self, Event},
     },
 };
@@ -27,12 +28,12 @@ use tokio::sync::watch;
 
 /// A store of one kind's objects, filled by a task of its own until the
 /// process ends. It reads like the [`Store`] it derefs to.
-pub struct Cache<K: Resource<DynamicType = ()> + Clone + 'static> {
+pub struct Cache<K: Lookup<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
     ready: watch::Receiver<bool>,
 }
 
-impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for Cache<K> {
+impl<K: Lookup<DynamicType = ()> + Clone + 'static> Clone for Cache<K> {
     fn clone(&self) -> Self {
         Self {
             store: self.store.clone(),
@@ -47,7 +48,7 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for Cache<K> {
 #[error("the watch that fills the cache stopped before its first full list")]
 pub struct Stopped;
 
-impl<K: Resource<DynamicType = ()> + Clone + 'static> Cache<K> {
+impl<K: Lookup<DynamicType = ()> + Clone + 'static> Cache<K> {
     /// Waits until the cache holds its first full list: until then an
     /// object missing from it may exist. Every waiter is woken.
     pub async fn ready(&self) -> Result<(), Stopped> {
@@ -62,12 +63,29 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Cache<K> {
     }
 }
 
-impl<K: Resource<DynamicType = ()> + Clone + 'static> Deref for Cache<K> {
+impl<K: Lookup<DynamicType = ()> + Clone + 'static> Deref for Cache<K> {
     type Target = Store<K>;
 
     fn deref(&self) -> &Store<K> {
         &self.store
     }
+}
+
+/// What a watch can fill a cache with: a Kubernetes kind.
+pub trait Watched:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
 }
 
 /// A cache of `api`'s objects matching `config`, each passed through `trim`
@@ -78,45 +96,70 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Deref for Cache<K> {
 /// as new as the event. After a relist it sees the objects listed, once the
 /// store holds the new list. It must not block (it runs in the watch's
 /// task).
-pub fn spawn<K>(
+pub fn spawn<K: Watched>(
     api: Api<K>,
     config: watcher::Config,
     trim: fn(&mut K),
-    mut changed: impl FnMut(&K) + Send + 'static,
-) -> Cache<K>
+    changed: impl FnMut(&K) + Send + 'static,
+) -> Cache<K> {
+    spawn_as(
+        api,
+        config,
+        move |mut obj| {
+            trim(&mut obj);
+            obj
+        },
+        changed,
+    )
+}
+
+/// A cache like [`spawn`]'s that keeps `into(obj)` for each watched object:
+/// a type of the controller's own, holding only what it reads.
+pub fn spawn_as<K, C>(
+    api: Api<K>,
+    config: watcher::Config,
+    into: impl Fn(K) -> C + Send + 'static,
+    mut changed: impl FnMut(&C) + Send + 'static,
+) -> Cache<C>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
+    C: Lookup<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
     let (ready_tx, ready) = watch::channel(false);
-    let feed = watcher::watcher(api, config)
+    let events = watcher::watcher(api, config)
         .default_backoff()
-        .modify(trim)
-        .reflect(writer);
-    // Objects of a list in progress: the store swaps in the new list only
-    // when it is complete.
-    let mut listed = Vec::new();
+        .map(move |event| event.map(|event| convert(event, &into)));
+    let feed = reflector::reflector(writer, events);
+    // After a (re)list the store holds exactly what was listed: the objects
+    // are read from it, not kept a second time while the list arrives.
+    let listed = store.clone();
     tokio::spawn(feed.for_each(move |event| {
         match event {
             Ok(Event::Apply(obj) | Event::Delete(obj)) => changed(&obj),
-            Ok(Event::Init) => listed.clear(),
-            Ok(Event::InitApply(obj)) => listed.push(obj),
             Ok(Event::InitDone) => {
                 ready_tx.send_replace(true);
-                listed.drain(..).for_each(|obj| changed(&obj));
+                listed.state().iter().for_each(|obj| changed(obj));
             }
+            // The store swaps in a new list only once it is complete.
+            Ok(Event::Init | Event::InitApply(_)) => {}
             // The watcher retries with backoff; the store keeps what it had.
             Err(_) => {}
         }
         futures::future::ready(())
     }));
     Cache { store, ready }
+}
+
+/// `event` with its object made into a `C`.
+fn convert<K, C>(event: Event<K>, into: impl Fn(K) -> C) -> Event<C> {
+    match event {
+        Event::Apply(obj) => Event::Apply(into(obj)),
+        Event::Delete(obj) => Event::Delete(into(obj)),
+        Event::Init => Event::Init,
+        Event::InitApply(obj) => Event::InitApply(into(obj)),
+        Event::InitDone => Event::InitDone,
+    }
 }
 
 /// Where a watch cache's changes ask for reconciles: an unbounded channel,

@@ -2,11 +2,7 @@
 //! from what was last applied, and deletes the ones this pass no longer
 //! wants, both judged from the controller's caches.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt::Debug,
-    sync::Arc,
-};
+use std::{collections::BTreeSet, fmt::Debug, sync::Arc};
 
 use futures::future;
 use k8s_openapi::{
@@ -22,14 +18,15 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
-    runtime::reflector::{ObjectRef, Store},
+    runtime::reflector::{Lookup, ObjectRef, Store},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     Error,
-    build::{Children, SITE_LABEL, SiteChildren, short_hash},
+    build::{Children, SiteChildren, short_hash},
     cache::{Caches, of_domain},
+    cached::Child,
 };
 
 /// The field manager of everything this controller applies.
@@ -122,8 +119,8 @@ async fn apply_site(
     let deployment = async {
         let cached = cached(&caches.deployments, namespace, deployment);
         let (wanted, hash) = with_applied_hash(deployment);
-        match cached.filter(|c| applied_hash(c.as_ref()) == Some(&hash)) {
-            Some(unchanged) => Ok((unchanged.as_ref().clone(), false)),
+        match cached.filter(|c| c.applied_hash() == Some(hash.as_str())) {
+            Some(unchanged) => Ok((unchanged.to_deployment(), false)),
             None => Ok((apply(client, namespace, &wanted).await?, true)),
         }
     };
@@ -156,16 +153,11 @@ fn with_applied_hash<K: Resource + Serialize + Clone>(obj: &K) -> (K, String) {
     (wanted, hash)
 }
 
-/// The hash of what was last applied to `obj`, if it carries one.
-fn applied_hash<K: Resource>(obj: &K) -> Option<&String> {
-    obj.annotations().get(APPLIED_HASH_ANNOTATION)
-}
-
 /// The cached copy of the object named like `obj` in `namespace`.
 fn cached<K, S>(store: &Store<S>, namespace: &str, obj: &K) -> Option<Arc<S>>
 where
     K: Resource,
-    S: Resource<DynamicType = ()> + Clone,
+    S: Lookup<DynamicType = ()> + Clone + 'static,
 {
     store.get(&ObjectRef::new(&obj.name_any()).within(namespace))
 }
@@ -185,11 +177,11 @@ where
         + Debug
         + Serialize
         + DeserializeOwned,
-    S: Resource<DynamicType = ()> + Clone,
+    S: Child,
 {
     let (wanted, hash) = with_applied_hash(obj);
     let unchanged =
-        cached(store, namespace, obj).is_some_and(|c| applied_hash(c.as_ref()) == Some(&hash));
+        cached(store, namespace, obj).is_some_and(|c| c.applied_hash() == Some(hash.as_str()));
     if unchanged {
         return Ok(false);
     }
@@ -214,8 +206,7 @@ pub async fn prune(
         .endpoint_slices
         .as_ref()
         .map(|v| v.iter().filter_map(|s| s.metadata.name.clone()).collect());
-    let keep =
-        |labels: &BTreeMap<String, String>, name: &str| keeps(&applied, kept_sites, labels, name);
+    let keep = |site: Option<&str>, name: &str| keeps(&applied, kept_sites, site, name);
     let pruner = Pruner {
         client,
         namespace,
@@ -235,7 +226,7 @@ pub async fn prune(
     // A slice is kept only while its site serves; with no site able to
     // serve, the last slices stay.
     if let Some(slices) = slices {
-        let keep_slice = |_: &BTreeMap<String, String>, name: &str| slices.contains(name);
+        let keep_slice = |_: Option<&str>, name: &str| slices.contains(name);
         // Only our slices: the per-site Services' own slices (made by the
         // EndpointSlice controller) carry our labels too.
         let service = children
@@ -244,11 +235,15 @@ pub async fn prune(
             .name
             .clone()
             .unwrap_or_default();
-        let ours: Vec<_> = present(&caches.endpoint_slices, namespace, domain)
-            .into_iter()
-            .filter(|(labels, _)| {
-                labels.get("kubernetes.io/service-name").map(String::as_str) == Some(&service)
+        let ours: Vec<_> = of_domain(&caches.endpoint_slices, namespace, domain)
+            .filter(|slice| {
+                slice
+                    .labels()
+                    .get("kubernetes.io/service-name")
+                    .map(String::as_str)
+                    == Some(&service)
             })
+            .map(|slice| (slice.site().map(str::to_string), slice.name_any()))
             .collect();
         prune_kind::<EndpointSlice>(client, namespace, ours, &keep_slice).await?;
     }
@@ -275,13 +270,10 @@ fn applied_names(children: &Children) -> BTreeSet<String> {
 fn keeps(
     applied: &BTreeSet<String>,
     kept_sites: &[String],
-    labels: &BTreeMap<String, String>,
+    site: Option<&str>,
     name: &str,
 ) -> bool {
-    applied.contains(name)
-        || labels
-            .get(SITE_LABEL)
-            .is_some_and(|s| kept_sites.contains(s))
+    applied.contains(name) || site.is_some_and(|s| kept_sites.iter().any(|k| k == s))
 }
 
 /// Deletes one domain's children that `keep` does not keep, kind by kind.
@@ -289,7 +281,7 @@ struct Pruner<'a> {
     client: &'a Client,
     namespace: &'a str,
     domain: &'a str,
-    keep: &'a (dyn Fn(&BTreeMap<String, String>, &str) -> bool + Sync),
+    keep: &'a (dyn Fn(Option<&str>, &str) -> bool + Sync),
 }
 
 impl Pruner<'_> {
@@ -302,24 +294,24 @@ impl Pruner<'_> {
             + Clone
             + Debug
             + DeserializeOwned,
-        S: Resource<DynamicType = ()> + Clone + 'static,
+        S: Child,
     {
         let existing = present(store, self.namespace, self.domain);
         prune_kind::<K>(self.client, self.namespace, existing, self.keep).await
     }
 }
 
-/// The labels and names of the objects of `store` made for `domain`.
-fn present<S>(
+/// The sites and names of the objects of `store` made for `domain`.
+fn present<S: Child>(
     store: &Store<S>,
     namespace: &str,
     domain: &str,
-) -> Vec<(BTreeMap<String, String>, String)>
-where
-    S: Resource<DynamicType = ()> + Clone + 'static,
-{
+) -> Vec<(Option<String>, String)> {
     of_domain(store, namespace, domain)
-        .map(|o| (o.labels().clone(), o.name_any()))
+        .map(|o| {
+            let name = o.name().map(|n| n.into_owned()).unwrap_or_default();
+            (o.site().map(str::to_string), name)
+        })
         .collect()
 }
 
@@ -347,13 +339,13 @@ where
         })
 }
 
-/// Deletes the objects of kind `K` among `existing` (labels, name) that
+/// Deletes the objects of kind `K` among `existing` (site, name) that
 /// `keep` does not keep; returns the sites of those deleted.
 async fn prune_kind<K>(
     client: &Client,
     namespace: &str,
-    existing: Vec<(BTreeMap<String, String>, String)>,
-    keep: &(dyn Fn(&BTreeMap<String, String>, &str) -> bool + Sync),
+    existing: Vec<(Option<String>, String)>,
+    keep: &(dyn Fn(Option<&str>, &str) -> bool + Sync),
 ) -> Result<Vec<String>, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -364,8 +356,8 @@ where
 {
     let api = Api::<K>::namespaced(client.clone(), namespace);
     let mut removed_sites = Vec::new();
-    for (labels, name) in existing {
-        if keep(&labels, &name) {
+    for (site, name) in existing {
+        if keep(site.as_deref(), &name) {
             continue;
         }
         match api.delete(&name, &DeleteParams::background()).await {
@@ -381,9 +373,7 @@ where
             }
         }
         tracing::info!(kind = <K as k8s_openapi::Resource>::KIND, %name, "deleted a child no longer wanted");
-        if let Some(site) = labels.get(SITE_LABEL) {
-            removed_sites.push(site.clone());
-        }
+        removed_sites.extend(site);
     }
     Ok(removed_sites)
 }
@@ -416,10 +406,6 @@ mod tests {
         .expect("children")
     }
 
-    fn site_labels(site: &str) -> BTreeMap<String, String> {
-        [(SITE_LABEL.to_string(), site.to_string())].into()
-    }
-
     #[test]
     fn what_this_pass_applied_stays_and_a_dropped_site_goes() {
         let now = children(&["dc-it1"]);
@@ -427,11 +413,11 @@ mod tests {
         let applied = applied_names(&now);
         for site in &before.sites {
             let name = site.deployment.metadata.name.clone().expect("name");
-            let kept = keeps(&applied, &[], &site_labels(&site.site), &name);
+            let kept = keeps(&applied, &[], Some(&site.site), &name);
             assert_eq!(kept, site.site == "dc-it1", "{name}");
         }
         let service = now.domain_service.metadata.name.clone().expect("name");
-        assert!(keeps(&applied, &[], &BTreeMap::new(), &service));
+        assert!(keeps(&applied, &[], None, &service));
     }
 
     #[test]
@@ -442,10 +428,10 @@ mod tests {
         let missing = ["dc-it2".to_string()];
         for site in &before.sites {
             let name = site.deployment.metadata.name.clone().expect("name");
-            assert!(keeps(&applied, &missing, &site_labels(&site.site), &name));
+            assert!(keeps(&applied, &missing, Some(&site.site), &name));
         }
         assert!(
-            !keeps(&applied, &missing, &site_labels("dc-it3"), "pec-x-dc-it3"),
+            !keeps(&applied, &missing, Some("dc-it3"), "pec-x-dc-it3"),
             "only the missing site's objects"
         );
     }
@@ -458,7 +444,7 @@ mod tests {
         let (_, again) = with_applied_hash(&b.sites[0].config_map);
         assert_eq!(hash, again, "the same object, the same hash");
         assert_eq!(
-            applied_hash(&wanted),
+            wanted.annotations().get(APPLIED_HASH_ANNOTATION),
             Some(&hash),
             "carried by what is applied"
         );

@@ -12,18 +12,19 @@
 //! that is already gone; the event that brings the store up to date
 //! triggers another reconcile of the same domain.
 //!
-//! Only what the controller reads is kept: managed fields are dropped from
-//! everything, pods keep their labels, node, IP and conditions, Deployments
-//! lose their pod template's spec, EndpointSlices are kept whole (the SLA
-//! probe reads them too), and the other children are watched as metadata
-//! only.
+//! Only what the controller reads is kept: the children as the compact
+//! types of [`super::cached`] (pods, Deployments, and from a watch of their
+//! metadata the ConfigMaps, Services, PDBs and NetworkPolicies), the
+//! operator's own EndpointSlices whole (the SLA probe reads them too) and
+//! the EndpointSlice controller's not at all, everything else without its
+//! managed fields.
 
 use std::sync::Arc;
 
 use futures::channel::mpsc::UnboundedReceiver;
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{ConfigMap, Pod, PodSpec, PodStatus, Secret, Service},
+    core::v1::{ConfigMap, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
@@ -38,7 +39,11 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::{build::DOMAIN_LABEL, references};
+use super::{
+    build,
+    cached::{CachedChild, CachedDeployment, CachedPod, Child, Owned},
+    references,
+};
 use crate::{
     api::{MailDomain, SigningKey, Site},
     controllers::{
@@ -54,12 +59,12 @@ pub struct Caches {
     pub mail_domains: Cache<MailDomain>,
     pub sites: Cache<Site>,
     pub signing_keys: Cache<SigningKey>,
-    pub deployments: Cache<Deployment>,
-    pub pods: Cache<Pod>,
-    pub config_maps: Cache<PartialObjectMeta<ConfigMap>>,
-    pub services: Cache<PartialObjectMeta<Service>>,
-    pub pdbs: Cache<PartialObjectMeta<PodDisruptionBudget>>,
-    pub network_policies: Cache<PartialObjectMeta<NetworkPolicy>>,
+    pub deployments: Cache<CachedDeployment>,
+    pub pods: Cache<CachedPod>,
+    pub config_maps: Cache<CachedChild<ConfigMap>>,
+    pub services: Cache<CachedChild<Service>>,
+    pub pdbs: Cache<CachedChild<PodDisruptionBudget>>,
+    pub network_policies: Cache<CachedChild<NetworkPolicy>>,
     pub endpoint_slices: Cache<EndpointSlice>,
     /// Every Secret, cut to what the reference checks read (see
     /// [`references::keep_what_is_checked`]).
@@ -71,22 +76,48 @@ fn owned() -> Config {
     Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
 }
 
-/// A store of the metadata of `K`'s objects this operator made, filled by a
-/// task of its own; a change reconciles the MailDomain that owns the object.
-fn reflect_metadata<K>(
-    client: &Client,
-    triggers: &Triggers<MailDomain>,
-) -> Cache<PartialObjectMeta<K>>
+/// The label selector of the EndpointSlices this operator made (those of
+/// the domain Services). The per-site Services' slices, which the
+/// EndpointSlice controller makes, carry the operator's labels too but are
+/// read by nothing here: left out, they cost neither memory nor events.
+fn own_endpoint_slices() -> Config {
+    Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={MANAGED_BY},{}",
+        build::own_endpoint_slice_selector()
+    ))
+}
+
+/// A store of `K`'s objects this operator made, as [`CachedChild`]ren,
+/// filled by a task of its own from a watch of their metadata; a change
+/// reconciles the MailDomain that owns the object.
+fn reflect_metadata<K>(client: &Client, triggers: &Triggers<MailDomain>) -> Cache<CachedChild<K>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
     K: 'static,
 {
-    watch_cache::spawn(
+    watch_cache::spawn_as(
         Api::<PartialObjectMeta<K>>::all(client.clone()),
         owned(),
-        drop_managed_fields,
-        owners(triggers),
+        CachedChild::from,
+        owning_domains_of(triggers),
     )
+}
+
+/// Reconciles the MailDomains that own a changed cached child.
+fn owning_domains_of<C: Owned>(triggers: &Triggers<MailDomain>) -> impl FnMut(&C) + Send + 'static {
+    let triggers = triggers.clone();
+    move |child| {
+        let Some(namespace) = child.namespace() else {
+            return;
+        };
+        trigger(
+            &triggers,
+            child
+                .owners()
+                .iter()
+                .map(|md| ObjectRef::new(md).within(namespace)),
+        );
+    }
 }
 
 /// Reconciles the MailDomains that own a changed object.
@@ -120,10 +151,8 @@ fn related<K: 'static>(
 }
 
 /// The MailDomain a gateway pod serves, from its domain label.
-fn pod_domain(pod: &Pod) -> Option<ObjectRef<MailDomain>> {
-    let namespace = pod.namespace()?;
-    let md = pod.labels().get(DOMAIN_LABEL)?;
-    Some(ObjectRef::new(md).within(&namespace))
+fn pod_domain(pod: &CachedPod) -> Option<ObjectRef<MailDomain>> {
+    Some(ObjectRef::new(Child::domain(pod)?).within(pod.namespace()?))
 }
 
 /// The MailDomains in `domains` for which `wanted` holds.
@@ -215,30 +244,6 @@ fn drop_managed_fields<K: Resource>(obj: &mut K) {
     obj.managed_fields_mut().clear();
 }
 
-/// A pod as the controller reads it: labels, deletion, node, IP, conditions.
-fn trim_pod(pod: &mut Pod) {
-    pod.managed_fields_mut().clear();
-    pod.metadata.annotations = None;
-    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    pod.spec = Some(PodSpec {
-        node_name,
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.take().map(|s| PodStatus {
-        conditions: s.conditions,
-        pod_ip: s.pod_ip,
-        phase: s.phase,
-        ..PodStatus::default()
-    });
-}
-
-/// A Deployment without its pod template's spec (the template's
-/// annotations, which carry the configuration hash, stay).
-fn trim_deployment(deployment: &mut Deployment) {
-    deployment.managed_fields_mut().clear();
-    deployment.spec.template.spec = None;
-}
-
 /// Builds the stores, each filled in a task of its own, and the stream of
 /// the reconciles their changes ask for:
 /// - a MailDomain's change reconciles it;
@@ -283,13 +288,13 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
             drop_managed_fields,
             related(&triggers, &mail_domains, domains_signing_with),
         ),
-        deployments: watch_cache::spawn(
+        deployments: watch_cache::spawn_as(
             Api::<Deployment>::all(client.clone()),
             owned(),
-            trim_deployment,
-            owners(&triggers),
+            CachedDeployment::from,
+            owning_domains_of(&triggers),
         ),
-        pods: watch_cache::spawn(Api::<Pod>::all(client.clone()), owned(), trim_pod, {
+        pods: watch_cache::spawn_as(Api::<Pod>::all(client.clone()), owned(), CachedPod::from, {
             let triggers = triggers.clone();
             move |pod| trigger(&triggers, pod_domain(pod))
         }),
@@ -299,7 +304,7 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
         network_policies: reflect_metadata::<NetworkPolicy>(client, &triggers),
         endpoint_slices: watch_cache::spawn(
             Api::<EndpointSlice>::all(client.clone()),
-            owned(),
+            own_endpoint_slices(),
             drop_managed_fields,
             owners(&triggers),
         ),
@@ -356,35 +361,30 @@ impl Caches {
     /// The Deployments of `domain` in `namespace`, whatever their site.
     pub fn deployments(&self, namespace: &str, domain: &str) -> Vec<Deployment> {
         of_domain(&self.deployments, namespace, domain)
-            .map(|d| d.as_ref().clone())
+            .map(|d| d.to_deployment())
             .collect()
     }
 
-    /// The gateway pods of `domain` in `namespace`, whatever their site.
+    /// The gateway pods of `domain` in `namespace`, whatever their site,
+    /// as much of them as the cache keeps (see [`CachedPod::to_pod`]).
     pub fn pods(&self, namespace: &str, domain: &str) -> Vec<Pod> {
         of_domain(&self.pods, namespace, domain)
-            .map(|p| p.as_ref().clone())
+            .map(|p| p.to_pod())
             .collect()
     }
 }
 
-/// The objects of `store` this operator made for `domain` in `namespace`.
-pub fn of_domain<'a, K>(
+/// The objects of `store` this operator made for `domain` in `namespace`
+/// (every store holds only what this operator made: its watch selects them
+/// by label).
+pub fn of_domain<'a, K: Child>(
     store: &'a Store<K>,
     namespace: &'a str,
     domain: &'a str,
-) -> impl Iterator<Item = Arc<K>> + 'a
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
+) -> impl Iterator<Item = Arc<K>> + 'a {
     store.state().into_iter().filter(move |obj| {
-        let labels = obj.labels();
-        obj.namespace().as_deref() == Some(namespace)
-            && labels
-                .get("app.kubernetes.io/managed-by")
-                .map(String::as_str)
-                == Some(MANAGED_BY)
-            && labels.get(DOMAIN_LABEL).map(String::as_str) == Some(domain)
+        kube::runtime::reflector::Lookup::namespace(obj.as_ref()).as_deref() == Some(namespace)
+            && obj.domain() == Some(domain)
     })
 }
 
@@ -396,10 +396,7 @@ mod tests {
         build::tests::{domain, site},
         status::tests::key,
     };
-    use k8s_openapi::{
-        api::core::v1::{Container, PodCondition},
-        apimachinery::pkg::apis::meta::v1::OwnerReference,
-    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::runtime::watcher::Event;
 
     fn owner(kind: &str, api_version: &str, name: &str) -> OwnerReference {
@@ -502,52 +499,16 @@ mod tests {
     fn a_pod_triggers_the_domain_its_label_names() {
         let mut pod = Pod::default();
         pod.metadata.namespace = Some("mail".into());
-        assert_eq!(pod_domain(&pod), None, "no label, no domain");
-        pod.metadata.labels = Some([(DOMAIN_LABEL.to_string(), "acme".to_string())].into());
         assert_eq!(
-            pod_domain(&pod),
+            pod_domain(&CachedPod::from(pod.clone())),
+            None,
+            "no label, no domain"
+        );
+        pod.metadata.labels = Some([(build::DOMAIN_LABEL.to_string(), "acme".to_string())].into());
+        assert_eq!(
+            pod_domain(&CachedPod::from(pod)),
             Some(ObjectRef::new("acme").within("mail"))
         );
-    }
-
-    #[test]
-    fn a_trimmed_pod_keeps_what_readiness_needs() {
-        let mut pod = Pod {
-            metadata: kube::api::ObjectMeta {
-                name: Some("gw-0".into()),
-                labels: Some([("pec.dev/site".to_string(), "dc-it1".to_string())].into()),
-                annotations: Some([("big".to_string(), "x".repeat(1000))].into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some("node-1".into()),
-                containers: vec![Container {
-                    name: "gateway".into(),
-                    ..Container::default()
-                }],
-                ..PodSpec::default()
-            }),
-            status: Some(PodStatus {
-                pod_ip: Some("10.0.0.7".into()),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".into(),
-                    status: "True".into(),
-                    ..PodCondition::default()
-                }]),
-                host_ip: Some("192.0.2.1".into()),
-                ..PodStatus::default()
-            }),
-        };
-        trim_pod(&mut pod);
-        let spec = pod.spec.as_ref().expect("spec");
-        let status = pod.status.as_ref().expect("status");
-        assert_eq!(spec.node_name.as_deref(), Some("node-1"));
-        assert!(spec.containers.is_empty(), "containers dropped");
-        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.7"));
-        assert_eq!(status.conditions.as_ref().map(Vec::len), Some(1));
-        assert_eq!(status.host_ip, None);
-        assert_eq!(pod.metadata.annotations, None);
-        assert_eq!(pod.labels()["pec.dev/site"], "dc-it1");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 mod apply;
 pub mod build;
 pub mod cache;
+pub mod cached;
 pub mod dns;
 mod fetch;
 pub mod gateway;

@@ -84,6 +84,20 @@ pub struct SiteChildren {
     pub network_policy: NetworkPolicy,
 }
 
+/// The label that says who manages an EndpointSlice: the EndpointSlice
+/// controller leaves slices it does not manage alone.
+const SLICE_MANAGER_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+
+/// The manager the operator's EndpointSlices name.
+fn slice_manager() -> String {
+    format!("{MANAGED_BY}.pec.dev")
+}
+
+/// The label selector of the EndpointSlices the operator made.
+pub fn own_endpoint_slice_selector() -> String {
+    format!("{SLICE_MANAGER_LABEL}={}", slice_manager())
+}
+
 /// All children of `md`: per-site objects for the present sites, and the
 /// domain Service with one EndpointSlice per serving site listing its ready
 /// gateways (`serving: None` keeps the slices there are).
@@ -123,10 +137,7 @@ pub fn children(
             .map(|site| {
                 let mut labels = labels(&md_name, site);
                 labels.insert("kubernetes.io/service-name".into(), service_name.clone());
-                labels.insert(
-                    "endpointslice.kubernetes.io/managed-by".into(),
-                    format!("{MANAGED_BY}.pec.dev"),
-                );
+                labels.insert(SLICE_MANAGER_LABEL.into(), slice_manager());
                 EndpointSlice {
                     metadata: ObjectMeta {
                         name: Some(child_name(&md_name, site)),
@@ -371,6 +382,19 @@ pub(crate) mod tests {
         assert_eq!(ips, ["10.0.0.2", "10.0.0.3"]);
         let labels = slices[0].metadata.labels.as_ref().expect("labels");
         assert_eq!(labels["kubernetes.io/service-name"], "acme");
+        let (key, value) = own_endpoint_slice_selector()
+            .split_once('=')
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .expect("key=value");
+        assert_eq!(
+            labels.get(&key),
+            Some(&value),
+            "the caches' watch of the operator's slices selects this one"
+        );
+        assert_ne!(
+            value, "endpointslice-controller.k8s.io",
+            "the EndpointSlice controller must leave it alone"
+        );
         let svc = c.domain_service.spec.expect("spec");
         assert!(
             svc.selector.is_none(),
