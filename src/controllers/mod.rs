@@ -23,7 +23,6 @@ use std::{
 };
 
 use futures::future;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{
     Client, Resource,
     runtime::controller::Action,
@@ -101,7 +100,7 @@ pub struct SharedStores {
     /// Every MailDomain.
     pub mail_domains: std::sync::OnceLock<watch_cache::Cache<crate::api::MailDomain>>,
     /// The EndpointSlices this operator made.
-    pub endpoint_slices: std::sync::OnceLock<watch_cache::Cache<EndpointSlice>>,
+    pub endpoint_slices: std::sync::OnceLock<watch_cache::Cache<mail_domain::cached::CachedSlice>>,
 }
 
 impl Context {

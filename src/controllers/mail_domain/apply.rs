@@ -236,14 +236,11 @@ pub async fn prune(
             .clone()
             .unwrap_or_default();
         let ours: Vec<_> = of_domain(&caches.endpoint_slices, namespace, domain)
-            .filter(|slice| {
-                slice
-                    .labels()
-                    .get("kubernetes.io/service-name")
-                    .map(String::as_str)
-                    == Some(&service)
+            .filter(|slice| slice.service() == Some(&service))
+            .map(|slice| {
+                let name = slice.name().map(|n| n.into_owned()).unwrap_or_default();
+                (slice.site().map(str::to_string), name)
             })
-            .map(|slice| (slice.site().map(str::to_string), slice.name_any()))
             .collect();
         prune_kind::<EndpointSlice>(client, namespace, ours, &keep_slice).await?;
     }

@@ -13,11 +13,11 @@
 //! triggers another reconcile of the same domain.
 //!
 //! Only what the controller reads is kept: the children as the compact
-//! types of [`super::cached`] (pods, Deployments, and from a watch of their
+//! records of [`super::cached`] (pods, Deployments, the operator's own
+//! EndpointSlices, which the SLA probe reads too, and from a watch of their
 //! metadata the ConfigMaps, Services, PDBs and NetworkPolicies), the
-//! operator's own EndpointSlices whole (the SLA probe reads them too) and
-//! the EndpointSlice controller's not at all, everything else without its
-//! managed fields.
+//! EndpointSlice controller's slices not at all, everything else without
+//! its managed fields.
 
 use std::sync::Arc;
 
@@ -41,7 +41,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     build,
-    cached::{CachedChild, CachedDeployment, CachedPod, Child, Owned},
+    cached::{CachedChild, CachedDeployment, CachedPod, CachedSlice, Child, Owned},
     references,
 };
 use crate::{
@@ -65,7 +65,7 @@ pub struct Caches {
     pub services: Cache<CachedChild<Service>>,
     pub pdbs: Cache<CachedChild<PodDisruptionBudget>>,
     pub network_policies: Cache<CachedChild<NetworkPolicy>>,
-    pub endpoint_slices: Cache<EndpointSlice>,
+    pub endpoint_slices: Cache<CachedSlice>,
     /// Every Secret, cut to what the reference checks read (see
     /// [`references::keep_what_is_checked`]).
     pub secrets: Cache<Secret>,
@@ -106,36 +106,18 @@ where
 /// Reconciles the MailDomains that own a changed cached child.
 fn owning_domains_of<C: Owned>(triggers: &Triggers<MailDomain>) -> impl FnMut(&C) + Send + 'static {
     let triggers = triggers.clone();
-    move |child| {
-        let Some(namespace) = child.namespace() else {
-            return;
-        };
-        trigger(
-            &triggers,
-            child
-                .owners()
-                .iter()
-                .map(|md| ObjectRef::new(md).within(namespace)),
-        );
-    }
+    move |child| trigger(&triggers, owning_domains(child))
 }
 
-/// Reconciles the MailDomains that own a changed object.
-fn owners<K: Resource>(triggers: &Triggers<MailDomain>) -> impl FnMut(&K) + Send + 'static {
-    let triggers = triggers.clone();
-    move |obj| trigger(&triggers, owning_domains(obj))
-}
-
-/// The MailDomains among `obj`'s owners.
-fn owning_domains<K: Resource>(obj: &K) -> Vec<ObjectRef<MailDomain>> {
-    let Some(namespace) = obj.meta().namespace.as_deref() else {
+/// The MailDomains among a cached child's owners.
+fn owning_domains<C: Owned>(child: &C) -> Vec<ObjectRef<MailDomain>> {
+    let Some(namespace) = child.namespace() else {
         return Vec::new();
     };
-    let api_version = MailDomain::api_version(&());
-    obj.owner_references()
+    child
+        .owners()
         .iter()
-        .filter(|o| o.kind == MailDomain::kind(&()) && o.api_version == api_version)
-        .map(|o| ObjectRef::new(&o.name).within(namespace))
+        .map(|md| ObjectRef::new(md).within(namespace))
         .collect()
 }
 
@@ -302,11 +284,11 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
         services: reflect_metadata::<Service>(client, &triggers),
         pdbs: reflect_metadata::<PodDisruptionBudget>(client, &triggers),
         network_policies: reflect_metadata::<NetworkPolicy>(client, &triggers),
-        endpoint_slices: watch_cache::spawn(
+        endpoint_slices: watch_cache::spawn_as(
             Api::<EndpointSlice>::all(client.clone()),
             own_endpoint_slices(),
-            drop_managed_fields,
-            owners(&triggers),
+            CachedSlice::from,
+            owning_domains_of(&triggers),
         ),
         secrets: watch_cache::spawn(
             Api::<Secret>::all(client.clone()),
@@ -428,12 +410,12 @@ mod tests {
             owner("ReplicaSet", "apps/v1", "acme-dc-it1"),
         ]);
         assert_eq!(
-            owning_domains(&deployment),
+            owning_domains(&CachedDeployment::from(deployment.clone())),
             vec![ObjectRef::<MailDomain>::new("acme").within("mail")]
         );
         deployment.metadata.owner_references = None;
         assert!(
-            owning_domains(&deployment).is_empty(),
+            owning_domains(&CachedDeployment::from(deployment)).is_empty(),
             "an orphan triggers nothing"
         );
     }

@@ -14,7 +14,10 @@
 //! - [`CachedDeployment`]: that, the gateway configuration's hash and the
 //!   replica counts;
 //! - [`CachedPod`]: a gateway pod's site, deletion, node, IP, phase and
-//!   Ready condition.
+//!   Ready condition;
+//! - [`CachedSlice`]: one of the operator's EndpointSlices, as the Service
+//!   it serves and whether any of its endpoints is ready (the SLA probe's
+//!   question).
 //!
 //! [`Child`] is what the no-op check and the prune read of any cached
 //! child. [`CachedDeployment::to_deployment`] and [`CachedPod::to_pod`]
@@ -31,7 +34,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::Time,
 };
-use kube::{Resource, ResourceExt, api::ObjectMeta, core::PartialObjectMeta};
+use kube::{Resource, api::ObjectMeta, core::PartialObjectMeta};
 
 use super::{
     apply::APPLIED_HASH_ANNOTATION,
@@ -385,23 +388,64 @@ impl CachedPod {
 
 lookup_as!(<> CachedPod => Pod);
 
-/// [`Child`] for a Kubernetes type the cache keeps as it is, from its
-/// labels and annotations.
-impl Child for EndpointSlice {
-    fn domain(&self) -> Option<&str> {
-        self.labels().get(DOMAIN_LABEL).map(String::as_str)
-    }
+/// One of the operator's EndpointSlices (those of a domain Service): the
+/// Service it serves and whether any of its endpoints is ready.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CachedSlice {
+    key: Key,
+    applied_hash: Option<String>,
+    owners: Vec<String>,
+    service: Option<String>,
+    ready: bool,
+}
 
-    fn site(&self) -> Option<&str> {
-        self.labels().get(SITE_LABEL).map(String::as_str)
-    }
+/// The label naming the Service an EndpointSlice serves.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-    fn applied_hash(&self) -> Option<&str> {
-        self.annotations()
-            .get(APPLIED_HASH_ANNOTATION)
-            .map(String::as_str)
+impl From<EndpointSlice> for CachedSlice {
+    fn from(slice: EndpointSlice) -> Self {
+        let mut metadata = slice.metadata;
+        let service = metadata
+            .labels
+            .as_mut()
+            .and_then(|l| l.remove(SERVICE_NAME_LABEL));
+        Self {
+            key: Key::take(&mut metadata),
+            applied_hash: take_applied_hash(&mut metadata),
+            owners: owning_domains(&mut metadata),
+            service,
+            ready: slice
+                .endpoints
+                .iter()
+                .flatten()
+                .any(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false)),
+        }
     }
 }
+
+impl CachedSlice {
+    /// The Service it serves.
+    pub fn service(&self) -> Option<&str> {
+        self.service.as_deref()
+    }
+
+    /// Whether any of its endpoints is ready.
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+}
+
+impl Owned for CachedSlice {
+    fn namespace(&self) -> Option<&str> {
+        self.key.namespace.as_deref()
+    }
+
+    fn owners(&self) -> &[String] {
+        &self.owners
+    }
+}
+
+lookup_as!(<> CachedSlice => EndpointSlice);
 
 #[cfg(test)]
 mod tests {
@@ -410,7 +454,7 @@ mod tests {
         api::core::v1::{ConfigMap, Container},
         apimachinery::pkg::apis::meta::v1::OwnerReference,
     };
-    use kube::{api::TypeMeta, runtime::reflector::Lookup};
+    use kube::{ResourceExt, api::TypeMeta, runtime::reflector::Lookup};
 
     fn at(s: i64) -> Time {
         crate::time::to_k8s(
@@ -542,6 +586,34 @@ mod tests {
             (Some(2), Some(1), Some(2), Some(3))
         );
         assert_eq!(status.conditions, None);
+    }
+
+    #[test]
+    fn a_cached_slice_says_which_service_it_serves_and_whether_an_endpoint_is_ready() {
+        let slice = |ready: &[bool]| -> EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": "acme-dc-it1", "namespace": "mail",
+                    "labels": {SERVICE_NAME_LABEL: "acme", SITE_LABEL: "dc-it1", DOMAIN_LABEL: "acme"},
+                    "annotations": {APPLIED_HASH_ANNOTATION: "5e1f"},
+                    "ownerReferences": [{"apiVersion": <MailDomain as Resource>::api_version(&()), "kind": "MailDomain", "name": "acme", "uid": "u"}],
+                },
+                "addressType": "IPv4",
+                "endpoints": ready.iter().map(|r| serde_json::json!({
+                    "addresses": ["10.0.0.1"], "conditions": {"ready": r},
+                })).collect::<Vec<_>>(),
+            }))
+            .expect("slice")
+        };
+        let cached = CachedSlice::from(slice(&[false, true]));
+        assert_eq!(cached.service(), Some("acme"));
+        assert!(cached.ready());
+        assert_eq!(Child::site(&cached), Some("dc-it1"));
+        assert_eq!(Child::domain(&cached), Some("acme"));
+        assert_eq!(Child::applied_hash(&cached), Some("5e1f"));
+        assert_eq!(cached.owners(), ["acme"]);
+        assert!(!CachedSlice::from(slice(&[false, false])).ready());
+        assert!(!CachedSlice::from(slice(&[])).ready());
     }
 
     fn gateway_pod() -> Pod {

@@ -24,10 +24,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{ConfigMap, Secret},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
@@ -41,7 +38,10 @@ use crate::{
         SlaTargetStatus,
     },
     conditions,
-    controllers::names::{NO_HEALTHY_SITE, domain_service_name, index_name_of},
+    controllers::{
+        mail_domain::cached::{CachedSlice, Owned},
+        names::{NO_HEALTHY_SITE, domain_service_name, index_name_of},
+    },
     sla::{
         evaluate::{self, Targets},
         ledger::Ledger,
@@ -158,7 +158,7 @@ fn signature(status: &SlaTargetStatus) -> String {
 async fn cached_inputs(
     ctx: &Context,
     namespace: &str,
-) -> Option<(Vec<MailDomain>, Vec<EndpointSlice>)> {
+) -> Option<(Vec<MailDomain>, Vec<CachedSlice>)> {
     let domains = ctx.stores.mail_domains.get()?;
     let slices = ctx.stores.endpoint_slices.get()?;
     domains.ready().await.ok()?;
@@ -173,7 +173,7 @@ async fn cached_inputs(
         slices
             .state()
             .iter()
-            .filter(|o| o.namespace().as_deref() == Some(namespace))
+            .filter(|s| Owned::namespace(s.as_ref()) == Some(namespace))
             .map(|s| s.as_ref().clone())
             .collect(),
     ))

@@ -1,13 +1,12 @@
-//! Availability probes: pure reading of EndpointSlices, and real TCP/HTTP
-//! connections for the `Tcp` and `Http` kinds.
+//! Availability probes: pure reading of EndpointSlices (as the MailDomain
+//! controller's cache keeps them), and real TCP/HTTP connections for the
+//! `Tcp` and `Http` kinds.
 
 use std::time::Duration;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::ResourceExt;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use crate::controllers::names::SITE_LABEL;
+use crate::controllers::mail_domain::cached::{CachedSlice, Child};
 
 /// What a probe saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +37,7 @@ impl Seen {
 /// the domain is not running on kept endpoints of sites that are all down
 /// (`no_healthy_site`).
 pub fn endpoints(
-    slices: &[EndpointSlice],
+    slices: &[CachedSlice],
     service: &str,
     site: Option<&str>,
     no_healthy_site: bool,
@@ -48,17 +47,9 @@ pub fn endpoints(
     }
     let ready = slices
         .iter()
-        .filter(|s| {
-            s.labels()
-                .get("kubernetes.io/service-name")
-                .map(String::as_str)
-                == Some(service)
-        })
-        .filter(|s| {
-            site.is_none_or(|site| s.labels().get(SITE_LABEL).map(String::as_str) == Some(site))
-        })
-        .flat_map(|s| s.endpoints.iter().flatten())
-        .any(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false));
+        .filter(|s| s.service() == Some(service))
+        .filter(|s| site.is_none_or(|site| s.site() == Some(site)))
+        .any(CachedSlice::ready);
     if ready {
         Seen::up()
     } else {
@@ -92,13 +83,14 @@ pub async fn http(addr: &str, timeout: Duration) -> Seen {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controllers::names::SITE_LABEL;
     use k8s_openapi::{
-        api::discovery::v1::{Endpoint, EndpointConditions},
+        api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice},
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
 
-    fn slice(service: &str, site: &str, ready: &[bool]) -> EndpointSlice {
-        EndpointSlice {
+    fn slice(service: &str, site: &str, ready: &[bool]) -> CachedSlice {
+        CachedSlice::from(EndpointSlice {
             metadata: ObjectMeta {
                 labels: Some(
                     [
@@ -127,7 +119,7 @@ mod tests {
                     .collect(),
             ),
             ports: None,
-        }
+        })
     }
 
     #[test]
