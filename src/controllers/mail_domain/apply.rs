@@ -237,10 +237,7 @@ pub async fn prune(
             .unwrap_or_default();
         let ours: Vec<_> = of_domain(&caches.endpoint_slices, namespace, domain)
             .filter(|slice| slice.service() == Some(&service))
-            .map(|slice| {
-                let name = slice.name().map(|n| n.into_owned()).unwrap_or_default();
-                (slice.site().map(str::to_string), name)
-            })
+            .map(|slice| site_and_name(slice.as_ref()))
             .collect();
         prune_kind::<EndpointSlice>(client, namespace, ours, &keep_slice).await?;
     }
@@ -305,11 +302,14 @@ fn present<S: Child>(
     domain: &str,
 ) -> Vec<(Option<String>, String)> {
     of_domain(store, namespace, domain)
-        .map(|o| {
-            let name = o.name().map(|n| n.into_owned()).unwrap_or_default();
-            (o.site().map(str::to_string), name)
-        })
+        .map(|o| site_and_name(o.as_ref()))
         .collect()
+}
+
+/// A cached child's site and name, as the prune reads them.
+fn site_and_name<S: Child>(obj: &S) -> (Option<String>, String) {
+    let name = obj.name().map(|n| n.into_owned()).unwrap_or_default();
+    (obj.site().map(str::to_string), name)
 }
 
 async fn apply<K>(client: &Client, namespace: &str, obj: &K) -> Result<K, Error>

@@ -114,10 +114,70 @@ fn take_applied_hash(meta: &mut ObjectMeta) -> Option<String> {
     meta.annotations.as_mut()?.remove(APPLIED_HASH_ANNOTATION)
 }
 
-/// `Lookup` (what a reflector store needs) for a type with a [`Key`] in
-/// `key`, as the Kubernetes kind `$kind`.
+/// What every applied child's record keeps of its metadata: its key, the
+/// hash of what was last applied, and the MailDomains among its owners.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Meta {
+    key: Key,
+    applied_hash: Option<String>,
+    owners: Vec<String>,
+}
+
+impl Meta {
+    /// Takes what is kept out of `meta`.
+    fn take(meta: &mut ObjectMeta) -> Self {
+        Self {
+            key: Key::take(meta),
+            applied_hash: take_applied_hash(meta),
+            owners: owning_domains(meta),
+        }
+    }
+}
+
+/// A record holding a [`Meta`]: it is a [`Child`] and [`Owned`] through it.
+trait WithMeta {
+    fn meta(&self) -> &Meta;
+}
+
+/// A cached child that records its owning MailDomains.
+pub trait Owned {
+    /// The namespace it is in.
+    fn namespace(&self) -> Option<&str>;
+    /// The names of the MailDomains among its owners.
+    fn owners(&self) -> &[String];
+}
+
+impl<T: WithMeta> Owned for T {
+    fn namespace(&self) -> Option<&str> {
+        self.meta().key.namespace.as_deref()
+    }
+
+    fn owners(&self) -> &[String] {
+        &self.meta().owners
+    }
+}
+
+impl<T> Child for T
+where
+    T: WithMeta + kube::runtime::reflector::Lookup<DynamicType = ()> + Clone + 'static,
+{
+    fn domain(&self) -> Option<&str> {
+        self.meta().key.domain.as_deref()
+    }
+
+    fn site(&self) -> Option<&str> {
+        self.meta().key.site.as_deref()
+    }
+
+    fn applied_hash(&self) -> Option<&str> {
+        self.meta().applied_hash.as_deref()
+    }
+}
+
+/// `Lookup` (what a reflector store needs) for a type with its [`Key`] at
+/// `$($key).+`, as the Kubernetes kind `$kind`.
 macro_rules! lookup_as {
-    (<$($g:ident),*> $ty:ty => $kind:ty) => {
+    (<$($g:ident),*> $ty:ty => $kind:ty, $($key:ident).+) => {
         impl<$($g: Resource<DynamicType = ()> + 'static),*> kube::runtime::reflector::Lookup for $ty {
             type DynamicType = ();
 
@@ -138,33 +198,19 @@ macro_rules! lookup_as {
             }
 
             fn name(&self) -> Option<Cow<'_, str>> {
-                Some(Cow::Borrowed(&self.key.name))
+                Some(Cow::Borrowed(&self.$($key).+.name))
             }
 
             fn namespace(&self) -> Option<Cow<'_, str>> {
-                self.key.namespace.as_deref().map(Cow::Borrowed)
+                self.$($key).+.namespace.as_deref().map(Cow::Borrowed)
             }
 
             fn resource_version(&self) -> Option<Cow<'_, str>> {
-                self.key.resource_version.as_deref().map(Cow::Borrowed)
+                self.$($key).+.resource_version.as_deref().map(Cow::Borrowed)
             }
 
             fn uid(&self) -> Option<Cow<'_, str>> {
                 None
-            }
-        }
-
-        impl<$($g: Resource<DynamicType = ()> + 'static),*> Child for $ty {
-            fn domain(&self) -> Option<&str> {
-                self.key.domain.as_deref()
-            }
-
-            fn site(&self) -> Option<&str> {
-                self.key.site.as_deref()
-            }
-
-            fn applied_hash(&self) -> Option<&str> {
-                self.applied_hash.as_deref()
             }
         }
     };
@@ -174,10 +220,7 @@ macro_rules! lookup_as {
 /// metadata.
 #[derive(Debug)]
 pub struct CachedChild<K> {
-    key: Key,
-    applied_hash: Option<String>,
-    /// The MailDomains among its owners.
-    owners: Vec<String>,
+    meta: Meta,
     kind: PhantomData<fn() -> K>,
 }
 
@@ -185,9 +228,7 @@ pub struct CachedChild<K> {
 impl<K> Clone for CachedChild<K> {
     fn clone(&self) -> Self {
         Self {
-            key: self.key.clone(),
-            applied_hash: self.applied_hash.clone(),
-            owners: self.owners.clone(),
+            meta: self.meta.clone(),
             kind: PhantomData,
         }
     }
@@ -197,59 +238,33 @@ impl<K: Resource<DynamicType = ()>> From<PartialObjectMeta<K>> for CachedChild<K
     fn from(obj: PartialObjectMeta<K>) -> Self {
         let mut meta = obj.metadata;
         Self {
-            key: Key::take(&mut meta),
-            applied_hash: take_applied_hash(&mut meta),
-            owners: owning_domains(&mut meta),
+            meta: Meta::take(&mut meta),
             kind: PhantomData,
         }
     }
 }
 
-/// A cached child that records its owning MailDomains.
-pub trait Owned {
-    /// The namespace it is in.
-    fn namespace(&self) -> Option<&str>;
-    /// The names of the MailDomains among its owners.
-    fn owners(&self) -> &[String];
-}
-
-impl<K> Owned for CachedChild<K> {
-    fn namespace(&self) -> Option<&str> {
-        self.key.namespace.as_deref()
-    }
-
-    fn owners(&self) -> &[String] {
-        &self.owners
-    }
-}
-
-impl Owned for CachedDeployment {
-    fn namespace(&self) -> Option<&str> {
-        self.key.namespace.as_deref()
-    }
-
-    fn owners(&self) -> &[String] {
-        &self.owners
+impl<K> WithMeta for CachedChild<K> {
+    fn meta(&self) -> &Meta {
+        &self.meta
     }
 }
 
 impl<K> CachedChild<K> {
     /// Its resource version when the cache saw it last.
     pub fn resource_version(&self) -> Option<&str> {
-        self.key.resource_version.as_deref()
+        self.meta.key.resource_version.as_deref()
     }
 }
 
-lookup_as!(<K> CachedChild<K> => K);
+lookup_as!(<K> CachedChild<K> => K, meta.key);
 
 /// A gateway Deployment reduced to what the controller reads: its key and
 /// owners, the hashes of what was applied and of the gateway configuration
 /// its pods run, its generation and its replica counts.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedDeployment {
-    key: Key,
-    applied_hash: Option<String>,
-    owners: Vec<String>,
+    meta: Meta,
     generation: Option<i64>,
     config_hash: Option<String>,
     /// The status without its conditions.
@@ -264,9 +279,7 @@ impl From<Deployment> for CachedDeployment {
             status,
         } = d;
         Self {
-            key: Key::take(&mut metadata),
-            applied_hash: take_applied_hash(&mut metadata),
-            owners: owning_domains(&mut metadata),
+            meta: Meta::take(&mut metadata),
             generation: metadata.generation,
             config_hash: spec
                 .template
@@ -286,9 +299,10 @@ impl CachedDeployment {
     /// the applied hash, the generation, the pod template's configuration
     /// hash and the status without conditions.
     pub fn to_deployment(&self) -> Deployment {
-        let mut metadata = self.key.metadata();
+        let mut metadata = self.meta.key.metadata();
         metadata.generation = self.generation;
         metadata.annotations = self
+            .meta
             .applied_hash
             .as_ref()
             .map(|h| BTreeMap::from([(APPLIED_HASH_ANNOTATION.to_string(), h.clone())]));
@@ -313,14 +327,18 @@ impl CachedDeployment {
     }
 }
 
-lookup_as!(<> CachedDeployment => Deployment);
+impl WithMeta for CachedDeployment {
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+}
+
+lookup_as!(<> CachedDeployment => Deployment, meta.key);
 
 /// What the controller reads of one gateway pod.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedPod {
     key: Key,
-    /// Always `None`: a pod is not applied.
-    applied_hash: Option<String>,
     deleting: Option<Time>,
     node: Option<String>,
     ip: Option<String>,
@@ -339,7 +357,6 @@ impl From<Pod> for CachedPod {
         let status = status.unwrap_or_default();
         Self {
             key: Key::take(&mut metadata),
-            applied_hash: None,
             deleting: metadata.deletion_timestamp,
             node: spec.and_then(|s| s.node_name),
             ip: status.pod_ip,
@@ -386,15 +403,28 @@ impl CachedPod {
     }
 }
 
-lookup_as!(<> CachedPod => Pod);
+lookup_as!(<> CachedPod => Pod, key);
+
+impl Child for CachedPod {
+    fn domain(&self) -> Option<&str> {
+        self.key.domain.as_deref()
+    }
+
+    fn site(&self) -> Option<&str> {
+        self.key.site.as_deref()
+    }
+
+    /// None: a pod is not applied.
+    fn applied_hash(&self) -> Option<&str> {
+        None
+    }
+}
 
 /// One of the operator's EndpointSlices (those of a domain Service): the
 /// Service it serves and whether any of its endpoints is ready.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedSlice {
-    key: Key,
-    applied_hash: Option<String>,
-    owners: Vec<String>,
+    meta: Meta,
     service: Option<String>,
     ready: bool,
 }
@@ -410,9 +440,7 @@ impl From<EndpointSlice> for CachedSlice {
             .as_mut()
             .and_then(|l| l.remove(SERVICE_NAME_LABEL));
         Self {
-            key: Key::take(&mut metadata),
-            applied_hash: take_applied_hash(&mut metadata),
-            owners: owning_domains(&mut metadata),
+            meta: Meta::take(&mut metadata),
             service,
             ready: slice
                 .endpoints
@@ -435,17 +463,13 @@ impl CachedSlice {
     }
 }
 
-impl Owned for CachedSlice {
-    fn namespace(&self) -> Option<&str> {
-        self.key.namespace.as_deref()
-    }
-
-    fn owners(&self) -> &[String] {
-        &self.owners
+impl WithMeta for CachedSlice {
+    fn meta(&self) -> &Meta {
+        &self.meta
     }
 }
 
-lookup_as!(<> CachedSlice => EndpointSlice);
+lookup_as!(<> CachedSlice => EndpointSlice, meta.key);
 
 #[cfg(test)]
 mod tests {
