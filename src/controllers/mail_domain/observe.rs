@@ -56,9 +56,13 @@ pub fn resolve_sites(md: &MailDomain, fetched: &BTreeMap<String, Option<Site>>) 
     resolution
 }
 
-/// The gateway pods that are Ready, have an IP and are not terminating.
+/// The gateway pods that are Ready, have an IP and are not terminating, by
+/// site and name: the endpoints written from them must not change with the
+/// order a cache happens to hold the pods in (a reordered map would
+/// otherwise rewrite every slice whose two gateways swapped places).
 pub fn ready_gateways(pods: &[Pod]) -> Vec<ReadyGateway> {
-    pods.iter()
+    let mut ready: Vec<ReadyGateway> = pods
+        .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
             let status = p.status.as_ref()?;
@@ -75,7 +79,9 @@ pub fn ready_gateways(pods: &[Pod]) -> Vec<ReadyGateway> {
             })
             .filter(|_| ready)
         })
-        .collect()
+        .collect();
+    ready.sort_by(|a, b| (&a.site, &a.pod).cmp(&(&b.site, &b.pod)));
+    ready
 }
 
 /// When the operator learned that `site` could not serve: when the Site was
@@ -170,6 +176,23 @@ mod tests {
             }]},
         }))
         .expect("pod")
+    }
+
+    #[test]
+    fn ready_gateways_come_in_the_same_order_whatever_order_the_pods_come_in() {
+        let mut pods: Vec<Pod> = [("b", 1), ("a", 2), ("b", 3), ("a", 4)]
+            .into_iter()
+            .map(|(site, n)| {
+                let mut pod = pod(site, true, n);
+                pod.status.get_or_insert_default().pod_ip = Some(format!("10.0.0.{n}"));
+                pod
+            })
+            .collect();
+        let first = ready_gateways(&pods);
+        pods.reverse();
+        assert_eq!(ready_gateways(&pods), first);
+        let order: Vec<_> = first.iter().map(|g| g.pod.as_str()).collect();
+        assert_eq!(order, ["a-2", "a-4", "b-1", "b-3"]);
     }
 
     #[test]
