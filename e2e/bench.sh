@@ -12,7 +12,7 @@
 # memory, then measures what its caches hold of those domains, kind by
 # kind (cache_memory). PEC_BENCH_ONLY=rollout skips the other benchmarks.
 # PEC_BENCH_OPERATOR_WRAPPER runs the operator under a command, for example
-# a heap profiler: PEC_BENCH_OPERATOR_WRAPPER="heaptrack -o /tmp/op" (its
+# a profiler: PEC_BENCH_OPERATOR_WRAPPER="perf record -g -o /tmp/op.data" (its
 # figures are then the profiler's, not the operator's alone).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

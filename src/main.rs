@@ -22,6 +22,10 @@ use pec_operator::{
     telemetry::{self, LogFormat},
 };
 
+/// jemalloc, which returns freed pages to the system (see README, crates).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Also a kubectl plugin: installed (or linked) as `kubectl-pec` on the
