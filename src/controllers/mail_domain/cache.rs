@@ -358,16 +358,20 @@ impl Caches {
 
 /// The objects of `store` this operator made for `domain` in `namespace`
 /// (every store holds only what this operator made: its watch selects them
-/// by label).
-pub fn of_domain<'a, K: Child>(
-    store: &'a Store<K>,
-    namespace: &'a str,
-    domain: &'a str,
-) -> impl Iterator<Item = Arc<K>> + 'a {
-    store.state().into_iter().filter(move |obj| {
-        kube::runtime::reflector::Lookup::namespace(obj.as_ref()).as_deref() == Some(namespace)
-            && obj.domain() == Some(domain)
-    })
+/// by label), by name: a store's map changes its order as it grows, and
+/// what is built from these must not change with it.
+pub fn of_domain<K: Child>(
+    store: &Store<K>,
+    namespace: &str,
+    domain: &str,
+) -> impl Iterator<Item = Arc<K>> + use<K> {
+    let mut objects: Vec<Arc<K>> = store
+        .state()
+        .into_iter()
+        .filter(|obj| obj.namespace().as_deref() == Some(namespace) && obj.domain() == Some(domain))
+        .collect();
+    objects.sort_by(|a, b| a.name().cmp(&b.name()));
+    objects.into_iter()
 }
 
 #[cfg(test)]
@@ -475,6 +479,28 @@ mod tests {
             domains_naming_secret(&domains, &secret("elsewhere")).is_empty(),
             "a Secret of the same name in another namespace"
         );
+    }
+
+    #[test]
+    fn a_domains_objects_come_by_name_whatever_order_the_store_holds() {
+        let (store, mut writer) = kube::runtime::reflector::store::<CachedPod>();
+        for (name, domain) in [("c", "acme"), ("a", "acme"), ("x", "other"), ("b", "acme")] {
+            let mut pod = Pod::default();
+            pod.metadata.name = Some(name.into());
+            pod.metadata.namespace = Some("mail".into());
+            pod.metadata.labels =
+                Some([(build::DOMAIN_LABEL.to_string(), domain.to_string())].into());
+            writer.apply_watcher_event(&Event::Apply(CachedPod::from(pod)));
+        }
+        let names: Vec<String> = of_domain(&store, "mail", "acme")
+            .map(|p| {
+                kube::runtime::reflector::Lookup::name(p.as_ref())
+                    .unwrap_or_default()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(of_domain(&store, "elsewhere", "acme").count(), 0);
     }
 
     #[test]

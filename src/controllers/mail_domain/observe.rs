@@ -57,9 +57,9 @@ pub fn resolve_sites(md: &MailDomain, fetched: &BTreeMap<String, Option<Site>>) 
 }
 
 /// The gateway pods that are Ready, have an IP and are not terminating, by
-/// site and name: the endpoints written from them must not change with the
-/// order a cache happens to hold the pods in (a reordered map would
-/// otherwise rewrite every slice whose two gateways swapped places).
+/// site and name whatever order `pods` come in: the endpoints written from
+/// them must not change while the pods do not (a slice whose two gateways
+/// swapped places would be rewritten).
 pub fn ready_gateways(pods: &[Pod]) -> Vec<ReadyGateway> {
     let mut ready: Vec<ReadyGateway> = pods
         .iter()
