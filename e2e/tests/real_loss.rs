@@ -54,10 +54,16 @@ impl Traffic {
                 let (log, ip, password) = (l.clone(), ip.clone(), password.clone());
                 sessions.push(tokio::spawn(async move {
                     let started = Instant::now();
-                    let result =
-                        tokio::time::timeout(Duration::from_secs(10), submit(&ip, &password))
-                            .await
-                            .unwrap_or_else(|_| Err("timed out".into()));
+                    let step = Mutex::new("connect");
+                    let result = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        submit(&ip, &password, &step),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        let step = *step.lock().unwrap_or_else(|e| e.into_inner());
+                        Err(format!("timed out after 10 s in {step}"))
+                    });
                     log.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push((started, result));
@@ -94,16 +100,31 @@ impl Traffic {
     }
 }
 
-/// One submission on `ip:465` as `sla-probe`, on a connection of its own.
-async fn submit(ip: &str, password: &str) -> Result<(), String> {
+/// One submission on `ip:465` as `sla-probe`, on a connection of its own,
+/// naming in `step` the step under way (for a session that times out).
+async fn submit(ip: &str, password: &str, step: &Mutex<&'static str>) -> Result<(), String> {
     let address = "sla-probe@real.pec.example.it";
-    submit_as(ip, address, address, password).await
+    submit_in_steps(ip, address, address, password, step).await
 }
 
 /// One PEC message from `from` to `to`, submitted on `ip:465` with `from`'s
 /// password, on a connection of its own (the server's certificate is not
 /// checked: the test domains' are self-signed).
 pub async fn submit_as(ip: &str, from: &str, to: &str, password: &str) -> Result<(), String> {
+    submit_in_steps(ip, from, to, password, &Mutex::new("connect")).await
+}
+
+/// [`submit_as`], keeping in `step` which step is under way: "connect"
+/// (TCP and the TLS handshake), "AUTH", "send" (envelope and DATA up to the
+/// 250) or "QUIT".
+async fn submit_in_steps(
+    ip: &str,
+    from: &str,
+    to: &str,
+    password: &str,
+    step: &Mutex<&'static str>,
+) -> Result<(), String> {
+    let enter = |name: &'static str| *step.lock().unwrap_or_else(|e| e.into_inner()) = name;
     let address = from;
     let domain = from.rsplit_once('@').map_or(from, |(_, d)| d);
     let tls = TlsParameters::builder(domain.into())
@@ -119,6 +140,7 @@ pub async fn submit_as(ip: &str, from: &str, to: &str, password: &str) -> Result
     )
     .await
     .map_err(|e| format!("connect: {e}"))?;
+    enter("AUTH");
     smtp.auth(
         &[Mechanism::Plain],
         &Credentials::new(address.into(), password.into()),
@@ -131,9 +153,11 @@ pub async fn submit_as(ip: &str, from: &str, to: &str, password: &str) -> Result
         .subject("traffic")
         .body("under traffic\r\n".to_string())
         .map_err(|e| e.to_string())?;
+    enter("send");
     smtp.send(message.envelope(), &message.formatted())
         .await
         .map_err(|e| format!("send: {e}"))?;
+    enter("QUIT");
     let _ = smtp.quit().await;
     Ok(())
 }

@@ -561,6 +561,7 @@ async fn a_key_rotates_under_traffic_and_no_session_fails() {
         },
     )
     .await;
+    let switched = from.elapsed();
     wait_for(
         &mds,
         "real",
@@ -568,13 +569,26 @@ async fn a_key_rotates_under_traffic_and_no_session_fails() {
         has_condition("Progressing", "False", None),
     )
     .await;
+    println!(
+        "rotation: gateways on generation 2 at +{:.1}s, rollout complete at +{:.1}s",
+        switched.as_secs_f64(),
+        from.elapsed().as_secs_f64()
+    );
     // And a few seconds on the new generation.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let sessions = traffic.stop().await;
     let during: Vec<_> = sessions.iter().filter(|(at, _)| *at >= from).collect();
-    let failed: Vec<&String> = during
+    // Each failure with when its session started, from the start of the
+    // rotation.
+    let failed: Vec<String> = during
         .iter()
-        .filter_map(|(_, r)| r.as_ref().err())
+        .filter_map(|(at, r)| {
+            let error = r.as_ref().err()?;
+            Some(format!(
+                "+{:.1}s: {error}",
+                at.duration_since(from).as_secs_f64()
+            ))
+        })
         .collect();
     println!(
         "rotation under traffic: {} sessions over {:.0}s, {} failed",
