@@ -10,7 +10,7 @@ use std::{
     fmt,
     net::IpAddr,
     path::Path,
-    sync::{Mutex, MutexGuard, OnceLock, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -43,6 +43,12 @@ pub struct Credentials {
     /// they arrive anyway. It is bounded by the number of mailboxes, since
     /// each hash has one matching password and keys are per mailbox.
     proven: Mutex<HashSet<[u8; 32]>>,
+    /// The logins under argon2 right now, by the same key as `proven`. A
+    /// connection with the same credentials waits for that check instead
+    /// of starting its own: a fresh replica sees a client's connections
+    /// all at once, and N checks side by side would each take N times as
+    /// long on the CPU they share.
+    checking: Mutex<HashMap<[u8; 32], Arc<Mutex<()>>>>,
     /// A hash with the cost of the file's own, checked against for unknown
     /// and receive-only mailboxes; made on first need.
     decoy: OnceLock<Option<String>>,
@@ -96,6 +102,7 @@ impl Credentials {
         Ok(Credentials {
             mailboxes,
             proven: Mutex::new(HashSet::new()),
+            checking: Mutex::new(HashMap::new()),
             decoy: OnceLock::new(),
         })
     }
@@ -152,11 +159,35 @@ impl Credentials {
         if lock(&self.proven).contains(&key) {
             return Some(local);
         }
-        if !argon2_verifies(password, phc) {
-            return None;
+        self.check_once(key, || argon2_verifies(password, phc))
+            .then_some(local)
+    }
+
+    /// Runs `check` for the login `key` stands for, unless it is proven
+    /// already, one check at a time per key: a second caller waits for the
+    /// first and then finds the login proven (or, for a wrong password,
+    /// checks it again itself). A right answer is kept in `proven`.
+    fn check_once(&self, key: [u8; 32], check: impl FnOnce() -> bool) -> bool {
+        let gate = lock(&self.checking).entry(key).or_default().clone();
+        let right = {
+            let _turn = lock(&gate);
+            if lock(&self.proven).contains(&key) {
+                true
+            } else {
+                let right = check();
+                if right {
+                    lock(&self.proven).insert(key);
+                }
+                right
+            }
+        };
+        // Gates are only handed out under this lock: a count of two (the
+        // map's and this one) means no one else is waiting on it.
+        let mut checking = lock(&self.checking);
+        if Arc::strong_count(&gate) == 2 {
+            checking.remove(&key);
         }
-        lock(&self.proven).insert(key);
-        Some(local)
+        right
     }
 
     /// A hash no password was ever checked against, costing what the
@@ -496,6 +527,49 @@ mod tests {
             1,
             "failures are not cached"
         );
+    }
+
+    /// Four connections logging in with the same credentials at once, each
+    /// on a thread of its own as `spawn_blocking` runs them.
+    fn four_at_once(credentials: &Credentials, right: bool) -> (Vec<bool>, usize) {
+        let checks = std::sync::atomic::AtomicUsize::new(0);
+        let barrier = std::sync::Barrier::new(4);
+        let key = proof_key("anna", "s3cret", "phc");
+        let answers = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        credentials.check_once(key, || {
+                            checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(50));
+                            right
+                        })
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        (answers, checks.into_inner())
+    }
+
+    #[test]
+    fn logins_with_the_same_credentials_at_once_pay_for_one_check() {
+        let credentials = Credentials::parse("").unwrap();
+        let (answers, checks) = four_at_once(&credentials, true);
+        assert_eq!(answers, [true; 4]);
+        assert_eq!(checks, 1, "the others waited for the first check");
+        assert!(lock(&credentials.checking).is_empty(), "no gate left");
+    }
+
+    #[test]
+    fn a_wrong_password_tried_at_once_is_checked_every_time() {
+        let credentials = Credentials::parse("").unwrap();
+        let (answers, checks) = four_at_once(&credentials, false);
+        assert_eq!(answers, [false; 4]);
+        assert_eq!(checks, 4, "a failure proves nothing to the next caller");
+        assert!(lock(&credentials.proven).is_empty());
+        assert!(lock(&credentials.checking).is_empty(), "no gate left");
     }
 
     #[test]
