@@ -165,7 +165,8 @@ pids+=("$CLAMD_PID")
 install_chart_on_real_nodes "$real_hsm/tokens" "$PEC_E2E_CLAMD"
 export PEC_E2E_REAL_TOKENS="$real_hsm/tokens" PEC_E2E_REAL_NODES=1
 export PEC_E2E_CLUSTER_DIR="${PEC_CLUSTER_ROOT:-${TMPDIR:-/tmp}/pec-clusters}/$cluster"
-cargo test --features e2e --test e2e -- --test-threads 1 "real_nodes::$filter"
+# --nocapture: the rotation test's session figures belong in every log.
+cargo test --features e2e --test e2e -- --test-threads 1 --nocapture "real_nodes::$filter"
 
 step "real nodes: a data center loses power under PEC traffic (last: it leaves dc-it1 dead)"
 cargo test --features e2e --test e2e -- --test-threads 1 --nocapture "real_loss::$filter"

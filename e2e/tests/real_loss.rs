@@ -24,8 +24,14 @@ use pec_operator::api::MailDomain;
 
 use crate::{harness::wait_for, real_nodes::real_domain};
 
-/// When a session started, and how it ended.
-pub type Session = (Instant, Result<(), String>);
+/// One session of the traffic client.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub started: Instant,
+    /// How long it lasted, to the timeout at most.
+    pub took: Duration,
+    pub result: Result<(), String>,
+}
 
 /// A client that opens a session every 200 ms and submits a PEC message on
 /// it, each on a task of its own, keeping when each started and how it ended.
@@ -64,9 +70,11 @@ impl Traffic {
                         let step = *step.lock().unwrap_or_else(|e| e.into_inner());
                         Err(format!("timed out after 10 s in {step}"))
                     });
-                    log.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((started, result));
+                    log.lock().unwrap_or_else(|e| e.into_inner()).push(Session {
+                        started,
+                        took: started.elapsed(),
+                        result,
+                    });
                 }));
             }
             for s in sessions {
@@ -86,7 +94,8 @@ impl Traffic {
         crate::harness::eventually("10 sessions in a row succeed", || async {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let log = self.sessions();
-            (log.len() >= 10 && log[log.len() - 10..].iter().all(|(_, r)| r.is_ok())).then_some(())
+            (log.len() >= 10 && log[log.len() - 10..].iter().all(|s| s.result.is_ok()))
+                .then_some(())
         })
         .await;
     }
@@ -245,8 +254,8 @@ async fn a_data_center_losing_power_under_traffic_fails_over_to_the_other() {
     let failed_before: Vec<String> = traffic
         .sessions()
         .into_iter()
-        .filter(|(at, _)| *at >= steady)
-        .filter_map(|(_, r)| r.err())
+        .filter(|s| s.started >= steady)
+        .filter_map(|s| s.result.err())
         .collect();
     assert!(
         failed_before.is_empty(),
@@ -276,20 +285,20 @@ async fn a_data_center_losing_power_under_traffic_fails_over_to_the_other() {
         let recent: Vec<Session> = traffic
             .sessions()
             .into_iter()
-            .filter(|(at, _)| {
-                now.duration_since(*at) <= Duration::from_secs(12)
-                    && now.duration_since(*at) >= Duration::from_secs(2)
+            .filter(|s| {
+                now.duration_since(s.started) <= Duration::from_secs(12)
+                    && now.duration_since(s.started) >= Duration::from_secs(2)
             })
             .collect();
-        (recent.len() >= 40 && recent.iter().all(|(_, r)| r.is_ok())).then_some(())
+        (recent.len() >= 40 && recent.iter().all(|s| s.result.is_ok())).then_some(())
     })
     .await;
     let log = traffic.stop().await;
-    let after: Vec<_> = log.iter().filter(|(at, _)| *at >= cut).collect();
-    let failures: Vec<_> = after.iter().filter(|(_, r)| r.is_err()).collect();
+    let after: Vec<_> = log.iter().filter(|s| s.started >= cut).collect();
+    let failures: Vec<_> = after.iter().filter(|s| s.result.is_err()).collect();
     let last_failure = failures
         .iter()
-        .map(|(at, _)| at.duration_since(cut))
+        .map(|s| s.started.duration_since(cut))
         .max()
         .unwrap_or_default();
     println!(
@@ -299,13 +308,13 @@ async fn a_data_center_losing_power_under_traffic_fails_over_to_the_other() {
         last_failure.as_secs_f64(),
         switched.as_secs_f64()
     );
-    if let Some((_, Err(e))) = failures.first() {
+    if let Some(Session { result: Err(e), .. }) = failures.first() {
         println!("first failure: {e}");
     }
     // Every session started after the switch succeeded.
     let late_failures = failures
         .iter()
-        .filter(|(at, _)| at.duration_since(cut) > switched + Duration::from_secs(2))
+        .filter(|s| s.started.duration_since(cut) > switched + Duration::from_secs(2))
         .count();
     assert_eq!(
         late_failures, 0,

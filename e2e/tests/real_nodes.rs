@@ -577,24 +577,30 @@ async fn a_key_rotates_under_traffic_and_no_session_fails() {
     // And a few seconds on the new generation.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let sessions = traffic.stop().await;
-    let during: Vec<_> = sessions.iter().filter(|(at, _)| *at >= from).collect();
+    let during: Vec<_> = sessions.iter().filter(|s| s.started >= from).collect();
     // Each failure with when its session started, from the start of the
     // rotation.
     let failed: Vec<String> = during
         .iter()
-        .filter_map(|(at, r)| {
-            let error = r.as_ref().err()?;
+        .filter_map(|s| {
+            let error = s.result.as_ref().err()?;
             Some(format!(
                 "+{:.1}s: {error}",
-                at.duration_since(from).as_secs_f64()
+                s.started.duration_since(from).as_secs_f64()
             ))
         })
         .collect();
+    let mut took: Vec<Duration> = during.iter().map(|s| s.took).collect();
+    took.sort();
+    let percentile = |p: usize| took.get((took.len() * p / 100).min(took.len().saturating_sub(1)));
     println!(
-        "rotation under traffic: {} sessions over {:.0}s, {} failed",
+        "rotation under traffic: {} sessions over {:.0}s, {} failed; session time p50 {:?}, p99 {:?}, max {:?}",
         during.len(),
         from.elapsed().as_secs_f64(),
-        failed.len()
+        failed.len(),
+        percentile(50).copied().unwrap_or_default(),
+        percentile(99).copied().unwrap_or_default(),
+        took.last().copied().unwrap_or_default(),
     );
     assert!(
         failed.is_empty(),
