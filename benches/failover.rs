@@ -8,6 +8,8 @@
 
 #[path = "../e2e/support/datacenter.rs"]
 mod datacenter;
+#[path = "../e2e/support/stats.rs"]
+mod stats;
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,7 @@ use kube::{
 };
 use pec_operator::api::{FailoverMode, HealthSpec, MailDomain, SitePhase};
 use serde_json::json;
+use stats::percentile;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -27,11 +30,6 @@ const THRESHOLD: i32 = 3;
 const STABILIZATION: i32 = 3;
 const FLAP_STABILIZATION: i32 = 30;
 const FLAPS: usize = 6;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 async fn serving(api: &Api<MailDomain>, md: &str) -> Vec<String> {
     api.get(md)

@@ -20,4 +20,6 @@ mod real_nodes;
 mod round_trip;
 mod signing;
 mod sla;
+#[path = "../support/stats.rs"]
+mod stats;
 mod validation;

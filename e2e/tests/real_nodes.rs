@@ -592,15 +592,14 @@ async fn a_key_rotates_under_traffic_and_no_session_fails() {
         .collect();
     let mut took: Vec<Duration> = during.iter().map(|s| s.took).collect();
     took.sort();
-    let percentile = |p: usize| took.get((took.len() * p / 100).min(took.len().saturating_sub(1)));
     println!(
         "rotation under traffic: {} sessions over {:.0}s, {} failed; session time p50 {:?}, p99 {:?}, max {:?}",
         during.len(),
         from.elapsed().as_secs_f64(),
         failed.len(),
-        percentile(50).copied().unwrap_or_default(),
-        percentile(99).copied().unwrap_or_default(),
-        took.last().copied().unwrap_or_default(),
+        crate::stats::percentile(&took, 50.0),
+        crate::stats::percentile(&took, 99.0),
+        crate::stats::percentile(&took, 100.0),
     );
     assert!(
         failed.is_empty(),
