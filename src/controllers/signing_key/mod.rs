@@ -482,10 +482,10 @@ async fn destroy_retired(
     match destroy_keys(ctx, sk, [n]).await {
         Ok(()) => {
             work.details.entry(n).or_default().key_destroyed = true;
+            let note = format!("generation {n}: retired key destroyed in the token");
             // In the log too, beside the Event (which expires): when a key
             // left the token is part of the record.
-            tracing::info!(generation = n, "retired key destroyed in the token");
-            let note = format!("generation {n}: retired key destroyed in the token");
+            tracing::info!(generation = n, "{note}");
             ctx.event(sk, EventType::Normal, "KeyDestroyed", note);
             commit(ctx, sk, ns, work, policy, now).await
         }
