@@ -16,8 +16,8 @@
 //! Printed per N: the time until every connection is answered in both, the
 //! ratio shared / baseline, and the CPU the process spent on each (from
 //! `/proc/self/stat`). Runs 5 rounds of each, alternating, and reports the
-//! medians. Nothing about timings is asserted;
-//! the program exits non-zero only if a login is refused.
+//! medians. Nothing about timings is asserted; the program exits non-zero
+//! only if a login is refused.
 //!
 //! `cargo bench -p pec-gateway --bench login_burst`
 
