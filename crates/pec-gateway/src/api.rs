@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `GET /api/v1/messages` | `200`, JSON `[{"id": ..., "size": ...}]`, oldest first |
 //! | `GET /api/v1/messages/{id}` | `200`, the message as `message/rfc822` |
-//! | `DELETE /api/v1/messages/{id}` | `204` |
+//! | `DELETE /api/v1/messages/{id}` | `204`; the message's key is forgotten too |
 //!
 //! `401` without valid credentials, `429` while the address is locked out,
 //! `404` for an unknown id or path, `405` for another method.
@@ -113,12 +113,16 @@ async fn respond<B>(
             },
             None => text(StatusCode::NOT_FOUND, "no such message"),
         },
-        (&Method::DELETE, Some(id)) => match find(gateway, &mailbox, &id) {
-            Some(path) => match std::fs::remove_file(&path) {
-                Ok(()) => empty(StatusCode::NO_CONTENT),
-                Err(_) => text(StatusCode::NOT_FOUND, "no such message"),
-            },
-            None => text(StatusCode::NOT_FOUND, "no such message"),
+        (&Method::DELETE, Some(id)) => match gateway.remove_message(&mailbox, &id) {
+            Ok(true) => empty(StatusCode::NO_CONTENT),
+            Ok(false) => text(StatusCode::NOT_FOUND, "no such message"),
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting a message failed");
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot delete the message",
+                )
+            }
         },
         _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
     }

@@ -148,6 +148,12 @@ impl Gateway {
         blocking(|| self.mailboxes.messages(mailbox))
     }
 
+    /// Removes the message `name` from a mailbox of this domain; `false`
+    /// when there is no such message.
+    pub fn remove_message(&self, mailbox: &str, name: &str) -> std::io::Result<bool> {
+        blocking(|| self.mailboxes.remove(mailbox, name))
+    }
+
     fn issuer(&self) -> Issuer<'_> {
         Issuer {
             domain: &self.config.domain,

@@ -4,6 +4,13 @@
 //! A message handed to [`Maildirs::deliver`] is on stable storage when it
 //! returns: the file is fsync'd, renamed into `new/`, and the directory entry
 //! fsync'd too, because a delivery receipt is signed on the strength of it.
+//!
+//! A delivery keyed by Message-ID happens once per key: an empty marker per
+//! key in the key index ([`KEY_INDEX`], beside the mailboxes and shared
+//! with them by every replica) is claimed before the message is written, so
+//! telling a first delivery from a repeated one takes one file creation, not
+//! a listing of a mailbox that grows with every receipt.
+//!
 //! This module touches only the directories it is given; every function here
 //! blocks, so async callers use `spawn_blocking`.
 
@@ -16,6 +23,12 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
+
+/// The directory under a domain's mailbox root that holds the key index:
+/// `.keys/<mailbox>/<tag>`, one empty marker per keyed delivery, named like
+/// the message's tag. A dot directory, so no mailbox name can clash with it
+/// and Maildir readers pass it by.
+pub const KEY_INDEX: &str = ".keys";
 
 /// The longest local part RFC 5321 allows, and so the longest mailbox name.
 const MAX_MAILBOX_LEN: usize = 64;
@@ -54,7 +67,7 @@ impl Maildirs {
         let mut attempts = 0;
         loop {
             let tag = format!("{:016x}", rand::random::<u64>());
-            match write_into_new(&maildir, &tag, message) {
+            match write_into_new(&maildir, &tag, message, None) {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 3 => attempts += 1,
                 other => return other,
             }
@@ -62,21 +75,140 @@ impl Maildirs {
     }
 
     /// Delivers `message` into `mailbox` at most once per `key` (the
-    /// Message-ID): the random part of the file name is a digest of `key`,
-    /// so a second delivery with the same key (a job replayed after a crash,
-    /// perhaps by another replica) finds the first in `new/` or `cur/` and
-    /// returns its path without writing. Once the reader deletes the
-    /// message the key is forgotten, which is why callers keep their own
-    /// record too. Looks through the whole mailbox, so it costs a directory
-    /// listing. Two deliveries of one key in the same second race for one
-    /// temporary file: the loser gets `AlreadyExists` and should retry.
+    /// Message-ID), and returns the message's path. The random part of the
+    /// file name is a digest of `key`, and the key index (see
+    /// [`KEY_INDEX`]) holds a marker per digest, claimed before the message
+    /// is written. A second delivery with the same key (a job replayed
+    /// after a crash, or a message a sender retried to another replica)
+    /// finds the claim taken and the message in `new/` or `cur/`, and
+    /// writes nothing. A claim with no message (a crash between the two, or
+    /// a reader that deleted the message some other way than
+    /// [`Maildirs::remove`]) delivers again. So a first delivery costs no
+    /// directory listing; only a repeated one does. A delivery that finds
+    /// the claim taken waits for the claimant's lock on the marker, so two
+    /// deliveries of one key at once write one message; what is left is the
+    /// moment between the claimant creating the marker and locking it.
     pub fn deliver_keyed(&self, mailbox: &str, key: &str, message: &[u8]) -> io::Result<PathBuf> {
         let maildir = self.prepare(mailbox)?;
         let tag = key_tag(key);
-        if let Some(existing) = find_tagged(&maildir, &tag)? {
-            return Ok(existing);
+        let (marker, claim) = self.claim(mailbox, &maildir, &tag)?;
+        if let Some(claim) = claim {
+            // The marker is empty: its name is all it says. It stays locked
+            // while the message is written, and its directory is synced
+            // before the message is renamed into `new/`, so no crash leaves
+            // a message whose claim is lost.
+            claim.lock()?;
+            let index = marker.parent().unwrap_or(Path::new("."));
+            return write_into_new(&maildir, &tag, message, Some(index));
         }
-        write_into_new(&maildir, &tag, message)
+        // Wait for a delivery of the same key still in progress; a crashed
+        // one's lock went with its process.
+        let claim = File::open(&marker)?;
+        claim.lock()?;
+        match find_tagged(&maildir, &tag)? {
+            Some(existing) => Ok(existing),
+            None => write_into_new(&maildir, &tag, message, None),
+        }
+    }
+
+    /// Creates the marker of `tag` in `mailbox`'s key index, and returns
+    /// its path with the new file, or with `None` when it was claimed
+    /// before.
+    fn claim(
+        &self,
+        mailbox: &str,
+        maildir: &Path,
+        tag: &str,
+    ) -> io::Result<(PathBuf, Option<File>)> {
+        let mut attempts = 0;
+        loop {
+            let marker = self.key_index(mailbox, maildir)?.join(tag);
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+            {
+                Ok(file) => return Ok((marker, Some(file))),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok((marker, None)),
+                // Two deliveries that built the index at once: the later
+                // rename replaced the empty index this path led to.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Removes the message named `name` (a file name in `new/` or `cur/`)
+    /// from `mailbox`, and its key's marker, so the index holds only the
+    /// keys of messages still there. `Ok(false)` when there is no such
+    /// message.
+    pub fn remove(&self, mailbox: &str, name: &str) -> io::Result<bool> {
+        let Some(path) = self
+            .messages(mailbox)?
+            .into_iter()
+            .find(|p| p.file_name().is_some_and(|n| n == name))
+        else {
+            return Ok(false);
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        if let Some(tag) = tag_of(name) {
+            let marker = self.root.join(KEY_INDEX).join(mailbox).join(tag);
+            match fs::remove_file(marker) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(true)
+    }
+
+    /// The key index of `mailbox`, built from the names in its Maildir the
+    /// first time it is needed (a mailbox delivered to before the index
+    /// existed): built aside, then renamed into place, so a reader of the
+    /// index never sees half of it.
+    fn key_index(&self, mailbox: &str, maildir: &Path) -> io::Result<PathBuf> {
+        let indexes = self.root.join(KEY_INDEX);
+        let index = indexes.join(mailbox);
+        if index.is_dir() {
+            return Ok(index);
+        }
+        create_dir_durably(&indexes)?;
+        let mut tags = Vec::new();
+        for sub in ["new", "cur"] {
+            for entry in fs::read_dir(maildir.join(sub))? {
+                if let Some(tag) = tag_of(&entry?.file_name().to_string_lossy()) {
+                    tags.push(tag.to_owned());
+                }
+            }
+        }
+        if tags.is_empty() {
+            // Nothing to index: an empty index is made in place, so that a
+            // build's rename replaces one another delivery is using only when
+            // a plain delivery lands in between (the claim then retries).
+            create_dir_durably(&index)?;
+            return Ok(index);
+        }
+        let building = indexes.join(format!(".{mailbox}.{:016x}", rand::random::<u64>()));
+        let built = fs::create_dir(&building).and_then(|()| {
+            for tag in &tags {
+                File::create(building.join(tag))?;
+            }
+            sync_dir(&building)?;
+            fs::rename(&building, &index)
+        });
+        match built {
+            Ok(()) => sync_dir(&indexes)?,
+            // Another delivery built it first.
+            Err(_) if index.is_dir() => fs::remove_dir_all(&building)?,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&building);
+                return Err(e);
+            }
+        }
+        Ok(index)
     }
 
     /// The messages of `mailbox` (in `new/` and `cur/`), sorted by file
@@ -142,19 +274,29 @@ pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf
         ));
     }
     create_dir_durably(dir)?;
-    write_then_rename(&dir.join(format!(".{name}.tmp")), dir, name, bytes, false)
+    write_then_rename(
+        &dir.join(format!(".{name}.tmp")),
+        dir,
+        name,
+        bytes,
+        false,
+        None,
+    )
 }
 
 /// The one copy of the durability dance: write `temp`, fsync it, rename it
 /// to `dir/name`, fsync `dir` so the rename itself survives a crash. With
 /// `exclusive`, an existing `temp` is an error instead of being truncated.
-/// The temporary file is removed if anything fails.
+/// `first`, a directory fsync'd before the rename, makes an entry created
+/// there earlier durable no later than `dir/name`. The temporary file is
+/// removed if anything fails.
 fn write_then_rename(
     temp: &Path,
     dir: &Path,
     name: &str,
     bytes: &[u8],
     exclusive: bool,
+    first: Option<&Path>,
 ) -> io::Result<PathBuf> {
     let mut options = OpenOptions::new();
     options.write(true);
@@ -168,6 +310,7 @@ fn write_then_rename(
     let written = file
         .write_all(bytes)
         .and_then(|()| file.sync_all())
+        .and_then(|()| first.map_or(Ok(()), sync_dir))
         .and_then(|()| {
             drop(file);
             fs::rename(temp, &target)
@@ -208,11 +351,16 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes `message` as `tmp/<name>` and moves it to `new/<name>`, where
 /// `<name>` is `<unix seconds>.<tag>.<host>`, the classic Maildir shape:
 /// sortable by time, unique across processes and hosts sharing a volume as
-/// long as `tag` is.
-fn write_into_new(maildir: &Path, tag: &str, message: &[u8]) -> io::Result<PathBuf> {
+/// long as `tag` is. `first` as for [`write_then_rename`].
+fn write_into_new(
+    maildir: &Path,
+    tag: &str,
+    message: &[u8],
+    first: Option<&Path>,
+) -> io::Result<PathBuf> {
     let name = format!("{}.{tag}.{}", unix_seconds(), host_tag());
     let temp = maildir.join("tmp").join(&name);
-    write_then_rename(&temp, &maildir.join("new"), &name, message, true)
+    write_then_rename(&temp, &maildir.join("new"), &name, message, true, first)
 }
 
 /// The tag of a keyed delivery: 64 bits of SHA-256, like the random tags.
@@ -224,16 +372,25 @@ fn key_tag(key: &str) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The message in `new/` or `cur/` whose name carries `tag` as its second
-/// part, whatever its time, host or (in `cur/`) flags.
+/// The tag of a message's file name: its second dot-separated part,
+/// whatever its time, host or (in `cur/`) flags. `None` for a dot file or a
+/// name without one, and for a tag that could not name a marker.
+fn tag_of(name: &str) -> Option<&str> {
+    if name.starts_with('.') {
+        return None;
+    }
+    let base = name.split(':').next().unwrap_or_default();
+    base.split('.')
+        .nth(1)
+        .filter(|tag| !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// The message in `new/` or `cur/` whose name carries `tag`.
 fn find_tagged(maildir: &Path, tag: &str) -> io::Result<Option<PathBuf>> {
     for sub in ["new", "cur"] {
         for entry in fs::read_dir(maildir.join(sub))? {
             let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let base = name.split(':').next().unwrap_or_default();
-            if base.split('.').nth(1) == Some(tag) {
+            if tag_of(&entry.file_name().to_string_lossy()) == Some(tag) {
                 return Ok(Some(entry.path()));
             }
         }
@@ -392,6 +549,151 @@ mod tests {
                 .kind(),
             io::ErrorKind::InvalidInput
         );
+    }
+
+    fn marker_of(root: &Path, mailbox: &str, message: &Path) -> PathBuf {
+        let name = message.file_name().unwrap().to_string_lossy().into_owned();
+        let tag = tag_of(&name).unwrap().to_owned();
+        root.join(KEY_INDEX).join(mailbox).join(tag)
+    }
+
+    #[test]
+    fn a_keyed_delivery_leaves_an_empty_marker_named_by_its_tag() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Maildirs::new(root.path());
+        let path = maildirs.deliver_keyed("info", "<k@x>", b"receipt").unwrap();
+        let marker = marker_of(root.path(), "info", &path);
+        assert_eq!(fs::read(&marker).unwrap(), b"", "{marker:?}");
+        assert_eq!(names_in(&root.path().join(KEY_INDEX).join("info")).len(), 1);
+        assert!(
+            !maildirs.messages("info").unwrap().is_empty(),
+            "the index is not a message"
+        );
+        assert_eq!(names_in(root.path()), vec![".keys", "info"]);
+    }
+
+    #[test]
+    fn a_claim_whose_message_never_arrived_delivers_it() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Maildirs::new(root.path());
+        // A gateway that crashed after claiming the key, before the message.
+        let index = root.path().join(KEY_INDEX).join("info");
+        fs::create_dir_all(&index).unwrap();
+        fs::write(index.join(key_tag("<k@x>")), b"").unwrap();
+        let path = maildirs.deliver_keyed("info", "<k@x>", b"receipt").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"receipt");
+        assert_eq!(maildirs.messages("info").unwrap(), vec![path.clone()]);
+        assert_eq!(
+            maildirs.deliver_keyed("info", "<k@x>", b"receipt").unwrap(),
+            path
+        );
+    }
+
+    #[test]
+    fn a_mailbox_from_before_the_index_gets_one_built_from_its_names() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Maildirs::new(root.path());
+        let keyed = maildirs.deliver_keyed("info", "<k@x>", b"receipt").unwrap();
+        let plain = maildirs.deliver("info", b"plain").unwrap();
+        let seen = root.path().join("info/cur").join(format!(
+            "{}:2,S",
+            keyed.file_name().unwrap().to_string_lossy()
+        ));
+        fs::rename(&keyed, &seen).unwrap();
+        fs::remove_dir_all(root.path().join(KEY_INDEX)).unwrap();
+
+        assert_eq!(
+            maildirs.deliver_keyed("info", "<k@x>", b"receipt").unwrap(),
+            seen,
+            "the key of a message delivered before the index is still known"
+        );
+        assert!(marker_of(root.path(), "info", &seen).exists());
+        assert!(marker_of(root.path(), "info", &plain).exists());
+        assert_eq!(maildirs.messages("info").unwrap().len(), 2);
+        assert_eq!(
+            names_in(&root.path().join(KEY_INDEX)),
+            vec!["info".to_owned()],
+            "nothing is left of the build"
+        );
+    }
+
+    #[test]
+    fn removing_a_message_forgets_its_key() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Maildirs::new(root.path());
+        let first = maildirs.deliver_keyed("info", "<k@x>", b"receipt").unwrap();
+        let name = first.file_name().unwrap().to_string_lossy().into_owned();
+        let marker = marker_of(root.path(), "info", &first);
+        assert!(maildirs.remove("info", &name).unwrap());
+        assert!(!first.exists() && !marker.exists());
+        assert!(!maildirs.remove("info", &name).unwrap(), "already gone");
+        assert!(!maildirs.remove("nobody", &name).unwrap());
+        let again = maildirs.deliver_keyed("info", "<k@x>", b"receipt").unwrap();
+        assert!(again.exists() && marker.exists());
+        let plain = maildirs.deliver("info", b"plain").unwrap();
+        let plain_name = plain.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            maildirs.remove("info", &plain_name).unwrap(),
+            "a message without a marker"
+        );
+        assert_eq!(maildirs.messages("info").unwrap(), vec![again]);
+    }
+
+    #[test]
+    fn a_repeat_waits_for_the_claimant_and_then_finds_its_message() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Arc::new(Maildirs::new(root.path()));
+        maildirs.deliver("info", b"unrelated").unwrap();
+        // A claimant holding the marker's lock, its message not yet written.
+        let index = maildirs
+            .key_index("info", &root.path().join("info"))
+            .unwrap();
+        let tag = key_tag("<k@x>");
+        let claim = File::create_new(index.join(&tag)).unwrap();
+        claim.lock().unwrap();
+        let repeat = {
+            let maildirs = maildirs.clone();
+            thread::spawn(move || maildirs.deliver_keyed("info", "<k@x>", b"second"))
+        };
+        thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!repeat.is_finished(), "the repeat waits for the lock");
+        let name = format!("1.{tag}.elsewhere");
+        let written = root.path().join("info/new").join(&name);
+        fs::write(&written, b"first").unwrap();
+        drop(claim);
+        assert_eq!(repeat.join().unwrap().unwrap(), written);
+        assert_eq!(maildirs.messages("info").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn eight_deliveries_of_one_key_at_once_write_one_message() {
+        let root = tempfile::tempdir().unwrap();
+        let maildirs = Arc::new(Maildirs::new(root.path()));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let maildirs = maildirs.clone();
+                thread::spawn(move || {
+                    loop {
+                        match maildirs.deliver_keyed("info", "<k@x>", b"receipt") {
+                            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                            other => {
+                                break other
+                                    .map_err(|e| {
+                                        format!(
+                                            "{e:?} {}",
+                                            std::backtrace::Backtrace::force_capture()
+                                        )
+                                    })
+                                    .unwrap();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let paths: HashSet<PathBuf> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(paths.len(), 1, "{paths:?}");
+        assert_eq!(maildirs.messages("info").unwrap().len(), 1);
     }
 
     #[test]

@@ -1016,6 +1016,9 @@ fn mailbox_owners_read_and_remove_their_mail_over_the_message_api() {
         404
     );
 
+    let keys = p.b.dir.join("mailboxes/.keys/anna");
+    let markers = || std::fs::read_dir(&keys).map_or(0, Iterator::count);
+    assert_eq!(markers(), 1, "the delivery's key is in {keys:?}");
     assert_eq!(
         https_request(
             p.db.https,
@@ -1029,4 +1032,5 @@ fn mailbox_owners_read_and_remove_their_mail_over_the_message_api() {
     let (_, list) = https_request(p.db.https, "GET", "/api/v1/messages", anna_login);
     assert_eq!(String::from_utf8_lossy(&list), "[]");
     assert!(p.b.mailbox("anna").is_empty());
+    assert_eq!(markers(), 0, "deleting the message forgot its key");
 }
