@@ -18,13 +18,14 @@
 //! stays bounded. An `emitted/` directory of one file per record (the
 //! earlier layout) is folded into the log when the queue opens.
 //!
-//! `sent/` holds the transmissions that still wait for receipts from other
-//! providers, for the 12-hour warning and the 24-hour final notice.
+//! The transmissions that still wait for receipts from other providers,
+//! for the 12-hour warning and the 24-hour final notice, are lines of
+//! `sent.log` held in memory too ([`sent_log`]).
 
 use std::{
     collections::{BTreeSet, HashSet},
     fs::{File, OpenOptions},
-    io::{self, Read, Write},
+    io,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -34,6 +35,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::store::write_durably;
+
+mod log_file;
+mod sent_log;
+
+use sent_log::SentLog;
 
 /// What a job does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -204,7 +210,7 @@ impl Tracked {
 /// The on-disk queue.
 pub struct Queue {
     root: PathBuf,
-    tracked_lock: Mutex<()>,
+    sent: Mutex<SentLog>,
     emitted: Mutex<EmittedLog>,
 }
 
@@ -230,26 +236,9 @@ impl EmittedLog {
     const FILE: &str = "emitted.log";
     const OLD_FILE: &str = "emitted.old.log";
 
-    /// Opens the log under `root`, dropping a torn last line (a crash in
-    /// the middle of an append: that record was never acknowledged).
+    /// Opens the log under `root`, dropping a torn last line.
     fn open(root: &Path, per_generation: usize) -> io::Result<Self> {
-        let path = root.join(Self::FILE);
-        let created = !path.exists();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
-        if created {
-            File::open(root)?.sync_all()?;
-        }
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if whole < bytes.len() {
-            file.set_len(whole as u64)?;
-            file.sync_all()?;
-        }
+        let (file, whole) = log_file::open(&root.join(Self::FILE), root)?;
         let old = match std::fs::read(root.join(Self::OLD_FILE)) {
             Ok(old) => keys(&old),
             Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
@@ -257,9 +246,9 @@ impl EmittedLog {
         };
         Ok(Self {
             file,
-            len: whole as u64,
+            len: whole.len() as u64,
             per_generation,
-            current: keys(&bytes[..whole]),
+            current: keys(&whole),
             old,
         })
     }
@@ -285,20 +274,7 @@ impl EmittedLog {
             lines.extend(key.iter().flat_map(|b| hex_digits(*b)));
             lines.push(b'\n');
         }
-        if let Err(e) = self
-            .file
-            .write_all(&lines)
-            .and_then(|()| self.file.sync_data())
-        {
-            // Cut back to the last whole line, so the next append does not
-            // glue onto a torn one.
-            let _ = self
-                .file
-                .set_len(self.len)
-                .and_then(|()| self.file.sync_data());
-            return Err(e);
-        }
-        self.len += lines.len() as u64;
+        log_file::append(&mut self.file, &mut self.len, &lines)?;
         self.current.extend(new.into_iter().copied());
         Ok(())
     }
@@ -362,12 +338,10 @@ impl Queue {
     /// Opens (creating) the queue under `root`, converting jobs of the
     /// earlier two-file layout.
     pub fn open(root: &Path) -> io::Result<Self> {
-        for dir in ["jobs", "sent"] {
-            std::fs::create_dir_all(root.join(dir))?;
-        }
+        std::fs::create_dir_all(root.join("jobs"))?;
         let queue = Self {
             root: root.to_path_buf(),
-            tracked_lock: Mutex::new(()),
+            sent: Mutex::new(SentLog::open(root)?),
             emitted: Mutex::new(EmittedLog::open(root, EMITTED_PER_GENERATION)?),
         };
         queue.convert_two_file_jobs()?;
@@ -527,14 +501,7 @@ impl Queue {
 
     /// Starts waiting for receipts of a transmission.
     pub fn track(&self, t: &Tracked) -> io::Result<()> {
-        let _guard = self.tracked_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let json = serde_json::to_vec(t).map_err(invalid)?;
-        write_durably(
-            &self.dir("sent"),
-            &format!("{}.json", safe_name(&t.identificativo)),
-            &json,
-        )?;
-        Ok(())
+        self.sent_log().put(t)
     }
 
     /// Changes a tracked transmission; `None` if it is not tracked. The
@@ -544,46 +511,21 @@ impl Queue {
         identificativo: &str,
         change: impl FnOnce(&mut Tracked),
     ) -> io::Result<Option<Tracked>> {
-        let _guard = self.tracked_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let path = self
-            .dir("sent")
-            .join(format!("{}.json", safe_name(identificativo)));
-        let mut t: Tracked = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(invalid)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        change(&mut t);
-        if t.unsettled().is_empty() {
-            remove_if_present(&path)?;
-        } else {
-            let json = serde_json::to_vec(&t).map_err(invalid)?;
-            write_durably(
-                &self.dir("sent"),
-                &format!("{}.json", safe_name(identificativo)),
-                &json,
-            )?;
-        }
-        Ok(Some(t))
+        self.sent_log().update(identificativo, change)
     }
 
     /// Whether a transmission is tracked (a receipt for it is expected).
     pub fn is_tracked(&self, identificativo: &str) -> bool {
-        self.dir("sent")
-            .join(format!("{}.json", safe_name(identificativo)))
-            .exists()
+        self.sent_log().contains(identificativo)
     }
 
-    /// Every tracked transmission.
+    /// Every tracked transmission, oldest first.
     pub fn tracked(&self) -> io::Result<Vec<Tracked>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(self.dir("sent"))? {
-            let path = entry?.path();
-            if let Ok(Ok(t)) = std::fs::read(&path).map(|b| serde_json::from_slice::<Tracked>(&b)) {
-                out.push(t);
-            }
-        }
-        Ok(out)
+        Ok(self.sent_log().all())
+    }
+
+    fn sent_log(&self) -> std::sync::MutexGuard<'_, SentLog> {
+        self.sent.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
