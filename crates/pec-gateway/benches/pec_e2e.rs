@@ -41,14 +41,16 @@
 //!
 //! Run (a release build; the run itself takes about 1 to 2 minutes on 2 idle
 //! cores, several more on a loaded machine):
-//!     cd /work/main && . e2e/lib/hsm.sh && init_hsm "$(mktemp -d)" && cargo bench -p pec-gateway --bench pec_e2e
+//!     . e2e/lib/hsm.sh && init_hsm "$(mktemp -d)" && cargo bench -p pec-gateway --bench pec_e2e
 //!
 //! Knobs (environment): messages per case `PEC_BENCH_N_1K1` (default 300),
 //! `PEC_BENCH_N_1K10` (60), `PEC_BENCH_N_1M1` (30), `PEC_BENCH_N_1M10` (30);
 //! `PEC_BENCH_SESSIONS` (default 8); `PEC_BENCH_ONLY` (comma-separated case
-//! tags to run: 1k1, 1k10, 1m1, 1m10). The sessions submit as fast as A
-//! answers 250, so with large N the latency is mostly queueing inside the
-//! gateways: p50/p99 grow with N, compare them at equal N only.
+//! tags to run: 1k1, 1k10, 1m1, 1m10); `PEC_TEST_CLAMD_TMPDIR` (the
+//! directory clamd spools scanned streams to; clamd's default otherwise).
+//! The sessions submit as fast as A answers 250, so with large N the
+//! latency is mostly queueing inside the gateways: p50/p99 grow with N,
+//! compare them at equal N only.
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -203,18 +203,25 @@ impl Clamd {
         c
     }
 
+    /// Starts clamd. `PEC_TEST_CLAMD_TMPDIR` names the directory where it
+    /// spools each stream it scans (its `TemporaryDirectory`; clamd's
+    /// default otherwise), for the benchmark to compare file systems.
     fn spawn(&mut self) {
         let conf = self.dir.path().join("clamd.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "Foreground yes\nTCPSocket {}\nTCPAddr 127.0.0.1\nDatabaseDirectory {}\nLogFile {}\nLogTime yes\nStreamMaxLength 120M\n",
-                self.port,
-                self.dir.path().join("db").display(),
-                self.dir.path().join("clamd.log").display()
-            ),
-        )
-        .expect("clamd.conf");
+        let mut text = format!(
+            "Foreground yes\nTCPSocket {}\nTCPAddr 127.0.0.1\nDatabaseDirectory {}\nLogFile {}\nLogTime yes\nStreamMaxLength 120M\n",
+            self.port,
+            self.dir.path().join("db").display(),
+            self.dir.path().join("clamd.log").display()
+        );
+        if let Some(spool) = std::env::var_os("PEC_TEST_CLAMD_TMPDIR") {
+            std::fs::create_dir_all(&spool).expect("clamd's temporary directory");
+            text.push_str(&format!(
+                "TemporaryDirectory {}\n",
+                Path::new(&spool).display()
+            ));
+        }
+        std::fs::write(&conf, text).expect("clamd.conf");
         let child = Command::new("clamd")
             .arg("-c")
             .arg(&conf)
