@@ -25,7 +25,7 @@
 use std::{
     collections::{BTreeSet, HashSet},
     fs::{File, OpenOptions},
-    io,
+    io::{self, BufRead},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -381,8 +381,8 @@ impl Queue {
 
     /// The job `id`, if it is still queued.
     pub fn get(&self, id: &str) -> io::Result<Option<Job>> {
-        match std::fs::read(self.job_path(id)) {
-            Ok(bytes) => parse_job(&bytes).map(|(job, _)| Some(job)),
+        match read_record(&self.job_path(id)) {
+            Ok(record) => parse_job(&record).map(|(job, _)| Some(job)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -444,7 +444,7 @@ impl Queue {
             if extension != Some(JOB_EXTENSION) && extension != Some("json") {
                 continue;
             }
-            match std::fs::read(&path).map(|b| parse_job(&b)) {
+            match read_record(&path).map(|b| parse_job(&b)) {
                 Ok(Ok((job, _))) if extension == Some(JOB_EXTENSION) => jobs.push(job),
                 _ => {
                     let aside = path.with_extension("broken");
@@ -538,6 +538,14 @@ fn record_end(bytes: &[u8]) -> io::Result<usize> {
         .iter()
         .position(|&b| b == b'\n')
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a job file without its message"))
+}
+
+/// The first line of a job file, its record, without reading the message
+/// after it: the 2-second sweep reads every job's record.
+fn read_record(path: &Path) -> io::Result<Vec<u8>> {
+    let mut record = Vec::new();
+    io::BufReader::new(File::open(path)?).read_until(b'\n', &mut record)?;
+    Ok(record)
 }
 
 /// The record of a job file, and where its message starts.
