@@ -10,7 +10,10 @@
 //!
 //! PKCS#11 calls block; async callers run them on a blocking thread.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
 
 use cryptoki::{
     context::{CInitializeArgs, CInitializeFlags, Pkcs11},
@@ -26,6 +29,24 @@ pub use crate::der;
 pub use cryptoki::object::ObjectHandle;
 /// A PIN, kept in memory that is zeroed on drop and never formatted.
 pub use cryptoki::types::AuthPin;
+
+/// Token writes in flight in this process: each holds the read side.
+/// SoftHSM2 rewrites a token's files in place, so a process that dies in
+/// the middle of a write can leave the token unreadable to every process.
+static WRITES: RwLock<()> = RwLock::new(());
+
+fn writing() -> RwLockReadGuard<'static, ()> {
+    WRITES.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until no token write of this process (a login, a key generated
+/// or destroyed) is in flight, and holds new ones off while the guard
+/// lives. A deliberate crash (the restart tests' crash points) takes it
+/// first, so that what it interrupts is the reconcile, not a half-written
+/// token file. Must not be called by a thread inside a token write.
+pub fn quiesce() -> RwLockWriteGuard<'static, ()> {
+    WRITES.write().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Key algorithms the operator generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +173,12 @@ impl Hsm {
             Sha256::digest(pin.expose_secret().as_bytes()).into()
         };
         let mut logged_in = self.logged_in.lock().unwrap_or_else(|e| e.into_inner());
-        match session.login(UserType::User, Some(pin)) {
+        // A failed login rewrites the token's files.
+        let login = {
+            let _writing = writing();
+            session.login(UserType::User, Some(pin))
+        };
+        match login {
             Ok(()) => {
                 logged_in.insert(label.to_string(), digest);
             }
@@ -279,6 +305,7 @@ impl Token {
                 Mechanism::RsaPkcsKeyPairGen
             }
         };
+        let _writing = writing();
         let (_, private_key) = self
             .session
             .generate_key_pair(&mechanism, &public, &private)
@@ -420,6 +447,7 @@ impl Token {
         if let Some(kek) = found.into_iter().next() {
             return Ok(kek);
         }
+        let _writing = writing();
         self.session
             .generate_key(
                 &Mechanism::AesKeyGen,
@@ -512,6 +540,7 @@ impl Token {
     pub fn destroy(&self, id: &[u8]) -> Result<(), HsmError> {
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
             for handle in self.find(class, id)? {
+                let _writing = writing();
                 self.session
                     .destroy_object(handle)
                     .map_err(call("destroying a key"))?;
