@@ -87,13 +87,15 @@ impl SentLog {
                 }
             }
         }
+        log.fold_directory()?;
         if !unreadable.is_empty() {
             let path = root.join(Self::BROKEN_FILE);
             tracing::warn!(path = %path.display(), "unreadable lines of sent.log set aside");
             let (mut broken, whole) = log_file::open(&path, root)?;
             log_file::append(&mut broken, &mut (whole.len() as u64), &unreadable)?;
+            // Out of the log, so the next start does not set them aside again.
+            log.compact()?;
         }
-        log.fold_directory()?;
         Ok(log)
     }
 
@@ -377,11 +379,15 @@ mod tests {
         bytes.extend(std::fs::read(&path).expect("log"));
         std::fs::write(&path, bytes).expect("write");
 
-        let log = SentLog::open(root.path()).expect("reopen");
-        assert_eq!(log.all(), vec![tracked(1)]);
-        assert_eq!(
-            std::fs::read(root.path().join(SentLog::BROKEN_FILE)).expect("set aside"),
-            b"{\"future\":1}\n"
-        );
+        for _ in 0..2 {
+            let log = SentLog::open(root.path()).expect("reopen");
+            assert_eq!(log.all(), vec![tracked(1)]);
+            assert_eq!(
+                std::fs::read(root.path().join(SentLog::BROKEN_FILE)).expect("set aside"),
+                b"{\"future\":1}\n",
+                "set aside once, however often the log is opened"
+            );
+        }
+        assert_eq!(lines_of(root.path(), SentLog::FILE), 1);
     }
 }
