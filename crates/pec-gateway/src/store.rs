@@ -143,17 +143,21 @@ impl Maildirs {
     /// keys of messages still there. `Ok(false)` when there is no such
     /// message.
     pub fn remove(&self, mailbox: &str, name: &str) -> io::Result<bool> {
-        let Some(path) = self
-            .messages(mailbox)?
-            .into_iter()
-            .find(|p| p.file_name().is_some_and(|n| n == name))
-        else {
+        let maildir = self.maildir(mailbox)?;
+        // A name with a separator or a leading dot is no message of ours.
+        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
             return Ok(false);
-        };
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
+        }
+        let mut removed = false;
+        for sub in ["new", "cur"] {
+            match fs::remove_file(maildir.join(sub).join(name)) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !removed {
+            return Ok(false);
         }
         if let Some(tag) = tag_of(name) {
             let marker = self.root.join(KEY_INDEX).join(mailbox).join(tag);
