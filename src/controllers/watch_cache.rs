@@ -109,46 +109,84 @@ pub fn spawn<K: Watched>(
             trim(&mut obj);
             obj
         },
+        |_, _| false,
         changed,
     )
 }
 
 /// A cache like [`spawn`]'s that keeps `into(obj)` for each watched object:
 /// a type of the controller's own, holding only what it reads.
+///
+/// A change after which `same(before, after)` holds of the record the store
+/// kept is stored but not passed to `changed`: what a reconcile reads of it
+/// is as it was. A Deployment's conditions or a pod's container statuses
+/// change often while it starts, and a record that keeps neither would
+/// otherwise trigger a reconcile at each of those changes. Deletions and
+/// relists always reach `changed`.
 pub fn spawn_as<K, C>(
     api: Api<K>,
     config: watcher::Config,
     into: impl Fn(K) -> C + Send + 'static,
+    same: fn(&C, &C) -> bool,
     mut changed: impl FnMut(&C) + Send + 'static,
 ) -> Cache<C>
 where
     K: Watched,
     C: Lookup<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    let (store, writer) = reflector::store();
+    let (store, mut writer) = reflector::store();
     let (ready_tx, ready) = watch::channel(false);
-    let events = watcher::watcher(api, config)
+    let held = store.clone();
+    // What kube's `reflector` does (the store takes each event before it is
+    // passed on), and whether an event left its record as it was, read
+    // from the store before it takes the event.
+    let feed = watcher::watcher(api, config)
         .default_backoff()
-        .map(move |event| event.map(|event| convert(event, &into)));
-    let feed = reflector::reflector(writer, events);
+        .map(move |event| {
+            let event = event.map(|event| convert(event, &into))?;
+            let unchanged = take(&mut writer, &held, same, &event);
+            Ok::<_, watcher::Error>((event, unchanged))
+        });
     // After a (re)list the store holds exactly what was listed: the objects
     // are read from it, not kept a second time while the list arrives.
     let listed = store.clone();
     tokio::spawn(feed.for_each(move |event| {
         match event {
-            Ok(Event::Apply(obj) | Event::Delete(obj)) => changed(&obj),
-            Ok(Event::InitDone) => {
+            Ok((Event::Apply(_), true)) => {}
+            Ok((Event::Apply(obj) | Event::Delete(obj), _)) => changed(&obj),
+            Ok((Event::InitDone, _)) => {
                 ready_tx.send_replace(true);
                 listed.state().iter().for_each(|obj| changed(obj));
             }
             // The store swaps in a new list only once it is complete.
-            Ok(Event::Init | Event::InitApply(_)) => {}
+            Ok((Event::Init | Event::InitApply(_), _)) => {}
             // The watcher retries with backoff; the store keeps what it had.
             Err(_) => {}
         }
         futures::future::ready(())
     }));
     Cache { store, ready }
+}
+
+/// Gives `event` to the store `writer` fills (`held` reads it); returns
+/// whether it was a change after which `same(before, after)` holds.
+fn take<C>(
+    writer: &mut reflector::store::Writer<C>,
+    held: &Store<C>,
+    same: fn(&C, &C) -> bool,
+    event: &Event<C>,
+) -> bool
+where
+    C: Lookup<DynamicType = ()> + Clone + 'static,
+{
+    let unchanged = match event {
+        Event::Apply(obj) => held
+            .get(&reflector::ObjectRef::from_obj(obj))
+            .is_some_and(|before| same(&before, obj)),
+        _ => false,
+    };
+    writer.apply_watcher_event(event);
+    unchanged
 }
 
 /// `event` with its object made into a `C`.
@@ -207,6 +245,49 @@ mod tests {
                 .expect("joined")
                 .expect("ready");
         }
+    }
+
+    fn config_map(name: &str, version: &str, data: &str) -> ConfigMap {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm.metadata.namespace = Some("mail".into());
+        cm.metadata.resource_version = Some(version.into());
+        cm.data = Some([("k".to_string(), data.to_string())].into());
+        cm
+    }
+
+    /// The same data, whatever the version.
+    fn same_data(a: &ConfigMap, b: &ConfigMap) -> bool {
+        a.data == b.data
+    }
+
+    #[test]
+    fn only_a_change_of_what_the_record_keeps_counts_as_a_change() {
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        let mut take = |event: Event<ConfigMap>| take(&mut writer, &store, same_data, &event);
+        assert!(!take(Event::Apply(config_map("a", "1", "x"))), "new");
+        assert!(
+            take(Event::Apply(config_map("a", "2", "x"))),
+            "a new version only"
+        );
+        assert!(!take(Event::Apply(config_map("a", "3", "y"))), "changed");
+        assert!(
+            !take(Event::Apply(config_map("b", "4", "y"))),
+            "another object"
+        );
+        assert!(
+            !take(Event::Delete(config_map("a", "5", "y"))),
+            "a deletion always counts"
+        );
+        assert!(!take(Event::Apply(config_map("a", "6", "y"))), "back again");
+        let held = store
+            .get(&reflector::ObjectRef::new("a").within("mail"))
+            .expect("held");
+        assert_eq!(
+            held.metadata.resource_version.as_deref(),
+            Some("6"),
+            "the store keeps the newest version"
+        );
     }
 
     #[tokio::test]

@@ -99,6 +99,7 @@ where
         Api::<PartialObjectMeta<K>>::all(client.clone()),
         owned(),
         CachedChild::from,
+        CachedChild::same,
         owning_domains_of(triggers),
     )
 }
@@ -274,12 +275,19 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
             Api::<Deployment>::all(client.clone()),
             owned(),
             CachedDeployment::from,
+            CachedDeployment::same,
             owning_domains_of(&triggers),
         ),
-        pods: watch_cache::spawn_as(Api::<Pod>::all(client.clone()), owned(), CachedPod::from, {
-            let triggers = triggers.clone();
-            move |pod| trigger(&triggers, pod_domain(pod))
-        }),
+        pods: watch_cache::spawn_as(
+            Api::<Pod>::all(client.clone()),
+            owned(),
+            CachedPod::from,
+            CachedPod::same,
+            {
+                let triggers = triggers.clone();
+                move |pod| trigger(&triggers, pod_domain(pod))
+            },
+        ),
         config_maps: reflect_metadata::<ConfigMap>(client, &triggers),
         services: reflect_metadata::<Service>(client, &triggers),
         pdbs: reflect_metadata::<PodDisruptionBudget>(client, &triggers),
@@ -288,6 +296,7 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
             Api::<EndpointSlice>::all(client.clone()),
             own_endpoint_slices(),
             CachedSlice::from,
+            CachedSlice::same,
             owning_domains_of(&triggers),
         ),
         secrets: watch_cache::spawn(

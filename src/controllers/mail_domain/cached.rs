@@ -64,6 +64,21 @@ struct Key {
 }
 
 impl Key {
+    /// Whether both name the same object with the same labels, whatever
+    /// version of it each was read from.
+    fn same(&self, other: &Self) -> bool {
+        // Destructured without `..`: a new field must be compared here.
+        let Self {
+            name,
+            namespace,
+            resource_version: _,
+            domain,
+            site,
+        } = self;
+        (name, namespace, domain, site)
+            == (&other.name, &other.namespace, &other.domain, &other.site)
+    }
+
     /// Takes the key out of `meta`.
     fn take(meta: &mut ObjectMeta) -> Self {
         let labels = meta.labels.get_or_insert_default();
@@ -124,6 +139,16 @@ struct Meta {
 }
 
 impl Meta {
+    /// Whether both keep the same, whatever version each was read from.
+    fn same(&self, other: &Self) -> bool {
+        let Self {
+            key,
+            applied_hash,
+            owners,
+        } = self;
+        key.same(&other.key) && (applied_hash, owners) == (&other.applied_hash, &other.owners)
+    }
+
     /// Takes what is kept out of `meta`.
     fn take(meta: &mut ObjectMeta) -> Self {
         Self {
@@ -251,6 +276,12 @@ impl<K> WithMeta for CachedChild<K> {
 }
 
 impl<K> CachedChild<K> {
+    /// Whether two records of a child keep the same (see
+    /// [`CachedPod::same`]).
+    pub fn same(a: &Self, b: &Self) -> bool {
+        a.meta.same(&b.meta)
+    }
+
     /// Its resource version when the cache saw it last.
     pub fn resource_version(&self) -> Option<&str> {
         self.meta.key.resource_version.as_deref()
@@ -295,6 +326,19 @@ impl From<Deployment> for CachedDeployment {
 }
 
 impl CachedDeployment {
+    /// Whether two records of a Deployment keep the same (see
+    /// [`CachedPod::same`]).
+    pub fn same(a: &Self, b: &Self) -> bool {
+        let Self {
+            meta,
+            generation,
+            config_hash,
+            status,
+        } = a;
+        meta.same(&b.meta)
+            && (generation, config_hash, status) == (&b.generation, &b.config_hash, &b.status)
+    }
+
     /// A `Deployment` holding what the cache kept: the operator's labels,
     /// the applied hash, the generation, the pod template's configuration
     /// hash and the status without conditions.
@@ -377,6 +421,24 @@ impl From<Pod> for CachedPod {
 }
 
 impl CachedPod {
+    /// Whether two records of a pod keep the same, whatever version of it
+    /// each was read from: a change of what a record does not keep (a
+    /// condition other than Ready, a container's status) leaves it the
+    /// same, and nothing a reconcile reads of it has changed.
+    pub fn same(a: &Self, b: &Self) -> bool {
+        let Self {
+            key,
+            deleting,
+            node,
+            ip,
+            phase,
+            ready,
+        } = a;
+        key.same(&b.key)
+            && (deleting, node, ip, phase, ready)
+                == (&b.deleting, &b.node, &b.ip, &b.phase, &b.ready)
+    }
+
     /// The namespace the pod is in.
     pub fn namespace(&self) -> Option<&str> {
         self.key.namespace.as_deref()
@@ -452,6 +514,17 @@ impl From<EndpointSlice> for CachedSlice {
 }
 
 impl CachedSlice {
+    /// Whether two records of a slice keep the same (see
+    /// [`CachedPod::same`]).
+    pub fn same(a: &Self, b: &Self) -> bool {
+        let Self {
+            meta,
+            service,
+            ready,
+        } = a;
+        meta.same(&b.meta) && (service, ready) == (&b.service, &b.ready)
+    }
+
     /// The Service it serves.
     pub fn service(&self) -> Option<&str> {
         self.service.as_deref()
@@ -738,5 +811,84 @@ mod tests {
             pod.status.and_then(|s| s.conditions).map(|c| c.len()),
             Some(0)
         );
+    }
+
+    #[test]
+    fn a_pod_record_is_the_same_after_a_change_it_does_not_keep() {
+        let mut before = gateway_pod();
+        before.metadata.resource_version = Some("1".into());
+        let mut after = before.clone();
+        after.metadata.resource_version = Some("2".into());
+        let status = after.status.as_mut().expect("status");
+        status.host_ip = Some("192.0.2.2".into());
+        status.conditions.as_mut().expect("conditions")[0].status = "False".into();
+        let (before, after_record) = (CachedPod::from(before), CachedPod::from(after.clone()));
+        assert!(CachedPod::same(&before, &after_record));
+
+        after
+            .status
+            .as_mut()
+            .expect("status")
+            .conditions
+            .as_mut()
+            .expect("conditions")[1]
+            .status = "True".into();
+        assert!(
+            !CachedPod::same(&before, &CachedPod::from(after.clone())),
+            "Ready changed"
+        );
+        let mut moved = gateway_pod();
+        moved.spec.as_mut().expect("spec").node_name = Some("node-2".into());
+        assert!(!CachedPod::same(&before, &CachedPod::from(moved)), "node");
+        let mut relabelled = gateway_pod();
+        relabelled
+            .labels_mut()
+            .insert(SITE_LABEL.into(), "dc-it2".into());
+        assert!(
+            !CachedPod::same(&before, &CachedPod::from(relabelled)),
+            "site"
+        );
+    }
+
+    #[test]
+    fn a_deployment_record_is_the_same_after_a_change_of_its_conditions_only() {
+        let deployment = |version: &str, ready: i32, condition: &str| Deployment {
+            metadata: ObjectMeta {
+                name: Some("acme-dc-it1".into()),
+                namespace: Some("mail".into()),
+                resource_version: Some(version.into()),
+                ..ObjectMeta::default()
+            },
+            spec: DeploymentSpec::default(),
+            status: Some(DeploymentStatus {
+                ready_replicas: Some(ready),
+                conditions: Some(vec![k8s_openapi::api::apps::v1::DeploymentCondition {
+                    reason: Some(condition.into()),
+                    ..Default::default()
+                }]),
+                ..DeploymentStatus::default()
+            }),
+        };
+        let before = CachedDeployment::from(deployment("1", 1, "NewReplicaSetCreated"));
+        let progressed = CachedDeployment::from(deployment("2", 1, "ReplicaSetUpdated"));
+        assert!(CachedDeployment::same(&before, &progressed));
+        let ready = CachedDeployment::from(deployment("3", 2, "ReplicaSetUpdated"));
+        assert!(!CachedDeployment::same(&before, &ready));
+    }
+
+    #[test]
+    fn a_child_record_changes_with_its_applied_hash_and_owners_not_its_version() {
+        let before = CachedChild::from(config_map());
+        let mut cm = config_map();
+        cm.metadata.resource_version = Some("43".into());
+        cm.annotations_mut()
+            .insert("other".into(), "changed".into());
+        assert!(CachedChild::same(&before, &CachedChild::from(cm.clone())));
+        cm.annotations_mut()
+            .insert(APPLIED_HASH_ANNOTATION.into(), "4567".into());
+        assert!(!CachedChild::same(&before, &CachedChild::from(cm)));
+        let mut orphan = config_map();
+        orphan.metadata.owner_references = None;
+        assert!(!CachedChild::same(&before, &CachedChild::from(orphan)));
     }
 }
