@@ -18,7 +18,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
-    runtime::reflector::{Lookup, ObjectRef, Store},
+    runtime::reflector::Lookup,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -28,6 +28,7 @@ use super::{
     cache::{Caches, of_domain},
     cached::Child,
 };
+use crate::controllers::watch_cache::Table;
 
 /// The field manager of everything this controller applies.
 pub const FIELD_MANAGER: &str = "pec-operator/maildomain";
@@ -154,12 +155,12 @@ fn with_applied_hash<K: Resource + Serialize + Clone>(obj: &K) -> (K, String) {
 }
 
 /// The cached copy of the object named like `obj` in `namespace`.
-fn cached<K, S>(store: &Store<S>, namespace: &str, obj: &K) -> Option<Arc<S>>
+fn cached<K, S>(store: &Table<S>, namespace: &str, obj: &K) -> Option<Arc<S>>
 where
     K: Resource,
-    S: Lookup<DynamicType = ()> + Clone + 'static,
+    S: Lookup<DynamicType = ()>,
 {
-    store.get(&ObjectRef::new(&obj.name_any()).within(namespace))
+    store.get(namespace, &obj.name_any())
 }
 
 /// Applies `obj` unless `store` shows it as last applied in this form;
@@ -168,7 +169,7 @@ async fn apply_changed<K, S>(
     client: &Client,
     namespace: &str,
     obj: &K,
-    store: &Store<S>,
+    store: &Table<S>,
 ) -> Result<bool, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -281,7 +282,7 @@ struct Pruner<'a> {
 impl Pruner<'_> {
     /// Prunes the `K` objects `store` shows for the domain; returns the
     /// sites of those deleted.
-    async fn prune<K, S>(&self, store: &Store<S>) -> Result<Vec<String>, Error>
+    async fn prune<K, S>(&self, store: &Table<S>) -> Result<Vec<String>, Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + k8s_openapi::Resource
@@ -297,7 +298,7 @@ impl Pruner<'_> {
 
 /// The sites and names of the objects of `store` made for `domain`.
 fn present<S: Child>(
-    store: &Store<S>,
+    store: &Table<S>,
     namespace: &str,
     domain: &str,
 ) -> Vec<(Option<String>, String)> {

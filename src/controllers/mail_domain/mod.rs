@@ -197,9 +197,7 @@ pub async fn reconcile(
         caches,
     )
     .await?;
-    let cached_routes = caches
-        .config_maps
-        .get(&kube::runtime::reflector::ObjectRef::new(routes::PLATFORM_ROUTES).within(&namespace));
+    let cached_routes = caches.config_maps.get(&namespace, routes::PLATFORM_ROUTES);
     ctx.routes
         .sync(
             &ctx.client,
