@@ -11,14 +11,15 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    sync::{
-        Arc,
-        atomic::{AtomicIsize, Ordering},
-    },
+    sync::atomic::{AtomicIsize, Ordering},
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, Client, ResourceExt, api::ListParams};
+use kube::{
+    Api, Client, ResourceExt,
+    api::ListParams,
+    runtime::reflector::{Lookup, Store},
+};
 use pec_operator::controllers::mail_domain::cache;
 
 /// The system allocator, counting the bytes in use.
@@ -49,8 +50,9 @@ fn in_use() -> isize {
     IN_USE.load(Ordering::Relaxed)
 }
 
-/// The heap a deep copy of `objects` allocates, and their number.
-fn held<K: Clone>(objects: Vec<Arc<K>>) -> (usize, isize) {
+/// The heap a deep copy of `store`'s objects allocates, and their number.
+fn held<K: Lookup<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> (usize, isize) {
+    let objects = store.state();
     let before = in_use();
     let copies: Vec<K> = objects.iter().map(|o| o.as_ref().clone()).collect();
     let bytes = in_use() - before;
@@ -77,20 +79,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         total as f64 / 1024.0 / domains as f64
     );
     let rows = [
-        ("MailDomains", held(caches.mail_domains.state())),
-        ("Sites", held(caches.sites.state())),
-        ("SigningKeys", held(caches.signing_keys.state())),
-        ("Deployments", held(caches.deployments.state())),
-        ("Pods", held(caches.pods.state())),
-        ("ConfigMaps (metadata)", held(caches.config_maps.state())),
-        ("Services (metadata)", held(caches.services.state())),
-        ("PDBs (metadata)", held(caches.pdbs.state())),
-        (
-            "NetworkPolicies (metadata)",
-            held(caches.network_policies.state()),
-        ),
-        ("EndpointSlices", held(caches.endpoint_slices.state())),
-        ("Secrets", held(caches.secrets.state())),
+        ("MailDomains", held(&caches.mail_domains)),
+        ("Sites", held(&caches.sites)),
+        ("SigningKeys", held(&caches.signing_keys)),
+        ("Deployments", held(&caches.deployments)),
+        ("Pods", held(&caches.pods)),
+        ("ConfigMaps (metadata)", held(&caches.config_maps)),
+        ("Services (metadata)", held(&caches.services)),
+        ("PDBs (metadata)", held(&caches.pdbs)),
+        ("NetworkPolicies (metadata)", held(&caches.network_policies)),
+        ("EndpointSlices", held(&caches.endpoint_slices)),
+        ("Secrets", held(&caches.secrets)),
     ];
     let mut sum = 0;
     for (kind, (n, bytes)) in rows {
@@ -119,7 +118,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let baseline = in_use() - before;
-    let (n, compact) = held(caches.pods.state());
+    let (n, compact) = held(&caches.pods);
     let each = |bytes: isize, n: usize| bytes as f64 / n.max(1) as f64;
     println!(
         "  gateway pods: whole, managed fields dropped {:.0} B each; as the cache keeps them {:.0} B each; ratio {:.2}",

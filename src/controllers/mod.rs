@@ -100,8 +100,7 @@ pub struct SharedStores {
     /// Every MailDomain.
     pub mail_domains: std::sync::OnceLock<watch_cache::Cache<crate::api::MailDomain>>,
     /// The EndpointSlices this operator made.
-    pub endpoint_slices:
-        std::sync::OnceLock<watch_cache::Records<mail_domain::cached::CachedSlice>>,
+    pub endpoint_slices: std::sync::OnceLock<watch_cache::Cache<mail_domain::cached::CachedSlice>>,
 }
 
 impl Context {

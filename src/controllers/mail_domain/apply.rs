@@ -18,7 +18,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
-    runtime::reflector::Lookup,
+    runtime::reflector::{Lookup, ObjectRef, Store},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -28,7 +28,6 @@ use super::{
     cache::{Caches, of_domain},
     cached::Child,
 };
-use crate::controllers::watch_cache::Table;
 
 /// The field manager of everything this controller applies.
 pub const FIELD_MANAGER: &str = "pec-operator/maildomain";
@@ -155,12 +154,12 @@ fn with_applied_hash<K: Resource + Serialize + Clone>(obj: &K) -> (K, String) {
 }
 
 /// The cached copy of the object named like `obj` in `namespace`.
-fn cached<K, S>(store: &Table<S>, namespace: &str, obj: &K) -> Option<Arc<S>>
+fn cached<K, S>(store: &Store<S>, namespace: &str, obj: &K) -> Option<Arc<S>>
 where
     K: Resource,
-    S: Lookup<DynamicType = ()>,
+    S: Lookup<DynamicType = ()> + Clone + 'static,
 {
-    store.get(namespace, &obj.name_any())
+    store.get(&ObjectRef::new(&obj.name_any()).within(namespace))
 }
 
 /// Applies `obj` unless `store` shows it as last applied in this form;
@@ -169,7 +168,7 @@ async fn apply_changed<K, S>(
     client: &Client,
     namespace: &str,
     obj: &K,
-    store: &Table<S>,
+    store: &Store<S>,
 ) -> Result<bool, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -282,7 +281,7 @@ struct Pruner<'a> {
 impl Pruner<'_> {
     /// Prunes the `K` objects `store` shows for the domain; returns the
     /// sites of those deleted.
-    async fn prune<K, S>(&self, store: &Table<S>) -> Result<Vec<String>, Error>
+    async fn prune<K, S>(&self, store: &Store<S>) -> Result<Vec<String>, Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + k8s_openapi::Resource
@@ -298,7 +297,7 @@ impl Pruner<'_> {
 
 /// The sites and names of the objects of `store` made for `domain`.
 fn present<S: Child>(
-    store: &Table<S>,
+    store: &Store<S>,
     namespace: &str,
     domain: &str,
 ) -> Vec<(Option<String>, String)> {

@@ -48,7 +48,7 @@ use crate::{
     api::{MailDomain, SigningKey, Site},
     controllers::{
         MANAGED_BY,
-        watch_cache::{self, Cache, Records, Stopped, Table, Triggers, trigger},
+        watch_cache::{self, Cache, Stopped, Triggers, trigger},
     },
 };
 
@@ -59,13 +59,13 @@ pub struct Caches {
     pub mail_domains: Cache<MailDomain>,
     pub sites: Cache<Site>,
     pub signing_keys: Cache<SigningKey>,
-    pub deployments: Records<CachedDeployment>,
-    pub pods: Records<CachedPod>,
-    pub config_maps: Records<CachedChild<ConfigMap>>,
-    pub services: Records<CachedChild<Service>>,
-    pub pdbs: Records<CachedChild<PodDisruptionBudget>>,
-    pub network_policies: Records<CachedChild<NetworkPolicy>>,
-    pub endpoint_slices: Records<CachedSlice>,
+    pub deployments: Cache<CachedDeployment>,
+    pub pods: Cache<CachedPod>,
+    pub config_maps: Cache<CachedChild<ConfigMap>>,
+    pub services: Cache<CachedChild<Service>>,
+    pub pdbs: Cache<CachedChild<PodDisruptionBudget>>,
+    pub network_policies: Cache<CachedChild<NetworkPolicy>>,
+    pub endpoint_slices: Cache<CachedSlice>,
     /// Every Secret, cut to what the reference checks read (see
     /// [`references::keep_what_is_checked`]).
     pub secrets: Cache<Secret>,
@@ -90,7 +90,7 @@ fn own_endpoint_slices() -> Config {
 /// A store of `K`'s objects this operator made, as [`CachedChild`]ren,
 /// filled by a task of its own from a watch of their metadata; a change
 /// reconciles the MailDomain that owns the object.
-fn reflect_metadata<K>(client: &Client, triggers: &Triggers<MailDomain>) -> Records<CachedChild<K>>
+fn reflect_metadata<K>(client: &Client, triggers: &Triggers<MailDomain>) -> Cache<CachedChild<K>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
     K: 'static,
@@ -370,7 +370,7 @@ impl Caches {
 /// by label), by name: a store's map changes its order as it grows, and
 /// what is built from these must not change with it.
 pub fn of_domain<K: Child>(
-    store: &Table<K>,
+    store: &Store<K>,
     namespace: &str,
     domain: &str,
 ) -> impl Iterator<Item = Arc<K>> + use<K> {
@@ -492,16 +492,15 @@ mod tests {
 
     #[test]
     fn a_domains_objects_come_by_name_whatever_order_the_store_holds() {
-        let pods =
-            [("c", "acme"), ("a", "acme"), ("x", "other"), ("b", "acme")].map(|(name, domain)| {
-                let mut pod = Pod::default();
-                pod.metadata.name = Some(name.into());
-                pod.metadata.namespace = Some("mail".into());
-                pod.metadata.labels =
-                    Some([(build::DOMAIN_LABEL.to_string(), domain.to_string())].into());
-                CachedPod::from(pod)
-            });
-        let store = Table::of(pods);
+        let (store, mut writer) = kube::runtime::reflector::store::<CachedPod>();
+        for (name, domain) in [("c", "acme"), ("a", "acme"), ("x", "other"), ("b", "acme")] {
+            let mut pod = Pod::default();
+            pod.metadata.name = Some(name.into());
+            pod.metadata.namespace = Some("mail".into());
+            pod.metadata.labels =
+                Some([(build::DOMAIN_LABEL.to_string(), domain.to_string())].into());
+            writer.apply_watcher_event(&Event::Apply(CachedPod::from(pod)));
+        }
         let names: Vec<String> = of_domain(&store, "mail", "acme")
             .map(|p| {
                 kube::runtime::reflector::Lookup::name(p.as_ref())

@@ -197,7 +197,9 @@ pub async fn reconcile(
         caches,
     )
     .await?;
-    let cached_routes = caches.config_maps.get(&namespace, routes::PLATFORM_ROUTES);
+    let cached_routes = caches
+        .config_maps
+        .get(&kube::runtime::reflector::ObjectRef::new(routes::PLATFORM_ROUTES).within(&namespace));
     ctx.routes
         .sync(
             &ctx.client,
