@@ -349,21 +349,6 @@ async fn record_switch(
     ctx.event(md, type_, "Failover", note);
 }
 
-/// The message of the warning that a domain lost every healthy site: when
-/// `NoHealthySite` turns true for a domain that served before. A new
-/// domain whose gateways are still starting has no site to lose (its
-/// Ready condition tells that it is not serving yet), and a warning for
-/// each would bury the ones that matter.
-fn stranded(
-    old: &crate::api::MailDomainStatus,
-    new: &crate::api::MailDomainStatus,
-) -> Option<String> {
-    let c = conditions::find(&new.conditions, status::NO_HEALTHY_SITE)?;
-    let turned =
-        c.status == "True" && !conditions::is_true(&old.conditions, status::NO_HEALTHY_SITE);
-    (turned && !old.serving_sites.is_empty()).then(|| c.message.clone())
-}
-
 /// Events for what a person would want to know: readiness flips, missing
 /// sites, configuration rollouts and removed sites.
 async fn publish_events(
@@ -388,8 +373,17 @@ async fn publish_events(
             ctx.event(md, type_, &ready.reason, ready.message.clone());
         }
     }
-    if let Some(message) = stranded(old, new) {
-        ctx.event(md, EventType::Warning, status::NO_HEALTHY_SITE, message);
+    let was_stranded = conditions::is_true(&old.conditions, status::NO_HEALTHY_SITE);
+    if let Some(c) = conditions::find(&new.conditions, status::NO_HEALTHY_SITE)
+        && c.status == "True"
+        && !was_stranded
+    {
+        ctx.event(
+            md,
+            EventType::Warning,
+            status::NO_HEALTHY_SITE,
+            c.message.clone(),
+        );
     }
     for site in &children.sites {
         let hash_of = |d: &Deployment| {
@@ -475,50 +469,6 @@ mod tests {
 
     fn at(s: i64) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).expect("time")
-    }
-
-    /// A status whose `NoHealthySite` condition is `stranded`, serving
-    /// from `serving`.
-    fn serving_status(stranded: bool, serving: &[&str]) -> crate::api::MailDomainStatus {
-        let verdict = conditions::Verdict::new(status::NO_HEALTHY_SITE, stranded, "Reason", "why");
-        crate::api::MailDomainStatus {
-            conditions: conditions::merge(&[], &[verdict], Some(1), at(0)),
-            serving_sites: serving.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn only_a_domain_that_served_is_warned_of_losing_every_healthy_site() {
-        let new_domain = crate::api::MailDomainStatus::default();
-        assert_eq!(
-            stranded(&new_domain, &serving_status(true, &[])),
-            None,
-            "a new domain's gateways are still starting"
-        );
-        assert_eq!(
-            stranded(
-                &serving_status(false, &["dc-it1"]),
-                &serving_status(true, &["dc-it1"])
-            ),
-            Some("why".to_string()),
-            "it served from dc-it1 and lost it"
-        );
-        assert_eq!(
-            stranded(
-                &serving_status(true, &["dc-it1"]),
-                &serving_status(true, &["dc-it1"])
-            ),
-            None,
-            "warned once, when it turned"
-        );
-        assert_eq!(
-            stranded(
-                &serving_status(false, &["dc-it1"]),
-                &serving_status(false, &["dc-it1"])
-            ),
-            None
-        );
     }
 
     #[test]
