@@ -109,7 +109,7 @@ pub fn spawn<K: Watched>(
             trim(&mut obj);
             obj
         },
-        |_, _| false,
+        None,
         changed,
     )
 }
@@ -118,7 +118,7 @@ pub fn spawn<K: Watched>(
 /// a type of the controller's own, holding only what it reads.
 ///
 /// A change after which `same(before, after)` holds of the record the store
-/// kept is stored but not passed to `changed`: what a reconcile reads of it
+/// kept (with `same` given) is stored but not passed to `changed`: what a reconcile reads of it
 /// is as it was. A Deployment's conditions or a pod's container statuses
 /// change often while it starts, and a record that keeps neither would
 /// otherwise trigger a reconcile at each of those changes. Deletions and
@@ -127,7 +127,7 @@ pub fn spawn_as<K, C>(
     api: Api<K>,
     config: watcher::Config,
     into: impl Fn(K) -> C + Send + 'static,
-    same: fn(&C, &C) -> bool,
+    same: Option<fn(&C, &C) -> bool>,
     mut changed: impl FnMut(&C) + Send + 'static,
 ) -> Cache<C>
 where
@@ -169,18 +169,19 @@ where
 }
 
 /// Gives `event` to the store `writer` fills (`held` reads it); returns
-/// whether it was a change after which `same(before, after)` holds.
+/// whether it was a change after which `same(before, after)` holds. With
+/// no `same`, every change counts and the store is not looked up.
 fn take<C>(
     writer: &mut reflector::store::Writer<C>,
     held: &Store<C>,
-    same: fn(&C, &C) -> bool,
+    same: Option<fn(&C, &C) -> bool>,
     event: &Event<C>,
 ) -> bool
 where
     C: Lookup<DynamicType = ()> + Clone + 'static,
 {
-    let unchanged = match event {
-        Event::Apply(obj) => held
+    let unchanged = match (event, same) {
+        (Event::Apply(obj), Some(same)) => held
             .get(&reflector::ObjectRef::from_obj(obj))
             .is_some_and(|before| same(&before, obj)),
         _ => false,
@@ -264,7 +265,7 @@ mod tests {
     #[test]
     fn only_a_change_of_what_the_record_keeps_counts_as_a_change() {
         let (store, mut writer) = reflector::store::<ConfigMap>();
-        let mut take = |event: Event<ConfigMap>| take(&mut writer, &store, same_data, &event);
+        let mut take = |event: Event<ConfigMap>| take(&mut writer, &store, Some(same_data), &event);
         assert!(!take(Event::Apply(config_map("a", "1", "x"))), "new");
         assert!(
             take(Event::Apply(config_map("a", "2", "x"))),
@@ -288,6 +289,19 @@ mod tests {
             Some("6"),
             "the store keeps the newest version"
         );
+    }
+
+    #[test]
+    fn without_a_same_test_every_change_counts() {
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        for version in ["1", "2"] {
+            let event = Event::Apply(config_map("a", version, "x"));
+            assert!(!take(&mut writer, &store, None, &event));
+        }
+        let held = store
+            .get(&reflector::ObjectRef::new("a").within("mail"))
+            .expect("held");
+        assert_eq!(held.metadata.resource_version.as_deref(), Some("2"));
     }
 
     #[tokio::test]

@@ -99,7 +99,7 @@ where
         Api::<PartialObjectMeta<K>>::all(client.clone()),
         owned(),
         CachedChild::from,
-        CachedChild::same,
+        Some(CachedChild::same),
         owning_domains_of(triggers),
     )
 }
@@ -275,14 +275,14 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
             Api::<Deployment>::all(client.clone()),
             owned(),
             CachedDeployment::from,
-            CachedDeployment::same,
+            Some(CachedDeployment::same),
             owning_domains_of(&triggers),
         ),
         pods: watch_cache::spawn_as(
             Api::<Pod>::all(client.clone()),
             owned(),
             CachedPod::from,
-            CachedPod::same,
+            Some(CachedPod::same),
             {
                 let triggers = triggers.clone();
                 move |pod| trigger(&triggers, pod_domain(pod))
@@ -296,7 +296,7 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
             Api::<EndpointSlice>::all(client.clone()),
             own_endpoint_slices(),
             CachedSlice::from,
-            CachedSlice::same,
+            Some(CachedSlice::same),
             owning_domains_of(&triggers),
         ),
         secrets: watch_cache::spawn(
