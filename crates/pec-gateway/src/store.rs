@@ -145,7 +145,7 @@ impl Maildirs {
     pub fn remove(&self, mailbox: &str, name: &str) -> io::Result<bool> {
         let maildir = self.maildir(mailbox)?;
         // A name with a separator or a leading dot is no message of ours.
-        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
+        if !is_plain_name(name) || name.starts_with('.') {
             return Ok(false);
         }
         let mut removed = false;
@@ -262,6 +262,12 @@ impl Maildirs {
     }
 }
 
+/// Whether `name` names a file in a directory, not a path: not empty, not
+/// `.` or `..`, no `/` and no NUL.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
 /// Writes `bytes` to `dir/name` so that, once this returns, the file is on
 /// stable storage with exactly these bytes, or (after a crash) absent or
 /// still its previous version — never partial. An existing `name` is
@@ -271,7 +277,7 @@ impl Maildirs {
 /// overwritten by the next write of the same name. `name` must be a plain
 /// file name (no `/`, not `.` or `..`), else `InvalidInput`.
 pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
-    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+    if !is_plain_name(name) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{name:?} is not a plain file name"),
