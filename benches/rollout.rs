@@ -2,7 +2,10 @@
 //! - **convergence**: how long N MailDomains over two sites take from apply
 //!   until every gateway Deployment is ready and every domain's status is
 //!   written, beside a plain client that server-side-applies the same child
-//!   objects itself and waits for the same Deployments, in the same run;
+//!   objects itself (each site's objects and the domain Service), waits for
+//!   the same Deployments and then writes the domain Service's
+//!   EndpointSlices from the ready pods, in the same run; and which Events
+//!   the operator wrote, by reason;
 //! - **requests**: the operator's API requests per second at steady state,
 //!   by verb, over a minute;
 //! - **resync**: the writes the operator makes during one full resync period
@@ -29,22 +32,24 @@
 
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{ConfigMap, Namespace, Secret, Service},
+    core::v1::{ConfigMap, Namespace, Pod, Secret, Service},
+    discovery::v1::EndpointSlice,
+    events::v1::Event,
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
 };
 use kube::{
-    Api, Client, Resource,
+    Api, Client, Resource, ResourceExt,
     api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use pec_operator::{
     api::{MailDomain, MailDomainSpec, Site},
     controllers::mail_domain::{
-        build::{self, SiteChildren},
-        observe::ResolvedSite,
+        build::{self, Children, ReadyGateway, SiteChildren},
+        observe::{self, ResolvedSite},
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -204,19 +209,26 @@ async fn run_operator(
     .try_collect::<Vec<_>>()
     .await?;
     let applied = start.elapsed();
-    // The same end as the plain client's (every Deployment ready), and
-    // every domain's status written for its generation. Not Ready=True: that
-    // also needs each domain's SigningKey active in an HSM and its Secrets
-    // in place, which the plain client has no counterpart for.
+    // The same end as the plain client's (every Deployment ready and the
+    // domain Service's endpoints written), and every domain's status
+    // written for its generation. A status that counts every gateway ready
+    // comes from a reconcile that saw them ready, which wrote the
+    // endpoints first. Not Ready=True: that also needs each domain's
+    // SigningKey active in an HSM, which the plain client has no
+    // counterpart for.
     let ready = until(start, n, || async {
         let list = api.list(&ListParams::default()).await?;
         let observed = list
             .items
             .iter()
             .filter(|md| {
-                md.status
-                    .as_ref()
-                    .is_some_and(|s| s.observed_generation == md.metadata.generation)
+                md.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == md.metadata.generation
+                        && s.sites.len() == SITES.len()
+                        && s.sites
+                            .iter()
+                            .all(|g| g.desired > 0 && g.ready == g.desired)
+                })
             })
             .count();
         Ok(observed == n && all_deployments_ready(client, ns, n * SITES.len()).await?)
@@ -254,47 +266,114 @@ async fn run_plain(client: &Client, ns: &str, n: usize) -> Result<(Duration, Dur
             nodes: 3,
         })
         .collect();
-    let children: Vec<SiteChildren> = (0..n)
-        .map(|i| {
-            build::children(
-                &domain(ns, i),
-                None,
-                &Default::default(),
-                &sites,
-                Some(&[]),
-                &[],
-            )
-            .map(|c| c.sites)
-        })
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let domains: Vec<MailDomain> = (0..n).map(|i| domain(ns, i)).collect();
+    let children = |md: &MailDomain, gateways: &[ReadyGateway]| {
+        let serving: Vec<String> = SITES.iter().map(|s| s.to_string()).collect();
+        build::children(
+            md,
+            None,
+            &Default::default(),
+            &sites,
+            Some(&serving),
+            gateways,
+        )
+    };
+    let initial: Vec<Children> = domains
+        .iter()
+        .map(|md| children(md, &[]))
+        .collect::<Result<_, _>>()?;
     let start = Instant::now();
-    stream::iter(children.iter().map(|c| async move {
-        let SiteChildren {
-            site: _,
-            config_map,
-            deployment,
-            service,
-            pdb,
-            network_policy,
-        } = c;
-        apply::<ConfigMap>(client, ns, config_map).await?;
-        apply::<Service>(client, ns, service).await?;
-        apply::<PodDisruptionBudget>(client, ns, pdb).await?;
-        apply::<NetworkPolicy>(client, ns, network_policy).await?;
-        apply::<Deployment>(client, ns, deployment).await
+    // The same children as the operator's: each site's objects and the
+    // domain Service.
+    stream::iter(initial.iter().flat_map(|c| {
+        let sites = c.sites.iter().map(|site| {
+            let SiteChildren {
+                site: _,
+                config_map,
+                deployment,
+                service,
+                pdb,
+                network_policy,
+            } = site;
+            async move {
+                apply::<ConfigMap>(client, ns, config_map).await?;
+                apply::<Service>(client, ns, service).await?;
+                apply::<PodDisruptionBudget>(client, ns, pdb).await?;
+                apply::<NetworkPolicy>(client, ns, network_policy).await?;
+                apply::<Deployment>(client, ns, deployment).await
+            }
+            .boxed()
+        });
+        let domain_service = apply::<Service>(client, ns, &c.domain_service).boxed();
+        sites.chain(std::iter::once(domain_service))
     }))
     .buffer_unordered(CONCURRENCY)
     .try_collect::<Vec<_>>()
     .await?;
     let applied = start.elapsed();
-    let ready = until(start, n, || {
-        all_deployments_ready(client, ns, children.len())
+    until(start, n, || {
+        all_deployments_ready(client, ns, n * SITES.len())
     })
     .await?;
-    Ok((applied, ready))
+    // ...and, once the gateways are ready, the domain Service's endpoints:
+    // one EndpointSlice per site, listing that site's ready gateway pods.
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let slices: Vec<EndpointSlice> = domains
+        .iter()
+        .map(|md| {
+            let own: Vec<Pod> = pods
+                .iter()
+                .filter(|p| p.labels().get(build::DOMAIN_LABEL) == md.metadata.name.as_ref())
+                .cloned()
+                .collect();
+            children(md, &observe::ready_gateways(&own))
+                .map(|c| c.endpoint_slices.unwrap_or_default())
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    stream::iter(slices.iter().map(|s| apply::<EndpointSlice>(client, ns, s)))
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok((applied, start.elapsed()))
+}
+
+/// The Events about the domains in `ns` by type and reason, per domain:
+/// which of the operator's writes while converging are Events.
+async fn print_events(client: &Client, ns: &str, n: usize) -> Result<(), BoxError> {
+    let events = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    // (objects, occurrences) by "type reason"
+    let mut by_reason = std::collections::BTreeMap::<String, (usize, i32)>::new();
+    for e in events.items {
+        let key = format!(
+            "{} {}",
+            e.type_.unwrap_or_default(),
+            e.reason.unwrap_or_default()
+        );
+        let entry = by_reason.entry(key).or_default();
+        entry.0 += 1;
+        entry.1 += e.series.map_or(1, |s| s.count);
+    }
+    println!(
+        "  Events per domain (objects/occurrences): {}",
+        by_reason
+            .iter()
+            .map(|(what, (objects, seen))| format!(
+                "{what} {:.2}/{:.2}",
+                *objects as f64 / n as f64,
+                *seen as f64 / n as f64
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
 }
 
 /// One request of the operator, from the audit log.
@@ -518,7 +597,7 @@ async fn rollout(
     let client = client.clone();
     let tag = std::process::id();
     println!(
-        "rollout benchmark: {n} MailDomains x {} sites, {} gateway pods, 5 objects per (domain, site)",
+        "rollout benchmark: {n} MailDomains x {} sites, {} gateway pods, 5 objects per (domain, site), a Service and 2 EndpointSlices per domain",
         SITES.len(),
         n * SITES.len() * 2
     );
@@ -565,9 +644,10 @@ async fn rollout(
     let cpu_before = cpu();
     let reconciles_before = reconciles();
     let from = now();
-    let (op_applied, op_ready) =
-        run_operator(&client, &format!("bench-operator-{tag}-{n}"), n).await?;
+    let operator_ns = format!("bench-operator-{tag}-{n}");
+    let (op_applied, op_ready) = run_operator(&client, &operator_ns, n).await?;
     let to = now();
+    print_events(&client, &operator_ns, n).await?;
     if let (Some(before), Some(after)) = (cpu_before, cpu()) {
         println!(
             "  operator CPU while converging: {:.1} s ({:.0}% of one core)",
