@@ -155,6 +155,25 @@ async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization()
     .await;
     assert_eq!(both.get(&a), Some(&2));
     let pods_before = pod_fingerprint(&client, &ns).await;
+    // Both sites joined the new domain: each has served, and neither
+    // joining was a switch.
+    let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
+    let joined = wait_for(
+        &api,
+        &md,
+        "both sites first served",
+        |m: Option<&MailDomain>| {
+            m.and_then(|m| m.status.as_ref()).is_some_and(|s| {
+                s.sites.len() == 2 && s.sites.iter().all(|g| g.first_served_time.is_some())
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        joined.status.and_then(|s| s.last_failover),
+        None,
+        "a new domain's sites joining is no failover"
+    );
 
     let failed_at = Instant::now();
     sites.fail(&a).await;
@@ -238,7 +257,6 @@ async fn a_failed_site_leaves_within_the_bound_and_rejoins_after_stabilization()
         pods_before,
         "a switch restarted or replaced pods"
     );
-    let api = Api::<MailDomain>::namespaced(client.clone(), &ns);
     // Endpoints are applied before status is written: wait for the record.
     wait_for(
         &api,

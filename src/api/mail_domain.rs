@@ -340,6 +340,11 @@ pub struct SiteGatewayStatus {
     pub desired: i32,
     /// Gateways that are ready.
     pub ready: i32,
+    /// When the site's gateways first served the domain. A site that serves
+    /// again after it left rejoins (a switch, counted and told); one that
+    /// serves for the first time joins, which moves no traffic away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_served_time: Option<Time>,
 }
 
 impl Profile {

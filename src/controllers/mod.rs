@@ -55,6 +55,8 @@ pub struct Context {
     pub gateway: mail_domain::gateway::GatewayDefaults,
     /// The platform routes of each namespace, as last written.
     pub routes: mail_domain::routes::PlatformRoutes,
+    /// The MailDomain statuses written that the watch cache may not hold yet.
+    pub domain_statuses: status_write::Written<crate::api::MailDomainStatus>,
     /// Failures in a row of each failing object, for the retry delays.
     pub backoff: backoff::Backoff,
     /// Watch caches one controller fills and others read.
@@ -121,6 +123,7 @@ impl Context {
             hsm: None,
             gateway: mail_domain::gateway::GatewayDefaults::default(),
             routes: mail_domain::routes::PlatformRoutes::default(),
+            domain_statuses: status_write::Written::default(),
             backoff: backoff::Backoff::default(),
             stores: SharedStores::default(),
             resync: DEFAULT_RESYNC,

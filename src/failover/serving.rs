@@ -130,12 +130,14 @@ pub fn plan(
 
 /// Why the serving set changed from `before` to `after`, for Events and the
 /// failover metric: the reason a removed site left, else `SiteRejoined`;
-/// `None` when nothing changed or nothing served before (a new domain).
+/// `None` when nothing changed, nothing served before (a new domain), or
+/// only sites that never served before (in `served`) were added: a site
+/// joining a domain for the first time moves no traffic away from anything.
 pub fn change_reason(
     before: &[String],
     after: &[String],
+    served: &[String],
     candidates: &[Candidate],
-    previous: &[String],
     stabilization: Duration,
     now: DateTime<Utc>,
 ) -> Option<&'static str> {
@@ -144,15 +146,21 @@ pub fn change_reason(
         return None;
     }
     let removed = before.iter().find(|s| !after.contains(s));
-    Some(
-        match removed.and_then(|s| candidates.iter().find(|c| c.site == *s)) {
-            Some(c) => {
-                ineligible(c, previous, stabilization, now).unwrap_or("PreferredSiteRejoined")
-            }
-            None if removed.is_some() => "SiteRemoved",
-            None => "SiteRejoined",
-        },
-    )
+    let rejoined = after
+        .iter()
+        .any(|s| !before.contains(s) && served.contains(s));
+    match removed {
+        Some(site) => Some(
+            candidates
+                .iter()
+                .find(|c| c.site == *site)
+                .map_or("SiteRemoved", |c| {
+                    ineligible(c, before, stabilization, now).unwrap_or("PreferredSiteRejoined")
+                }),
+        ),
+        None if rejoined => Some("SiteRejoined"),
+        None => None,
+    }
 }
 
 #[cfg(test)]
@@ -214,8 +222,8 @@ mod tests {
             change_reason(
                 &names(&["a", "b"]),
                 &p.serving,
-                &c,
                 &names(&["a", "b"]),
+                &c,
                 STAB,
                 t(1000)
             ),
@@ -231,7 +239,32 @@ mod tests {
         ];
         let p = plan(FailoverMode::ActiveActive, STAB, &c, &[], t(1000));
         assert_eq!(p.serving, names(&["a", "b"]));
-        assert_eq!(change_reason(&[], &p.serving, &c, &[], STAB, t(1000)), None);
+        assert_eq!(change_reason(&[], &p.serving, &[], &c, STAB, t(1000)), None);
+    }
+
+    #[test]
+    fn a_site_joining_for_the_first_time_is_not_a_switch() {
+        let c = [
+            site("a", 0, SitePhase::Serving, 0),
+            site("b", 10, SitePhase::Serving, 0),
+        ];
+        let (a, ab) = (names(&["a"]), names(&["a", "b"]));
+        // b's gateways became ready after a's: b joins, nothing moved away.
+        assert_eq!(change_reason(&a, &ab, &a, &c, STAB, t(1000)), None);
+        // b served before and left: it rejoins.
+        assert_eq!(
+            change_reason(&a, &ab, &ab, &c, STAB, t(1000)),
+            Some("SiteRejoined")
+        );
+        // A first-time site joining while another leaves is still a switch.
+        let down = [
+            site("a", 0, SitePhase::Down, 0),
+            site("b", 10, SitePhase::Serving, 0),
+        ];
+        assert_eq!(
+            change_reason(&a, &names(&["b"]), &a, &down, STAB, t(1000)),
+            Some("SiteDown")
+        );
     }
 
     #[test]

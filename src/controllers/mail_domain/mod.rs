@@ -23,7 +23,7 @@ pub mod status;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::Condition};
 use kube::{
     Api, ResourceExt,
     runtime::{Controller, controller::Action, events::EventType},
@@ -118,6 +118,18 @@ pub async fn reconcile(
     let namespace = md
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    // The status this controller wrote last, if the cache does not hold it yet.
+    let md =
+        match ctx
+            .domain_statuses
+            .newer(&namespace, &name, md.metadata.resource_version.as_deref())
+        {
+            Some(written) => Arc::new(MailDomain {
+                status: Some(written),
+                ..(*md).clone()
+            }),
+            None => md,
+        };
     let _timer = ctx.start_reconcile(CONTROLLER);
 
     // A domain name another MailDomain holds: nothing is applied for this one.
@@ -162,11 +174,16 @@ pub async fn reconcile(
         &previous,
         now,
     );
+    let served = md
+        .status
+        .as_ref()
+        .map(status::served_sites)
+        .unwrap_or_default();
     let switch = serving::change_reason(
         &previous,
         &plan.serving,
+        &served,
         &candidates,
-        &previous,
         stabilization,
         now,
     );
@@ -269,9 +286,18 @@ async fn write_status(
     new: &crate::api::MailDomainStatus,
 ) -> Result<(), Error> {
     let api = Api::<MailDomain>::namespaced(ctx.client.clone(), namespace);
-    super::status_write::write(&api, apply::FIELD_MANAGER, &md.name_any(), old, new)
+    let name = md.name_any();
+    let written = super::status_write::write(&api, apply::FIELD_MANAGER, &name, old, new)
         .await
         .map_err(Error::WriteStatus)?;
+    if let Some(written) = written {
+        ctx.domain_statuses.remember(
+            namespace,
+            &name,
+            written.metadata.resource_version.as_deref(),
+            new.clone(),
+        );
+    }
     Ok(())
 }
 
@@ -360,18 +386,8 @@ async fn publish_events(
     children: &build::Children,
     removed: &std::collections::BTreeSet<String>,
 ) {
-    let old_ready = conditions::find(&old.conditions, status::READY);
-    if let Some(ready) = conditions::find(&new.conditions, status::READY) {
-        let changed =
-            old_ready.is_none_or(|o| o.status != ready.status || o.reason != ready.reason);
-        if changed {
-            let type_ = if ready.status == "True" {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            };
-            ctx.event(md, type_, &ready.reason, ready.message.clone());
-        }
+    if let Some((type_, ready)) = ready_event(old, new) {
+        ctx.event(md, type_, &ready.reason, ready.message.clone());
     }
     let was_stranded = conditions::is_true(&old.conditions, status::NO_HEALTHY_SITE);
     if let Some(c) = conditions::find(&new.conditions, status::NO_HEALTHY_SITE)
@@ -410,6 +426,31 @@ async fn publish_events(
     for site in removed {
         let note = format!("site {site} is no longer listed; its gateways were removed");
         ctx.event(md, EventType::Normal, "SiteRemoved", note);
+    }
+}
+
+/// The Event the change of `Ready` from `old` to `new` asks for: one when
+/// its status or reason changes, a warning unless it turned true. A new
+/// domain whose gateways are starting gets none: like a new Deployment, it
+/// raises no warning while its pods start, and the Event that it turned
+/// ready says the rest.
+fn ready_event<'a>(
+    old: &crate::api::MailDomainStatus,
+    new: &'a crate::api::MailDomainStatus,
+) -> Option<(EventType, &'a Condition)> {
+    let ready = conditions::find(&new.conditions, status::READY)?;
+    let Some(old) = conditions::find(&old.conditions, status::READY) else {
+        return (ready.reason != status::reason::GATEWAYS_NOT_READY)
+            .then_some((event_type(ready), ready));
+    };
+    (old.status != ready.status || old.reason != ready.reason).then_some((event_type(ready), ready))
+}
+
+fn event_type(c: &Condition) -> EventType {
+    if c.status == "True" {
+        EventType::Normal
+    } else {
+        EventType::Warning
     }
 }
 
@@ -466,9 +507,49 @@ pub async fn run(ctx: Arc<Context>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::MailDomainStatus;
 
     fn at(s: i64) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).expect("time")
+    }
+
+    fn with_ready(value: &str, reason: &str) -> MailDomainStatus {
+        MailDomainStatus {
+            conditions: vec![Condition {
+                type_: status::READY.into(),
+                status: value.into(),
+                reason: reason.into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: crate::time::to_k8s(at(0)),
+            }],
+            ..MailDomainStatus::default()
+        }
+    }
+
+    #[test]
+    fn ready_events_skip_a_new_domain_whose_gateways_start() {
+        let none = MailDomainStatus::default();
+        let starting = with_ready("False", status::reason::GATEWAYS_NOT_READY);
+        let ready = with_ready("True", status::reason::ALL_SITES_READY);
+        let missing = with_ready("False", status::reason::SITE_NOT_FOUND);
+        let kind = |old, new| ready_event(old, new).map(|(t, c)| (t, c.reason.clone()));
+        assert_eq!(kind(&none, &starting), None, "a new domain starting");
+        assert_eq!(
+            kind(&none, &missing),
+            Some((EventType::Warning, "SiteNotFound".into())),
+            "a new domain that cannot start is told at once"
+        );
+        assert_eq!(
+            kind(&starting, &ready),
+            Some((EventType::Normal, "AllSitesReady".into()))
+        );
+        assert_eq!(kind(&ready, &ready), None, "no change");
+        assert_eq!(
+            kind(&ready, &starting),
+            Some((EventType::Warning, "GatewaysNotReady".into())),
+            "a ready domain losing gateways"
+        );
     }
 
     #[test]

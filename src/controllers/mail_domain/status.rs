@@ -1,7 +1,7 @@
 //! Pure status computation for a MailDomain, from its sites and Deployments.
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::Time};
 use kube::ResourceExt;
 
 use super::{build::SITE_LABEL, gateway::GatewaySigning, observe::Resolution, references::Problem};
@@ -433,6 +433,7 @@ pub fn compute(
                 site: site.clone(),
                 desired: c.desired,
                 ready: c.ready,
+                first_served_time: first_served(&old, site, &plan.serving, now),
             })
             .collect(),
         conditions: conditions::merge(
@@ -450,6 +451,35 @@ pub fn compute(
             now,
         ),
     }
+}
+
+/// When `site` first served: as `old` recorded it, else `now` if it serves
+/// now (`serving`) or did in `old`. The second case is a status written
+/// before the time was recorded, whose serving sites have served.
+fn first_served(
+    old: &MailDomainStatus,
+    site: &String,
+    serving: &[String],
+    now: DateTime<Utc>,
+) -> Option<Time> {
+    old.sites
+        .iter()
+        .find(|s| s.site == *site)
+        .and_then(|s| s.first_served_time.clone())
+        .or_else(|| {
+            (serving.contains(site) || old.serving_sites.contains(site)).then(|| to_k8s(now))
+        })
+}
+
+/// The sites that have served the domain at some time, as `old` recorded
+/// it: a site among them that serves again rejoins; any other joins.
+pub fn served_sites(old: &MailDomainStatus) -> Vec<String> {
+    old.sites
+        .iter()
+        .filter(|s| s.first_served_time.is_some())
+        .map(|s| s.site.clone())
+        .chain(old.serving_sites.iter().cloned())
+        .collect()
 }
 
 /// The status of `md` while `holder` holds its domain name: `Ready` (and
@@ -572,7 +602,8 @@ pub(crate) mod tests {
             SiteGatewayStatus {
                 site: "dc-it2".into(),
                 desired: 2,
-                ready: 2
+                ready: 2,
+                first_served_time: None,
             }
         );
     }
@@ -760,6 +791,65 @@ pub(crate) mod tests {
         );
         assert!(conditions::is_true(&s.conditions, NO_HEALTHY_SITE));
         assert_eq!(s.serving_sites, ["dc-it2"]);
+    }
+
+    #[test]
+    fn records_when_each_site_first_served() {
+        let mut md = domain(&["dc-it1", "dc-it2"]);
+        let both = resolution(&["dc-it1", "dc-it2"], &[]);
+        let key = KeyResolution::of(&md, None);
+        let resolved = Resolved {
+            key: &key,
+            references: &[],
+            sites: &both,
+        };
+        let gateways = [deployment("dc-it1", 2, 2), deployment("dc-it2", 2, 2)];
+        let first = compute(
+            &md,
+            &resolved,
+            &gateways,
+            &serving(&["dc-it1"]),
+            None,
+            now(),
+        );
+        let times = |s: &MailDomainStatus| -> Vec<Option<Time>> {
+            s.sites
+                .iter()
+                .map(|g| g.first_served_time.clone())
+                .collect()
+        };
+        assert_eq!(times(&first), [Some(to_k8s(now())), None]);
+        assert_eq!(served_sites(&first), ["dc-it1", "dc-it1"]);
+
+        // Later dc-it2 joins; dc-it1 keeps its time, also once it left.
+        md.status = Some(first);
+        let later = now() + chrono::Duration::seconds(60);
+        let second = compute(
+            &md,
+            &resolved,
+            &gateways,
+            &serving(&["dc-it2"]),
+            None,
+            later,
+        );
+        assert_eq!(times(&second), [Some(to_k8s(now())), Some(to_k8s(later))]);
+        assert!(served_sites(&second).contains(&"dc-it1".to_string()));
+
+        // A status written before the time was recorded: its serving sites
+        // have served.
+        md.status = Some(MailDomainStatus {
+            serving_sites: vec!["dc-it2".into()],
+            ..MailDomainStatus::default()
+        });
+        let upgraded = compute(
+            &md,
+            &resolved,
+            &gateways,
+            &serving(&["dc-it1"]),
+            None,
+            later,
+        );
+        assert_eq!(times(&upgraded), [Some(to_k8s(later)), Some(to_k8s(later))]);
     }
 
     #[test]

@@ -176,13 +176,13 @@ pub async fn reconcile(
         );
         ctx.event(site.as_ref(), EventType::Warning, "SiteFenced", note);
     }
-    let wrote = super::status_write::write(&api, FIELD_MANAGER, &name, &old, &new)
+    let written = super::status_write::write(&api, FIELD_MANAGER, &name, &old, &new)
         .await
         .map_err(|source| Error::WriteStatus {
             site: name.clone(),
             source,
         })?;
-    if wrote {
+    if written.is_some() {
         publish_events(&ctx, &site, &old, &new).await;
     }
     let next = next_check(&site, decision.probe, now);
