@@ -55,8 +55,9 @@ where
 /// again and send the same Events a second time. [`Written::newer`] gives
 /// it the status as written instead, for as long as the cache is older.
 ///
-/// Each entry lives until a reconcile finds the cache holding that write
-/// or a later change, so a converged platform keeps none.
+/// Each entry lives until a reconcile of that object finds the cache
+/// holding that write or a later change: at the longest, until the
+/// object's next resync.
 pub struct Written<S> {
     /// The last write to each (namespace, name): its resource version and
     /// the status it wrote.
