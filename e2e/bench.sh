@@ -65,7 +65,9 @@ if [ "${PEC_BENCH_ONLY:-}" != rollout ]; then
   . "$here/lib/hsm.sh"
   init_hsm "$state/hsm"
   cargo bench --quiet --bench hsm
-  # The gateway end to end (needs the token and clamd, not the cluster).
+  # The gateway end to end (needs the token, clamd and, for its second
+  # floor, postfix; not the cluster).
+  install_missing /usr/sbin/postfix:postfix
   cargo bench --quiet -p pec-gateway --bench pec_e2e
   cargo bench --quiet --bench sla
   cargo bench --quiet --bench failover

@@ -7,12 +7,21 @@
 #   dnsmasq                  the DNS server of the gateway's MX test (dnsmasq-base)
 #   containerd, runc, CNI    the real nodes (containerd, runc, containernetworking-plugins)
 #   iptables, ip             kube-proxy's rules and the nodes' bridges (iptables, iproute2)
+# The gateway benchmark also needs postfix, its second floor: e2e/bench.sh
+# installs it with `install_missing` (the tests do not need it).
 
 ensure_prereqs() {
+  install_missing curl:curl openssl:openssl python3:python3 softhsm2-util:softhsm2 clamd:clamav-daemon \
+    dnsmasq:dnsmasq-base containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
+    iptables:iptables ip:iproute2
+  rustup component add rustfmt clippy >/dev/null 2>&1 || true
+}
+
+# install_missing TOOL:PACKAGE...: installs each PACKAGE whose TOOL (a
+# command, or an absolute path) is missing.
+install_missing() {
   local need=() tool
-  for tool in curl:curl openssl:openssl python3:python3 softhsm2-util:softhsm2 clamd:clamav-daemon dnsmasq:dnsmasq-base \
-      containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
-      iptables:iptables ip:iproute2; do
+  for tool in "$@"; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -22,5 +31,4 @@ ensure_prereqs() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   fi
-  rustup component add rustfmt clippy >/dev/null 2>&1 || true
 }

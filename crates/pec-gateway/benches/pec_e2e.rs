@@ -25,6 +25,14 @@
 //!   `store::Maildirs::deliver`, fsync'd) before its 250. Latency is from
 //!   `MAIL FROM` to the message being in every recipient's Maildir on B.
 //!   No signing, no scanning, no receipts.
+//! - **postfix**: the same path once more through two instances of Debian's
+//!   postfix (`pec_e2e/postfix.rs`), the plain relay a provider would
+//!   otherwise run: A accepts on plain TCP and relays to B, whose
+//!   `virtual(8)` agent delivers into each recipient's Maildir. Latency as
+//!   for the floor. Each case starts fresh instances and first sends a few
+//!   messages per session to a mailbox of their own, unmeasured: postfix
+//!   starts its daemons on demand. Needs root and the package postfix; skipped, with the
+//!   reason printed, without them.
 //! - **Signatures**: `pec_gateway_signing_seconds_sum/_count` from A's and
 //!   B's `/metrics` after each PEC case (mean time of the gateway's whole
 //!   sign step: CMS over the entity plus the token call, behind the
@@ -57,6 +65,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "pec_e2e/postfix.rs"]
+mod postfix;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     ffi::OsString,
@@ -71,7 +82,7 @@ use std::{
 };
 
 use pec_gateway::store::{Maildirs, write_durably};
-use support::{Client, Domain, Gateway, MARIO_PASSWORD, header_block, message, token};
+use support::{Client, Domain, Gateway, MARIO_PASSWORD, free_port, header_block, message, token};
 
 /// Set in the child process that times `Token::sign` directly: the key id.
 const SIGN_CHILD_ENV: &str = "PEC_BENCH_SIGN_KEY";
@@ -180,6 +191,10 @@ fn run() -> Res<()> {
     };
 
     let clamd = support::shared_clamd();
+    let no_postfix = postfix::unavailable();
+    if let Some(why) = &no_postfix {
+        println!("postfix floor: not run ({why})");
+    }
     let mut results = Vec::new();
     for case in &cases {
         println!(
@@ -200,7 +215,25 @@ fn run() -> Res<()> {
             floor.p(0.5),
             floor.p(0.99)
         );
-        results.push((case.clone(), pec, floor));
+        let postfix = match no_postfix {
+            Some(_) => None,
+            None => {
+                let postfix = run_postfix(case, sessions)?;
+                println!(
+                    "   postfix: {:.1} msg/s, p50 {:.1} ms, p99 {:.1} ms",
+                    postfix.rate(),
+                    postfix.p(0.5),
+                    postfix.p(0.99)
+                );
+                Some(postfix)
+            }
+        };
+        results.push(CaseResult {
+            case: case.clone(),
+            pec,
+            floor,
+            postfix,
+        });
     }
     report(sessions, &results, direct, harness);
     Ok(())
@@ -208,7 +241,16 @@ fn run() -> Res<()> {
 
 // ---------------------------------------------------------------- the report
 
-fn report(sessions: usize, results: &[(Case, PecRun, Measured)], direct: f64, harness: f64) {
+/// One case on the gateway and on the floors.
+struct CaseResult {
+    case: Case,
+    pec: PecRun,
+    floor: Measured,
+    /// None when postfix cannot run here.
+    postfix: Option<Measured>,
+}
+
+fn report(sessions: usize, results: &[CaseResult], direct: f64, harness: f64) {
     println!("\n================================================================================");
     println!(
         "Submission (start of MAIL FROM) to delivery receipt(s) in the sender's Maildir (PEC),\n\
@@ -228,7 +270,10 @@ fn report(sessions: usize, results: &[(Case, PecRun, Measured)], direct: f64, ha
         "p99 ms",
         "PEC/floor"
     );
-    for (case, pec, floor) in results {
+    for CaseResult {
+        case, pec, floor, ..
+    } in results
+    {
         println!(
             "{:<15} {:>5} {:>9.1} {:>7.0} {:>7.0} | {:>11.1} {:>7.1} {:>7.1} | {:>9.3}",
             case.label,
@@ -245,6 +290,42 @@ fn report(sessions: usize, results: &[(Case, PecRun, Measured)], direct: f64, ha
     println!(
         "  msg/s = messages complete / (last completion - first MAIL FROM); PEC/floor = ratio of msg/s."
     );
+    if results.iter().any(|r| r.postfix.is_some()) {
+        println!(
+            "\nThe same path through two postfix instances (A relays to B, B delivers into Maildirs):"
+        );
+        println!(
+            "{:<15} {:>5} {:>9} | {:>13} {:>7} {:>7} {:>12} | {:>11}",
+            "case",
+            "N",
+            "PEC msg/s",
+            "postfix msg/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/msg",
+            "PEC/postfix"
+        );
+        for CaseResult {
+            case, pec, postfix, ..
+        } in results
+        {
+            let Some(postfix) = postfix else { continue };
+            println!(
+                "{:<15} {:>5} {:>9.1} | {:>13.1} {:>7.1} {:>7.1} {:>12.2} | {:>11.3}",
+                case.label,
+                case.n,
+                pec.measured.rate(),
+                postfix.rate(),
+                postfix.p(0.5),
+                postfix.p(0.99),
+                postfix.cpu_s * 1000.0 / case.n as f64,
+                pec.measured.rate() / postfix.rate()
+            );
+        }
+        println!(
+            "  CPU = every postfix process of both instances plus this program's client and poller."
+        );
+    }
 
     println!(
         "\nPEC steps, median ms since MAIL FROM (legal logs of A and B; 'seen' = this poller):"
@@ -262,7 +343,7 @@ fn report(sessions: usize, results: &[(Case, PecRun, Measured)], direct: f64, ha
         "seen B*",
         "seen A*"
     );
-    for (case, pec, _) in results {
+    for CaseResult { case, pec, .. } in results {
         let s = &pec.steps;
         println!(
             "{:<15} {:>6.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0}",
@@ -289,7 +370,10 @@ fn report(sessions: usize, results: &[(Case, PecRun, Measured)], direct: f64, ha
         "{:<15} {:>10} {:>10} {:>8} {:>14} | {:>14}",
         "case", "gateway A", "gateway B", "clamd", "bench process", "floor (all)"
     );
-    for (case, pec, floor) in results {
+    for CaseResult {
+        case, pec, floor, ..
+    } in results
+    {
         let per = |k: &str| pec.cpu.get(k).copied().unwrap_or(0.0) * 1000.0 / case.n as f64;
         println!(
             "{:<15} {:>10.1} {:>10.1} {:>8.1} {:>14.1} | {:>14.1}",
@@ -307,7 +391,7 @@ fn report(sessions: usize, results: &[(Case, PecRun, Measured)], direct: f64, ha
         "{:<15} {:>8} {:>8} {:>10} {:>14}",
         "case", "sigs A", "sigs B", "sigs/msg", "mean ms/sig"
     );
-    for (case, pec, _) in results {
+    for CaseResult { case, pec, .. } in results {
         let m = &pec.signing;
         let count = m.a_count + m.b_count;
         println!(
@@ -343,7 +427,8 @@ fn report(sessions: usize, results: &[(Case, PecRun, Measured)], direct: f64, ha
         "  messages: text/plain, unique pseudo-random body, total size incl. headers ~ the case size;\n\
          \x20 gateways: default 16 job workers, RUST_LOG=info, antivirus on (own clamd, 1 signature);\n\
          \x20 gateway config from the harness with maxMessageBytes 64 MiB, maxRecipients 20 and SMTP\n\
-         \x20 timeouts 120 s; floor: plain TCP (no TLS, no AUTH), in this process."
+         \x20 timeouts 120 s; floor: plain TCP (no TLS, no AUTH), in this process; postfix: its\n\
+         \x20 defaults apart from listeners, relay domain, next hop, mailboxes and chroot = n."
     );
 }
 
@@ -498,7 +583,8 @@ enum Watch {
     FloorRecipient,
 }
 
-/// The first header block of the file (at most 64 KiB read).
+/// The first header block of the file (at most 64 KiB read), with CRLF line
+/// ends (postfix writes Maildir files with LF ones).
 fn head_of(path: &Path) -> Option<String> {
     let mut file = std::fs::File::open(path).ok()?;
     let mut buf = vec![0u8; 64 * 1024];
@@ -509,11 +595,19 @@ fn head_of(path: &Path) -> Option<String> {
             break;
         }
         len += n;
-        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..len].windows(2).any(|w| w == b"\n\n")
+        {
             break;
         }
     }
-    Some(header_block(&buf[..len]))
+    let head = &buf[..len];
+    if head.contains(&b'\r') {
+        Some(header_block(head))
+    } else {
+        let crlf = String::from_utf8_lossy(head).replace('\n', "\r\n");
+        Some(header_block(crlf.as_bytes()))
+    }
 }
 
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
@@ -993,20 +1087,31 @@ fn ticks_to_s(ticks: u64) -> f64 {
     ticks as f64 / clock_ticks()
 }
 
-/// (ppid, utime + stime) from a `/proc/<pid>/stat`.
-fn stat_of(path: &Path) -> Option<(u32, u64)> {
+/// What a `/proc/<pid>/stat` says of a process's CPU.
+struct Stat {
+    ppid: u32,
+    /// utime + stime.
+    ticks: u64,
+    /// cutime + cstime: its children it has waited for.
+    reaped_ticks: u64,
+}
+
+fn stat_of(path: &Path) -> Option<Stat> {
     let text = std::fs::read_to_string(path).ok()?;
     let rest = &text[text.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state(0) ppid(1) ... utime(11) stime(12).
-    let ppid = fields.get(1)?.parse().ok()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((ppid, utime + stime))
+    // After the command: state(0) ppid(1) ... utime(11) stime(12)
+    // cutime(13) cstime(14).
+    let field = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some(Stat {
+        ppid: fields.get(1)?.parse().ok()?,
+        ticks: field(11)? + field(12)?,
+        reaped_ticks: field(13)? + field(14)?,
+    })
 }
 
 fn cpu_ticks_self() -> u64 {
-    stat_of(Path::new("/proc/self/stat")).map_or(0, |(_, t)| t)
+    stat_of(Path::new("/proc/self/stat")).map_or(0, |s| s.ticks)
 }
 
 /// CPU ticks so far of this process, gateway A, gateway B and clamd (the
@@ -1021,7 +1126,7 @@ fn cpu_snapshot(pair: &PecPair) -> BTreeMap<&'static str, u64> {
         return out;
     };
     for p in procs.filter_map(Result::ok) {
-        let Some((ppid, ticks)) = stat_of(&p.path().join("stat")) else {
+        let Some(Stat { ppid, ticks, .. }) = stat_of(&p.path().join("stat")) else {
             continue;
         };
         if ppid != me {
@@ -1048,10 +1153,6 @@ fn cpu_snapshot(pair: &PecPair) -> BTreeMap<&'static str, u64> {
 
 fn run_floor(case: &Case, sessions: usize) -> Res<Measured> {
     let floor = Floor::start()?;
-    let from = "mario@floor-a.test".to_string();
-    let rcpts: Vec<String> = (0..case.rcpts)
-        .map(|i| format!("r{i:02}@floor-b.test"))
-        .collect();
     let dirs = (0..case.rcpts)
         .map(|i| {
             (
@@ -1073,7 +1174,53 @@ fn run_floor(case: &Case, sessions: usize) -> Res<Measured> {
             errors.lock().unwrap_or_else(|e| e.into_inner())
         )
     };
-    drive(case, sessions, &from, &rcpts, dirs, &connect, &on_stall)
+    drive(
+        case,
+        sessions,
+        "mario@floor-a.test",
+        &floor_recipients(case),
+        dirs,
+        &connect,
+        &on_stall,
+    )
+}
+
+fn run_postfix(case: &Case, sessions: usize) -> Res<Measured> {
+    let relay = postfix::Postfix::start(MAILBOXES)?;
+    relay.warm_up(sessions, case.size)?;
+    let dirs = (0..case.rcpts)
+        .map(|i| {
+            (
+                relay.mail.join(format!("r{i:02}/new")),
+                Watch::FloorRecipient,
+            )
+        })
+        .collect();
+    let port = relay.port_a;
+    let connect = || {
+        let mut c = Client::plain(port);
+        c.expect("EHLO client.test", 250);
+        c
+    };
+    let on_stall = || format!("postfix's logs:\n{}", relay.log_tail());
+    let cpu0 = relay.cpu_ticks();
+    let mut measured = drive(
+        case,
+        sessions,
+        "mario@floor-a.test",
+        &floor_recipients(case),
+        dirs,
+        &connect,
+        &on_stall,
+    )?;
+    measured.cpu_s += ticks_to_s(relay.cpu_ticks().saturating_sub(cpu0));
+    Ok(measured)
+}
+
+fn floor_recipients(case: &Case) -> Vec<String> {
+    (0..case.rcpts)
+        .map(|i| format!("r{i:02}@floor-b.test"))
+        .collect()
 }
 
 /// The floor: two plain SMTP relays on loopback in a runtime of their own.
