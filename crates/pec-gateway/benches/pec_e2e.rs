@@ -172,7 +172,9 @@ fn run() -> Res<()> {
     let sessions = env_usize("PEC_BENCH_SESSIONS", 8).max(1);
     let cases = cases();
     let base = TimeBase::now();
-    println!("pec_e2e: PEC gateway end to end vs a plain SMTP relay floor");
+    println!(
+        "pec_e2e: PEC gateway end to end vs two plain SMTP relay floors (in-process, postfix)"
+    );
     print_machine("at start");
 
     // Signatures straight in the token, before anything else runs.
@@ -1153,20 +1155,6 @@ fn cpu_snapshot(pair: &PecPair) -> BTreeMap<&'static str, u64> {
 
 fn run_floor(case: &Case, sessions: usize) -> Res<Measured> {
     let floor = Floor::start()?;
-    let dirs = (0..case.rcpts)
-        .map(|i| {
-            (
-                floor.b_root.join(format!("r{i:02}/new")),
-                Watch::FloorRecipient,
-            )
-        })
-        .collect();
-    let port = floor.port_a;
-    let connect = || {
-        let mut c = Client::plain(port);
-        c.expect("EHLO client.test", 250);
-        c
-    };
     let errors = floor.errors.clone();
     let on_stall = || {
         format!(
@@ -1174,53 +1162,48 @@ fn run_floor(case: &Case, sessions: usize) -> Res<Measured> {
             errors.lock().unwrap_or_else(|e| e.into_inner())
         )
     };
-    drive(
-        case,
-        sessions,
-        "mario@floor-a.test",
-        &floor_recipients(case),
-        dirs,
-        &connect,
-        &on_stall,
-    )
+    drive_plain(case, sessions, floor.port_a, &floor.b_root, &on_stall)
 }
 
 fn run_postfix(case: &Case, sessions: usize) -> Res<Measured> {
     let relay = postfix::Postfix::start(MAILBOXES)?;
     relay.warm_up(sessions, case.size)?;
-    let dirs = (0..case.rcpts)
-        .map(|i| {
-            (
-                relay.mail.join(format!("r{i:02}/new")),
-                Watch::FloorRecipient,
-            )
-        })
+    let on_stall = || format!("postfix's logs:\n{}", relay.log_tail());
+    let cpu0 = relay.cpu_ticks();
+    let mut measured = drive_plain(case, sessions, relay.port_a, &relay.mail, &on_stall)?;
+    measured.cpu_s += ticks_to_s(relay.cpu_ticks().saturating_sub(cpu0));
+    Ok(measured)
+}
+
+/// Drives a case through a plain relay pair: plain SMTP to A on `port`,
+/// done when the message is in each recipient's Maildir under `mail` (B's).
+fn drive_plain(
+    case: &Case,
+    sessions: usize,
+    port: u16,
+    mail: &Path,
+    on_stall: &dyn Fn() -> String,
+) -> Res<Measured> {
+    let rcpts: Vec<String> = (0..case.rcpts)
+        .map(|i| format!("r{i:02}@floor-b.test"))
         .collect();
-    let port = relay.port_a;
+    let dirs = (0..case.rcpts)
+        .map(|i| (mail.join(format!("r{i:02}/new")), Watch::FloorRecipient))
+        .collect();
     let connect = || {
         let mut c = Client::plain(port);
         c.expect("EHLO client.test", 250);
         c
     };
-    let on_stall = || format!("postfix's logs:\n{}", relay.log_tail());
-    let cpu0 = relay.cpu_ticks();
-    let mut measured = drive(
+    drive(
         case,
         sessions,
         "mario@floor-a.test",
-        &floor_recipients(case),
+        &rcpts,
         dirs,
         &connect,
-        &on_stall,
-    )?;
-    measured.cpu_s += ticks_to_s(relay.cpu_ticks().saturating_sub(cpu0));
-    Ok(measured)
-}
-
-fn floor_recipients(case: &Case) -> Vec<String> {
-    (0..case.rcpts)
-        .map(|i| format!("r{i:02}@floor-b.test"))
-        .collect()
+        on_stall,
+    )
 }
 
 /// The floor: two plain SMTP relays on loopback in a runtime of their own.
