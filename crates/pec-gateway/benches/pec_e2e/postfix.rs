@@ -38,9 +38,10 @@ pub fn unavailable() -> Option<String> {
             "{POSTFIX} or {MASTER_CF} missing (Debian's package postfix; e2e/bench.sh installs it)"
         ));
     }
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    (String::from_utf8_lossy(&uid.stdout).trim() != "0")
-        .then(|| "postfix's master process must be started by root".to_string())
+    match id("-u", "") {
+        Ok(0) => None,
+        _ => Some("postfix's master process must be started by root".to_string()),
+    }
 }
 
 /// Two running postfix instances, stopped on drop.
@@ -277,10 +278,12 @@ fn run(command: &mut Command) -> Res<()> {
     }
 }
 
-/// A user's uid (`-u`) or primary gid (`-g`).
+/// A user's uid (`-u`) or primary gid (`-g`); this process's with `user`
+/// empty.
 fn id(flag: &str, user: &str) -> Res<u32> {
     let out = Command::new("id")
-        .args([flag, user])
+        .arg(flag)
+        .args(Some(user).filter(|u| !u.is_empty()))
         .output()
         .map_err(|e| e.to_string())?;
     String::from_utf8_lossy(&out.stdout)
