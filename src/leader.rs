@@ -17,6 +17,12 @@
 //! the renew deadline shorter than the lease duration (10 s and 15 s), a
 //! leader whose requests stall, or which is cut off from the API server,
 //! has stopped before anyone else can lead.
+//!
+//! The leader's work runs in a task of its own ([`Elector::lead`]), apart
+//! from the renewals. The controllers poll their reconciles inside their
+//! own streams, so when thousands of reconciles are ready at once (after
+//! the initial lists of a provider's platform) one poll of them can take
+//! seconds. A renewal polled in the same task waits that long.
 
 use std::time::Duration;
 
@@ -48,6 +54,16 @@ impl Default for Timing {
             retry_period: Duration::from_secs(2),
         }
     }
+}
+
+/// How a leader's tenure ended ([`Elector::lead`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tenure {
+    /// The work returned (a shutdown): the Lease is still ours to release.
+    WorkDone,
+    /// Leadership was lost: another holder, or no renewal within the
+    /// deadline. The work has been stopped.
+    Lost,
 }
 
 /// What a candidate should do with the Lease it read.
@@ -215,6 +231,29 @@ impl Elector {
         }
     }
 
+    /// Runs `work` in a task of its own while renewing the Lease in this
+    /// one, until either ends. A panic in `work` goes on in the caller.
+    pub async fn lead<W>(&mut self, clock: &dyn Clock, work: W) -> Tenure
+    where
+        W: Future<Output = ()> + Send + 'static,
+    {
+        let mut work = tokio::spawn(work);
+        tokio::select! {
+            done = &mut work => {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+                Tenure::WorkDone
+            }
+            () = self.hold(clock) => {
+                work.abort();
+                Tenure::Lost
+            }
+        }
+    }
+
     /// Gives the Lease up so a successor need not wait for it to expire.
     /// Bounded by the renew deadline: a shutdown never hangs on it.
     pub async fn release(&mut self) {
@@ -325,6 +364,99 @@ mod tests {
             "led for {held:?}: from the deadline {:?} and before the lease {:?} lets another in",
             timing.renew_deadline,
             timing.lease_duration
+        );
+    }
+
+    /// An API server that answers every request with a Lease `holder` holds.
+    async fn serve_lease(holder: &'static str) -> std::net::SocketAddr {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    loop {
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some((name, value)) = line.split_once(':')
+                                && name.eq_ignore_ascii_case("content-length")
+                            {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if stream.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let lease = serde_json::json!({
+                            "apiVersion": "coordination.k8s.io/v1",
+                            "kind": "Lease",
+                            "metadata": {"name": "lease", "namespace": "ns", "resourceVersion": "1"},
+                            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 6},
+                        })
+                        .to_string();
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{lease}",
+                            lease.len()
+                        );
+                        if stream.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    /// Work whose polls each hold their thread for longer than the renew
+    /// deadline, as the controllers' task does when thousands of reconciles
+    /// are ready at once, does not cost the leadership: the renewals run
+    /// in a task of their own. (Polled in the same task as the work, the
+    /// first renewal after a long poll finds its deadline passed.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_that_holds_its_thread_does_not_hold_back_the_renewals() {
+        let address = serve_lease("me").await;
+        let url: hyper::Uri = format!("http://{address}").parse().expect("url");
+        let client = kube::Client::try_from(kube::Config::new(url)).expect("client");
+        let timing = Timing {
+            lease_duration: Duration::from_secs(6),
+            renew_deadline: Duration::from_millis(1500),
+            retry_period: Duration::from_millis(200),
+        };
+        let mut elector = Elector::new(Api::namespaced(client, "ns"), "lease", "me", timing);
+        let clock = crate::clock::SystemClock;
+        assert!(
+            elector.try_acquire_or_renew(&clock).await.expect("renewed"),
+            "the fake API server's Lease is ours"
+        );
+        let started = Instant::now();
+        let work = async {
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_secs(2));
+                tokio::task::yield_now().await;
+            }
+        };
+        assert_eq!(elector.lead(&clock, work).await, Tenure::WorkDone);
+        assert!(
+            started.elapsed() >= Duration::from_secs(6),
+            "the work ran to its end"
+        );
+        let renewed = elector.renewed_at.expect("renewed");
+        assert!(
+            renewed > started + Duration::from_secs(4),
+            "renewals went on while the work held its thread: last one {:?} after the start",
+            renewed - started
         );
     }
 

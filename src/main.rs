@@ -17,7 +17,7 @@ use pec_operator::{
     clock::{Clock, OffsetClock, SystemClock},
     controllers::{self, Context},
     http::{self, Probe},
-    leader::{Elector, Timing},
+    leader::{Elector, Tenure, Timing},
     metrics::Metrics,
     telemetry::{self, LogFormat},
 };
@@ -469,11 +469,9 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         .with_concurrency(args.max_concurrent_reconciles)
         .with_debounce(std::time::Duration::from_millis(args.reconcile_debounce_ms)),
     );
-    // The controllers stop by themselves on SIGTERM or Ctrl-C.
-    let lost = tokio::select! {
-        () = controllers::run(ctx) => false,
-        () = elector.hold(clock.as_ref()) => true,
-    };
+    // The controllers stop by themselves on SIGTERM or Ctrl-C. They run in
+    // a task of their own, apart from the Lease renewals.
+    let lost = elector.lead(clock.as_ref(), controllers::run(ctx)).await == Tenure::Lost;
     metrics.leader.set(0);
     if lost {
         tracing::error!("lost leadership; exiting so no two replicas reconcile at once");
