@@ -21,10 +21,10 @@ use std::{
     process::Command,
 };
 
-use super::{Client, Res, free_port, make_message, send_one, stat_of};
+use super::{Res, free_port, stat_of};
 
-/// Messages each session sends before a case is measured.
-const WARM_UP_PER_SESSION: usize = 5;
+/// The mailbox the warm-up messages go to, which no case watches.
+pub const WARM_UP_MAILBOX: &str = "warm-up";
 
 const POSTFIX: &str = "/usr/sbin/postfix";
 const POSTCONF: &str = "/usr/sbin/postconf";
@@ -66,7 +66,7 @@ impl Postfix {
         std::os::unix::fs::chown(&mail, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
         let maps = (0..mailboxes)
             .map(|i| format!("r{i:02}@floor-b.test=r{i:02}/"))
-            .chain(["warm-up@floor-b.test=warm-up/".to_string()])
+            .chain([format!("{WARM_UP_MAILBOX}@floor-b.test={WARM_UP_MAILBOX}/")])
             .collect::<Vec<_>>()
             .join(", ");
         let shared = |name: &str, root: &Path| {
@@ -114,53 +114,6 @@ impl Postfix {
         )?;
         postfix(&a, "start")?;
         Ok(relay)
-    }
-
-    /// Sends `sessions` x a few messages of `size` bytes to a mailbox no
-    /// case watches, and waits until they are delivered. postfix starts its
-    /// daemons on demand, so the first messages after a start pay for
-    /// process creation: without this, a short case measures the start.
-    /// (The gateways get no warm-up, so this can only favour the floor.)
-    pub fn warm_up(&self, sessions: usize, size: usize) -> Res<()> {
-        let to = ["warm-up@floor-b.test"];
-        std::thread::scope(|scope| {
-            let sent: Vec<_> = (0..sessions)
-                .map(|s| {
-                    scope.spawn(move || {
-                        let mut c = Client::plain(self.port_a);
-                        c.expect("EHLO client.test", 250);
-                        for i in 0..WARM_UP_PER_SESSION {
-                            let msg = make_message(
-                                "mario@floor-a.test",
-                                &to,
-                                "warm-up",
-                                size,
-                                (s * 100 + i) as u64,
-                            );
-                            send_one(&mut c, "mario@floor-a.test", &to, &msg)?;
-                        }
-                        let _ = c.cmd("QUIT");
-                        Ok::<_, String>(())
-                    })
-                })
-                .collect();
-            sent.into_iter().try_for_each(|h| {
-                h.join()
-                    .map_err(|_| "a warm-up session panicked".to_string())?
-            })
-        })?;
-        let new = self.mail.join("warm-up/new");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while std::fs::read_dir(&new).map_or(0, Iterator::count) < sessions * WARM_UP_PER_SESSION {
-            if std::time::Instant::now() > deadline {
-                return Err(format!(
-                    "postfix warm-up: not delivered in 60 s\n{}",
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        Ok(())
     }
 
     /// CPU ticks so far of both instances: every process under each master,
