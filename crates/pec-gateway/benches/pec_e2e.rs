@@ -15,6 +15,13 @@
 //!   (messages fully receipted / wall time from the first `MAIL FROM` to the
 //!   last receipt), p50 and p99 latency. Each case gets a fresh pair of
 //!   gateways, so mailboxes and queues start empty.
+//! - **Unsecured gateways**: the same case once more through a fresh pair
+//!   of the same gateways started with `PEC_GATEWAY_BENCH_UNSECURED=1`
+//!   (read only by a build with the `bench-floor` feature, which tests and
+//!   benchmarks get): nothing signed, no signature checked, nothing
+//!   scanned, everything else as in the PEC run (TLS, login, the same
+//!   receipts and envelopes, queue, legal log, mailboxes). The ratio to it
+//!   is what signing and scanning cost.
 //! - **Floor**: the same sizes, recipients, N and C through a minimal plain
 //!   SMTP relay pair written here (tokio, plain TCP, no TLS, no AUTH):
 //!   relay A writes the message durably to its spool (the gateway's own
@@ -173,7 +180,7 @@ fn run() -> Res<()> {
     let cases = cases();
     let base = TimeBase::now();
     println!(
-        "pec_e2e: PEC gateway end to end vs two plain SMTP relay floors (in-process, postfix)"
+        "pec_e2e: PEC gateway end to end vs the same gateways unsecured and two plain SMTP relay floors (in-process, postfix)"
     );
     print_machine("at start");
 
@@ -203,12 +210,19 @@ fn run() -> Res<()> {
             "\n== {}: {} messages of {} bytes, {} session(s) ==",
             case.label, case.n, case.size, sessions
         );
-        let pec = run_pec(case, sessions, &clamd, &base)?;
+        let pec = run_pec(case, sessions, &clamd, &base, false)?;
         println!(
             "   PEC:   {:.1} msg/s, p50 {:.0} ms, p99 {:.0} ms",
             pec.measured.rate(),
             pec.measured.p(0.5),
             pec.measured.p(0.99)
+        );
+        let unsecured = run_pec(case, sessions, &clamd, &base, true)?;
+        println!(
+            "   unsecured gateways: {:.1} msg/s, p50 {:.0} ms, p99 {:.0} ms",
+            unsecured.measured.rate(),
+            unsecured.measured.p(0.5),
+            unsecured.measured.p(0.99)
         );
         let floor = run_floor(case, sessions)?;
         println!(
@@ -233,6 +247,7 @@ fn run() -> Res<()> {
         results.push(CaseResult {
             case: case.clone(),
             pec,
+            unsecured,
             floor,
             postfix,
         });
@@ -247,6 +262,9 @@ fn run() -> Res<()> {
 struct CaseResult {
     case: Case,
     pec: PecRun,
+    /// The same gateways with signing, signature checks and the antivirus
+    /// switched off.
+    unsecured: PecRun,
     floor: Measured,
     /// None when postfix cannot run here.
     postfix: Option<Measured>,
@@ -292,6 +310,42 @@ fn report(sessions: usize, results: &[CaseResult], direct: f64, harness: f64) {
     println!(
         "  msg/s = messages complete / (last completion - first MAIL FROM); PEC/floor = ratio of msg/s."
     );
+    println!(
+        "\nThe same path through the same gateways with signing, signature checks and the\n\
+         antivirus switched off (every receipt and envelope still built, sent and delivered):"
+    );
+    println!(
+        "{:<15} {:>5} {:>9} | {:>15} {:>7} {:>7} | {:>19} | {:>13}",
+        "case",
+        "N",
+        "PEC msg/s",
+        "unsecured msg/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/msg A, B",
+        "PEC/unsecured"
+    );
+    for CaseResult {
+        case,
+        pec,
+        unsecured,
+        ..
+    } in results
+    {
+        let per = |k: &str| unsecured.cpu.get(k).copied().unwrap_or(0.0) * 1000.0 / case.n as f64;
+        println!(
+            "{:<15} {:>5} {:>9.1} | {:>15.1} {:>7.0} {:>7.0} | {:>9.1} {:>9.1} | {:>13.3}",
+            case.label,
+            case.n,
+            pec.measured.rate(),
+            unsecured.measured.rate(),
+            unsecured.measured.p(0.5),
+            unsecured.measured.p(0.99),
+            per("A"),
+            per("B"),
+            pec.measured.rate() / unsecured.measured.rate()
+        );
+    }
     if results.iter().any(|r| r.postfix.is_some()) {
         println!(
             "\nThe same path through two postfix instances (A relays to B, B delivers into Maildirs):"
@@ -907,7 +961,9 @@ struct PecPair {
     _root: tempfile::TempDir,
 }
 
-fn pec_pair(clamd: &str) -> Res<PecPair> {
+/// A gateway pair; `unsecured` starts both with signing, signature checks
+/// and the antivirus switched off.
+fn pec_pair(clamd: &str, unsecured: bool) -> Res<PecPair> {
     static PAIRS: AtomicUsize = AtomicUsize::new(0);
     let k = PAIRS.fetch_add(1, Ordering::Relaxed);
     let root = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -932,8 +988,13 @@ fn pec_pair(clamd: &str) -> Res<PecPair> {
     std::fs::write(&pin_file, &token().pin).map_err(|e| e.to_string())?;
     let config_a = tune(da.config(clamd, &providers, &[(&db.name, db.smtp)], &pin_file))?;
     let config_b = tune(db.config(clamd, &providers, &[(&da.name, da.smtp)], &pin_file))?;
-    let a = Gateway::start(&da, &config_a, &[]);
-    let b = Gateway::start(&db, &config_b, &[]);
+    let env: &[(&str, &str)] = if unsecured {
+        &[(pec_gateway::gateway::UNSECURED_ENV, "1")]
+    } else {
+        &[]
+    };
+    let a = Gateway::start(&da, &config_a, env);
+    let b = Gateway::start(&db, &config_b, env);
     support::wait_for(Duration::from_secs(30), "both gateways ready", || {
         a.ready() && b.ready()
     });
@@ -946,8 +1007,15 @@ fn pec_pair(clamd: &str) -> Res<PecPair> {
     })
 }
 
-fn run_pec(case: &Case, sessions: usize, clamd: &str, base: &TimeBase) -> Res<PecRun> {
-    let pair = pec_pair(clamd)?;
+/// Runs `case` through a fresh gateway pair; `unsecured` as for [`pec_pair`].
+fn run_pec(
+    case: &Case,
+    sessions: usize,
+    clamd: &str,
+    base: &TimeBase,
+    unsecured: bool,
+) -> Res<PecRun> {
+    let pair = pec_pair(clamd, unsecured)?;
     let mario = format!("mario@{}", pair.da.name);
     let rcpts: Vec<String> = (0..case.rcpts)
         .map(|i| format!("r{i:02}@{}", pair.db.name))
@@ -989,6 +1057,13 @@ fn run_pec(case: &Case, sessions: usize, clamd: &str, base: &TimeBase) -> Res<Pe
         })
         .collect();
     let signing = signing_metrics(&pair);
+    if unsecured && signing.a_count + signing.b_count > 0.0 {
+        return Err(format!(
+            "the unsecured gateways signed {} times: {} did not reach them",
+            signing.a_count + signing.b_count,
+            pec_gateway::gateway::UNSECURED_ENV
+        ));
+    }
     let steps = steps(&pair, &measured, base);
     drop(pair);
     Ok(PecRun {

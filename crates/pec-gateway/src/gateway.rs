@@ -68,6 +68,31 @@ pub struct Gateway {
     jobs: mpsc::UnboundedSender<String>,
     /// Jobs waiting for a worker or running.
     scheduled: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Signing, signature checks and the antivirus switched off (the
+    /// benchmark's floor only; see [`unsecured_requested`]).
+    unsecured: bool,
+}
+
+/// The environment variable that switches signing, signature checks and the
+/// antivirus off, in a build with the `bench-floor` feature.
+#[cfg(feature = "bench-floor")]
+pub const UNSECURED_ENV: &str = "PEC_GATEWAY_BENCH_UNSECURED";
+
+/// Whether this process runs as the end-to-end benchmark's floor: the same
+/// gateway with signing, signature checks and the antivirus switched off,
+/// so the benchmark can measure what they cost. Only a build with the
+/// `bench-floor` feature (tests and benchmarks) reads the environment
+/// variable `PEC_GATEWAY_BENCH_UNSECURED`; in any other build, an image's
+/// included, this is always false and the variable is not read.
+pub fn unsecured_requested() -> bool {
+    #[cfg(feature = "bench-floor")]
+    {
+        std::env::var_os(UNSECURED_ENV).is_some_and(|v| v == "1")
+    }
+    #[cfg(not(feature = "bench-floor"))]
+    {
+        false
+    }
 }
 
 /// Why a gateway could not start.
@@ -137,8 +162,15 @@ impl Gateway {
             clamd_ok: AtomicBool::new(true),
             jobs: tx,
             scheduled: std::sync::Mutex::new(Default::default()),
+            unsecured: unsecured_requested(),
             config,
         });
+        #[cfg(feature = "bench-floor")]
+        if gateway.unsecured {
+            tracing::warn!(
+                "{UNSECURED_ENV}=1: nothing is signed, no signature is checked and nothing is scanned (benchmark floor)"
+            );
+        }
         gateway.reload_trusted();
         Ok((gateway, rx))
     }
@@ -229,6 +261,9 @@ impl Gateway {
     }
 
     async fn scan(&self, message: &[u8]) -> Result<Verdict, Reply> {
+        if self.unsecured {
+            return Ok(Verdict::Clean);
+        }
         match self.clamd.scan(message).await {
             Ok(v) => {
                 self.clamd_ok.store(true, Ordering::Relaxed);
@@ -285,6 +320,10 @@ impl Gateway {
     }
 
     async fn sign(&self, composed: &Composed) -> Result<Vec<u8>, String> {
+        #[cfg(feature = "bench-floor")]
+        if self.unsecured {
+            return Ok(crate::signer::frame_unsigned(composed));
+        }
         let started = Instant::now();
         let result =
             blocking(|| self.signer.sign(composed, clock::system_now())).map_err(|e| e.to_string());
@@ -798,6 +837,16 @@ impl Gateway {
         Ok(())
     }
 
+    /// What `message` is, its signature checked against `trusted` (unless
+    /// [`Self::unsecured`]).
+    fn classify(&self, message: &[u8], trusted: &TrustedSigners) -> Incoming {
+        #[cfg(feature = "bench-floor")]
+        if self.unsecured {
+            return classify::classify_unverified(message);
+        }
+        classify::classify(message, trusted)
+    }
+
     async fn deliver_received(
         &self,
         peer: &str,
@@ -811,7 +860,7 @@ impl Gateway {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let incoming = classify::classify(message, &trusted);
+        let incoming = self.classify(message, &trusted);
         let ours: Vec<String> = recipients
             .iter()
             .filter(|r| checks::domain_of(r) == self.config.domain)

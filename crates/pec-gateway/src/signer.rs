@@ -235,16 +235,7 @@ impl Signer {
             }
         });
         match result {
-            Ok(signature) => {
-                let boundary = format!("pec-signed-{}", &composed.message_id.len());
-                let boundary = unique_boundary(&boundary, &composed.entity);
-                Ok(smime::multipart_signed(
-                    &composed.headers,
-                    &composed.entity,
-                    &signature,
-                    &boundary,
-                ))
-            }
+            Ok(signature) => Ok(frame(composed, &signature)),
             Err(e) => {
                 // A failed signature may mean a lost session (token removed,
                 // HSM restarted): drop it so the next call logs in again.
@@ -268,6 +259,21 @@ impl Signer {
     pub fn generation(&self) -> Option<i64> {
         self.config.as_ref().map(|c| c.generation)
     }
+}
+
+/// `composed` framed as `multipart/signed` with `signature`.
+fn frame(composed: &Composed, signature: &[u8]) -> Vec<u8> {
+    let boundary = format!("pec-signed-{}", &composed.message_id.len());
+    let boundary = unique_boundary(&boundary, &composed.entity);
+    smime::multipart_signed(&composed.headers, &composed.entity, signature, &boundary)
+}
+
+/// `composed` framed as [`Signer::sign`] frames it, with an empty signature
+/// and no token call: what the benchmark's unsecured gateway emits (see
+/// [`crate::gateway::unsecured_requested`]).
+#[cfg(feature = "bench-floor")]
+pub fn frame_unsigned(composed: &Composed) -> Vec<u8> {
+    frame(composed, &[])
 }
 
 /// A boundary that does not occur in `entity`.

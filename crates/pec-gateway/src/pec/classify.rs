@@ -74,6 +74,30 @@ fn anomaly(code: &'static str, reason: impl Into<String>) -> Incoming {
 
 /// Classifies `message` against the providers' index.
 pub fn classify(message: &[u8], trusted: &TrustedSigners) -> Incoming {
+    classify_with(message, |entity, signature| {
+        smime::verify_detached(entity, signature, trusted).map_err(|e| (e.reason(), e.to_string()))
+    })
+}
+
+/// Classifies `message` as [`classify`] does but takes any signature, even
+/// none, as valid: what the benchmark's unsecured gateway does (see
+/// [`crate::gateway::unsecured_requested`]).
+#[cfg(feature = "bench-floor")]
+pub fn classify_unverified(message: &[u8]) -> Incoming {
+    classify_with(message, |_, _| {
+        Ok(Verified {
+            signer_sha256: String::new(),
+            signing_time: None,
+        })
+    })
+}
+
+/// Classifies `message`, with `verify` checking the signature over the
+/// signed entity (failing with the anomaly's code and reason).
+fn classify_with(
+    message: &[u8],
+    verify: impl FnOnce(&[u8], &[u8]) -> Result<Verified, (&'static str, String)>,
+) -> Incoming {
     let Some(outer) = MessageParser::default().parse_headers(message) else {
         return anomaly("Malformed", "the message could not be parsed");
     };
@@ -107,9 +131,9 @@ pub fn classify(message: &[u8], trusted: &TrustedSigners) -> Incoming {
     let Some(parts) = smime::split_signed(message) else {
         return anomaly("NotSigned", "not an S/MIME signed message");
     };
-    let signer = match smime::verify_detached(parts.entity, &parts.signature, trusted) {
+    let signer = match verify(parts.entity, &parts.signature) {
         Ok(v) => v,
-        Err(e) => return anomaly(e.reason(), e.to_string()),
+        Err((code, reason)) => return anomaly(code, reason),
     };
     let Some(entity) = MessageParser::default().parse(parts.entity) else {
         return anomaly("Malformed", "the signed part could not be parsed");
@@ -198,6 +222,56 @@ mod tests {
                 }
             ),
             "{r:?}"
+        );
+    }
+
+    /// The benchmark's unsecured gateways emit unsigned envelopes: only
+    /// their own classifier takes them; a gateway that checks signatures
+    /// wraps them as anomalies.
+    #[cfg(feature = "bench-floor")]
+    #[test]
+    fn an_unsigned_floor_envelope_passes_only_the_unverified_classifier() {
+        use super::super::{
+            compose::{self, Issuer, Transmission},
+            daticert::{Destinatario, TipoDestinatario, TipoRicevuta},
+        };
+        let t = Transmission {
+            identificativo: "opec.1@pec.a.it".into(),
+            msgid: "m1@client".into(),
+            mittente: "mario@pec.a.it".into(),
+            destinatari: vec![Destinatario {
+                address: "anna@pec.b.it".into(),
+                tipo: TipoDestinatario::Certificato,
+            }],
+            oggetto: "x".into(),
+            tipo_ricevuta: TipoRicevuta::Completa,
+        };
+        let issuer = Issuer {
+            domain: "pec.a.it",
+            gestore: "Gestore A",
+        };
+        let composed = compose::transport_envelope(
+            &t,
+            b"Subject: x\r\n\r\nbody\r\n",
+            &["anna@pec.b.it".into()],
+            issuer,
+            chrono::DateTime::UNIX_EPOCH,
+        );
+        let unsigned = crate::signer::frame_unsigned(&composed);
+        assert!(
+            matches!(classify_unverified(&unsigned), Incoming::Envelope { .. }),
+            "the floor's own classifier takes its envelope"
+        );
+        let checked = classify(&unsigned, &TrustedSigners::default());
+        assert!(
+            matches!(
+                checked,
+                Incoming::Anomaly {
+                    code: "Malformed",
+                    ..
+                }
+            ),
+            "a checking gateway refuses it: {checked:?}"
         );
     }
 
