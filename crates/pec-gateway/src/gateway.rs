@@ -34,7 +34,7 @@ use crate::{
         checks::{self, Limits, Refusal, SmtpEnvelope},
         classify::{self, Incoming},
         compose::{self, Composed, Issuer, Notice, Transmission},
-        daticert::{Destinatario, Tipo, TipoDestinatario, TipoRicevuta},
+        daticert::{Daticert, Destinatario, Tipo, TipoDestinatario, TipoRicevuta},
     },
     queue::{Deadline, Job, Queue, Tracked, Work},
     relay::{Relay, RelayError},
@@ -580,6 +580,28 @@ impl Gateway {
             }
             Ok(Verdict::Clean) => {}
         }
+        if classify::claims_receipt(&message) {
+            match self
+                .receive_receipt(&id, &summary.message_id, &envelope, &message)
+                .await
+            {
+                Ok(true) => {
+                    failpoint::hit("received");
+                    return Reply::new(250, "2.0.0", "recorded");
+                }
+                // Not a valid receipt for a message sent here: queued as
+                // any other message, its job delivers it as an anomaly.
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording a receipt failed; refusing temporarily");
+                    return Reply::new(
+                        451,
+                        "4.3.0",
+                        "could not record the receipt; try again later",
+                    );
+                }
+            }
+        }
         let job = Job::new(
             id.clone(),
             Work::Received {
@@ -861,11 +883,7 @@ impl Gateway {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let incoming = self.classify(message, &trusted);
-        let ours: Vec<String> = recipients
-            .iter()
-            .filter(|r| checks::domain_of(r) == self.config.domain)
-            .cloned()
-            .collect();
+        let ours = self.ours(recipients);
         match incoming {
             Incoming::Envelope { daticert, .. } => {
                 let t = Transmission::from_daticert(&daticert);
@@ -917,14 +935,7 @@ impl Gateway {
                 }
             }
             Incoming::Receipt { daticert, .. } => {
-                let t = Transmission::from_daticert(&daticert);
-                // The issuing provider, from the receipt's sender address.
-                let issuer_domain = checks::domain_of(&classify::summary(message).from);
-                let sent_here = checks::domain_of(&t.mittente) == self.config.domain
-                    && self
-                        .queue
-                        .was_emitted(&format!("{}>{issuer_domain}", t.identificativo));
-                if !sent_here {
+                let Some(sent) = self.sent_here(&daticert, message) else {
                     return self
                         .deliver_anomaly(
                             message,
@@ -933,42 +944,9 @@ impl Gateway {
                             "receipt for a message this provider never sent",
                         )
                         .await;
-                }
-                let settles =
-                    matches!(daticert.tipo, Tipo::AvvenutaConsegna | Tipo::ErroreConsegna);
-                blocking(|| {
-                    self.queue.update_tracked(&t.identificativo, |tr| {
-                        tr.taken.insert(issuer_domain.clone());
-                        if settles && let Some(c) = &daticert.consegna {
-                            tr.settled.insert(c.to_ascii_lowercase());
-                        }
-                    })
-                })
-                .map_err(|e| e.to_string())?;
-                if daticert.tipo == Tipo::PresaInCarico {
-                    // Between providers only: recorded, not delivered.
-                    self.log(
-                        &t.identificativo,
-                        &t.msgid,
-                        Tipo::PresaInCarico.as_str(),
-                        reverse_path,
-                        &ours,
-                        "recorded",
-                    );
-                } else {
-                    let msgid = classify::summary(message).message_id;
-                    for rcpt in &ours {
-                        self.deliver_local(rcpt, &msgid, message)?;
-                    }
-                    self.log(
-                        &t.identificativo,
-                        &t.msgid,
-                        daticert.tipo.as_str(),
-                        reverse_path,
-                        &ours,
-                        "delivered",
-                    );
-                }
+                };
+                self.settle_receipt(&sent, &daticert, message, reverse_path, &ours)
+                    .await?;
             }
             Incoming::Anomaly { reason, code } => {
                 tracing::info!(
@@ -980,6 +958,116 @@ impl Gateway {
                     .deliver_anomaly(message, reverse_path, &ours, &format!("{code}: {reason}"))
                     .await;
             }
+        }
+        Ok(())
+    }
+
+    /// The incoming point's short path for a receipt: settled before the
+    /// 250 rather than queued as a job. A receipt only updates the record
+    /// of its transmission and goes into the sender's mailbox, both durable
+    /// and keyed, so a sender that retries after a crash here changes
+    /// nothing twice; and it saves a job file written, synced and removed
+    /// per receipt. `Ok(false)` when `message` is no valid receipt for a
+    /// message sent here: the caller queues it, and its job delivers it as
+    /// an anomaly.
+    async fn receive_receipt(
+        &self,
+        id: &str,
+        message_id: &str,
+        envelope: &SmtpEnvelope,
+        message: &[u8],
+    ) -> Result<bool, String> {
+        let trusted = self
+            .trusted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Incoming::Receipt { daticert, .. } = self.classify(message, &trusted) else {
+            return Ok(false);
+        };
+        let Some(sent) = self.sent_here(&daticert, message) else {
+            return Ok(false);
+        };
+        let ours = self.ours(&envelope.forward_paths);
+        self.log(
+            id,
+            message_id,
+            "ricezione",
+            &envelope.reverse_path,
+            &envelope.forward_paths,
+            "received",
+        );
+        self.settle_receipt(&sent, &daticert, message, &envelope.reverse_path, &ours)
+            .await?;
+        Ok(true)
+    }
+
+    /// The recipients among `recipients` in this domain.
+    fn ours(&self, recipients: &[String]) -> Vec<String> {
+        recipients
+            .iter()
+            .filter(|r| checks::domain_of(r) == self.config.domain)
+            .cloned()
+            .collect()
+    }
+
+    /// The transmission a receipt is about and the provider that issued it,
+    /// when this provider sent that transmission to that provider.
+    fn sent_here(&self, daticert: &Daticert, message: &[u8]) -> Option<(Transmission, String)> {
+        let t = Transmission::from_daticert(daticert);
+        // The issuing provider, from the receipt's sender address.
+        let issuer_domain = checks::domain_of(&classify::summary(message).from);
+        let sent = checks::domain_of(&t.mittente) == self.config.domain
+            && self
+                .queue
+                .was_emitted(&format!("{}>{issuer_domain}", t.identificativo));
+        sent.then_some((t, issuer_domain))
+    }
+
+    /// Records a receipt for a transmission sent here (`sent`, from
+    /// [`Self::sent_here`]) and delivers it to the sender, except a
+    /// taking-charge receipt, which passes between providers only.
+    async fn settle_receipt(
+        &self,
+        (t, issuer_domain): &(Transmission, String),
+        daticert: &Daticert,
+        message: &[u8],
+        reverse_path: &str,
+        ours: &[String],
+    ) -> Result<(), String> {
+        let settles = matches!(daticert.tipo, Tipo::AvvenutaConsegna | Tipo::ErroreConsegna);
+        blocking(|| {
+            self.queue.update_tracked(&t.identificativo, |tr| {
+                tr.taken.insert(issuer_domain.clone());
+                if settles && let Some(c) = &daticert.consegna {
+                    tr.settled.insert(c.to_ascii_lowercase());
+                }
+            })
+        })
+        .map_err(|e| e.to_string())?;
+        if daticert.tipo == Tipo::PresaInCarico {
+            // Between providers only: recorded, not delivered.
+            self.log(
+                &t.identificativo,
+                &t.msgid,
+                Tipo::PresaInCarico.as_str(),
+                reverse_path,
+                ours,
+                "recorded",
+            );
+        } else {
+            let msgid = classify::summary(message).message_id;
+            for rcpt in ours {
+                self.deliver_local(rcpt, &msgid, message)?;
+            }
+            self.log(
+                &t.identificativo,
+                &t.msgid,
+                daticert.tipo.as_str(),
+                reverse_path,
+                ours,
+                "delivered",
+            );
         }
         Ok(())
     }

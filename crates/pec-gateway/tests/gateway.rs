@@ -549,26 +549,22 @@ fn unknown_signers_and_tampered_envelopes_become_anomalies() {
     p.b.wait_for_mail("anna", "X-Trasporto: posta-certificata", 1);
 }
 
-#[test]
-fn a_receipt_for_a_message_never_sent_is_an_anomaly() {
+/// A delivery receipt for `t` to its sender, issued and signed by B's key
+/// as B would: `(its Message-ID, the message)`.
+fn receipt_from_b(
+    p: &Pair,
+    t: &pec_gateway::pec::compose::Transmission,
+    rcpt: &str,
+) -> (String, String) {
     use pec_gateway::pec::compose;
-    let p = Pair::start();
-    let mario = p.mario();
-    let anna = p.anna();
-    let t = transmission(
-        &format!("opec.never-sent@{}", p.da.name),
-        &mario,
-        &anna,
-        "Mai inviato",
-    );
     let issuer = compose::Issuer {
         domain: &p.db.name,
         gestore: "B",
     };
     let composed = compose::receipt(
-        &t,
-        compose::Notice::Delivered(&anna),
-        &mario,
+        t,
+        compose::Notice::Delivered(rcpt),
+        &t.mittente,
         issuer,
         pec_gateway::clock::now(),
         None,
@@ -582,19 +578,77 @@ fn a_receipt_for_a_message_never_sent_is_an_anomaly() {
     )
     .expect("sign");
     let msg = pec_core::smime::multipart_signed(&composed.headers, &composed.entity, &sig, "b");
+    (composed.message_id, String::from_utf8(msg).expect("ascii"))
+}
+
+/// Sends `message` to A's incoming point as provider B does.
+fn send_as_b(p: &Pair, to: &str, message: &str) -> (u16, String) {
     let mut c = Client::plain(p.a.smtp);
     c.expect("EHLO peer.test", 250);
-    let (code, _) = c.send_mail(
-        &format!("posta-certificata@{}", p.db.name),
-        &[&mario],
-        &String::from_utf8(msg).expect("ascii"),
+    c.send_mail(&format!("posta-certificata@{}", p.db.name), &[to], message)
+}
+
+#[test]
+fn a_receipt_for_a_message_never_sent_is_an_anomaly() {
+    let p = Pair::start();
+    let mario = p.mario();
+    let anna = p.anna();
+    let t = transmission(
+        &format!("opec.never-sent@{}", p.da.name),
+        &mario,
+        &anna,
+        "Mai inviato",
     );
+    let (_, msg) = receipt_from_b(&p, &t, &anna);
+    let (code, _) = send_as_b(&p, &mario, &msg);
     assert_eq!(code, 250);
     let anomaly = p.a.wait_for_mail("mario", "X-Trasporto: errore", 1);
     assert!(String::from_utf8_lossy(&anomaly[0]).contains("never sent"));
     assert!(
         p.a.find("mario", "X-Ricevuta: avvenuta-consegna")
             .is_empty()
+    );
+}
+
+/// A receipt for a message sent here is recorded and in the sender's
+/// mailbox before its 250, not queued; sent again (as a provider does that
+/// heard no reply), it is answered alike and delivered once.
+#[test]
+fn a_receipt_is_delivered_before_its_250_and_once_when_sent_again() {
+    let p = Pair::start();
+    let (mario, anna) = (p.mario(), p.anna());
+    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
+    let (code, text) = c.send_message(&mario, &[&anna], "Ricevuta", "Prova.");
+    assert_eq!(code, 250, "{text}");
+    c.expect("QUIT", 221);
+    let first =
+        p.a.wait_for_mail("mario", "X-Ricevuta: avvenuta-consegna", 1);
+    let sent = daticert_of(&first[0]);
+    let mut t = transmission(&sent.identificativo, &mario, &anna, "Ricevuta");
+    t.msgid = sent.msgid.clone();
+
+    // Another delivery receipt for the same transmission, as B signs it;
+    // for another address, so it is not the one B sent (a receipt's
+    // Message-ID derives from its transmission, kind and address).
+    let other = format!("bruno@{}", p.db.name);
+    let (message_id, receipt) = receipt_from_b(&p, &t, &other);
+    for attempt in ["first", "again"] {
+        let (code, text) = send_as_b(&p, &mario, &receipt);
+        assert_eq!(code, 250, "{attempt}: {text}");
+        assert!(
+            text.contains("recorded"),
+            "{attempt}: settled, not queued: {text}"
+        );
+        assert_eq!(
+            p.a.find("mario", &message_id).len(),
+            1,
+            "{attempt}: in the mailbox once, when the 250 came"
+        );
+    }
+    assert_eq!(
+        p.a.find("mario", "X-Ricevuta: avvenuta-consegna").len(),
+        2,
+        "the gateway's own receipt and the one sent twice"
     );
 }
 

@@ -72,6 +72,15 @@ fn anomaly(code: &'static str, reason: impl Into<String>) -> Incoming {
     }
 }
 
+/// Whether `message` says it is a receipt or notice (an `X-Ricevuta`
+/// header): only a hint, which [`classify`] checks against the signed
+/// certification data.
+pub fn claims_receipt(message: &[u8]) -> bool {
+    MessageParser::default()
+        .parse_headers(message)
+        .is_some_and(|m| m.header_raw(header::RICEVUTA).is_some())
+}
+
 /// Classifies `message` against the providers' index.
 pub fn classify(message: &[u8], trusted: &TrustedSigners) -> Incoming {
     classify_with(message, |entity, signature| {
