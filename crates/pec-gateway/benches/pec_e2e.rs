@@ -481,10 +481,11 @@ fn report(sessions: usize, results: &[CaseResult], direct: f64, harness: f64) {
     print_machine("at end");
     println!(
         "  messages: text/plain, unique pseudo-random body, total size incl. headers ~ the case size;\n\
-         \x20 gateways: default 16 job workers, RUST_LOG=info, antivirus on (own clamd, 1 signature);\n\
+         \x20 gateways: {} job workers, RUST_LOG=info, antivirus on (own clamd, 1 signature);\n\
          \x20 gateway config from the harness with maxMessageBytes 64 MiB, maxRecipients 20 and SMTP\n\
          \x20 timeouts 120 s; floor: plain TCP (no TLS, no AUTH), in this process; postfix: its\n\
-         \x20 defaults apart from listeners, relay domain, next hop, mailboxes and chroot = n."
+         \x20 defaults apart from listeners, relay domain, next hop, mailboxes and chroot = n.",
+        std::env::var("PEC_GATEWAY_WORKERS").unwrap_or_else(|_| "the default number of".into())
     );
 }
 

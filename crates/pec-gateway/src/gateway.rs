@@ -68,10 +68,20 @@ pub struct Gateway {
     jobs: mpsc::UnboundedSender<String>,
     /// Jobs waiting for a worker or running.
     scheduled: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The jobs' memory budget, in KiB of job files (see [`JOB_MEMORY_KIB`]).
+    job_memory: tokio::sync::Semaphore,
     /// Signing, signature checks and the antivirus switched off (the
     /// benchmark's floor only; see [`unsecured_requested`]).
     unsecured: bool,
 }
+
+/// The most KiB of job files (messages, mostly) the running jobs hold at
+/// once: 64 MiB. A job waits for its file's size of it before it starts,
+/// so many workers (64 by default) run many small jobs at once, but only a
+/// few large ones, and a job larger than the budget runs alone; a job
+/// holds a few copies of its message while it builds envelopes and
+/// receipts, which keeps it well within the gateway pod's memory limit.
+pub const JOB_MEMORY_KIB: u32 = 64 * 1024;
 
 /// The environment variable that switches signing, signature checks and the
 /// antivirus off, in a build with the `bench-floor` feature.
@@ -162,6 +172,7 @@ impl Gateway {
             clamd_ok: AtomicBool::new(true),
             jobs: tx,
             scheduled: std::sync::Mutex::new(Default::default()),
+            job_memory: tokio::sync::Semaphore::new(JOB_MEMORY_KIB as usize),
             unsecured: unsecured_requested(),
             config,
         });
@@ -691,7 +702,9 @@ impl Gateway {
     }
 
     async fn run_one(&self, id: &str) {
+        let memory = self.job_memory_for(id).await;
         let result = self.process(id).await;
+        drop(memory);
         self.scheduled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -699,6 +712,15 @@ impl Gateway {
         if let Err(e) = result {
             tracing::warn!(job = id, error = %e, "job failed; it stays queued");
         }
+    }
+
+    /// Waits until job `id`'s file fits in the jobs' memory budget and
+    /// holds that much of it (all of it for a file larger than the budget).
+    async fn job_memory_for(&self, id: &str) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // A job already done (no file) takes the least.
+        let bytes = blocking(|| self.queue.size(id)).unwrap_or(0);
+        // The semaphore is never closed.
+        self.job_memory.acquire_many(job_kib(bytes)).await.ok()
     }
 
     /// Runs one job to completion, or reschedules it.
@@ -1262,6 +1284,14 @@ fn pem_files(source: &Path) -> Vec<PathBuf> {
 /// Runs blocking work (an fsync, a token call) on this runtime thread after
 /// telling the runtime, which moves the other sessions and jobs elsewhere
 /// meanwhile, so a slow disk never stalls the SMTP dialogue.
+/// What a job file of `bytes` takes of the jobs' memory budget, in KiB:
+/// at least 1, at most all of it.
+fn job_kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .clamp(1, JOB_MEMORY_KIB)
+}
+
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
@@ -1271,4 +1301,23 @@ type SharedReceiver = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>;
 fn async_channel() -> (mpsc::UnboundedSender<String>, SharedReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     (tx, Arc::new(tokio::sync::Mutex::new(rx)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_takes_its_size_of_the_memory_budget_at_least_a_kib_and_at_most_all() {
+        assert_eq!(job_kib(0), 1, "a job already done still takes a turn");
+        assert_eq!(job_kib(1), 1);
+        assert_eq!(job_kib(1024), 1);
+        assert_eq!(job_kib(1025), 2);
+        assert_eq!(job_kib(10 << 20), 10 * 1024);
+        assert_eq!(
+            job_kib(100 << 30),
+            JOB_MEMORY_KIB,
+            "a job larger than the budget runs alone"
+        );
+    }
 }

@@ -45,8 +45,10 @@ enum Command {
         /// Log format: text or json.
         #[arg(long, env = "PEC_LOG_FORMAT", default_value = "json")]
         log_format: String,
-        /// Jobs run at once (receipts, envelopes, relays).
-        #[arg(long, default_value_t = 16)]
+        /// Jobs run at once (submissions, envelopes, relays), within the
+        /// jobs' memory budget of 64 MiB of messages. A job mostly waits
+        /// (for syncs, for the other provider's reply), so many run at once.
+        #[arg(long, env = "PEC_GATEWAY_WORKERS", default_value_t = 64)]
         workers: usize,
     },
     /// The legal log.

@@ -388,6 +388,11 @@ impl Queue {
         }
     }
 
+    /// The size of job `id`'s file (its record and message), in bytes.
+    pub fn size(&self, id: &str) -> io::Result<u64> {
+        std::fs::metadata(self.job_path(id)).map(|m| m.len())
+    }
+
     /// The message of job `id`.
     pub fn data(&self, id: &str) -> io::Result<Vec<u8>> {
         let mut bytes = std::fs::read(self.job_path(id))?;
