@@ -210,20 +210,19 @@ fn run() -> Res<()> {
             "\n== {}: {} messages of {} bytes, {} session(s) ==",
             case.label, case.n, case.size, sessions
         );
-        let pec = run_pec(case, sessions, &clamd, &base, false)?;
-        println!(
-            "   PEC:   {:.1} msg/s, p50 {:.0} ms, p99 {:.0} ms",
-            pec.measured.rate(),
-            pec.measured.p(0.5),
-            pec.measured.p(0.99)
-        );
-        let unsecured = run_pec(case, sessions, &clamd, &base, true)?;
-        println!(
-            "   unsecured gateways: {:.1} msg/s, p50 {:.0} ms, p99 {:.0} ms",
-            unsecured.measured.rate(),
-            unsecured.measured.p(0.5),
-            unsecured.measured.p(0.99)
-        );
+        let gateway_run = |what: &str, unsecured: bool| {
+            let run = run_pec(case, sessions, &clamd, &base, unsecured)?;
+            let m = &run.measured;
+            println!(
+                "   {what}: {:.1} msg/s, p50 {:.0} ms, p99 {:.0} ms",
+                m.rate(),
+                m.p(0.5),
+                m.p(0.99)
+            );
+            Ok::<_, String>(run)
+        };
+        let pec = gateway_run("PEC", false)?;
+        let unsecured = gateway_run("unsecured gateways", true)?;
         let floor = run_floor(case, sessions)?;
         println!(
             "   floor: {:.1} msg/s, p50 {:.1} ms, p99 {:.1} ms",

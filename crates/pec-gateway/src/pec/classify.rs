@@ -234,56 +234,6 @@ mod tests {
         );
     }
 
-    /// The benchmark's unsecured gateways emit unsigned envelopes: only
-    /// their own classifier takes them; a gateway that checks signatures
-    /// wraps them as anomalies.
-    #[cfg(feature = "bench-floor")]
-    #[test]
-    fn an_unsigned_floor_envelope_passes_only_the_unverified_classifier() {
-        use super::super::{
-            compose::{self, Issuer, Transmission},
-            daticert::{Destinatario, TipoDestinatario, TipoRicevuta},
-        };
-        let t = Transmission {
-            identificativo: "opec.1@pec.a.it".into(),
-            msgid: "m1@client".into(),
-            mittente: "mario@pec.a.it".into(),
-            destinatari: vec![Destinatario {
-                address: "anna@pec.b.it".into(),
-                tipo: TipoDestinatario::Certificato,
-            }],
-            oggetto: "x".into(),
-            tipo_ricevuta: TipoRicevuta::Completa,
-        };
-        let issuer = Issuer {
-            domain: "pec.a.it",
-            gestore: "Gestore A",
-        };
-        let composed = compose::transport_envelope(
-            &t,
-            b"Subject: x\r\n\r\nbody\r\n",
-            &["anna@pec.b.it".into()],
-            issuer,
-            chrono::DateTime::UNIX_EPOCH,
-        );
-        let unsigned = crate::signer::frame_unsigned(&composed);
-        assert!(
-            matches!(classify_unverified(&unsigned), Incoming::Envelope { .. }),
-            "the floor's own classifier takes its envelope"
-        );
-        let checked = classify(&unsigned, &TrustedSigners::default());
-        assert!(
-            matches!(
-                checked,
-                Incoming::Anomaly {
-                    code: "Malformed",
-                    ..
-                }
-            ),
-            "a checking gateway refuses it: {checked:?}"
-        );
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 

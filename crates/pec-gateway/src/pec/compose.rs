@@ -550,6 +550,41 @@ mod tests {
             .expect("daticert parses")
     }
 
+    /// The benchmark's unsecured gateways emit unsigned envelopes: only
+    /// their own classifier takes them; a gateway that checks signatures
+    /// finds them malformed and wraps them as anomalies.
+    #[cfg(feature = "bench-floor")]
+    #[test]
+    fn an_unsigned_floor_envelope_passes_only_the_unverified_classifier() {
+        use crate::pec::classify::{self, Incoming};
+        let composed = transport_envelope(
+            &transmission(),
+            b"Subject: x\r\n\r\nbody\r\n",
+            &["anna@pec.b.it".into()],
+            ISSUER,
+            now(),
+        );
+        let unsigned = crate::signer::frame_unsigned(&composed);
+        assert!(
+            matches!(
+                classify::classify_unverified(&unsigned),
+                Incoming::Envelope { .. }
+            ),
+            "the floor's own classifier takes its envelope"
+        );
+        let checked = classify::classify(&unsigned, &Default::default());
+        assert!(
+            matches!(
+                checked,
+                Incoming::Anomaly {
+                    code: "Malformed",
+                    ..
+                }
+            ),
+            "a checking gateway refuses it: {checked:?}"
+        );
+    }
+
     #[test]
     fn an_envelope_carries_the_original_and_the_certification_data() {
         let c = transport_envelope(
