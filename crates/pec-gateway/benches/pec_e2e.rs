@@ -1261,11 +1261,7 @@ fn run_postfix(case: &Case, sessions: usize) -> Res<Measured> {
         "mario@floor-a.test",
         &[format!("{mailbox}@floor-b.test")],
         vec![(relay.mail.join(mailbox).join("new"), Watch::FloorRecipient)],
-        &|| {
-            let mut c = Client::plain(relay.port_a);
-            c.expect("EHLO client.test", 250);
-            c
-        },
+        &|| plain_client(relay.port_a),
         &on_stall,
     )?;
     let cpu0 = relay.cpu_ticks();
@@ -1289,20 +1285,22 @@ fn drive_plain(
     let dirs = (0..case.rcpts)
         .map(|i| (mail.join(format!("r{i:02}/new")), Watch::FloorRecipient))
         .collect();
-    let connect = || {
-        let mut c = Client::plain(port);
-        c.expect("EHLO client.test", 250);
-        c
-    };
     drive(
         case,
         sessions,
         "mario@floor-a.test",
         &rcpts,
         dirs,
-        &connect,
+        &|| plain_client(port),
         on_stall,
     )
+}
+
+/// A client session with a plain relay on `port`, past its greeting.
+fn plain_client(port: u16) -> Client {
+    let mut c = Client::plain(port);
+    c.expect("EHLO client.test", 250);
+    c
 }
 
 /// The floor: two plain SMTP relays on loopback in a runtime of their own.

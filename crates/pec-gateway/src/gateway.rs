@@ -32,7 +32,7 @@ use crate::{
     metrics::Metrics,
     pec::{
         checks::{self, Limits, Refusal, SmtpEnvelope},
-        classify::{self, Incoming},
+        classify::{self, Incoming, Summary},
         compose::{self, Composed, Issuer, Notice, Transmission},
         daticert::{Daticert, Destinatario, Tipo, TipoDestinatario, TipoRicevuta},
     },
@@ -593,7 +593,7 @@ impl Gateway {
         }
         if classify::claims_receipt(&message) {
             match self
-                .receive_receipt(&id, &summary.message_id, &envelope, &message)
+                .receive_receipt(&id, &summary, &envelope, &message)
                 .await
             {
                 Ok(true) => {
@@ -881,14 +881,16 @@ impl Gateway {
         Ok(())
     }
 
-    /// What `message` is, its signature checked against `trusted` (unless
-    /// [`Self::unsecured`]).
-    fn classify(&self, message: &[u8], trusted: &TrustedSigners) -> Incoming {
+    /// What `message` is, its signature checked against the providers'
+    /// index (unless [`Self::unsecured`]). The index is read in place: a
+    /// reload waits for the check, which never awaits.
+    fn classify(&self, message: &[u8]) -> Incoming {
         #[cfg(feature = "bench-floor")]
         if self.unsecured {
             return classify::classify_unverified(message);
         }
-        classify::classify(message, trusted)
+        let trusted = self.trusted.read().unwrap_or_else(|e| e.into_inner());
+        classify::classify(message, &trusted)
     }
 
     async fn deliver_received(
@@ -899,12 +901,7 @@ impl Gateway {
         message: &[u8],
     ) -> Result<(), String> {
         let now = clock::now();
-        let trusted = self
-            .trusted
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let incoming = self.classify(message, &trusted);
+        let incoming = self.classify(message);
         let ours = self.ours(recipients);
         match incoming {
             Incoming::Envelope { daticert, .. } => {
@@ -957,7 +954,8 @@ impl Gateway {
                 }
             }
             Incoming::Receipt { daticert, .. } => {
-                let Some(sent) = self.sent_here(&daticert, message) else {
+                let summary = classify::summary(message);
+                let Some(sent) = self.sent_here(&daticert, &summary) else {
                     return self
                         .deliver_anomaly(
                             message,
@@ -967,7 +965,7 @@ impl Gateway {
                         )
                         .await;
                 };
-                self.settle_receipt(&sent, &daticert, message, reverse_path, &ours)
+                self.settle_receipt(&sent, &daticert, &summary, message, reverse_path, &ours)
                     .await?;
             }
             Incoming::Anomaly { reason, code } => {
@@ -995,32 +993,34 @@ impl Gateway {
     async fn receive_receipt(
         &self,
         id: &str,
-        message_id: &str,
+        summary: &Summary,
         envelope: &SmtpEnvelope,
         message: &[u8],
     ) -> Result<bool, String> {
-        let trusted = self
-            .trusted
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Incoming::Receipt { daticert, .. } = self.classify(message, &trusted) else {
+        let Incoming::Receipt { daticert, .. } = self.classify(message) else {
             return Ok(false);
         };
-        let Some(sent) = self.sent_here(&daticert, message) else {
+        let Some(sent) = self.sent_here(&daticert, summary) else {
             return Ok(false);
         };
         let ours = self.ours(&envelope.forward_paths);
         self.log(
             id,
-            message_id,
+            &summary.message_id,
             "ricezione",
             &envelope.reverse_path,
             &envelope.forward_paths,
             "received",
         );
-        self.settle_receipt(&sent, &daticert, message, &envelope.reverse_path, &ours)
-            .await?;
+        self.settle_receipt(
+            &sent,
+            &daticert,
+            summary,
+            message,
+            &envelope.reverse_path,
+            &ours,
+        )
+        .await?;
         Ok(true)
     }
 
@@ -1033,12 +1033,12 @@ impl Gateway {
             .collect()
     }
 
-    /// The transmission a receipt is about and the provider that issued it,
-    /// when this provider sent that transmission to that provider.
-    fn sent_here(&self, daticert: &Daticert, message: &[u8]) -> Option<(Transmission, String)> {
+    /// The transmission a receipt is about and the provider that issued it
+    /// (from the receipt's sender address in `summary`), when this provider
+    /// sent that transmission to that provider.
+    fn sent_here(&self, daticert: &Daticert, summary: &Summary) -> Option<(Transmission, String)> {
         let t = Transmission::from_daticert(daticert);
-        // The issuing provider, from the receipt's sender address.
-        let issuer_domain = checks::domain_of(&classify::summary(message).from);
+        let issuer_domain = checks::domain_of(&summary.from);
         let sent = checks::domain_of(&t.mittente) == self.config.domain
             && self
                 .queue
@@ -1053,6 +1053,7 @@ impl Gateway {
         &self,
         (t, issuer_domain): &(Transmission, String),
         daticert: &Daticert,
+        summary: &Summary,
         message: &[u8],
         reverse_path: &str,
         ours: &[String],
@@ -1078,9 +1079,8 @@ impl Gateway {
                 "recorded",
             );
         } else {
-            let msgid = classify::summary(message).message_id;
             for rcpt in ours {
-                self.deliver_local(rcpt, &msgid, message)?;
+                self.deliver_local(rcpt, &summary.message_id, message)?;
             }
             self.log(
                 &t.identificativo,
