@@ -77,7 +77,8 @@ pub struct Clamd {
 /// The commands this client sends.
 enum Command<'a> {
     Ping,
-    Instream(&'a [u8]),
+    /// One stream, sent as the concatenation of its pieces.
+    Instream(&'a [&'a [u8]]),
 }
 
 impl Clamd {
@@ -139,8 +140,15 @@ impl Clamd {
     /// Streams `message` to clamd and returns its verdict. Any failure to get
     /// a verdict is an error, which callers must treat as "do not accept".
     pub async fn scan(&self, message: &[u8]) -> Result<Verdict, ScanError> {
+        self.scan_pieces(&[message]).await
+    }
+
+    /// Scans the concatenation of `pieces` as one stream, as
+    /// [`Clamd::scan`] does (clamd cannot tell the difference), without
+    /// copying them into one buffer.
+    pub async fn scan_pieces(&self, pieces: &[&[u8]]) -> Result<Verdict, ScanError> {
         let reply = self
-            .converse(Command::Instream(message), self.scan_timeout)
+            .converse(Command::Instream(pieces), self.scan_timeout)
             .await?;
         parse_scan_reply(&reply)
     }
@@ -232,9 +240,9 @@ where
 {
     match command {
         Command::Ping => bounded(timeout, stream.write_all(b"zPING\0"), "write").await?,
-        Command::Instream(message) => {
+        Command::Instream(pieces) => {
             bounded(timeout, stream.write_all(b"zINSTREAM\0"), "write").await?;
-            for chunk in message.chunks(CHUNK) {
+            for chunk in pieces.iter().flat_map(|p| p.chunks(CHUNK)) {
                 // `chunks` never yields more than CHUNK bytes, which fits.
                 let len = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
                 bounded(timeout, stream.write_all(&len.to_be_bytes()), "write").await?;
@@ -486,6 +494,22 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.chunk_lengths, vec![CHUNK, CHUNK, CHUNK, 8 * 1024]);
         assert!(seen.stream == message, "the reassembled stream differs");
+    }
+
+    #[tokio::test]
+    async fn pieces_are_scanned_as_one_stream() {
+        let (clamd, seen) = fake_clamd(Behaviour::Honest).await;
+        // The test string split between two pieces is still found.
+        let (head, tail) = EICAR.split_at(30);
+        let verdict = clamd
+            .scan_pieces(&[b"Subject: x\r\n\r\n", head, tail])
+            .await;
+        assert!(matches!(verdict, Ok(Verdict::Infected(_))), "{verdict:?}");
+        let big: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+        let (a, b) = big.split_at(70 * 1024);
+        assert_eq!(clamd.scan_pieces(&[a, b]).await.unwrap(), Verdict::Clean);
+        let seen = seen.lock().unwrap();
+        assert!(seen.stream == big, "the reassembled stream differs");
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@
 
 use std::{
     collections::BTreeMap,
+    ops::Range,
     path::{Path, PathBuf},
     sync::{
         Arc, RwLock,
@@ -271,13 +272,24 @@ impl Gateway {
         }
     }
 
-    async fn scan(&self, message: &[u8]) -> Result<Verdict, Reply> {
+    /// Scans `message` except the bytes in `known` (an original this
+    /// gateway scanned at submission, which a receipt carries back).
+    async fn scan_except(
+        &self,
+        message: &[u8],
+        known: Option<Range<usize>>,
+    ) -> Result<Verdict, Reply> {
         if self.unsecured {
             return Ok(Verdict::Clean);
         }
-        match self.clamd.scan(message).await {
+        let known = known.unwrap_or_default();
+        let pieces = [&message[..known.start], &message[known.end..]];
+        match self.clamd.scan_pieces(&pieces).await {
             Ok(v) => {
                 self.clamd_ok.store(true, Ordering::Relaxed);
+                self.metrics
+                    .antivirus_known_bytes
+                    .inc_by(known.len() as u64);
                 let label = if v == Verdict::Clean {
                     "clean"
                 } else {
@@ -422,7 +434,7 @@ impl Gateway {
             oggetto: submission.subject.clone(),
             tipo_ricevuta: submission.tipo_ricevuta,
         };
-        match self.scan(&message).await {
+        match self.scan_except(&message, None).await {
             Err(reply) => return reply,
             Ok(Verdict::Infected(name)) => {
                 self.quarantine(
@@ -573,7 +585,12 @@ impl Gateway {
             now.timestamp_nanos_opt().unwrap_or_default(),
             rand::random::<u64>()
         );
-        match self.scan(&message).await {
+        // A receipt for a transmission sent here is recognised first: if it
+        // carries back the original this gateway scanned at submission,
+        // clamd need not read that part again.
+        let receipt = self.own_receipt(&summary, &message);
+        let known = receipt.as_ref().and_then(|r| r.known_original.clone());
+        match self.scan_except(&message, known).await {
             Err(reply) => return reply,
             Ok(Verdict::Infected(name)) => {
                 self.quarantine(
@@ -591,28 +608,28 @@ impl Gateway {
             }
             Ok(Verdict::Clean) => {}
         }
-        if classify::claims_receipt(&message) {
-            match self
-                .receive_receipt(&id, &summary, &envelope, &message)
+        if let Some(receipt) = receipt {
+            return match self
+                .record_receipt(&id, &summary, &envelope, &message, receipt)
                 .await
             {
-                Ok(true) => {
+                Ok(()) => {
                     failpoint::hit("received");
-                    return Reply::new(250, "2.0.0", "recorded");
+                    Reply::new(250, "2.0.0", "recorded")
                 }
-                // Not a valid receipt for a message sent here: queued as
-                // any other message, its job delivers it as an anomaly.
-                Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "recording a receipt failed; refusing temporarily");
-                    return Reply::new(
+                    Reply::new(
                         451,
                         "4.3.0",
                         "could not record the receipt; try again later",
-                    );
+                    )
                 }
-            }
+            };
         }
+        // Anything else, a claimed receipt that is not a valid one for a
+        // message sent here included, is queued; its job delivers it (as an
+        // anomaly where it is not valid PEC).
         let job = Job::new(
             id.clone(),
             Work::Received {
@@ -841,6 +858,9 @@ impl Gateway {
                 taken: Default::default(),
                 settled: Default::default(),
                 warned: false,
+                // Only a complete delivery receipt carries it back.
+                original_sha256: (t.tipo_ricevuta == TipoRicevuta::Completa)
+                    .then(|| compose::hex_digest(original)),
             };
             blocking(|| self.queue.track(&tracked)).map_err(|e| e.to_string())?;
         }
@@ -982,27 +1002,46 @@ impl Gateway {
         Ok(())
     }
 
-    /// The incoming point's short path for a receipt: settled before the
-    /// 250 rather than queued as a job. A receipt only updates the record
-    /// of its transmission and goes into the sender's mailbox, both durable
-    /// and keyed, so a sender that retries after a crash here changes
-    /// nothing twice; and it saves a job file written, synced and removed
-    /// per receipt. `Ok(false)` when `message` is no valid receipt for a
-    /// message sent here: the caller queues it, and its job delivers it as
-    /// an anomaly.
-    async fn receive_receipt(
+    /// A message that claims to be a receipt and is a valid one for a
+    /// transmission sent here (to the provider that issued it), with where
+    /// it carries back the original as this gateway scanned it.
+    fn own_receipt(&self, summary: &Summary, message: &[u8]) -> Option<OwnReceipt> {
+        if !classify::claims_receipt(message) {
+            return None;
+        }
+        let Incoming::Receipt {
+            daticert, original, ..
+        } = self.classify(message)
+        else {
+            return None;
+        };
+        let sent = self.sent_here(&daticert, summary)?;
+        let known_original = original.filter(|r| {
+            self.queue
+                .scanned_original(&sent.0.identificativo)
+                .is_some_and(|scanned| scanned == compose::hex_digest(&message[r.clone()]))
+        });
+        Some(OwnReceipt {
+            daticert,
+            sent,
+            known_original,
+        })
+    }
+
+    /// The incoming point's short path for a receipt ([`Self::own_receipt`]):
+    /// settled before the 250 rather than queued as a job. A receipt only
+    /// updates the record of its transmission and goes into the sender's
+    /// mailbox, both durable and keyed, so a sender that retries after a
+    /// crash here changes nothing twice; and it saves a job file written,
+    /// synced and removed per receipt.
+    async fn record_receipt(
         &self,
         id: &str,
         summary: &Summary,
         envelope: &SmtpEnvelope,
         message: &[u8],
-    ) -> Result<bool, String> {
-        let Incoming::Receipt { daticert, .. } = self.classify(message) else {
-            return Ok(false);
-        };
-        let Some(sent) = self.sent_here(&daticert, summary) else {
-            return Ok(false);
-        };
+        receipt: OwnReceipt,
+    ) -> Result<(), String> {
         let ours = self.ours(&envelope.forward_paths);
         self.log(
             id,
@@ -1013,15 +1052,14 @@ impl Gateway {
             "received",
         );
         self.settle_receipt(
-            &sent,
-            &daticert,
+            &receipt.sent,
+            &receipt.daticert,
             summary,
             message,
             &envelope.reverse_path,
             &ours,
         )
-        .await?;
-        Ok(true)
+        .await
     }
 
     /// The recipients among `recipients` in this domain.
@@ -1281,9 +1319,16 @@ fn pem_files(source: &Path) -> Vec<PathBuf> {
     }
 }
 
-/// Runs blocking work (an fsync, a token call) on this runtime thread after
-/// telling the runtime, which moves the other sessions and jobs elsewhere
-/// meanwhile, so a slow disk never stalls the SMTP dialogue.
+/// A valid receipt for a transmission sent here ([`Gateway::own_receipt`]).
+struct OwnReceipt {
+    daticert: Daticert,
+    /// The transmission and the provider that issued the receipt.
+    sent: (Transmission, String),
+    /// Where the receipt carries back the original byte for byte as this
+    /// gateway scanned it at submission.
+    known_original: Option<Range<usize>>,
+}
+
 /// What a job file of `bytes` takes of the jobs' memory budget, in KiB:
 /// at least 1, at most all of it.
 fn job_kib(bytes: u64) -> u32 {
@@ -1292,6 +1337,9 @@ fn job_kib(bytes: u64) -> u32 {
         .clamp(1, JOB_MEMORY_KIB)
 }
 
+/// Runs blocking work (an fsync, a token call) on this runtime thread after
+/// telling the runtime, which moves the other sessions and jobs elsewhere
+/// meanwhile, so a slow disk never stalls the SMTP dialogue.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }

@@ -39,6 +39,10 @@ pub struct Metrics {
     /// `pec_gateway_antivirus_verdicts_total{verdict}`: `clean`,
     /// `infected` or `error`.
     pub antivirus_verdicts: IntCounterVec,
+    /// `pec_gateway_antivirus_known_bytes_total`: bytes not sent to clamd
+    /// because a receipt carried back an original byte for byte as this
+    /// gateway scanned it at submission.
+    pub antivirus_known_bytes: IntCounter,
     /// `pec_gateway_smtp_sessions_total{listener}`: `smtp` or `submissions`.
     pub smtp_sessions: IntCounterVec,
     /// `pec_gateway_smtp_replies_total{listener,code}`: replies sent, by
@@ -90,6 +94,13 @@ impl Metrics {
                     "Antivirus scans, by verdict (clean, infected, error).",
                 ),
                 &["verdict"],
+            ),
+        );
+        let antivirus_known_bytes = register(
+            &registry,
+            IntCounter::new(
+                "pec_gateway_antivirus_known_bytes_total",
+                "Bytes of returned originals not scanned again: a receipt carried them back byte for byte as scanned at submission.",
             ),
         );
         let smtp_sessions = register(
@@ -144,6 +155,7 @@ impl Metrics {
             signing_seconds,
             queue_depth,
             antivirus_verdicts,
+            antivirus_known_bytes,
             smtp_sessions,
             smtp_replies,
             auth_failures,
@@ -214,6 +226,7 @@ mod tests {
             .smtp_sessions
             .with_label_values(&["submissions"])
             .inc();
+        metrics.antivirus_known_bytes.inc_by(1024);
         metrics.smtp_reply("smtp", 250);
         metrics.auth_failures.inc();
         let (body, _) = metrics.encode().unwrap();
@@ -225,6 +238,7 @@ mod tests {
             "pec_gateway_queue_depth 4",
             r#"pec_gateway_antivirus_verdicts_total{verdict="infected"} 1"#,
             r#"pec_gateway_antivirus_verdicts_total{verdict="clean"} 0"#,
+            "pec_gateway_antivirus_known_bytes_total 1024",
             r#"pec_gateway_smtp_sessions_total{listener="submissions"} 1"#,
             r#"pec_gateway_smtp_sessions_total{listener="smtp"} 0"#,
             r#"pec_gateway_smtp_replies_total{code="250",listener="smtp"} 1"#,

@@ -161,6 +161,11 @@ pub struct Tracked {
     /// Whether the 12-hour warning went out.
     #[serde(default)]
     pub warned: bool,
+    /// The SHA-256 (hex) of the original as it was scanned at submission:
+    /// a complete delivery receipt that carries it back byte for byte need
+    /// not have clamd read it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_sha256: Option<String>,
 }
 
 /// What the clock asks of a tracked transmission.
@@ -524,6 +529,14 @@ impl Queue {
         self.sent_log().contains(identificativo)
     }
 
+    /// The digest of a tracked transmission's original as it was scanned
+    /// at submission ([`Tracked::original_sha256`]).
+    pub fn scanned_original(&self, identificativo: &str) -> Option<String> {
+        self.sent_log()
+            .get(identificativo)
+            .and_then(|t| t.original_sha256.clone())
+    }
+
     /// Every tracked transmission, oldest first.
     pub fn tracked(&self) -> io::Result<Vec<Tracked>> {
         Ok(self.sent_log().all())
@@ -689,6 +702,7 @@ mod tests {
             taken: BTreeSet::new(),
             settled: BTreeSet::new(),
             warned: false,
+            original_sha256: None,
         }
     }
 

@@ -16,7 +16,7 @@ fn with_attachment(from: &str, to: &str, subject: &str, content: &[u8]) -> Strin
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(content);
     format!(
-        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nSee the file.\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"file.com\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}\r\n--b--\r\n"
+        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"file\"\r\n\r\n--file\r\nContent-Type: text/plain\r\n\r\nSee the file.\r\n--file\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"file.com\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}\r\n--file--\r\n"
     )
 }
 
@@ -556,19 +556,35 @@ fn receipt_from_b(
     t: &pec_gateway::pec::compose::Transmission,
     rcpt: &str,
 ) -> (String, String) {
+    let composed = delivered_by_b(p, t, rcpt, None);
+    (composed.message_id.clone(), signed_by_b(p, &composed))
+}
+
+/// The delivery receipt B composes for `t` and `rcpt`, carrying `original`
+/// when `t` asks for complete receipts.
+fn delivered_by_b(
+    p: &Pair,
+    t: &pec_gateway::pec::compose::Transmission,
+    rcpt: &str,
+    original: Option<&[u8]>,
+) -> pec_gateway::pec::compose::Composed {
     use pec_gateway::pec::compose;
     let issuer = compose::Issuer {
         domain: &p.db.name,
         gestore: "B",
     };
-    let composed = compose::receipt(
+    compose::receipt(
         t,
         compose::Notice::Delivered(rcpt),
         &t.mittente,
         issuer,
         pec_gateway::clock::now(),
-        None,
-    );
+        original,
+    )
+}
+
+/// `composed` signed with B's key, as a message.
+fn signed_by_b(p: &Pair, composed: &pec_gateway::pec::compose::Composed) -> String {
     let cert = pec_core::smime::SignerCertificate::from_pem(&p.db.cert_pem).expect("cert");
     let sig = pec_core::smime::sign_detached(
         &composed.entity,
@@ -578,7 +594,7 @@ fn receipt_from_b(
     )
     .expect("sign");
     let msg = pec_core::smime::multipart_signed(&composed.headers, &composed.entity, &sig, "b");
-    (composed.message_id, String::from_utf8(msg).expect("ascii"))
+    String::from_utf8(msg).expect("ascii")
 }
 
 /// Sends `message` to A's incoming point as provider B does.
@@ -650,6 +666,80 @@ fn a_receipt_is_delivered_before_its_250_and_once_when_sent_again() {
         2,
         "the gateway's own receipt and the one sent twice"
     );
+}
+
+/// A complete delivery receipt carries back the original A scanned at
+/// submission: clamd reads the rest of it, not that original again. A
+/// virus in the rest, or an original that differs, is still found.
+#[test]
+fn a_returned_original_is_not_scanned_again_but_the_rest_of_the_receipt_is() {
+    let mut p = Pair::start();
+    let (mario, anna) = (p.mario(), p.anna());
+    // B stays away, so the transmission keeps waiting for its receipts and
+    // only the ones this test sends as B arrive.
+    p.b.kill9();
+    let original = message(&mario, &[&anna], "Andata e ritorno", "Prova.");
+    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
+    let (code, text) = c.send_mail(&mario, &[&anna], &original);
+    assert_eq!(code, 250, "{text}");
+    let accepted = p.a.wait_for_mail("mario", "X-Ricevuta: accettazione", 1);
+    let sent = daticert_of(&accepted[0]);
+    let mut t = transmission(&sent.identificativo, &mario, &anna, "Andata e ritorno");
+    t.msgid = sent.msgid.clone();
+    let known_bytes = |p: &Pair| -> u64 {
+        let (_, _, metrics) = p.a.http_get("/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("pec_gateway_antivirus_known_bytes_total "))
+            .and_then(|v| v.parse().ok())
+            .expect("the counter is exported")
+    };
+    assert_eq!(known_bytes(&p), 0);
+
+    // For addresses that are not recipients, so none settles the
+    // transmission and it keeps waiting.
+    let to = |name: &str| format!("{name}@{}", p.db.name);
+    let back = delivered_by_b(&p, &t, &to("bruno"), Some(original.as_bytes()));
+    let (code, text) = send_as_b(&p, &mario, &signed_by_b(&p, &back));
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(
+        known_bytes(&p),
+        original.len() as u64,
+        "the original was skipped"
+    );
+
+    let mut infected = delivered_by_b(&p, &t, &to("carla"), Some(original.as_bytes()));
+    infected.entity = with_part(&infected.entity, EICAR.as_bytes());
+    let (code, text) = send_as_b(&p, &mario, &signed_by_b(&p, &infected));
+    assert_eq!(code, 554, "a virus beside the returned original: {text}");
+    assert_eq!(p.a.quarantined(), 1);
+    assert_eq!(known_bytes(&p), 2 * original.len() as u64);
+
+    let other = with_attachment(&mario, &anna, "Andata e ritorno", EICAR.as_bytes());
+    let swapped = delivered_by_b(&p, &t, &to("dario"), Some(other.as_bytes()));
+    let (code, text) = send_as_b(&p, &mario, &signed_by_b(&p, &swapped));
+    assert_eq!(code, 554, "an original other than the one sent: {text}");
+    assert_eq!(p.a.quarantined(), 2);
+    assert_eq!(known_bytes(&p), 2 * original.len() as u64, "scanned whole");
+}
+
+/// `entity` (a `multipart/mixed` body) with one more part: `content` as a
+/// base64 attachment.
+fn with_part(entity: &[u8], content: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let text = String::from_utf8(entity.to_vec()).expect("ascii");
+    let boundary = text
+        .split("boundary=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a boundary");
+    let last = format!("--{boundary}--");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(content);
+    let part = format!(
+        "--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"file.com\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}\r\n{last}"
+    );
+    assert!(text.contains(&last), "{text}");
+    text.replacen(&last, &part, 1).into_bytes()
 }
 
 #[test]

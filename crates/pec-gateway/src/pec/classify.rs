@@ -6,6 +6,8 @@
 //! `daticert.xml` agrees with the outer headers. The outer headers are not
 //! signed, so the kind is taken from the signed certification data.
 
+use std::ops::Range;
+
 use mail_parser::{Message, MessageParser, MimeHeaders};
 use pec_core::smime::{self, TrustedSigners, Verified};
 
@@ -28,6 +30,10 @@ pub enum Incoming {
         daticert: Daticert,
         /// The signature.
         signer: Verified,
+        /// Where the attached original (`postacert.eml` of a complete
+        /// delivery receipt) stands in the message, when it stands there
+        /// byte for byte (an attached message not transfer-encoded).
+        original: Option<Range<usize>>,
     },
     /// Not a valid PEC message.
     Anomaly {
@@ -173,8 +179,22 @@ fn classify_with(
         }
         Incoming::Envelope { daticert, signer }
     } else {
-        Incoming::Receipt { daticert, signer }
+        let original = attachment(&entity, "postacert.eml").and_then(|a| within(message, a));
+        Incoming::Receipt {
+            daticert,
+            signer,
+            original,
+        }
     }
+}
+
+/// Where `part` stands in `whole`, if it is a slice of it (not a decoded
+/// copy).
+fn within(whole: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    // Addresses compared as numbers: no pointer is dereferenced.
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
 }
 
 /// The bytes of the attachment named `name`.
@@ -232,6 +252,74 @@ mod tests {
             ),
             "{r:?}"
         );
+    }
+
+    /// A delivery receipt for `tipo`, carrying `original`, framed as signed
+    /// (with a signature only [`accept_any`] takes).
+    fn delivery_receipt(tipo: super::super::daticert::TipoRicevuta, original: &[u8]) -> Vec<u8> {
+        use super::super::compose::{self, Issuer, Notice, Transmission};
+        use super::super::daticert::{Destinatario, TipoDestinatario};
+        let t = Transmission {
+            identificativo: "opec.1@pec.a.it".into(),
+            msgid: "m1@client".into(),
+            mittente: "mario@pec.a.it".into(),
+            destinatari: vec![Destinatario {
+                address: "anna@pec.b.it".into(),
+                tipo: TipoDestinatario::Certificato,
+            }],
+            oggetto: "Prova".into(),
+            tipo_ricevuta: tipo,
+        };
+        let issuer = Issuer {
+            domain: "pec.b.it",
+            gestore: "B",
+        };
+        let now = crate::clock::now();
+        let c = compose::receipt(
+            &t,
+            Notice::Delivered("anna@pec.b.it"),
+            &t.mittente,
+            issuer,
+            now,
+            Some(original),
+        );
+        smime::multipart_signed(&c.headers, &c.entity, b"sig", "s")
+    }
+
+    fn accept_any(message: &[u8]) -> Incoming {
+        classify_with(message, |_, _| {
+            Ok(Verified {
+                signer_sha256: String::new(),
+                signing_time: None,
+            })
+        })
+    }
+
+    #[test]
+    fn a_complete_receipt_says_where_its_original_stands_byte_for_byte() {
+        use super::super::daticert::TipoRicevuta;
+        let original = b"From: mario@pec.a.it\r\nSubject: Prova\r\n\r\nciao\r\n";
+        let full = delivery_receipt(TipoRicevuta::Completa, original);
+        match accept_any(&full) {
+            Incoming::Receipt {
+                original: Some(r), ..
+            } => assert_eq!(&full[r], original),
+            other => panic!("expected a receipt with its original, got {other:?}"),
+        }
+        let short = delivery_receipt(TipoRicevuta::Breve, original);
+        assert!(
+            matches!(accept_any(&short), Incoming::Receipt { original: None, .. }),
+            "a short receipt carries no original"
+        );
+    }
+
+    #[test]
+    fn only_a_slice_of_the_message_stands_within_it() {
+        let whole = b"abcdef".to_vec();
+        assert_eq!(within(&whole, &whole[2..5]), Some(2..5));
+        assert_eq!(within(&whole, &whole[6..]), Some(6..6));
+        let copy = whole[2..5].to_vec();
+        assert_eq!(within(&whole, &copy), None, "a decoded copy is not");
     }
 
     proptest! {

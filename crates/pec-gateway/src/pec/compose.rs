@@ -474,7 +474,8 @@ pub fn anomaly_envelope(
     }
 }
 
-fn hex_digest(bytes: &[u8]) -> String {
+/// The SHA-256 of `bytes`, in lowercase hex.
+pub fn hex_digest(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))

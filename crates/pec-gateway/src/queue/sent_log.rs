@@ -33,8 +33,9 @@ pub const COMPACT_AT_LEAST: usize = 4096;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 enum Entry {
-    /// A transmission starts waiting, or changed.
-    Put(Tracked),
+    /// A transmission starts waiting, or changed (boxed: far larger than
+    /// a `Drop`; the line is the same).
+    Put(Box<Tracked>),
     /// A transmission stopped waiting.
     Drop(String),
 }
@@ -104,6 +105,11 @@ impl SentLog {
         self.waiting.contains_key(identificativo)
     }
 
+    /// The record of `identificativo`, if it waits for receipts.
+    pub fn get(&self, identificativo: &str) -> Option<&Tracked> {
+        self.waiting.get(identificativo)
+    }
+
     /// Every waiting transmission, oldest first.
     pub fn all(&self) -> Vec<Tracked> {
         let mut all: Vec<Tracked> = self.waiting.values().cloned().collect();
@@ -113,7 +119,7 @@ impl SentLog {
 
     /// Starts (or replaces) the record of `t`, durably.
     pub fn put(&mut self, t: &Tracked) -> io::Result<()> {
-        self.append(&[Entry::Put(t.clone())])?;
+        self.append(&[Entry::Put(Box::new(t.clone()))])?;
         self.waiting.insert(t.identificativo.clone(), t.clone());
         self.compact_if_due()
     }
@@ -133,7 +139,7 @@ impl SentLog {
             self.append(&[Entry::Drop(identificativo.to_owned())])?;
             self.waiting.remove(identificativo);
         } else {
-            self.append(&[Entry::Put(t.clone())])?;
+            self.append(&[Entry::Put(Box::new(t.clone()))])?;
             self.waiting.insert(identificativo.to_owned(), t.clone());
         }
         self.compact_if_due()?;
@@ -143,7 +149,7 @@ impl SentLog {
     fn apply(&mut self, entry: Entry) {
         match entry {
             Entry::Put(t) => {
-                self.waiting.insert(t.identificativo.clone(), t);
+                self.waiting.insert(t.identificativo.clone(), *t);
             }
             Entry::Drop(id) => {
                 self.waiting.remove(&id);
@@ -174,7 +180,7 @@ impl SentLog {
     fn compact(&mut self) -> io::Result<()> {
         let mut bytes = Vec::new();
         for t in self.all() {
-            serde_json::to_writer(&mut bytes, &Entry::Put(t)).map_err(invalid)?;
+            serde_json::to_writer(&mut bytes, &Entry::Put(Box::new(t))).map_err(invalid)?;
             bytes.push(b'\n');
         }
         write_durably(&self.root, Self::FILE, &bytes)?;
@@ -212,7 +218,11 @@ impl SentLog {
                 }
             }
         }
-        let entries: Vec<Entry> = found.iter().cloned().map(Entry::Put).collect();
+        let entries: Vec<Entry> = found
+            .iter()
+            .cloned()
+            .map(|t| Entry::Put(Box::new(t)))
+            .collect();
         if !entries.is_empty() {
             self.append(&entries)?;
         }
@@ -246,6 +256,7 @@ mod tests {
             taken: BTreeSet::new(),
             settled: BTreeSet::new(),
             warned: false,
+            original_sha256: None,
         }
     }
 
