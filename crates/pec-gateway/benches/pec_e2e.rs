@@ -27,7 +27,7 @@
 //!   relay A writes the message durably to its spool (the gateway's own
 //!   `store::write_durably`: temporary file, fsync, rename, directory
 //!   fsync), replies 250 and forwards it over a persistent SMTP connection
-//!   (4 forwarders; the gateway runs up to 16 jobs at once) to relay B, which
+//!   (4 forwarders; the gateway runs up to 64 jobs at once) to relay B, which
 //!   delivers it into each recipient's Maildir (the gateway's
 //!   `store::Maildirs::deliver`, fsync'd) before its 250. Latency is from
 //!   `MAIL FROM` to the message being in every recipient's Maildir on B.
