@@ -257,30 +257,19 @@ mod tests {
     /// A delivery receipt for `tipo`, carrying `original`, framed as signed
     /// (with a signature only [`accept_any`] takes).
     fn delivery_receipt(tipo: super::super::daticert::TipoRicevuta, original: &[u8]) -> Vec<u8> {
-        use super::super::compose::{self, Issuer, Notice, Transmission};
-        use super::super::daticert::{Destinatario, TipoDestinatario};
-        let t = Transmission {
-            identificativo: "opec.1@pec.a.it".into(),
-            msgid: "m1@client".into(),
-            mittente: "mario@pec.a.it".into(),
-            destinatari: vec![Destinatario {
-                address: "anna@pec.b.it".into(),
-                tipo: TipoDestinatario::Certificato,
-            }],
-            oggetto: "Prova".into(),
-            tipo_ricevuta: tipo,
-        };
+        use super::super::compose::{self, Issuer, Notice};
+        let mut t = compose::tests::transmission();
+        t.tipo_ricevuta = tipo;
         let issuer = Issuer {
             domain: "pec.b.it",
             gestore: "B",
         };
-        let now = crate::clock::now();
         let c = compose::receipt(
             &t,
             Notice::Delivered("anna@pec.b.it"),
             &t.mittente,
             issuer,
-            now,
+            crate::clock::now(),
             Some(original),
         );
         smime::multipart_signed(&c.headers, &c.entity, b"sig", "s")

@@ -509,12 +509,14 @@ fn list(destinatari: &[Destinatario]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
     use mail_parser::MimeHeaders;
 
-    fn transmission() -> Transmission {
+    /// A transmission from mario@pec.a.it to anna@pec.b.it, complete
+    /// receipts asked for (a fixture of the tests of `pec`).
+    pub(crate) fn transmission() -> Transmission {
         Transmission {
             identificativo: "opec.1@pec.a.it".into(),
             msgid: "m1@client".into(),
