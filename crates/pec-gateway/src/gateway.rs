@@ -593,18 +593,9 @@ impl Gateway {
         match self.scan_except(&message, known).await {
             Err(reply) => return reply,
             Ok(Verdict::Infected(name)) => {
-                self.quarantine(
-                    &id,
-                    &summary.message_id,
-                    &envelope.reverse_path,
-                    &envelope.forward_paths,
-                    &message,
-                );
-                return Reply::new(
-                    554,
-                    "5.7.1",
-                    format!("virus found ({name}); the message is kept in quarantine"),
-                );
+                return self
+                    .refuse_infected(&id, &summary, &envelope, &message, &name)
+                    .await;
             }
             Ok(Verdict::Clean) => {}
         }
@@ -1002,6 +993,72 @@ impl Gateway {
         Ok(())
     }
 
+    /// The incoming point's answer to an infected message, which is kept in
+    /// quarantine and never delivered. A valid transport envelope from
+    /// another provider is taken (250) and that provider gets a signed
+    /// virus detection notice, from which it tells its sender; anything
+    /// else is refused (554).
+    async fn refuse_infected(
+        &self,
+        id: &str,
+        summary: &Summary,
+        envelope: &SmtpEnvelope,
+        message: &[u8],
+        name: &str,
+    ) -> Reply {
+        let from_elsewhere = match self.classify(message) {
+            Incoming::Envelope { daticert, .. } => Some(Transmission::from_daticert(&daticert)),
+            _ => None,
+        }
+        .filter(|t| checks::domain_of(&t.mittente) != self.config.domain);
+        let Some(t) = from_elsewhere else {
+            self.quarantine(
+                id,
+                &summary.message_id,
+                &envelope.reverse_path,
+                &envelope.forward_paths,
+                message,
+            );
+            return Reply::new(
+                554,
+                "5.7.1",
+                format!("virus found ({name}); the message is kept in quarantine"),
+            );
+        };
+        // Notified first: a provider that hears no 250 sends the envelope
+        // again, and the notice goes once per transmission.
+        let notice = compose::receipt(
+            &t,
+            Notice::VirusDetected(name),
+            &t.mittente,
+            self.issuer(),
+            clock::now(),
+            None,
+        );
+        if let Err(e) = self.emit(notice, Tipo::RilevazioneVirus, &t).await {
+            tracing::warn!(error = %e, "the virus detection notice could not be queued; refusing temporarily");
+            return Reply::new(
+                451,
+                "4.3.0",
+                "could not notify the sender's provider; try again later",
+            );
+        }
+        self.quarantine(
+            &t.identificativo,
+            &t.msgid,
+            &envelope.reverse_path,
+            &envelope.forward_paths,
+            message,
+        );
+        Reply::new(
+            250,
+            "2.0.0",
+            format!(
+                "virus found ({name}): not delivered, kept in quarantine; the sender's provider is notified"
+            ),
+        )
+    }
+
     /// A message that claims to be a receipt and is a valid one for a
     /// transmission sent here (to the provider that issued it), with where
     /// it carries back the original as this gateway scanned it.
@@ -1097,16 +1154,52 @@ impl Gateway {
         ours: &[String],
     ) -> Result<(), String> {
         let settles = matches!(daticert.tipo, Tipo::AvvenutaConsegna | Tipo::ErroreConsegna);
-        blocking(|| {
+        let virus = daticert.tipo == Tipo::RilevazioneVirus;
+        // The recipients a virus detection notice stops: every one still
+        // waiting at the provider that found the virus.
+        let mut stopped = Vec::new();
+        let tracked = blocking(|| {
             self.queue.update_tracked(&t.identificativo, |tr| {
                 tr.taken.insert(issuer_domain.clone());
                 if settles && let Some(c) = &daticert.consegna {
                     tr.settled.insert(c.to_ascii_lowercase());
                 }
+                if virus {
+                    stopped = tr
+                        .unsettled()
+                        .into_iter()
+                        .filter(|r| checks::domain_of(r) == *issuer_domain)
+                        .collect();
+                    tr.settled.extend(stopped.iter().cloned());
+                }
             })
         })
         .map_err(|e| e.to_string())?;
-        if daticert.tipo == Tipo::PresaInCarico {
+        if virus {
+            // The sender hears it from this provider, as a non-delivery
+            // notice per recipient; the other provider's notice is recorded.
+            self.log(
+                &t.identificativo,
+                &t.msgid,
+                Tipo::RilevazioneVirus.as_str(),
+                reverse_path,
+                &stopped,
+                "recorded",
+            );
+            let name = daticert.errore_esteso.as_deref().unwrap_or("virus");
+            let t = tracked.as_ref().map_or_else(|| t.clone(), transmission_of);
+            for rcpt in &stopped {
+                let notice = compose::receipt(
+                    &t,
+                    Notice::VirusNotDelivered(rcpt, name),
+                    &t.mittente,
+                    self.issuer(),
+                    clock::now(),
+                    None,
+                );
+                self.emit(notice, Tipo::ErroreConsegna, &t).await?;
+            }
+        } else if daticert.tipo == Tipo::PresaInCarico {
             // Between providers only: recorded, not delivered.
             self.log(
                 &t.identificativo,

@@ -468,10 +468,30 @@ fn transmission(
 /// A transport envelope from domain A to Anna, signed by `key_id` with
 /// certificate `cert_pem` (valid, unknown or tampered as the test wants).
 fn forged_envelope(p: &Pair, key_id: &str, cert_pem: &str, tamper: bool) -> Vec<u8> {
+    let (mario, anna) = (p.mario(), p.anna());
+    let original = message(&mario, &[&anna], "Forged", "x");
+    envelope_signed_by(p, key_id, cert_pem, &original, tamper)
+}
+
+/// A transport envelope from domain A to Anna carrying `original`, signed
+/// by `key_id` with certificate `cert_pem`, tampered after signing if
+/// `tamper`.
+fn envelope_signed_by(
+    p: &Pair,
+    key_id: &str,
+    cert_pem: &str,
+    original: &str,
+    tamper: bool,
+) -> Vec<u8> {
     use pec_gateway::pec::compose;
     let mario = p.mario();
     let anna = p.anna();
-    let id = format!("opec.forged.{}@{}", std::process::id(), p.da.name);
+    let id = format!(
+        "opec.forged.{}.{}@{}",
+        std::process::id(),
+        unique(),
+        p.da.name
+    );
     let t = transmission(&id, &mario, &anna, "Forged");
     let issuer = compose::Issuer {
         domain: &p.da.name,
@@ -479,7 +499,7 @@ fn forged_envelope(p: &Pair, key_id: &str, cert_pem: &str, tamper: bool) -> Vec<
     };
     let mut composed = compose::transport_envelope(
         &t,
-        message(&mario, &[&anna], "Forged", "x").as_bytes(),
+        original.as_bytes(),
         std::slice::from_ref(&anna),
         issuer,
         pec_gateway::clock::now(),
@@ -721,6 +741,87 @@ fn a_returned_original_is_not_scanned_again_but_the_rest_of_the_receipt_is() {
     assert_eq!(code, 554, "an original other than the one sent: {text}");
     assert_eq!(p.a.quarantined(), 2);
     assert_eq!(known_bytes(&p), 2 * original.len() as u64, "scanned whole");
+}
+
+/// The recipient's provider that finds a virus in a valid transport
+/// envelope keeps it, delivers nothing, and tells the sending provider with
+/// a signed virus detection notice.
+#[test]
+fn an_infected_envelope_is_kept_and_the_sending_provider_notified() {
+    let p = Pair::start();
+    let (mario, anna) = (p.mario(), p.anna());
+    let infected = with_attachment(&mario, &anna, "Infetto", EICAR.as_bytes());
+    let envelope = envelope_signed_by(&p, &p.da.key_id, &p.da.cert_pem, &infected, false);
+    let mut c = Client::plain(p.b.smtp);
+    c.expect("EHLO peer.test", 250);
+    let (code, text) = c.send_mail(
+        &format!("posta-certificata@{}", p.da.name),
+        &[&anna],
+        &String::from_utf8(envelope).expect("ascii"),
+    );
+    assert_eq!(code, 250, "taken, to be answered with a notice: {text}");
+    assert!(text.contains("virus"), "{text}");
+    assert_eq!(p.b.quarantined(), 1);
+    // The notice reaches A signed by B; A never sent this (forged)
+    // transmission, so it delivers the notice to Mario as an anomaly.
+    let anomaly = p.a.wait_for_mail("mario", "X-Trasporto: errore", 1);
+    let text = String::from_utf8_lossy(&anomaly[0]);
+    assert!(text.contains("X-Ricevuta: rilevazione-virus"), "{text}");
+    assert!(
+        text.contains("never sent"),
+        "a valid receipt, not a bad one: {text}"
+    );
+    assert!(
+        p.b.mailbox("anna").is_empty(),
+        "nothing infected is delivered"
+    );
+}
+
+/// A virus detection notice from the recipient's provider becomes this
+/// provider's own signed non-delivery notice (`errore="virus"`) to the
+/// sender, once, and settles the recipient.
+#[test]
+fn a_virus_detection_notice_becomes_a_non_delivery_notice_for_the_sender() {
+    let mut p = Pair::start();
+    let (mario, anna) = (p.mario(), p.anna());
+    p.b.kill9();
+    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
+    let (code, text) = c.send_message(&mario, &[&anna], "Virus", "Prova.");
+    assert_eq!(code, 250, "{text}");
+    let accepted = p.a.wait_for_mail("mario", "X-Ricevuta: accettazione", 1);
+    let sent = daticert_of(&accepted[0]);
+    let mut t = transmission(&sent.identificativo, &mario, &anna, "Virus");
+    t.msgid = sent.msgid.clone();
+    let issuer = pec_gateway::pec::compose::Issuer {
+        domain: &p.db.name,
+        gestore: "B",
+    };
+    let notice = signed_by_b(
+        &p,
+        &pec_gateway::pec::compose::receipt(
+            &t,
+            pec_gateway::pec::compose::Notice::VirusDetected("Eicar-Test-Signature"),
+            &t.mittente,
+            issuer,
+            pec_gateway::clock::now(),
+            None,
+        ),
+    );
+    for attempt in ["first", "again"] {
+        let (code, text) = send_as_b(&p, &mario, &notice);
+        assert_eq!(code, 250, "{attempt}: {text}");
+        let failed = p.a.wait_for_mail("mario", "X-Ricevuta: errore-consegna", 1);
+        assert_eq!(failed.len(), 1, "{attempt}: one notice");
+        let d = daticert_of(&failed[0]);
+        assert_eq!(d.errore.as_str(), "virus");
+        assert_eq!(d.consegna.as_deref(), Some(anna.as_str()));
+        openssl_verify(&failed[0], &p.ca_file()).expect("the notice verifies");
+    }
+    assert!(
+        p.a.find("mario", "X-Ricevuta: rilevazione-virus")
+            .is_empty(),
+        "the other provider's notice is recorded, not delivered"
+    );
 }
 
 /// `entity` (a `multipart/mixed` body) with one more part: `content` as a

@@ -109,6 +109,12 @@ pub enum Notice<'a> {
     StillUndelivered(&'a str),
     /// No receipt within the maximum time: given up.
     TimedOut(&'a str),
+    /// The recipient's provider found a virus in the transport envelope
+    /// (to the sender's provider), with the virus' name.
+    VirusDetected(&'a str),
+    /// Not delivered to this address because the recipient's provider
+    /// found a virus, with its name.
+    VirusNotDelivered(&'a str, &'a str),
 }
 
 impl Notice<'_> {
@@ -118,8 +124,11 @@ impl Notice<'_> {
             Notice::NotAccepted(_) | Notice::Virus(_) => Tipo::NonAccettazione,
             Notice::TakenInCharge => Tipo::PresaInCarico,
             Notice::Delivered(_) => Tipo::AvvenutaConsegna,
-            Notice::NotDelivered(..) | Notice::TimedOut(_) => Tipo::ErroreConsegna,
+            Notice::NotDelivered(..) | Notice::TimedOut(_) | Notice::VirusNotDelivered(..) => {
+                Tipo::ErroreConsegna
+            }
             Notice::StillUndelivered(_) => Tipo::PreavvisoErroreConsegna,
+            Notice::VirusDetected(_) => Tipo::RilevazioneVirus,
         }
     }
 
@@ -135,12 +144,16 @@ impl Notice<'_> {
                 "AVVISO DI MANCATA CONSEGNA PER SUP. TEMPO MASSIMO (PREAVVISO): "
             }
             Notice::TimedOut(_) => "AVVISO DI MANCATA CONSEGNA PER SUP. TEMPO MASSIMO: ",
+            Notice::VirusDetected(_) => "PROBLEMA DI SICUREZZA: ",
+            Notice::VirusNotDelivered(..) => "AVVISO DI MANCATA CONSEGNA PER VIRUS: ",
         }
     }
 
     fn errore(&self) -> Errore {
         match self {
-            Notice::Virus(_) => Errore::Virus,
+            Notice::Virus(_) | Notice::VirusDetected(_) | Notice::VirusNotDelivered(..) => {
+                Errore::Virus
+            }
             Notice::NotDelivered(..) => Errore::NoDest,
             Notice::NotAccepted(_) | Notice::StillUndelivered(_) | Notice::TimedOut(_) => {
                 Errore::Altro
@@ -152,7 +165,9 @@ impl Notice<'_> {
     /// The addressee the notice is about, for the Message-ID.
     fn about(&self) -> &str {
         match self {
-            Notice::Delivered(a) | Notice::NotDelivered(a, _) => a,
+            Notice::Delivered(a) | Notice::NotDelivered(a, _) | Notice::VirusNotDelivered(a, _) => {
+                a
+            }
             Notice::StillUndelivered(a) | Notice::TimedOut(a) => a,
             _ => "",
         }
@@ -160,7 +175,10 @@ impl Notice<'_> {
 
     fn errore_esteso(&self) -> Option<String> {
         match self {
-            Notice::NotAccepted(r) | Notice::Virus(r) => Some(r.to_string()),
+            Notice::NotAccepted(r) | Notice::Virus(r) | Notice::VirusDetected(r) => {
+                Some(r.to_string())
+            }
+            Notice::VirusNotDelivered(_, r) => Some(r.to_string()),
             Notice::NotDelivered(_, r) => Some(r.to_string()),
             Notice::StillUndelivered(_) => Some("nessuna ricevuta entro 12 ore".into()),
             Notice::TimedOut(_) => Some("nessuna ricevuta entro 24 ore".into()),
@@ -341,7 +359,7 @@ pub fn receipt(
             TipoRicevuta::Breve | TipoRicevuta::Sintetica => None,
         };
     }
-    if let Notice::NotDelivered(addr, _) = notice {
+    if let Notice::NotDelivered(addr, _) | Notice::VirusNotDelivered(addr, _) = notice {
         d.consegna = Some(addr.to_string());
     }
     let mut text = format!(
@@ -373,6 +391,13 @@ pub fn receipt(
         Notice::TimedOut(a) => {
             format!("ed indirizzato a \"{a}\" non e' stato consegnato entro 24 ore.\r\n")
         }
+        Notice::VirusDetected(v) => format!(
+            "ed indirizzato a:\r\n{}\r\ncontiene un virus ({v}) e non e' stato consegnato.\r\n",
+            list(&t.destinatari)
+        ),
+        Notice::VirusNotDelivered(a, v) => format!(
+            "ed indirizzato a \"{a}\" non e' stato consegnato: il gestore del destinatario vi ha rilevato un virus ({v}).\r\n"
+        ),
     });
     if t.tipo_ricevuta == TipoRicevuta::Breve
         && matches!(notice, Notice::Delivered(_))
@@ -491,6 +516,8 @@ fn title(notice: &Notice<'_>) -> &'static str {
         Notice::NotDelivered(..) => "Avviso di mancata consegna",
         Notice::StillUndelivered(_) => "Preavviso di mancata consegna",
         Notice::TimedOut(_) => "Avviso di mancata consegna per superamento tempi massimi",
+        Notice::VirusDetected(_) => "Avviso di rilevazione virus informatico",
+        Notice::VirusNotDelivered(..) => "Avviso di mancata consegna per virus informatico",
     }
 }
 
@@ -697,5 +724,39 @@ pub(crate) mod tests {
             .parse_headers(c.headers.as_bytes())
             .expect("headers parse");
         assert_eq!(head.subject(), Some("AVVISO DI NON ACCETTAZIONE: Prova è"));
+    }
+
+    #[test]
+    fn virus_notices_between_providers_and_to_the_sender_name_the_virus() {
+        let t = transmission();
+        let found = receipt(
+            &t,
+            Notice::VirusDetected("Eicar"),
+            &t.mittente,
+            ISSUER,
+            now(),
+            None,
+        );
+        let d = daticert_of(&found);
+        assert_eq!((d.tipo, d.errore), (Tipo::RilevazioneVirus, Errore::Virus));
+        assert_eq!(d.errore_esteso.as_deref(), Some("Eicar"));
+        let stopped = receipt(
+            &t,
+            Notice::VirusNotDelivered("anna@pec.b.it", "Eicar"),
+            &t.mittente,
+            ISSUER,
+            now(),
+            None,
+        );
+        let d = daticert_of(&stopped);
+        assert_eq!((d.tipo, d.errore), (Tipo::ErroreConsegna, Errore::Virus));
+        assert_eq!(d.consegna.as_deref(), Some("anna@pec.b.it"));
+        let head = mail_parser::MessageParser::default()
+            .parse_headers(stopped.headers.as_bytes())
+            .expect("headers parse");
+        assert_eq!(
+            head.subject(),
+            Some("AVVISO DI MANCATA CONSEGNA PER VIRUS: Prova è")
+        );
     }
 }

@@ -87,7 +87,8 @@ impl TestToken {
     }
 }
 
-fn unique() -> u64 {
+/// A number no other call in this process returns.
+pub fn unique() -> u64 {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
