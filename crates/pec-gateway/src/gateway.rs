@@ -849,8 +849,9 @@ impl Gateway {
                 taken: Default::default(),
                 settled: Default::default(),
                 warned: false,
-                // Only a complete delivery receipt carries it back.
-                original_sha256: (t.tipo_ricevuta == TipoRicevuta::Completa)
+                // Only a complete delivery receipt carries it back, and
+                // only a scan can skip it.
+                original_sha256: (t.tipo_ricevuta == TipoRicevuta::Completa && !self.unsecured)
                     .then(|| compose::hex_digest(original)),
             };
             blocking(|| self.queue.track(&tracked)).map_err(|e| e.to_string())?;
@@ -1074,9 +1075,11 @@ impl Gateway {
         };
         let sent = self.sent_here(&daticert, summary)?;
         let known_original = original.filter(|r| {
-            self.queue
-                .scanned_original(&sent.0.identificativo)
-                .is_some_and(|scanned| scanned == compose::hex_digest(&message[r.clone()]))
+            !self.unsecured
+                && self
+                    .queue
+                    .scanned_original(&sent.0.identificativo)
+                    .is_some_and(|scanned| scanned == compose::hex_digest(&message[r.clone()]))
         });
         Some(OwnReceipt {
             daticert,
@@ -1210,15 +1213,16 @@ impl Gateway {
                 "recorded",
             );
         } else {
-            for rcpt in ours {
-                self.deliver_local(rcpt, &summary.message_id, message)?;
-            }
+            // To the transmission's sender only, as this gateway recorded
+            // it, whatever mailboxes of this domain the SMTP envelope names.
+            let sender = tracked.as_ref().map_or(&t.mittente, |tr| &tr.sender);
+            self.deliver_local(sender, &summary.message_id, message)?;
             self.log(
                 &t.identificativo,
                 &t.msgid,
                 daticert.tipo.as_str(),
                 reverse_path,
-                ours,
+                std::slice::from_ref(sender),
                 "delivered",
             );
         }

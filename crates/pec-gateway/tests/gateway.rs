@@ -695,17 +695,8 @@ fn a_receipt_is_delivered_before_its_250_and_once_when_sent_again() {
 fn a_returned_original_is_not_scanned_again_but_the_rest_of_the_receipt_is() {
     let mut p = Pair::start();
     let (mario, anna) = (p.mario(), p.anna());
-    // B stays away, so the transmission keeps waiting for its receipts and
-    // only the ones this test sends as B arrive.
-    p.b.kill9();
     let original = message(&mario, &[&anna], "Andata e ritorno", "Prova.");
-    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_mail(&mario, &[&anna], &original);
-    assert_eq!(code, 250, "{text}");
-    let accepted = p.a.wait_for_mail("mario", "X-Ricevuta: accettazione", 1);
-    let sent = daticert_of(&accepted[0]);
-    let mut t = transmission(&sent.identificativo, &mario, &anna, "Andata e ritorno");
-    t.msgid = sent.msgid.clone();
+    let t = waiting_transmission(&mut p, &original, "Andata e ritorno");
     let known_bytes = |p: &Pair| -> u64 {
         let (_, _, metrics) = p.a.http_get("/metrics");
         metrics
@@ -720,13 +711,25 @@ fn a_returned_original_is_not_scanned_again_but_the_rest_of_the_receipt_is() {
     // transmission and it keeps waiting.
     let to = |name: &str| format!("{name}@{}", p.db.name);
     let back = delivered_by_b(&p, &t, &to("bruno"), Some(original.as_bytes()));
-    let (code, text) = send_as_b(&p, &mario, &signed_by_b(&p, &back));
+    // Addressed to Luigi too: a receipt goes to its transmission's sender
+    // only.
+    let luigi = format!("luigi@{}", p.da.name);
+    let mut c = Client::plain(p.a.smtp);
+    c.expect("EHLO peer.test", 250);
+    let (code, text) = c.send_mail(
+        &format!("posta-certificata@{}", p.db.name),
+        &[&mario, &luigi],
+        &signed_by_b(&p, &back),
+    );
     assert_eq!(code, 250, "{text}");
+    assert!(text.contains("recorded"), "settled at once: {text}");
     assert_eq!(
         known_bytes(&p),
         original.len() as u64,
         "the original was skipped"
     );
+    assert_eq!(p.a.find("mario", &back.message_id).len(), 1);
+    assert!(p.a.mailbox("luigi").is_empty(), "only the sender gets it");
 
     let mut infected = delivered_by_b(&p, &t, &to("carla"), Some(original.as_bytes()));
     infected.entity = with_part(&infected.entity, EICAR.as_bytes());
@@ -784,14 +787,8 @@ fn an_infected_envelope_is_kept_and_the_sending_provider_notified() {
 fn a_virus_detection_notice_becomes_a_non_delivery_notice_for_the_sender() {
     let mut p = Pair::start();
     let (mario, anna) = (p.mario(), p.anna());
-    p.b.kill9();
-    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
-    let (code, text) = c.send_message(&mario, &[&anna], "Virus", "Prova.");
-    assert_eq!(code, 250, "{text}");
-    let accepted = p.a.wait_for_mail("mario", "X-Ricevuta: accettazione", 1);
-    let sent = daticert_of(&accepted[0]);
-    let mut t = transmission(&sent.identificativo, &mario, &anna, "Virus");
-    t.msgid = sent.msgid.clone();
+    let original = message(&mario, &[&anna], "Virus", "Prova.");
+    let t = waiting_transmission(&mut p, &original, "Virus");
     let issuer = pec_gateway::pec::compose::Issuer {
         domain: &p.db.name,
         gestore: "B",
@@ -822,6 +819,26 @@ fn a_virus_detection_notice_becomes_a_non_delivery_notice_for_the_sender() {
             .is_empty(),
         "the other provider's notice is recorded, not delivered"
     );
+}
+
+/// Stops B, then has Mario submit `original` (with `subject`) to Anna: the
+/// transmission A then waits on, for receipts that only the test sends as
+/// B.
+fn waiting_transmission(
+    p: &mut Pair,
+    original: &str,
+    subject: &str,
+) -> pec_gateway::pec::compose::Transmission {
+    let (mario, anna) = (p.mario(), p.anna());
+    p.b.kill9();
+    let mut c = Client::login(p.a.submissions, &mario, MARIO_PASSWORD);
+    let (code, text) = c.send_mail(&mario, &[&anna], original);
+    assert_eq!(code, 250, "{text}");
+    let accepted = p.a.wait_for_mail("mario", "X-Ricevuta: accettazione", 1);
+    let sent = daticert_of(&accepted[0]);
+    let mut t = transmission(&sent.identificativo, &mario, &anna, subject);
+    t.msgid = sent.msgid.clone();
+    t
 }
 
 /// `entity` (a `multipart/mixed` body) with one more part: `content` as a
