@@ -390,7 +390,9 @@ async fn sla_report(
 
 async fn run(args: RunArgs) -> Result<(), BoxError> {
     telemetry::init(args.log_format);
-    let client = Client::try_default().await?;
+    // Kept: the Lease's renewals make a client of their own from it.
+    let config = kube::Config::infer().await?;
+    let client = Client::try_from(config.clone())?;
     let metrics = Metrics::new()?;
     let ready = Arc::new(AtomicBool::new(false));
     let (addr, server) = http::serve(
@@ -469,15 +471,14 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         .with_concurrency(args.max_concurrent_reconciles)
         .with_debounce(std::time::Duration::from_millis(args.reconcile_debounce_ms)),
     );
-    // The controllers stop by themselves on SIGTERM or Ctrl-C. They run in
-    // a task of their own, apart from the Lease renewals.
-    let lost = elector.lead(clock.as_ref(), controllers::run(ctx)).await == Tenure::Lost;
+    // The controllers stop by themselves on SIGTERM or Ctrl-C. The Lease is
+    // renewed on a thread of its own meanwhile, and released when they stop.
+    let lost = elector.lead(config, clock, controllers::run(ctx)).await == Tenure::Lost;
     metrics.leader.set(0);
     if lost {
         tracing::error!("lost leadership; exiting so no two replicas reconcile at once");
         std::process::exit(1);
     }
-    elector.release().await;
     tracing::info!("stopped");
     Ok(())
 }
