@@ -181,10 +181,15 @@ impl Credentials {
                 right
             }
         };
-        // Gates are only handed out under this lock: a count of two (the
-        // map's and this one) means no one else is waiting on it.
+        // Gates are handed out and given back only under this lock, so the
+        // last caller to give its gate back sees the map's the only one
+        // left and removes it.
         let mut checking = lock(&self.checking);
-        if Arc::strong_count(&gate) == 2 {
+        drop(gate);
+        if checking
+            .get(&key)
+            .is_some_and(|gate| Arc::strong_count(gate) == 1)
+        {
             checking.remove(&key);
         }
         right
@@ -570,6 +575,27 @@ mod tests {
         assert_eq!(checks, 4, "a failure proves nothing to the next caller");
         assert!(lock(&credentials.proven).is_empty());
         assert!(lock(&credentials.checking).is_empty(), "no gate left");
+    }
+
+    #[test]
+    fn no_gate_is_left_however_the_callers_interleave() {
+        let credentials = Credentials::parse("").unwrap();
+        for round in 0..1000u32 {
+            let key = proof_key("anna", &round.to_string(), "phc");
+            let barrier = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        credentials.check_once(key, || round % 2 == 0)
+                    });
+                }
+            });
+            assert!(
+                lock(&credentials.checking).is_empty(),
+                "a gate was left after round {round}"
+            );
+        }
     }
 
     #[test]
