@@ -13,7 +13,9 @@
 //! - **memory**: the operator's resident memory after convergence, and
 //!   again after the resync period (idle connections and transient
 //!   buffers gone), against the domains in the cluster, and its slope per
-//!   domain.
+//!   domain; beside it, the heap its live objects take and the heap its
+//!   allocator holds (`pec_operator_heap_*`), which tell the caches'
+//!   growth from the allocator's slack and the binary's own pages.
 //!
 //! Needs a local cluster with the operator running: `./e2e/bench.sh` sets it
 //! up, runs this program and tears it down. Prints figures; asserts nothing.
@@ -454,9 +456,34 @@ fn operator_metric(port: &str, name: &str) -> Option<f64> {
         .ok()
 }
 
-/// The operator's resident memory in MiB.
-fn rss_mib(port: &str) -> Option<f64> {
-    operator_metric(port, "process_resident_memory_bytes").map(|b| b / 1024.0 / 1024.0)
+/// The operator's memory, in MiB: the whole process's resident memory,
+/// and of its heap what live objects take and what the allocator holds.
+#[derive(Clone, Copy)]
+struct Memory {
+    rss: f64,
+    allocated: f64,
+    heap_resident: f64,
+}
+
+impl Memory {
+    fn read(port: &str) -> Option<Self> {
+        let mib = |name| operator_metric(port, name).map(|b| b / 1024.0 / 1024.0);
+        Some(Self {
+            rss: mib("process_resident_memory_bytes")?,
+            allocated: mib("pec_operator_heap_allocated_bytes")?,
+            heap_resident: mib("pec_operator_heap_resident_bytes")?,
+        })
+    }
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} MiB (heap {:.1} MiB allocated, {:.1} MiB held by the allocator)",
+            self.rss, self.allocated, self.heap_resident
+        )
+    }
 }
 
 /// Requests per second over a minute of steady state, and the writes of
@@ -525,10 +552,10 @@ async fn main() -> Result<(), BoxError> {
         .unwrap_or(300);
     let port = std::env::var("PEC_BENCH_OPERATOR_PORT").ok();
     let client = Client::try_default().await?;
-    let rss = || port.as_deref().and_then(rss_mib);
-    let idle = rss();
+    let memory_now = || port.as_deref().and_then(Memory::read);
+    let idle = memory_now();
     if let Some(idle) = idle {
-        println!("operator memory before any domain: {idle:.1} MiB");
+        println!("operator memory before any domain: {idle}");
     }
     // (domains in the cluster, the operator's memory once they settled)
     let mut memory = Vec::new();
@@ -543,19 +570,19 @@ async fn main() -> Result<(), BoxError> {
         )
         .await?;
         total += n;
-        let converged = rss();
-        if let Some(mib) = converged {
+        let converged = memory_now();
+        if let Some(memory) = converged {
             println!(
-                "  operator memory after convergence: {mib:.1} MiB ({total} domains in the cluster)"
+                "  operator memory after convergence: {memory} ({total} domains in the cluster)"
             );
         }
         let settled = match &audit_log {
             Some(log) => {
                 steady_state(log, resync).await?;
-                let settled = rss();
-                if let Some(mib) = settled {
+                let settled = memory_now();
+                if let Some(memory) = settled {
                     println!(
-                        "  operator memory after the resync: {mib:.1} MiB ({total} domains in the cluster)"
+                        "  operator memory after the resync: {memory} ({total} domains in the cluster)"
                     );
                 }
                 settled
@@ -565,20 +592,25 @@ async fn main() -> Result<(), BoxError> {
                 converged
             }
         };
-        if let Some(mib) = settled {
-            memory.push((total, mib));
+        if let Some(settled) = settled {
+            memory.push((total, settled));
         }
     }
     if let (Some(idle), false) = (idle, memory.is_empty()) {
         println!("operator memory by domains in the cluster (settled):");
         let mut before = (0, idle);
-        for &(domains, mib) in &memory {
+        for &(domains, now) in &memory {
+            let per_domain = |mib: fn(&Memory) -> f64| {
+                (mib(&now) - mib(&before.1)) * 1024.0 / (domains - before.0) as f64
+            };
             println!(
-                "  {domains:>6} domains: {mib:7.1} MiB, {:6.1} KiB per domain since {} domains",
-                (mib - before.1) * 1024.0 / (domains - before.0) as f64,
-                before.0
+                "  {domains:>6} domains: {now}; per domain since {} domains: {:.1} KiB resident, \
+                 {:.1} KiB of heap allocated",
+                before.0,
+                per_domain(|m| m.rss),
+                per_domain(|m| m.allocated),
             );
-            before = (domains, mib);
+            before = (domains, now);
         }
     }
     Ok(())

@@ -22,6 +22,8 @@ use pec_operator::{
     telemetry::{self, LogFormat},
 };
 
+mod heap;
+
 /// jemalloc, which returns freed pages to the system (see README, crates).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -394,6 +396,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     let config = kube::Config::infer().await?;
     let client = Client::try_from(config.clone())?;
     let metrics = Metrics::new()?;
+    metrics.install("heap", heap::HeapCollector::new());
     let ready = Arc::new(AtomicBool::new(false));
     let (addr, server) = http::serve(
         args.metrics_addr,
