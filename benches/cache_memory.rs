@@ -1,8 +1,9 @@
 //! What the MailDomain controller's watch caches hold, kind by kind, on a
 //! live cluster: the heap each store takes (measured by a counting
 //! allocator, as the bytes a deep copy of the store allocates), per object
-//! and per MailDomain, beside the process's whole heap once every store is
-//! filled; and, as the baseline, the gateway pods as whole `Pod`s with
+//! and per MailDomain, and the index each store keeps beside its objects
+//! (its table and keys), beside the process's whole heap once every store
+//! is filled; and, as the baseline, the gateway pods as whole `Pod`s with
 //! their managed fields dropped (what a plain reflector would keep) beside
 //! the cache's compact pods.
 //!
@@ -60,6 +61,28 @@ fn held<K: Lookup<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> (usi
     (objects.len(), bytes)
 }
 
+/// [`held`] and [`index`] of `store`.
+fn both<K: Lookup<DynamicType = ()> + Clone + 'static>(
+    store: &Store<K>,
+) -> ((usize, isize), isize) {
+    (held(store), index(store))
+}
+
+/// The heap `store`'s index takes beside its objects: the table and its
+/// keys (each a name, a namespace and the version it was read at), built
+/// again one insert at a time, as the store builds it.
+fn index<K: Lookup<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> isize {
+    let objects = store.state();
+    let before = in_use();
+    let mut table = std::collections::HashMap::new();
+    for object in &objects {
+        table.insert(object.to_object_ref(()), object.clone());
+    }
+    let bytes = in_use() - before;
+    drop(table);
+    bytes
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = Client::try_default().await?;
@@ -79,26 +102,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         total as f64 / 1024.0 / domains as f64
     );
     let rows = [
-        ("MailDomains", held(&caches.mail_domains)),
-        ("Sites", held(&caches.sites)),
-        ("SigningKeys", held(&caches.signing_keys)),
-        ("Deployments", held(&caches.deployments)),
-        ("Pods", held(&caches.pods)),
-        ("ConfigMaps (metadata)", held(&caches.config_maps)),
-        ("Services (metadata)", held(&caches.services)),
-        ("PDBs (metadata)", held(&caches.pdbs)),
-        ("NetworkPolicies (metadata)", held(&caches.network_policies)),
-        ("EndpointSlices", held(&caches.endpoint_slices)),
-        ("Secrets", held(&caches.secrets)),
+        ("MailDomains", both(&caches.mail_domains)),
+        ("Sites", both(&caches.sites)),
+        ("SigningKeys", both(&caches.signing_keys)),
+        ("Deployments", both(&caches.deployments)),
+        ("Pods", both(&caches.pods)),
+        ("ConfigMaps (metadata)", both(&caches.config_maps)),
+        ("Services (metadata)", both(&caches.services)),
+        ("PDBs (metadata)", both(&caches.pdbs)),
+        ("NetworkPolicies (metadata)", both(&caches.network_policies)),
+        ("EndpointSlices", both(&caches.endpoint_slices)),
+        ("Secrets", both(&caches.secrets)),
     ];
-    let mut sum = 0;
-    for (kind, (n, bytes)) in rows {
+    let (mut sum, mut indexes) = (0, 0);
+    for (kind, ((n, bytes), index)) in rows {
         sum += bytes;
+        indexes += index;
         println!(
-            "  {kind:<28} {n:>7} objects {:>8.1} MiB {:>7.0} B each {:>6.1} KiB per domain",
+            "  {kind:<28} {n:>7} objects {:>8.1} MiB {:>7.0} B each {:>6.1} KiB per domain; index {:>4.0} B each",
             bytes as f64 / 1048576.0,
             bytes as f64 / n.max(1) as f64,
-            bytes as f64 / 1024.0 / domains as f64
+            bytes as f64 / 1024.0 / domains as f64,
+            index as f64 / n.max(1) as f64,
         );
     }
     let pods = Api::<Pod>::all(client.clone())
@@ -128,9 +153,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     drop(whole);
     println!(
-        "  the objects themselves: {:.1} MiB; the rest (maps, keys, Arcs, buffers): {:.1} MiB",
+        "  the objects themselves: {:.1} MiB; the stores' indexes (tables and keys): {:.1} MiB; \
+         the rest (the objects' shared headers, the watches' buffers): {:.1} MiB",
         sum as f64 / 1048576.0,
-        (total - sum) as f64 / 1048576.0
+        indexes as f64 / 1048576.0,
+        (total - sum - indexes) as f64 / 1048576.0
     );
     Ok(())
 }

@@ -38,9 +38,10 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   paths are I/O bound; its threads' own caches take most allocations
 ///   without touching the arena.
 ///
-/// With 1,000 domains, the settled resident memory went from 55.6 to
-/// 52.6 MiB, and what the allocator holds beyond the live heap from 14.3
-/// to 9.9 MiB (the rollout benchmark; README, crates). The
+/// With 1,000 domains, what the allocator holds beyond the live heap went
+/// from 14.3 MiB to 8.8-9.9 MiB, and the settled resident memory from
+/// 54.9-55.8 MiB to 52.6-54.0 MiB (the rollout benchmark; README, crates).
+/// The
 /// `_RJEM_MALLOC_CONF` environment variable still overrides these.
 #[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
