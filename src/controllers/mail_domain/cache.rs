@@ -17,7 +17,7 @@
 //! EndpointSlices, which the SLA probe reads too, and from a watch of their
 //! metadata the ConfigMaps, Services, PDBs and NetworkPolicies), the
 //! EndpointSlice controller's slices not at all, everything else without
-//! its managed fields.
+//! its managed fields or the copy of its manifest `kubectl apply` keeps.
 
 use std::sync::Arc;
 
@@ -222,9 +222,21 @@ fn domains_naming_secret(
     })
 }
 
-/// Drops what no reconcile reads from every cached object.
-fn drop_managed_fields<K: Resource>(obj: &mut K) {
+/// The annotation `kubectl apply` (client-side) leaves on what it applied:
+/// the whole manifest again, as JSON.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what no reconcile reads from every cached object: its managed
+/// fields, and the copy of its manifest `kubectl apply` keeps in an
+/// annotation (as large as the spec itself; it changes only with the spec,
+/// so no change goes unseen without it).
+fn drop_unread<K: Resource>(obj: &mut K) {
     obj.managed_fields_mut().clear();
+    let annotations = obj.annotations_mut();
+    annotations.remove(LAST_APPLIED);
+    if annotations.is_empty() {
+        obj.meta_mut().annotations = None;
+    }
 }
 
 /// Builds the stores, each filled in a task of its own, and the stream of
@@ -244,7 +256,7 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
     let mail_domains = watch_cache::spawn(
         Api::<MailDomain>::all(client.clone()),
         Config::default(),
-        drop_managed_fields,
+        drop_unread,
         {
             let (triggers, store) = (triggers.clone(), store.clone());
             let mut seen = SpecChanges::default();
@@ -262,13 +274,13 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
         sites: watch_cache::spawn(
             Api::<Site>::all(client.clone()),
             Config::default(),
-            drop_managed_fields,
+            drop_unread,
             related(&triggers, &mail_domains, domains_on_site),
         ),
         signing_keys: watch_cache::spawn(
             Api::<SigningKey>::all(client.clone()),
             Config::default(),
-            drop_managed_fields,
+            drop_unread,
             related(&triggers, &mail_domains, domains_signing_with),
         ),
         deployments: watch_cache::spawn_as(
@@ -393,6 +405,31 @@ mod tests {
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::runtime::watcher::Event;
+
+    #[test]
+    fn a_cached_domain_keeps_neither_managed_fields_nor_kubectl_s_copy() {
+        let mut md = domain(&["dc-it1", "dc-it2"]);
+        let manifest = serde_json::to_string(&md).unwrap();
+        md.metadata.managed_fields = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry::default(),
+        ]);
+        md.annotations_mut()
+            .insert(LAST_APPLIED.into(), manifest.clone());
+        md.annotations_mut().insert("team".into(), "mail".into());
+        let spec = md.spec.clone();
+        drop_unread(&mut md);
+        assert!(md.managed_fields().is_empty());
+        assert_eq!(
+            md.metadata.annotations,
+            Some([("team".to_string(), "mail".to_string())].into())
+        );
+        assert_eq!(md.spec, spec);
+
+        md.annotations_mut().insert(LAST_APPLIED.into(), manifest);
+        md.annotations_mut().remove("team");
+        drop_unread(&mut md);
+        assert_eq!(md.metadata.annotations, None, "no empty map is kept");
+    }
 
     fn owner(kind: &str, api_version: &str, name: &str) -> OwnerReference {
         OwnerReference {
