@@ -50,6 +50,10 @@ impl HeapCollector {
             self.resident.set(saturating(bytes));
         }
     }
+
+    fn gauges(&self) -> [&IntGauge; 2] {
+        [&self.allocated, &self.resident]
+    }
 }
 
 fn saturating(bytes: usize) -> i64 {
@@ -58,15 +62,12 @@ fn saturating(bytes: usize) -> i64 {
 
 impl Collector for HeapCollector {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        [&self.allocated, &self.resident]
-            .into_iter()
-            .flat_map(|g| g.desc())
-            .collect()
+        self.gauges().into_iter().flat_map(|g| g.desc()).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         self.refresh();
-        [&self.allocated, &self.resident]
+        self.gauges()
             .into_iter()
             .flat_map(|g| g.collect())
             .collect()
