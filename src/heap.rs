@@ -93,6 +93,12 @@ mod tests {
         )
     }
 
+    #[test]
+    fn the_allocator_runs_with_the_binary_s_options() {
+        assert_eq!(tikv_jemalloc_ctl::opt::narenas::read().unwrap(), 1);
+        assert!(tikv_jemalloc_ctl::background_thread::read().unwrap());
+    }
+
     /// The binary's tests allocate from jemalloc too (its global
     /// allocator), so a block allocated here shows in the gauges. Other
     /// tests running at once allocate far less than the block.
