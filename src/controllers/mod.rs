@@ -7,6 +7,7 @@
 //! fetch/apply code of each controller await.
 
 pub mod backoff;
+pub mod events;
 pub mod finalizer;
 pub mod handover;
 pub mod mail_domain;
@@ -26,7 +27,7 @@ use futures::future;
 use kube::{
     Client, Resource,
     runtime::controller::Action,
-    runtime::events::{Event, EventType, Recorder, Reporter},
+    runtime::events::{Event, EventType, Reporter},
 };
 
 use crate::{clock::Clock, failover::health::ProbeState, metrics::Metrics};
@@ -42,7 +43,7 @@ pub struct Context {
     /// The operator's metrics.
     pub metrics: Metrics,
     /// Publishes Kubernetes Events.
-    pub recorder: Recorder,
+    pub events: Arc<events::Events>,
     /// Health-check memory of each Site, between checks.
     site_probes: Mutex<HashMap<String, ProbeState>>,
     /// Whether external-dns DNSEndpoints can be written.
@@ -113,7 +114,7 @@ impl Context {
             instance: Some(instance.into()),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Arc::new(events::Events::new(client.clone(), reporter)),
             client,
             clock,
             metrics,
@@ -257,7 +258,7 @@ impl Context {
             secondary: None,
         };
         let (recorder, object, reason) = (
-            self.recorder.clone(),
+            self.events.recorder(tokio::time::Instant::now()),
             obj.object_ref(&()),
             reason.to_string(),
         );
@@ -271,8 +272,10 @@ impl Context {
     }
 }
 
-/// Runs every controller until they stop (on shutdown).
+/// Runs every controller until they stop (on shutdown), and meanwhile
+/// empties the Event recorder whenever it has been quiet for six minutes.
 pub async fn run(ctx: Arc<Context>) {
+    let forget = tokio::spawn(events::forget_while_idle(ctx.events.clone()));
     future::join4(
         site::run(ctx.clone()),
         mail_domain::run(ctx.clone()),
@@ -280,4 +283,5 @@ pub async fn run(ctx: Arc<Context>) {
         signing_key::run(ctx),
     )
     .await;
+    forget.abort();
 }
