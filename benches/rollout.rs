@@ -461,6 +461,11 @@ fn operator_metric(port: &str, name: &str) -> Option<f64> {
         .ok()
 }
 
+/// The CPU seconds the operator has spent, from its metrics on `port`.
+fn operator_cpu(port: Option<&str>) -> Option<f64> {
+    operator_metric(port?, "process_cpu_seconds_total")
+}
+
 /// The operator's memory, in MiB: the whole process's resident memory,
 /// and of its heap what live objects take and what the allocator holds.
 #[derive(Clone, Copy)]
@@ -601,7 +606,17 @@ async fn main() -> Result<(), BoxError> {
         // The Events of the rollout are all older than kube's window by
         // then, and the operator has dropped the recorder that kept them.
         let aged = events::SERIES_WINDOW + events::CHECK_EVERY + Duration::from_secs(10);
+        let cpu = || operator_cpu(port.as_deref());
+        let (idle_from, cpu_before) = (Instant::now(), cpu());
         tokio::time::sleep(aged.saturating_sub(converged_at.elapsed())).await;
+        if let (Some(before), Some(after)) = (cpu_before, cpu()) {
+            let idle = idle_from.elapsed().as_secs_f64();
+            println!(
+                "  operator CPU while idle: {:.1} s over {idle:.0} s ({:.1}% of one core)",
+                after - before,
+                100.0 * (after - before) / idle
+            );
+        }
         let settled = match memory_now() {
             Some(memory) => {
                 println!(
@@ -683,7 +698,7 @@ async fn rollout(
         println!("plain client : not run at this size (PEC_BENCH_PLAIN_UP_TO)");
         None
     };
-    let cpu = || port.and_then(|p| operator_metric(p, "process_cpu_seconds_total"));
+    let cpu = || operator_cpu(port);
     // Before the first MailDomain the series may not exist yet: zero.
     let reconciles = || {
         let metric = |m: &str| {
