@@ -13,9 +13,9 @@
 //! - **memory**: the operator's resident memory after convergence, and
 //!   again after the resync period (idle connections and transient
 //!   buffers gone) and once the rollout's Events have aged out of the
-//!   operator's event recorder (seven minutes after convergence; the
-//!   figures the slope is taken from), against the domains in the
-//!   cluster, and its slope per domain; beside it, the heap its live objects take and the heap its
+//!   operator's event recorder (seven and a half minutes after its last
+//!   Event; the figures the slope is taken from), against the domains in
+//!   the cluster, and its slope per domain; its CPU while idle; beside it, the heap its live objects take and the heap its
 //!   allocator holds (`pec_operator_heap_*`), which tell the caches'
 //!   growth from the allocator's slack and the binary's own pages.
 //!
@@ -52,7 +52,7 @@ use kube::{
 use pec_operator::{
     api::{MailDomain, MailDomainSpec, Site},
     controllers::{
-        events,
+        MANAGED_BY, events,
         mail_domain::{
             build::{self, Children, ReadyGateway, SiteChildren},
             observe::{self, ResolvedSite},
@@ -461,6 +461,33 @@ fn operator_metric(port: &str, name: &str) -> Option<f64> {
         .ok()
 }
 
+/// The namespace of the operator's run of `n` domains.
+fn operator_namespace(n: usize) -> String {
+    format!("bench-operator-{}-{n}", std::process::id())
+}
+
+/// How long ago the operator last published an Event in `ns` (zero if it
+/// published none).
+async fn since_last_operator_event(client: &Client, ns: &str) -> Result<Duration, BoxError> {
+    let events = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    let last = events
+        .items
+        .iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some(MANAGED_BY))
+        .filter_map(|e| {
+            let series = e.series.as_ref().map(|s| s.last_observed_time.0);
+            series.or(e.event_time.as_ref().map(|t| t.0))
+        })
+        .max();
+    let Some(last) = last else {
+        return Ok(Duration::ZERO);
+    };
+    let since = jiff::Timestamp::now().duration_since(last);
+    Ok(Duration::try_from(since).unwrap_or(Duration::ZERO))
+}
+
 /// The CPU seconds the operator has spent, from its metrics on `port`.
 fn operator_cpu(port: Option<&str>) -> Option<f64> {
     operator_metric(port?, "process_cpu_seconds_total")
@@ -603,19 +630,22 @@ async fn main() -> Result<(), BoxError> {
                 converged
             }
         };
-        // The Events of the rollout are all older than kube's window by
-        // then, and the operator has dropped the recorder that kept them.
-        let aged = events::SERIES_WINDOW + events::CHECK_EVERY + Duration::from_secs(10);
+        // Wait until the operator has dropped the recorder that kept the
+        // rollout's Events: the bound after its last one.
+        let since_last = since_last_operator_event(&client, &operator_namespace(n)).await?;
+        let wait = (events::FORGOTTEN_WITHIN + Duration::from_secs(10)).saturating_sub(since_last);
         let cpu = || operator_cpu(port.as_deref());
         let (idle_from, cpu_before) = (Instant::now(), cpu());
-        tokio::time::sleep(aged.saturating_sub(converged_at.elapsed())).await;
-        if let (Some(before), Some(after)) = (cpu_before, cpu()) {
-            let idle = idle_from.elapsed().as_secs_f64();
-            println!(
-                "  operator CPU while idle: {:.1} s over {idle:.0} s ({:.1}% of one core)",
+        tokio::time::sleep(wait).await;
+        let idle = idle_from.elapsed();
+        match (cpu_before, cpu()) {
+            (Some(before), Some(after)) if idle >= Duration::from_secs(60) => println!(
+                "  operator CPU while idle: {:.1} s over {:.0} s ({:.1}% of one core)",
                 after - before,
-                100.0 * (after - before) / idle
-            );
+                idle.as_secs_f64(),
+                100.0 * (after - before) / idle.as_secs_f64()
+            ),
+            _ => println!("  operator CPU while idle: not measured (under a minute idle)"),
         }
         let settled = match memory_now() {
             Some(memory) => {
@@ -712,7 +742,7 @@ async fn rollout(
     let cpu_before = cpu();
     let reconciles_before = reconciles();
     let from = now();
-    let operator_ns = format!("bench-operator-{tag}-{n}");
+    let operator_ns = operator_namespace(n);
     let (op_applied, op_ready) = run_operator(&client, &operator_ns, n).await?;
     let to = now();
     print_events(&client, &operator_ns, n).await?;

@@ -12,10 +12,12 @@
 //! long as it runs.
 //!
 //! [`Events`] starts a new, empty `Recorder` once nothing was published for
-//! [`SERIES_WINDOW`], kube's own window: by then every Event the old one
-//! remembers is one it would drop at its next publish, so Events are
-//! counted up exactly as before. [`forget_while_idle`] checks every
-//! [`CHECK_EVERY`].
+//! [`SERIES_WINDOW`], kube's own window, plus [`SLACK`]: by then every
+//! Event the old one remembers is one it would drop at its next publish,
+//! so repeats are counted up as before. (kube stamps an Event when its
+//! publish starts, just after it is handed out here; the slack covers the
+//! gap.) [`forget_while_idle`] checks every [`CHECK_EVERY`], so a quiet
+//! recorder is gone within [`FORGOTTEN_WITHIN`].
 
 use std::{
     sync::{Arc, Mutex},
@@ -32,9 +34,17 @@ use tokio::time::Instant;
 /// its cache's time to live.
 pub const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
 
-/// How often [`forget_while_idle`] checks whether the operator was quiet
-/// for [`SERIES_WINDOW`].
+/// What a recorder must be quiet for beyond [`SERIES_WINDOW`] to be
+/// replaced: more than the time between handing it out and kube stamping
+/// the Event.
+pub const SLACK: Duration = Duration::from_secs(30);
+
+/// How often [`forget_while_idle`] checks whether the operator was quiet.
 pub const CHECK_EVERY: Duration = Duration::from_secs(60);
+
+/// The longest a recorder outlives its last Event.
+pub const FORGOTTEN_WITHIN: Duration =
+    Duration::from_secs(SERIES_WINDOW.as_secs() + SLACK.as_secs() + CHECK_EVERY.as_secs());
 
 /// Publishes Events through one `Recorder` at a time (see the module docs).
 pub struct Events {
@@ -75,13 +85,13 @@ impl Events {
     }
 
     /// Replaces the recorder with an empty one if nothing was published
-    /// for [`SERIES_WINDOW`] before `now`; whether it did. Publishes still
+    /// for [`SERIES_WINDOW`] plus [`SLACK`] before `now`; whether it did. Publishes still
     /// in flight finish on the old one, which goes when they do.
     pub fn forget_if_idle(&self, now: Instant) -> bool {
         let mut state = self.lock();
         let idle = state
             .last_publish
-            .is_some_and(|last| now.saturating_duration_since(last) >= SERIES_WINDOW);
+            .is_some_and(|last| now.saturating_duration_since(last) >= SERIES_WINDOW + SLACK);
         if idle {
             state.recorder = Recorder::new(self.client.clone(), self.reporter.clone());
             state.last_publish = None;
@@ -101,15 +111,16 @@ impl Events {
 }
 
 /// Calls [`Events::forget_if_idle`] every [`CHECK_EVERY`], for ever: so a
-/// recorder is dropped at most [`SERIES_WINDOW`] plus [`CHECK_EVERY`]
-/// after its last Event.
+/// recorder is dropped at most [`FORGOTTEN_WITHIN`] after its last Event.
 pub async fn forget_while_idle(events: Arc<Events>) {
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         if events.forget_if_idle(Instant::now()) {
-            tracing::debug!("no Event for six minutes; the recorder's memory is given back");
+            tracing::debug!(
+                "no Event for six and a half minutes; the recorder's memory is given back"
+            );
         }
     }
 }
@@ -142,38 +153,44 @@ mod tests {
     #[tokio::test]
     async fn the_recorder_is_replaced_only_after_a_whole_quiet_window() {
         let events = events();
+        let quiet = SERIES_WINDOW + SLACK;
         let start = Instant::now();
         let _ = events.recorder(start);
-        let almost = start + SERIES_WINDOW - Duration::from_secs(1);
-        assert!(
-            !events.forget_if_idle(almost),
-            "an Event less than six minutes old"
-        );
+        let almost = start + quiet - Duration::from_secs(1);
+        assert!(!events.forget_if_idle(almost), "not quiet long enough");
         assert_eq!(events.generation(), 0);
 
         // Another Event moves the window.
         let _ = events.recorder(almost);
-        assert!(!events.forget_if_idle(start + SERIES_WINDOW));
+        assert!(!events.forget_if_idle(start + quiet));
         assert_eq!(events.generation(), 0);
 
-        assert!(events.forget_if_idle(almost + SERIES_WINDOW));
+        assert!(events.forget_if_idle(almost + quiet));
         assert_eq!(events.generation(), 1);
         assert!(
-            !events.forget_if_idle(almost + SERIES_WINDOW * 3),
+            !events.forget_if_idle(almost + quiet * 3),
             "a new recorder published nothing yet"
         );
         assert_eq!(events.generation(), 1);
     }
 
+    /// The last Event falls between two checks, as it would in a running
+    /// operator: the recorder goes after the quiet time, at the first
+    /// check after it, and no later than [`FORGOTTEN_WITHIN`].
     #[tokio::test(start_paused = true)]
-    async fn the_sweep_replaces_a_quiet_recorder_within_a_check() {
+    async fn the_sweep_replaces_a_quiet_recorder_at_the_next_check() {
         let events = Arc::new(events());
-        let _ = events.recorder(Instant::now());
         let sweep = tokio::spawn(forget_while_idle(events.clone()));
-        tokio::time::sleep(SERIES_WINDOW - Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let last = Instant::now();
+        let _ = events.recorder(last);
+
+        tokio::time::sleep_until(last + SERIES_WINDOW + SLACK - Duration::from_secs(1)).await;
         assert_eq!(events.generation(), 0, "still inside the window");
-        tokio::time::sleep(CHECK_EVERY + Duration::from_secs(1)).await;
-        assert_eq!(events.generation(), 1);
+        tokio::time::sleep_until(last + FORGOTTEN_WITHIN).await;
+        assert_eq!(events.generation(), 1, "gone by the bound");
+        tokio::time::sleep_until(last + FORGOTTEN_WITHIN * 3).await;
+        assert_eq!(events.generation(), 1, "the new recorder published nothing");
         sweep.abort();
     }
 }

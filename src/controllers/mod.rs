@@ -273,15 +273,19 @@ impl Context {
 }
 
 /// Runs every controller until they stop (on shutdown), and meanwhile
-/// empties the Event recorder whenever it has been quiet for six minutes.
+/// empties the Event recorder whenever it has been quiet (see [`events`]).
 pub async fn run(ctx: Arc<Context>) {
-    let forget = tokio::spawn(events::forget_while_idle(ctx.events.clone()));
-    future::join4(
+    let forget = events::forget_while_idle(ctx.events.clone());
+    let controllers = future::join4(
         site::run(ctx.clone()),
         mail_domain::run(ctx.clone()),
         sla_target::run(ctx.clone()),
         signing_key::run(ctx),
-    )
-    .await;
-    forget.abort();
+    );
+    // The sweep never ends: it goes when the controllers stop, or when
+    // this future is dropped (a lost Lease).
+    tokio::select! {
+        _ = controllers => {}
+        () = forget => {}
+    }
 }
