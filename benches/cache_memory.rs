@@ -12,7 +12,10 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicIsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicIsize, Ordering},
+    },
 };
 
 use k8s_openapi::api::core::v1::Pod;
@@ -51,31 +54,31 @@ fn in_use() -> isize {
     IN_USE.load(Ordering::Relaxed)
 }
 
-/// The heap a deep copy of `store`'s objects allocates, and their number.
-fn held<K: Lookup<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> (usize, isize) {
-    let objects = store.state();
+/// The heap a deep copy of `objects` allocates.
+fn held<K: Clone>(objects: &[Arc<K>]) -> isize {
     let before = in_use();
     let copies: Vec<K> = objects.iter().map(|o| o.as_ref().clone()).collect();
     let bytes = in_use() - before;
     drop(copies);
-    (objects.len(), bytes)
+    bytes
 }
 
-/// [`held`] and [`index`] of `store`.
+/// The number of `store`'s objects, [`held`] and [`index`] of them, from
+/// one snapshot of the store.
 fn both<K: Lookup<DynamicType = ()> + Clone + 'static>(
     store: &Store<K>,
 ) -> ((usize, isize), isize) {
-    (held(store), index(store))
+    let objects = store.state();
+    ((objects.len(), held(&objects)), index(&objects))
 }
 
-/// The heap `store`'s index takes beside its objects: the table and its
-/// keys (each a name, a namespace and the version it was read at), built
-/// again one insert at a time, as the store builds it.
-fn index<K: Lookup<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> isize {
-    let objects = store.state();
+/// The heap the index of a store holding `objects` takes beside them: the
+/// table and its keys (each a name, a namespace and the version it was
+/// read at), built again one insert at a time, as the store builds it.
+fn index<K: Lookup<DynamicType = ()>>(objects: &[Arc<K>]) -> isize {
     let before = in_use();
     let mut table = std::collections::HashMap::new();
-    for object in &objects {
+    for object in objects {
         table.insert(object.to_object_ref(()), object.clone());
     }
     let bytes = in_use() - before;
@@ -143,7 +146,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let baseline = in_use() - before;
-    let (n, compact) = held(&caches.pods);
+    let cached_pods = caches.pods.state();
+    let (n, compact) = (cached_pods.len(), held(&cached_pods));
     let each = |bytes: isize, n: usize| bytes as f64 / n.max(1) as f64;
     println!(
         "  gateway pods: whole, managed fields dropped {:.0} B each; as the cache keeps them {:.0} B each; ratio {:.2}",

@@ -15,9 +15,10 @@
 //!   buffers gone) and once the rollout's Events have aged out of the
 //!   operator's event recorder (seven and a half minutes after its last
 //!   Event; the figures the slope is taken from), against the domains in
-//!   the cluster, and its slope per domain; its CPU while idle; beside it, the heap its live objects take and the heap its
-//!   allocator holds (`pec_operator_heap_*`), which tell the caches'
-//!   growth from the allocator's slack and the binary's own pages.
+//!   the cluster, and its slope per domain; beside it, the heap its live
+//!   objects take and the heap its allocator holds
+//!   (`pec_operator_heap_*`), which tell the caches' growth from the
+//!   allocator's slack and the binary's own pages; and its CPU while idle.
 //!
 //! Needs a local cluster with the operator running: `./e2e/bench.sh` sets it
 //! up, runs this program and tears it down. Prints figures; asserts nothing.

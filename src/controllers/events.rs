@@ -85,8 +85,9 @@ impl Events {
     }
 
     /// Replaces the recorder with an empty one if nothing was published
-    /// for [`SERIES_WINDOW`] plus [`SLACK`] before `now`; whether it did. Publishes still
-    /// in flight finish on the old one, which goes when they do.
+    /// for [`SERIES_WINDOW`] plus [`SLACK`] before `now`; whether it did.
+    /// Publishes still in flight finish on the old one, which goes when
+    /// they do.
     pub fn forget_if_idle(&self, now: Instant) -> bool {
         let mut state = self.lock();
         let idle = state
