@@ -1,11 +1,12 @@
 //! What the MailDomain controller's watch caches hold, kind by kind, on a
-//! live cluster: the heap each store takes (measured by a counting
-//! allocator, as the bytes a deep copy of the store allocates), per object
-//! and per MailDomain, and the index each store keeps beside its objects
-//! (its table and keys), beside the process's whole heap once every store
-//! is filled; and, as the baseline, the gateway pods as whole `Pod`s with
-//! their managed fields dropped (what a plain reflector would keep) beside
-//! the cache's compact pods.
+//! live cluster: the heap each kind takes (measured by a counting
+//! allocator, as the bytes a deep copy of its objects allocates), per
+//! object and per MailDomain, and the index each store keeps beside its
+//! objects (its table and keys; for the children, filed by domain, the
+//! table of domains and each domain's record), beside the process's whole
+//! heap once every store is filled; and, as the baseline, the gateway pods
+//! as whole `Pod`s with their managed fields dropped (what a plain
+//! reflector would keep) beside the cache's compact pods.
 //!
 //! Needs a cluster with domains in it (`KUBECONFIG`), for example one the
 //! rollout benchmark left running. Prints figures; asserts nothing.
@@ -18,13 +19,21 @@ use std::{
     },
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Pod, Service},
+    networking::v1::NetworkPolicy,
+    policy::v1::PodDisruptionBudget,
+};
 use kube::{
     Api, Client, ResourceExt,
     api::ListParams,
     runtime::reflector::{Lookup, Store},
 };
-use pec_operator::controllers::mail_domain::cache;
+use pec_operator::controllers::mail_domain::{
+    by_domain::{DomainRef, Held, Kind},
+    cache,
+    cached::{CachedChild, CachedDeployment, CachedPod, CachedSlice},
+};
 
 /// The system allocator, counting the bytes in use.
 struct Counting;
@@ -72,6 +81,31 @@ fn both<K: Lookup<DynamicType = ()> + Clone + 'static>(
     ((objects.len(), held(&objects)), index(&objects))
 }
 
+/// The number of `C` children in `records` and the heap a deep copy of
+/// them allocates (without the list that holds the copies).
+fn children<C: Kind>(records: &[(DomainRef, Arc<Held>)]) -> (usize, isize) {
+    let before = in_use();
+    let copies: Vec<Vec<C>> = records.iter().map(|(_, h)| C::of(h).clone()).collect();
+    let outer = (copies.capacity() * std::mem::size_of::<Vec<C>>()) as isize;
+    let bytes = in_use() - before - outer;
+    let n = copies.iter().map(Vec::len).sum();
+    drop(copies);
+    (n, bytes)
+}
+
+/// The heap the table of domains takes: its keys and each domain's record
+/// without its children (what filing by domain costs per domain).
+fn records_index(records: &[(DomainRef, Arc<Held>)]) -> isize {
+    let before = in_use();
+    let table: std::collections::HashMap<DomainRef, Arc<Held>> = records
+        .iter()
+        .map(|(domain, _)| (domain.clone(), Arc::new(Held::default())))
+        .collect();
+    let bytes = in_use() - before;
+    drop(table);
+    bytes
+}
+
 /// The heap the index of a store holding `objects` takes beside them: the
 /// table and its keys (each a name, a namespace and the version it was
 /// read at), built again one insert at a time, as the store builds it.
@@ -104,18 +138,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         total as f64 / 1048576.0,
         total as f64 / 1024.0 / domains as f64
     );
+    let records = caches.children.all();
     let rows = [
         ("MailDomains", both(&caches.mail_domains)),
         ("Sites", both(&caches.sites)),
         ("SigningKeys", both(&caches.signing_keys)),
-        ("Deployments", both(&caches.deployments)),
-        ("Pods", both(&caches.pods)),
-        ("ConfigMaps (metadata)", both(&caches.config_maps)),
-        ("Services (metadata)", both(&caches.services)),
-        ("PDBs (metadata)", both(&caches.pdbs)),
-        ("NetworkPolicies (metadata)", both(&caches.network_policies)),
-        ("EndpointSlices", both(&caches.endpoint_slices)),
         ("Secrets", both(&caches.secrets)),
+        ("ConfigMaps (platform)", both(&caches.routes)),
+        (
+            "domain records",
+            ((records.len(), 0), records_index(&records)),
+        ),
+        ("Deployments", (children::<CachedDeployment>(&records), 0)),
+        ("Pods", (children::<CachedPod>(&records), 0)),
+        (
+            "ConfigMaps (metadata)",
+            (children::<CachedChild<ConfigMap>>(&records), 0),
+        ),
+        (
+            "Services (metadata)",
+            (children::<CachedChild<Service>>(&records), 0),
+        ),
+        (
+            "PDBs (metadata)",
+            (children::<CachedChild<PodDisruptionBudget>>(&records), 0),
+        ),
+        (
+            "NetworkPolicies (metadata)",
+            (children::<CachedChild<NetworkPolicy>>(&records), 0),
+        ),
+        ("EndpointSlices", (children::<CachedSlice>(&records), 0)),
     ];
     let (mut sum, mut indexes) = (0, 0);
     for (kind, ((n, bytes), index)) in rows {
@@ -146,8 +198,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let baseline = in_use() - before;
-    let cached_pods = caches.pods.state();
-    let (n, compact) = (cached_pods.len(), held(&cached_pods));
+    let (n, compact) = children::<CachedPod>(&records);
     let each = |bytes: isize, n: usize| bytes as f64 / n.max(1) as f64;
     println!(
         "  gateway pods: whole, managed fields dropped {:.0} B each; as the cache keeps them {:.0} B each; ratio {:.2}",
@@ -157,7 +208,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     drop(whole);
     println!(
-        "  the objects themselves: {:.1} MiB; the stores' indexes (tables and keys): {:.1} MiB; \
+        "  the objects themselves: {:.1} MiB; the stores' indexes (tables, keys, domain records): {:.1} MiB; \
          the rest (the objects' shared headers, the watches' buffers): {:.1} MiB",
         sum as f64 / 1048576.0,
         indexes as f64 / 1048576.0,

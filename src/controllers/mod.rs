@@ -102,8 +102,9 @@ pub const DEFAULT_RESYNC: std::time::Duration = std::time::Duration::from_secs(3
 pub struct SharedStores {
     /// Every MailDomain.
     pub mail_domains: std::sync::OnceLock<watch_cache::Cache<crate::api::MailDomain>>,
-    /// The EndpointSlices this operator made.
-    pub endpoint_slices: std::sync::OnceLock<watch_cache::Cache<mail_domain::cached::CachedSlice>>,
+    /// Every domain's children, the EndpointSlices this operator made
+    /// among them.
+    pub children: std::sync::OnceLock<mail_domain::by_domain::ByDomain>,
 }
 
 impl Context {

@@ -1,7 +1,8 @@
 //! Watch caches: a reflector store filled by a watch in a task of its own,
 //! that knows when it holds its first full list and tells which objects
-//! changed once it holds the change. A cache keeps either the watched
-//! objects, trimmed, or a compact type made from each ([`spawn_as`]).
+//! changed once it holds the change. A cache keeps the watched objects,
+//! trimmed. (The MailDomain controller keeps its children in a cache of its
+//! own, by domain: `mail_domain::by_domain`.)
 //!
 //! A reconcile waits for [`Cache::ready`], never for kube's
 //! `Store::wait_until_ready`: that one is a one-shot channel with a single
@@ -52,9 +53,7 @@ impl<K: Lookup<DynamicType = ()> + Clone + 'static> Cache<K> {
     /// Waits until the cache holds its first full list: until then an
     /// object missing from it may exist. Every waiter is woken.
     pub async fn ready(&self) -> Result<(), Stopped> {
-        let mut ready = self.ready.clone();
-        ready.wait_for(|ready| *ready).await.map_err(|_| Stopped)?;
-        Ok(())
+        listed(&self.ready).await
     }
 
     /// The reflector store, for what takes one (a controller's reader).
@@ -100,66 +99,31 @@ pub fn spawn<K: Watched>(
     api: Api<K>,
     config: watcher::Config,
     trim: fn(&mut K),
-    changed: impl FnMut(&K) + Send + 'static,
+    mut changed: impl FnMut(&K) + Send + 'static,
 ) -> Cache<K> {
-    spawn_as(
-        api,
-        config,
-        move |mut obj| {
-            trim(&mut obj);
-            obj
-        },
-        None,
-        changed,
-    )
-}
-
-/// A cache like [`spawn`]'s that keeps `into(obj)` for each watched object:
-/// a type of the controller's own, holding only what it reads.
-///
-/// A change after which `same(before, after)` holds of the record the store
-/// kept (with `same` given) is stored but not passed to `changed`: what a reconcile reads of it
-/// is as it was. A Deployment's conditions or a pod's container statuses
-/// change often while it starts, and a record that keeps neither would
-/// otherwise trigger a reconcile at each of those changes. Deletions and
-/// relists always reach `changed`.
-pub fn spawn_as<K, C>(
-    api: Api<K>,
-    config: watcher::Config,
-    into: impl Fn(K) -> C + Send + 'static,
-    same: Option<fn(&C, &C) -> bool>,
-    mut changed: impl FnMut(&C) + Send + 'static,
-) -> Cache<C>
-where
-    K: Watched,
-    C: Lookup<DynamicType = ()> + Clone + Send + Sync + 'static,
-{
     let (store, mut writer) = reflector::store();
     let (ready_tx, ready) = watch::channel(false);
-    let held = store.clone();
-    // What kube's `reflector` does (the store takes each event before it is
-    // passed on), and whether an event left its record as it was, read
-    // from the store before it takes the event.
+    // What kube's `reflector` does: the store takes each event before it is
+    // passed on.
     let feed = watcher::watcher(api, config)
         .default_backoff()
         .map(move |event| {
-            let event = event.map(|event| convert(event, &into))?;
-            let unchanged = take(&mut writer, &held, same, &event);
-            Ok::<_, watcher::Error>((event, unchanged))
+            let event = event.map(|event| event.modify(trim))?;
+            writer.apply_watcher_event(&event);
+            Ok::<_, watcher::Error>(event)
         });
     // After a (re)list the store holds exactly what was listed: the objects
     // are read from it, not kept a second time while the list arrives.
     let listed = store.clone();
     tokio::spawn(feed.for_each(move |event| {
         match event {
-            Ok((Event::Apply(_), true)) => {}
-            Ok((Event::Apply(obj) | Event::Delete(obj), _)) => changed(&obj),
-            Ok((Event::InitDone, _)) => {
+            Ok(Event::Apply(obj) | Event::Delete(obj)) => changed(&obj),
+            Ok(Event::InitDone) => {
                 ready_tx.send_replace(true);
                 listed.state().iter().for_each(|obj| changed(obj));
             }
             // The store swaps in a new list only once it is complete.
-            Ok((Event::Init | Event::InitApply(_), _)) => {}
+            Ok(Event::Init | Event::InitApply(_)) => {}
             // The watcher retries with backoff; the store keeps what it had.
             Err(_) => {}
         }
@@ -168,37 +132,11 @@ where
     Cache { store, ready }
 }
 
-/// Gives `event` to the store `writer` fills (`held` reads it); returns
-/// whether it was a change after which `same(before, after)` holds. With
-/// no `same`, every change counts and the store is not looked up.
-fn take<C>(
-    writer: &mut reflector::store::Writer<C>,
-    held: &Store<C>,
-    same: Option<fn(&C, &C) -> bool>,
-    event: &Event<C>,
-) -> bool
-where
-    C: Lookup<DynamicType = ()> + Clone + 'static,
-{
-    let unchanged = match (event, same) {
-        (Event::Apply(obj), Some(same)) => held
-            .get(&reflector::ObjectRef::from_obj(obj))
-            .is_some_and(|before| same(&before, obj)),
-        _ => false,
-    };
-    writer.apply_watcher_event(event);
-    unchanged
-}
-
-/// `event` with its object made into a `C`.
-fn convert<K, C>(event: Event<K>, into: impl Fn(K) -> C) -> Event<C> {
-    match event {
-        Event::Apply(obj) => Event::Apply(into(obj)),
-        Event::Delete(obj) => Event::Delete(into(obj)),
-        Event::Init => Event::Init,
-        Event::InitApply(obj) => Event::InitApply(into(obj)),
-        Event::InitDone => Event::InitDone,
-    }
+/// Waits until `ready` says a cache holds its first full list.
+pub async fn listed(ready: &watch::Receiver<bool>) -> Result<(), Stopped> {
+    let mut ready = ready.clone();
+    ready.wait_for(|ready| *ready).await.map_err(|_| Stopped)?;
+    Ok(())
 }
 
 /// Where a watch cache's changes ask for reconciles: an unbounded channel,
@@ -246,62 +184,6 @@ mod tests {
                 .expect("joined")
                 .expect("ready");
         }
-    }
-
-    fn config_map(name: &str, version: &str, data: &str) -> ConfigMap {
-        let mut cm = ConfigMap::default();
-        cm.metadata.name = Some(name.into());
-        cm.metadata.namespace = Some("mail".into());
-        cm.metadata.resource_version = Some(version.into());
-        cm.data = Some([("k".to_string(), data.to_string())].into());
-        cm
-    }
-
-    /// The same data, whatever the version.
-    fn same_data(a: &ConfigMap, b: &ConfigMap) -> bool {
-        a.data == b.data
-    }
-
-    #[test]
-    fn only_a_change_of_what_the_record_keeps_counts_as_a_change() {
-        let (store, mut writer) = reflector::store::<ConfigMap>();
-        let mut take = |event: Event<ConfigMap>| take(&mut writer, &store, Some(same_data), &event);
-        assert!(!take(Event::Apply(config_map("a", "1", "x"))), "new");
-        assert!(
-            take(Event::Apply(config_map("a", "2", "x"))),
-            "a new version only"
-        );
-        assert!(!take(Event::Apply(config_map("a", "3", "y"))), "changed");
-        assert!(
-            !take(Event::Apply(config_map("b", "4", "y"))),
-            "another object"
-        );
-        assert!(
-            !take(Event::Delete(config_map("a", "5", "y"))),
-            "a deletion always counts"
-        );
-        assert!(!take(Event::Apply(config_map("a", "6", "y"))), "back again");
-        let held = store
-            .get(&reflector::ObjectRef::new("a").within("mail"))
-            .expect("held");
-        assert_eq!(
-            held.metadata.resource_version.as_deref(),
-            Some("6"),
-            "the store keeps the newest version"
-        );
-    }
-
-    #[test]
-    fn without_a_same_test_every_change_counts() {
-        let (store, mut writer) = reflector::store::<ConfigMap>();
-        for version in ["1", "2"] {
-            let event = Event::Apply(config_map("a", version, "x"));
-            assert!(!take(&mut writer, &store, None, &event));
-        }
-        let held = store
-            .get(&reflector::ObjectRef::new("a").within("mail"))
-            .expect("held");
-        assert_eq!(held.metadata.resource_version.as_deref(), Some("2"));
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! Writes a MailDomain's children with server-side apply when they differ
 //! from what was last applied, and deletes the ones this pass no longer
-//! wants, both judged from the controller's caches.
+//! wants, both judged from the domain's record in the controller's cache
+//! (a [`Held`], taken once per reconcile).
 
-use std::{collections::BTreeSet, fmt::Debug, sync::Arc};
+use std::{collections::BTreeSet, fmt::Debug};
 
 use futures::future;
 use k8s_openapi::{
@@ -18,16 +19,17 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
-    runtime::reflector::{Lookup, ObjectRef, Store},
+    runtime::reflector::ObjectRef,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     Error,
     build::{Children, SiteChildren, short_hash},
-    cache::{Caches, of_domain},
+    by_domain::{Held, find},
     cached::Child,
 };
+use crate::api::MailDomain;
 
 /// The field manager of everything this controller applies.
 pub const FIELD_MANAGER: &str = "pec-operator/maildomain";
@@ -57,10 +59,11 @@ pub struct Applied {
 /// reconcile finds them applied).
 pub async fn apply_all(
     client: &Client,
-    namespace: &str,
+    domain: &ObjectRef<MailDomain>,
     children: &Children,
-    caches: &Caches,
+    held: &Held,
 ) -> Result<Applied, Error> {
+    let namespace = domain.namespace.as_deref().unwrap_or_default();
     let Children {
         sites,
         domain_service,
@@ -69,14 +72,14 @@ pub async fn apply_all(
     let sites = future::try_join_all(
         sites
             .iter()
-            .map(|site| apply_site(client, namespace, site, caches)),
+            .map(|site| apply_site(client, domain, site, held)),
     );
-    let domain_service = apply_changed(client, namespace, domain_service, &caches.services);
+    let domain_service = apply_changed(client, namespace, domain_service, &held.services);
     let slices = future::try_join_all(
         endpoint_slices
             .iter()
             .flatten()
-            .map(|slice| apply_changed(client, namespace, slice, &caches.endpoint_slices)),
+            .map(|slice| apply_changed(client, namespace, slice, &held.endpoint_slices)),
     );
     let (sites, service_written, slices_written) =
         future::try_join3(sites, domain_service, slices).await?;
@@ -98,10 +101,11 @@ pub async fn apply_all(
 /// number of writes.
 async fn apply_site(
     client: &Client,
-    namespace: &str,
+    domain: &ObjectRef<MailDomain>,
     site: &SiteChildren,
-    caches: &Caches,
+    held: &Held,
 ) -> Result<(Deployment, usize), Error> {
+    let namespace = domain.namespace.as_deref().unwrap_or_default();
     // Destructured without `..`: a new child must be applied here or the build fails.
     let SiteChildren {
         site: _,
@@ -112,22 +116,22 @@ async fn apply_site(
         network_policy,
     } = site;
     let (config_written, policy_written) = future::try_join(
-        apply_changed(client, namespace, config_map, &caches.config_maps),
-        apply_changed(client, namespace, network_policy, &caches.network_policies),
+        apply_changed(client, namespace, config_map, &held.config_maps),
+        apply_changed(client, namespace, network_policy, &held.network_policies),
     )
     .await?;
     let deployment = async {
-        let cached = cached(&caches.deployments, namespace, deployment);
+        let cached = find(&held.deployments, &deployment.name_any());
         let (wanted, hash) = with_applied_hash(deployment);
         match cached.filter(|c| c.applied_hash() == Some(hash.as_str())) {
-            Some(unchanged) => Ok((unchanged.to_deployment(), false)),
+            Some(unchanged) => Ok((unchanged.to_deployment(domain), false)),
             None => Ok((apply(client, namespace, &wanted).await?, true)),
         }
     };
     let ((deployment, deployment_written), service_written, pdb_written) = future::try_join3(
         deployment,
-        apply_changed(client, namespace, service, &caches.services),
-        apply_changed(client, namespace, pdb, &caches.pdbs),
+        apply_changed(client, namespace, service, &held.services),
+        apply_changed(client, namespace, pdb, &held.pdbs),
     )
     .await?;
     let writes = [
@@ -153,22 +157,13 @@ fn with_applied_hash<K: Resource + Serialize + Clone>(obj: &K) -> (K, String) {
     (wanted, hash)
 }
 
-/// The cached copy of the object named like `obj` in `namespace`.
-fn cached<K, S>(store: &Store<S>, namespace: &str, obj: &K) -> Option<Arc<S>>
-where
-    K: Resource,
-    S: Lookup<DynamicType = ()> + Clone + 'static,
-{
-    store.get(&ObjectRef::new(&obj.name_any()).within(namespace))
-}
-
-/// Applies `obj` unless `store` shows it as last applied in this form;
-/// returns whether it wrote.
+/// Applies `obj` unless `held` (the domain's children of its kind) shows
+/// it as last applied in this form; returns whether it wrote.
 async fn apply_changed<K, S>(
     client: &Client,
     namespace: &str,
     obj: &K,
-    store: &Store<S>,
+    held: &[S],
 ) -> Result<bool, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -181,7 +176,7 @@ where
 {
     let (wanted, hash) = with_applied_hash(obj);
     let unchanged =
-        cached(store, namespace, obj).is_some_and(|c| c.applied_hash() == Some(hash.as_str()));
+        find(held, &obj.name_any()).is_some_and(|c| c.applied_hash() == Some(hash.as_str()));
     if unchanged {
         return Ok(false);
     }
@@ -192,14 +187,13 @@ where
 /// Deletes children of `domain` that this pass did not apply, except those of
 /// `kept_sites` (listed sites whose Site is missing: their running gateways
 /// stay until the site is removed from the spec). What exists is read from
-/// `caches`. Returns the sites whose children were removed.
+/// `held`. Returns the sites whose children were removed.
 pub async fn prune(
     client: &Client,
     namespace: &str,
-    domain: &str,
     children: &Children,
     kept_sites: &[String],
-    caches: &Caches,
+    held: &Held,
 ) -> Result<BTreeSet<String>, Error> {
     let applied = applied_names(children);
     let slices: Option<BTreeSet<String>> = children
@@ -210,19 +204,18 @@ pub async fn prune(
     let pruner = Pruner {
         client,
         namespace,
-        domain,
         keep: &keep,
     };
     let mut removed = BTreeSet::new();
-    removed.extend(pruner.prune::<Deployment, _>(&caches.deployments).await?);
-    removed.extend(pruner.prune::<Service, _>(&caches.services).await?);
-    removed.extend(pruner.prune::<PodDisruptionBudget, _>(&caches.pdbs).await?);
+    removed.extend(pruner.prune::<Deployment, _>(&held.deployments).await?);
+    removed.extend(pruner.prune::<Service, _>(&held.services).await?);
+    removed.extend(pruner.prune::<PodDisruptionBudget, _>(&held.pdbs).await?);
     removed.extend(
         pruner
-            .prune::<NetworkPolicy, _>(&caches.network_policies)
+            .prune::<NetworkPolicy, _>(&held.network_policies)
             .await?,
     );
-    removed.extend(pruner.prune::<ConfigMap, _>(&caches.config_maps).await?);
+    removed.extend(pruner.prune::<ConfigMap, _>(&held.config_maps).await?);
     // A slice is kept only while its site serves; with no site able to
     // serve, the last slices stay.
     if let Some(slices) = slices {
@@ -235,9 +228,11 @@ pub async fn prune(
             .name
             .clone()
             .unwrap_or_default();
-        let ours: Vec<_> = of_domain(&caches.endpoint_slices, namespace, domain)
+        let ours: Vec<_> = held
+            .endpoint_slices
+            .iter()
             .filter(|slice| slice.service() == Some(&service))
-            .map(|slice| site_and_name(slice.as_ref()))
+            .map(site_and_name)
             .collect();
         prune_kind::<EndpointSlice>(client, namespace, ours, &keep_slice).await?;
     }
@@ -274,14 +269,13 @@ fn keeps(
 struct Pruner<'a> {
     client: &'a Client,
     namespace: &'a str,
-    domain: &'a str,
     keep: &'a (dyn Fn(Option<&str>, &str) -> bool + Sync),
 }
 
 impl Pruner<'_> {
-    /// Prunes the `K` objects `store` shows for the domain; returns the
+    /// Prunes the `K` objects `held` shows for the domain; returns the
     /// sites of those deleted.
-    async fn prune<K, S>(&self, store: &Store<S>) -> Result<Vec<String>, Error>
+    async fn prune<K, S>(&self, held: &[S]) -> Result<Vec<String>, Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + k8s_openapi::Resource
@@ -290,26 +284,14 @@ impl Pruner<'_> {
             + DeserializeOwned,
         S: Child,
     {
-        let existing = present(store, self.namespace, self.domain);
+        let existing = held.iter().map(site_and_name).collect();
         prune_kind::<K>(self.client, self.namespace, existing, self.keep).await
     }
 }
 
-/// The sites and names of the objects of `store` made for `domain`.
-fn present<S: Child>(
-    store: &Store<S>,
-    namespace: &str,
-    domain: &str,
-) -> Vec<(Option<String>, String)> {
-    of_domain(store, namespace, domain)
-        .map(|o| site_and_name(o.as_ref()))
-        .collect()
-}
-
 /// A cached child's site and name, as the prune reads them.
 fn site_and_name<S: Child>(obj: &S) -> (Option<String>, String) {
-    let name = obj.name().map(|n| n.into_owned()).unwrap_or_default();
-    (obj.site().map(str::to_string), name)
+    (obj.site().map(str::to_string), obj.name().to_string())
 }
 
 async fn apply<K>(client: &Client, namespace: &str, obj: &K) -> Result<K, Error>

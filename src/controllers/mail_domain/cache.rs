@@ -13,11 +13,12 @@
 //! triggers another reconcile of the same domain.
 //!
 //! Only what the controller reads is kept: the children as the compact
-//! records of [`super::cached`] (pods, Deployments, the operator's own
-//! EndpointSlices, which the SLA probe reads too, and from a watch of their
-//! metadata the ConfigMaps, Services, PDBs and NetworkPolicies), the
-//! EndpointSlice controller's slices not at all, everything else without
-//! its managed fields or the copy of its manifest `kubectl apply` keeps.
+//! records of [`super::cached`], filed by domain (see [`super::by_domain`]):
+//! pods, Deployments, the operator's own EndpointSlices (which the SLA
+//! probe reads too) and, from a watch of their metadata, the ConfigMaps,
+//! Services, PDBs and NetworkPolicies. The EndpointSlice controller's
+//! slices are not kept at all; everything else is kept without its managed
+//! fields or the copy of its manifest `kubectl apply` keeps.
 
 use std::sync::Arc;
 
@@ -40,8 +41,9 @@ use kube::{
 use serde::de::DeserializeOwned;
 
 use super::{
-    build,
-    cached::{CachedChild, CachedDeployment, CachedPod, CachedSlice, Child, Owned},
+    build::{self, DOMAIN_LABEL},
+    by_domain::{ByDomain, DomainRef, Held},
+    cached::{CachedChild, CachedDeployment, CachedPod, CachedSlice},
     references,
 };
 use crate::{
@@ -59,21 +61,21 @@ pub struct Caches {
     pub mail_domains: Cache<MailDomain>,
     pub sites: Cache<Site>,
     pub signing_keys: Cache<SigningKey>,
-    pub deployments: Cache<CachedDeployment>,
-    pub pods: Cache<CachedPod>,
-    pub config_maps: Cache<CachedChild<ConfigMap>>,
-    pub services: Cache<CachedChild<Service>>,
-    pub pdbs: Cache<CachedChild<PodDisruptionBudget>>,
-    pub network_policies: Cache<CachedChild<NetworkPolicy>>,
-    pub endpoint_slices: Cache<CachedSlice>,
+    /// Every domain's children.
+    pub children: ByDomain,
+    /// The operator's ConfigMaps that belong to no domain: the platform
+    /// routes of each namespace (see [`super::routes`]).
+    pub routes: Cache<PartialObjectMeta<ConfigMap>>,
     /// Every Secret, cut to what the reference checks read (see
     /// [`references::keep_what_is_checked`]).
     pub secrets: Cache<Secret>,
 }
 
-/// The label selector of everything this operator made.
-fn owned() -> Config {
-    Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
+/// The label selector of the children this operator made for a domain.
+fn domain_children() -> Config {
+    Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL}"
+    ))
 }
 
 /// The label selector of the EndpointSlices this operator made (those of
@@ -82,44 +84,17 @@ fn owned() -> Config {
 /// read by nothing here: left out, they cost neither memory nor events.
 fn own_endpoint_slices() -> Config {
     Config::default().labels(&format!(
-        "app.kubernetes.io/managed-by={MANAGED_BY},{}",
+        "app.kubernetes.io/managed-by={MANAGED_BY},{DOMAIN_LABEL},{}",
         build::own_endpoint_slice_selector()
     ))
 }
 
-/// A store of `K`'s objects this operator made, as [`CachedChild`]ren,
-/// filled by a task of its own from a watch of their metadata; a change
-/// reconciles the MailDomain that owns the object.
-fn reflect_metadata<K>(client: &Client, triggers: &Triggers<MailDomain>) -> Cache<CachedChild<K>>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
-    K: 'static,
-{
-    watch_cache::spawn_as(
-        Api::<PartialObjectMeta<K>>::all(client.clone()),
-        owned(),
-        CachedChild::from,
-        Some(CachedChild::same),
-        owning_domains_of(triggers),
-    )
-}
-
-/// Reconciles the MailDomains that own a changed cached child.
-fn owning_domains_of<C: Owned>(triggers: &Triggers<MailDomain>) -> impl FnMut(&C) + Send + 'static {
-    let triggers = triggers.clone();
-    move |child| trigger(&triggers, owning_domains(child))
-}
-
-/// The MailDomains among a cached child's owners.
-fn owning_domains<C: Owned>(child: &C) -> Vec<ObjectRef<MailDomain>> {
-    let Some(namespace) = child.namespace() else {
-        return Vec::new();
-    };
-    child
-        .owners()
-        .iter()
-        .map(|md| ObjectRef::new(md).within(namespace))
-        .collect()
+/// The label selector of the ConfigMaps this operator made that belong to
+/// no domain.
+fn platform_config_maps() -> Config {
+    Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={MANAGED_BY},!{DOMAIN_LABEL}"
+    ))
 }
 
 /// Reconciles the MailDomains `domains_of` finds in `domains` for a
@@ -131,11 +106,6 @@ fn related<K: 'static>(
 ) -> impl FnMut(&K) + Send + 'static {
     let (triggers, domains) = (triggers.clone(), domains.clone());
     move |obj| trigger(&triggers, domains_of(&domains, obj))
-}
-
-/// The MailDomain a gateway pod serves, from its domain label.
-fn pod_domain(pod: &CachedPod) -> Option<ObjectRef<MailDomain>> {
-    Some(ObjectRef::new(Child::domain(pod)?).within(pod.namespace()?))
 }
 
 /// The MailDomains in `domains` for which `wanted` holds.
@@ -242,9 +212,8 @@ fn drop_unread<K: Resource>(obj: &mut K) {
 /// Builds the stores, each filled in a task of its own, and the stream of
 /// the reconciles their changes ask for:
 /// - a MailDomain's change reconciles it;
-/// - a child's change reconciles the MailDomain that owns it;
-/// - a gateway pod's change (its readiness decides the domain's endpoints)
-///   reconciles the domain it serves;
+/// - a child's change (a gateway pod's too: its readiness decides the
+///   domain's endpoints) reconciles the MailDomain it belongs to;
 /// - a SigningKey's change (a new active generation rolls the gateways)
 ///   reconciles the domains that sign with it;
 /// - a Site's change reconciles the domains that list it.
@@ -283,33 +252,12 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
             drop_unread,
             related(&triggers, &mail_domains, domains_signing_with),
         ),
-        deployments: watch_cache::spawn_as(
-            Api::<Deployment>::all(client.clone()),
-            owned(),
-            CachedDeployment::from,
-            Some(CachedDeployment::same),
-            owning_domains_of(&triggers),
-        ),
-        pods: watch_cache::spawn_as(
-            Api::<Pod>::all(client.clone()),
-            owned(),
-            CachedPod::from,
-            Some(CachedPod::same),
-            {
-                let triggers = triggers.clone();
-                move |pod| trigger(&triggers, pod_domain(pod))
-            },
-        ),
-        config_maps: reflect_metadata::<ConfigMap>(client, &triggers),
-        services: reflect_metadata::<Service>(client, &triggers),
-        pdbs: reflect_metadata::<PodDisruptionBudget>(client, &triggers),
-        network_policies: reflect_metadata::<NetworkPolicy>(client, &triggers),
-        endpoint_slices: watch_cache::spawn_as(
-            Api::<EndpointSlice>::all(client.clone()),
-            own_endpoint_slices(),
-            CachedSlice::from,
-            Some(CachedSlice::same),
-            owning_domains_of(&triggers),
+        children: children(client, &triggers),
+        routes: watch_cache::spawn(
+            Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+            platform_config_maps(),
+            drop_unread,
+            |_| {},
         ),
         secrets: watch_cache::spawn(
             Api::<Secret>::all(client.clone()),
@@ -322,6 +270,50 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
     (caches, requests)
 }
 
+/// The cache of every domain's children, kind by kind.
+fn children(client: &Client, triggers: &Triggers<MailDomain>) -> ByDomain {
+    let mut children = ByDomain::default();
+    children.watch(
+        Api::<Deployment>::all(client.clone()),
+        domain_children(),
+        CachedDeployment::from,
+        triggers,
+    );
+    children.watch(
+        Api::<Pod>::all(client.clone()),
+        domain_children(),
+        CachedPod::from,
+        triggers,
+    );
+    metadata_of::<ConfigMap>(&mut children, client, triggers);
+    metadata_of::<Service>(&mut children, client, triggers);
+    metadata_of::<PodDisruptionBudget>(&mut children, client, triggers);
+    metadata_of::<NetworkPolicy>(&mut children, client, triggers);
+    children.watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        own_endpoint_slices(),
+        CachedSlice::from,
+        triggers,
+    );
+    children
+}
+
+/// Fills `children` with the `K` objects of the domains, as
+/// [`CachedChild`]ren, from a watch of their metadata.
+fn metadata_of<K>(children: &mut ByDomain, client: &Client, triggers: &Triggers<MailDomain>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
+    K: 'static,
+    CachedChild<K>: super::by_domain::Kind,
+{
+    children.watch(
+        Api::<PartialObjectMeta<K>>::all(client.clone()),
+        domain_children(),
+        CachedChild::from,
+        triggers,
+    );
+}
+
 impl Caches {
     /// Waits until every store holds its first complete list; a reconcile
     /// must never take a store still filling for the truth (a Site not yet
@@ -330,13 +322,8 @@ impl Caches {
         self.mail_domains.ready().await?;
         self.sites.ready().await?;
         self.signing_keys.ready().await?;
-        self.deployments.ready().await?;
-        self.pods.ready().await?;
-        self.config_maps.ready().await?;
-        self.services.ready().await?;
-        self.pdbs.ready().await?;
-        self.network_policies.ready().await?;
-        self.endpoint_slices.ready().await?;
+        self.children.ready().await?;
+        self.routes.ready().await?;
         self.secrets.ready().await
     }
 
@@ -361,38 +348,10 @@ impl Caches {
             .map(|k| k.as_ref().clone())
     }
 
-    /// The Deployments of `domain` in `namespace`, whatever their site.
-    pub fn deployments(&self, namespace: &str, domain: &str) -> Vec<Deployment> {
-        of_domain(&self.deployments, namespace, domain)
-            .map(|d| d.to_deployment())
-            .collect()
+    /// The children of `domain` as the caches hold them now.
+    pub fn held(&self, domain: &DomainRef) -> Arc<Held> {
+        self.children.get(domain)
     }
-
-    /// The gateway pods of `domain` in `namespace`, whatever their site,
-    /// as much of them as the cache keeps (see [`CachedPod::to_pod`]).
-    pub fn pods(&self, namespace: &str, domain: &str) -> Vec<Pod> {
-        of_domain(&self.pods, namespace, domain)
-            .map(|p| p.to_pod())
-            .collect()
-    }
-}
-
-/// The objects of `store` this operator made for `domain` in `namespace`
-/// (every store holds only what this operator made: its watch selects them
-/// by label), by name: a store's map changes its order as it grows, and
-/// what is built from these must not change with it.
-pub fn of_domain<K: Child>(
-    store: &Store<K>,
-    namespace: &str,
-    domain: &str,
-) -> impl Iterator<Item = Arc<K>> + use<K> {
-    let mut objects: Vec<Arc<K>> = store
-        .state()
-        .into_iter()
-        .filter(|obj| obj.namespace().as_deref() == Some(namespace) && obj.domain() == Some(domain))
-        .collect();
-    objects.sort_by(|a, b| a.name().cmp(&b.name()));
-    objects.into_iter()
 }
 
 #[cfg(test)]
@@ -403,7 +362,6 @@ mod tests {
         build::tests::{domain, site},
         status::tests::key,
     };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::runtime::watcher::Event;
 
     #[test]
@@ -431,16 +389,6 @@ mod tests {
         assert_eq!(md.metadata.annotations, None, "no empty map is kept");
     }
 
-    fn owner(kind: &str, api_version: &str, name: &str) -> OwnerReference {
-        OwnerReference {
-            api_version: api_version.into(),
-            kind: kind.into(),
-            name: name.into(),
-            uid: format!("{name}-uid"),
-            ..OwnerReference::default()
-        }
-    }
-
     /// A store holding `domains`, as the controller's watch fills it.
     fn store_of(domains: Vec<MailDomain>) -> Store<MailDomain> {
         let (store, mut writer) = kube::runtime::reflector::store();
@@ -448,26 +396,6 @@ mod tests {
             writer.apply_watcher_event(&Event::Apply(md));
         }
         store
-    }
-
-    #[test]
-    fn a_child_triggers_the_mail_domain_that_owns_it_and_nothing_else() {
-        let mut deployment = Deployment::default();
-        deployment.metadata.namespace = Some("mail".into());
-        deployment.metadata.owner_references = Some(vec![
-            owner("MailDomain", "pec.dev/v1alpha1", "acme"),
-            owner("MailDomain", "other.example/v1", "lookalike"),
-            owner("ReplicaSet", "apps/v1", "acme-dc-it1"),
-        ]);
-        assert_eq!(
-            owning_domains(&CachedDeployment::from(deployment.clone())),
-            vec![ObjectRef::<MailDomain>::new("acme").within("mail")]
-        );
-        deployment.metadata.owner_references = None;
-        assert!(
-            owning_domains(&CachedDeployment::from(deployment)).is_empty(),
-            "an orphan triggers nothing"
-        );
     }
 
     #[test]
@@ -524,44 +452,6 @@ mod tests {
         assert!(
             domains_naming_secret(&domains, &secret("elsewhere")).is_empty(),
             "a Secret of the same name in another namespace"
-        );
-    }
-
-    #[test]
-    fn a_domains_objects_come_by_name_whatever_order_the_store_holds() {
-        let (store, mut writer) = kube::runtime::reflector::store::<CachedPod>();
-        for (name, domain) in [("c", "acme"), ("a", "acme"), ("x", "other"), ("b", "acme")] {
-            let mut pod = Pod::default();
-            pod.metadata.name = Some(name.into());
-            pod.metadata.namespace = Some("mail".into());
-            pod.metadata.labels =
-                Some([(build::DOMAIN_LABEL.to_string(), domain.to_string())].into());
-            writer.apply_watcher_event(&Event::Apply(CachedPod::from(pod)));
-        }
-        let names: Vec<String> = of_domain(&store, "mail", "acme")
-            .map(|p| {
-                kube::runtime::reflector::Lookup::name(p.as_ref())
-                    .unwrap_or_default()
-                    .into_owned()
-            })
-            .collect();
-        assert_eq!(names, ["a", "b", "c"]);
-        assert_eq!(of_domain(&store, "elsewhere", "acme").count(), 0);
-    }
-
-    #[test]
-    fn a_pod_triggers_the_domain_its_label_names() {
-        let mut pod = Pod::default();
-        pod.metadata.namespace = Some("mail".into());
-        assert_eq!(
-            pod_domain(&CachedPod::from(pod.clone())),
-            None,
-            "no label, no domain"
-        );
-        pod.metadata.labels = Some([(build::DOMAIN_LABEL.to_string(), "acme".to_string())].into());
-        assert_eq!(
-            pod_domain(&CachedPod::from(pod)),
-            Some(ObjectRef::new("acme").within("mail"))
         );
     }
 

@@ -7,10 +7,10 @@
 //! held inline), and an `ObjectMeta` with its label and annotation maps
 //! about 1.8 KB; a platform of 10,000 domains has 40,000 gateway pods,
 //! 20,000 Deployments and 90,000 other children. Kept as these types, each
-//! costs a few hundred bytes:
+//! costs a hundred or two bytes:
 //! - [`CachedChild`]: a child only whose metadata is read (ConfigMaps,
-//!   Services, PodDisruptionBudgets, NetworkPolicies): where it belongs,
-//!   the hash of what was last applied and the MailDomains that own it;
+//!   Services, PodDisruptionBudgets, NetworkPolicies): its name, site and
+//!   the hash of what was last applied;
 //! - [`CachedDeployment`]: that, the gateway configuration's hash and the
 //!   replica counts;
 //! - [`CachedPod`]: a gateway pod's site, deletion, node, IP, phase and
@@ -19,12 +19,16 @@
 //!   it serves and whether any of its endpoints is ready (the SLA probe's
 //!   question).
 //!
+//! None keeps its namespace or MailDomain: the cache files each record
+//! under the domain it belongs to (see [`super::by_domain`]), which
+//! [`domain_of`] reads from the object before it is made into a record.
+//!
 //! [`Child`] is what the no-op check and the prune read of any cached
 //! child. [`CachedDeployment::to_deployment`] and [`CachedPod::to_pod`]
 //! give a reconcile back Kubernetes objects with just those fields, so the
 //! status and failover logic keeps reading Kubernetes types.
 
-use std::{borrow::Cow, collections::BTreeMap, marker::PhantomData};
+use std::{collections::BTreeMap, marker::PhantomData};
 
 use k8s_openapi::{
     api::{
@@ -34,7 +38,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::Time,
 };
-use kube::{Resource, api::ObjectMeta, core::PartialObjectMeta};
+use kube::{Resource, api::ObjectMeta, core::PartialObjectMeta, runtime::reflector::ObjectRef};
 
 use super::{
     apply::APPLIED_HASH_ANNOTATION,
@@ -43,59 +47,44 @@ use super::{
 use crate::{api::MailDomain, controllers::MANAGED_BY};
 
 /// What the controller reads of any child in its caches.
-pub trait Child: kube::runtime::reflector::Lookup<DynamicType = ()> + Clone + 'static {
-    /// The MailDomain it belongs to (its domain label).
-    fn domain(&self) -> Option<&str>;
+pub trait Child: Clone + PartialEq + Send + Sync + 'static {
+    /// Its name.
+    fn name(&self) -> &str;
     /// The site it belongs to (its site label).
     fn site(&self) -> Option<&str>;
     /// The hash of what was last applied to it.
     fn applied_hash(&self) -> Option<&str>;
 }
 
-/// Where a cached object is and which version of it the cache saw, with
-/// the labels every child carries: the domain and site it belongs to.
+/// The MailDomain an object of the operator's belongs to: the one its
+/// domain label names, in its namespace.
+pub fn domain_of(meta: &ObjectMeta) -> Option<ObjectRef<MailDomain>> {
+    let domain = meta.labels.as_ref()?.get(DOMAIN_LABEL)?;
+    Some(ObjectRef::new(domain).within(meta.namespace.as_deref()?))
+}
+
+/// A child's name and the site it belongs to.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Key {
     name: String,
-    namespace: Option<String>,
-    resource_version: Option<String>,
-    domain: Option<String>,
     site: Option<String>,
 }
 
 impl Key {
-    /// Whether both name the same object with the same labels, whatever
-    /// version of it each was read from.
-    fn same(&self, other: &Self) -> bool {
-        // Destructured without `..`: a new field must be compared here.
-        let Self {
-            name,
-            namespace,
-            resource_version: _,
-            domain,
-            site,
-        } = self;
-        (name, namespace, domain, site)
-            == (&other.name, &other.namespace, &other.domain, &other.site)
-    }
-
     /// Takes the key out of `meta`.
     fn take(meta: &mut ObjectMeta) -> Self {
-        let labels = meta.labels.get_or_insert_default();
         Self {
             name: meta.name.take().unwrap_or_default(),
-            namespace: meta.namespace.take(),
-            resource_version: meta.resource_version.take(),
-            domain: labels.remove(DOMAIN_LABEL),
-            site: labels.remove(SITE_LABEL),
+            site: meta.labels.as_mut().and_then(|l| l.remove(SITE_LABEL)),
         }
     }
 
-    /// Metadata with the key and the operator's labels.
-    fn metadata(&self) -> ObjectMeta {
+    /// Metadata with the key, the namespace of `domain` and the operator's
+    /// labels.
+    fn metadata(&self, domain: &ObjectRef<MailDomain>) -> ObjectMeta {
         let labels = [
             ("app.kubernetes.io/managed-by", Some(MANAGED_BY)),
-            (DOMAIN_LABEL, self.domain.as_deref()),
+            (DOMAIN_LABEL, Some(domain.name.as_str())),
             (SITE_LABEL, self.site.as_deref()),
         ]
         .into_iter()
@@ -103,25 +92,11 @@ impl Key {
         .collect();
         ObjectMeta {
             name: Some(self.name.clone()),
-            namespace: self.namespace.clone(),
-            resource_version: self.resource_version.clone(),
+            namespace: domain.namespace.clone(),
             labels: Some(labels),
             ..ObjectMeta::default()
         }
     }
-}
-
-/// The names of the MailDomains among `meta`'s owners.
-fn owning_domains(meta: &mut ObjectMeta) -> Vec<String> {
-    let api_version = <MailDomain as Resource>::api_version(&());
-    let kind = <MailDomain as Resource>::kind(&());
-    meta.owner_references
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|o| o.kind == kind && o.api_version == api_version)
-        .map(|o| o.name)
-        .collect()
 }
 
 /// The hash of what was last applied, from `meta`'s annotations.
@@ -129,65 +104,35 @@ fn take_applied_hash(meta: &mut ObjectMeta) -> Option<String> {
     meta.annotations.as_mut()?.remove(APPLIED_HASH_ANNOTATION)
 }
 
-/// What every applied child's record keeps of its metadata: its key, the
-/// hash of what was last applied, and the MailDomains among its owners.
+/// What every applied child's record keeps of its metadata: its key and
+/// the hash of what was last applied.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Meta {
     key: Key,
     applied_hash: Option<String>,
-    owners: Vec<String>,
 }
 
 impl Meta {
-    /// Whether both keep the same, whatever version each was read from.
-    fn same(&self, other: &Self) -> bool {
-        let Self {
-            key,
-            applied_hash,
-            owners,
-        } = self;
-        key.same(&other.key) && (applied_hash, owners) == (&other.applied_hash, &other.owners)
-    }
-
     /// Takes what is kept out of `meta`.
     fn take(meta: &mut ObjectMeta) -> Self {
         Self {
             key: Key::take(meta),
             applied_hash: take_applied_hash(meta),
-            owners: owning_domains(meta),
         }
     }
 }
 
-/// A record holding a [`Meta`]: it is a [`Child`] and [`Owned`] through it.
+/// A record holding a [`Meta`]: it is a [`Child`] through it.
 trait WithMeta {
     fn meta(&self) -> &Meta;
 }
 
-/// A cached child that records its owning MailDomains.
-pub trait Owned {
-    /// The namespace it is in.
-    fn namespace(&self) -> Option<&str>;
-    /// The names of the MailDomains among its owners.
-    fn owners(&self) -> &[String];
-}
-
-impl<T: WithMeta> Owned for T {
-    fn namespace(&self) -> Option<&str> {
-        self.meta().key.namespace.as_deref()
-    }
-
-    fn owners(&self) -> &[String] {
-        &self.meta().owners
-    }
-}
-
 impl<T> Child for T
 where
-    T: WithMeta + kube::runtime::reflector::Lookup<DynamicType = ()> + Clone + 'static,
+    T: WithMeta + Clone + PartialEq + Send + Sync + 'static,
 {
-    fn domain(&self) -> Option<&str> {
-        self.meta().key.domain.as_deref()
+    fn name(&self) -> &str {
+        &self.meta().key.name
     }
 
     fn site(&self) -> Option<&str> {
@@ -199,48 +144,6 @@ where
     }
 }
 
-/// `Lookup` (what a reflector store needs) for a type with its [`Key`] at
-/// `$($key).+`, as the Kubernetes kind `$kind`.
-macro_rules! lookup_as {
-    (<$($g:ident),*> $ty:ty => $kind:ty, $($key:ident).+) => {
-        impl<$($g: Resource<DynamicType = ()> + 'static),*> kube::runtime::reflector::Lookup for $ty {
-            type DynamicType = ();
-
-            fn kind(dt: &()) -> Cow<'_, str> {
-                <$kind as Resource>::kind(dt)
-            }
-
-            fn group(dt: &()) -> Cow<'_, str> {
-                <$kind as Resource>::group(dt)
-            }
-
-            fn version(dt: &()) -> Cow<'_, str> {
-                <$kind as Resource>::version(dt)
-            }
-
-            fn plural(dt: &()) -> Cow<'_, str> {
-                <$kind as Resource>::plural(dt)
-            }
-
-            fn name(&self) -> Option<Cow<'_, str>> {
-                Some(Cow::Borrowed(&self.$($key).+.name))
-            }
-
-            fn namespace(&self) -> Option<Cow<'_, str>> {
-                self.$($key).+.namespace.as_deref().map(Cow::Borrowed)
-            }
-
-            fn resource_version(&self) -> Option<Cow<'_, str>> {
-                self.$($key).+.resource_version.as_deref().map(Cow::Borrowed)
-            }
-
-            fn uid(&self) -> Option<Cow<'_, str>> {
-                None
-            }
-        }
-    };
-}
-
 /// A child of kind `K` reduced to what the controller reads of its
 /// metadata.
 #[derive(Debug)]
@@ -249,13 +152,19 @@ pub struct CachedChild<K> {
     kind: PhantomData<fn() -> K>,
 }
 
-// By hand: derived, it would ask `K` to be `Clone`.
+// By hand: derived, these would ask `K` to be `Clone` and `PartialEq`.
 impl<K> Clone for CachedChild<K> {
     fn clone(&self) -> Self {
         Self {
             meta: self.meta.clone(),
             kind: PhantomData,
         }
+    }
+}
+
+impl<K> PartialEq for CachedChild<K> {
+    fn eq(&self, other: &Self) -> bool {
+        self.meta == other.meta
     }
 }
 
@@ -275,24 +184,9 @@ impl<K> WithMeta for CachedChild<K> {
     }
 }
 
-impl<K> CachedChild<K> {
-    /// Whether two records of a child keep the same (see
-    /// [`CachedPod::same`]).
-    pub fn same(a: &Self, b: &Self) -> bool {
-        a.meta.same(&b.meta)
-    }
-
-    /// Its resource version when the cache saw it last.
-    pub fn resource_version(&self) -> Option<&str> {
-        self.meta.key.resource_version.as_deref()
-    }
-}
-
-lookup_as!(<K> CachedChild<K> => K, meta.key);
-
-/// A gateway Deployment reduced to what the controller reads: its key and
-/// owners, the hashes of what was applied and of the gateway configuration
-/// its pods run, its generation and its replica counts.
+/// A gateway Deployment reduced to what the controller reads: its key,
+/// the hashes of what was applied and of the gateway configuration its
+/// pods run, its generation and its replica counts.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedDeployment {
     meta: Meta,
@@ -326,24 +220,11 @@ impl From<Deployment> for CachedDeployment {
 }
 
 impl CachedDeployment {
-    /// Whether two records of a Deployment keep the same (see
-    /// [`CachedPod::same`]).
-    pub fn same(a: &Self, b: &Self) -> bool {
-        let Self {
-            meta,
-            generation,
-            config_hash,
-            status,
-        } = a;
-        meta.same(&b.meta)
-            && (generation, config_hash, status) == (&b.generation, &b.config_hash, &b.status)
-    }
-
-    /// A `Deployment` holding what the cache kept: the operator's labels,
-    /// the applied hash, the generation, the pod template's configuration
-    /// hash and the status without conditions.
-    pub fn to_deployment(&self) -> Deployment {
-        let mut metadata = self.meta.key.metadata();
+    /// A `Deployment` of `domain` holding what the cache kept: the
+    /// operator's labels, the applied hash, the generation, the pod
+    /// template's configuration hash and the status without conditions.
+    pub fn to_deployment(&self, domain: &ObjectRef<MailDomain>) -> Deployment {
+        let mut metadata = self.meta.key.metadata(domain);
         metadata.generation = self.generation;
         metadata.annotations = self
             .meta
@@ -377,9 +258,11 @@ impl WithMeta for CachedDeployment {
     }
 }
 
-lookup_as!(<> CachedDeployment => Deployment, meta.key);
-
-/// What the controller reads of one gateway pod.
+/// What the controller reads of one gateway pod. Two records are equal
+/// when they keep the same, whatever version of the pod each was read
+/// from: a change of what a record does not keep (a condition other than
+/// Ready, a container's status) leaves it equal, and nothing a reconcile
+/// reads of it has changed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedPod {
     key: Key,
@@ -421,33 +304,11 @@ impl From<Pod> for CachedPod {
 }
 
 impl CachedPod {
-    /// Whether two records of a pod keep the same, whatever version of it
-    /// each was read from: a change of what a record does not keep (a
-    /// condition other than Ready, a container's status) leaves it the
-    /// same, and nothing a reconcile reads of it has changed.
-    pub fn same(a: &Self, b: &Self) -> bool {
-        let Self {
-            key,
-            deleting,
-            node,
-            ip,
-            phase,
-            ready,
-        } = a;
-        key.same(&b.key)
-            && (deleting, node, ip, phase, ready)
-                == (&b.deleting, &b.node, &b.ip, &b.phase, &b.ready)
-    }
-
-    /// The namespace the pod is in.
-    pub fn namespace(&self) -> Option<&str> {
-        self.key.namespace.as_deref()
-    }
-
-    /// A `Pod` holding what the cache kept: the operator's labels, the
-    /// deletion, the node, the IP, the phase and the Ready condition.
-    pub fn to_pod(&self) -> Pod {
-        let mut metadata = self.key.metadata();
+    /// A `Pod` of `domain` holding what the cache kept: the operator's
+    /// labels, the deletion, the node, the IP, the phase and the Ready
+    /// condition.
+    pub fn to_pod(&self, domain: &ObjectRef<MailDomain>) -> Pod {
+        let mut metadata = self.key.metadata(domain);
         metadata.deletion_timestamp = self.deleting.clone();
         Pod {
             metadata,
@@ -465,11 +326,9 @@ impl CachedPod {
     }
 }
 
-lookup_as!(<> CachedPod => Pod, key);
-
 impl Child for CachedPod {
-    fn domain(&self) -> Option<&str> {
-        self.key.domain.as_deref()
+    fn name(&self) -> &str {
+        &self.key.name
     }
 
     fn site(&self) -> Option<&str> {
@@ -514,17 +373,6 @@ impl From<EndpointSlice> for CachedSlice {
 }
 
 impl CachedSlice {
-    /// Whether two records of a slice keep the same (see
-    /// [`CachedPod::same`]).
-    pub fn same(a: &Self, b: &Self) -> bool {
-        let Self {
-            meta,
-            service,
-            ready,
-        } = a;
-        meta.same(&b.meta) && (service, ready) == (&b.service, &b.ready)
-    }
-
     /// The Service it serves.
     pub fn service(&self) -> Option<&str> {
         self.service.as_deref()
@@ -542,31 +390,16 @@ impl WithMeta for CachedSlice {
     }
 }
 
-lookup_as!(<> CachedSlice => EndpointSlice, meta.key);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::{
-        api::core::v1::{ConfigMap, Container},
-        apimachinery::pkg::apis::meta::v1::OwnerReference,
-    };
-    use kube::{ResourceExt, api::TypeMeta, runtime::reflector::Lookup};
+    use k8s_openapi::api::core::v1::{ConfigMap, Container};
+    use kube::{ResourceExt, api::TypeMeta};
 
     fn at(s: i64) -> Time {
         crate::time::to_k8s(
             chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).expect("a valid time"),
         )
-    }
-
-    fn owner(kind: &str, api_version: &str, name: &str) -> OwnerReference {
-        OwnerReference {
-            api_version: api_version.into(),
-            kind: kind.into(),
-            name: name.into(),
-            uid: "u".into(),
-            ..OwnerReference::default()
-        }
     }
 
     fn config_map() -> PartialObjectMeta<ConfigMap> {
@@ -594,31 +427,27 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .into(),
                 ),
-                owner_references: Some(vec![
-                    owner(
-                        "MailDomain",
-                        &<MailDomain as Resource>::api_version(&()),
-                        "acme",
-                    ),
-                    owner("MailDomain", "other.example/v1", "impostor"),
-                    owner("Deployment", "apps/v1", "acme-dc-it1"),
-                ]),
                 ..ObjectMeta::default()
             },
             _phantom: PhantomData,
         }
     }
 
+    fn acme() -> ObjectRef<MailDomain> {
+        ObjectRef::new("acme").within("mail")
+    }
+
     #[test]
-    fn a_cached_child_keeps_what_the_no_op_check_the_prune_and_the_triggers_read() {
-        let child = CachedChild::from(config_map());
-        assert_eq!(Lookup::name(&child).as_deref(), Some("acme-dc-it1"));
-        assert_eq!(Owned::namespace(&child), Some("mail"));
-        assert_eq!(child.resource_version(), Some("42"));
-        assert_eq!(Child::domain(&child), Some("acme"));
+    fn a_cached_child_keeps_what_the_no_op_check_and_the_prune_read() {
+        let cm = config_map();
+        assert_eq!(
+            domain_of(&cm.metadata),
+            Some(ObjectRef::new("acme").within("mail"))
+        );
+        let child = CachedChild::from(cm);
+        assert_eq!(child.name(), "acme-dc-it1");
         assert_eq!(Child::site(&child), Some("dc-it1"));
         assert_eq!(child.applied_hash(), Some("0123abcd"));
-        assert_eq!(child.owners(), ["acme"], "only owners that are MailDomains");
     }
 
     #[test]
@@ -626,12 +455,10 @@ mod tests {
         let mut cm = config_map();
         cm.metadata.labels = None;
         cm.metadata.annotations = None;
-        cm.metadata.owner_references = None;
+        assert_eq!(domain_of(&cm.metadata), None);
         let child = CachedChild::from(cm);
-        assert_eq!(Child::domain(&child), None);
         assert_eq!(Child::site(&child), None);
         assert_eq!(child.applied_hash(), None);
-        assert!(child.owners().is_empty());
     }
 
     #[test]
@@ -651,15 +478,16 @@ mod tests {
                 "conditions": [{"type": "Available", "status": "True", "message": "long"}]},
         }))
         .expect("deployment");
+        let at = domain_of(&d.metadata).expect("labelled");
         let cached = CachedDeployment::from(d);
-        assert_eq!(cached.owners(), ["acme"]);
         assert_eq!(Child::site(&cached), Some("dc-it2"));
         assert_eq!(Child::applied_hash(&cached), Some("feed"));
-        let back = cached.to_deployment();
+        let back = cached.to_deployment(&at);
         assert_eq!(back.name_any(), "acme-dc-it2");
         assert_eq!(back.metadata.namespace.as_deref(), Some("mail"));
         assert_eq!(back.metadata.generation, Some(3));
         assert_eq!(back.labels()[SITE_LABEL], "dc-it2");
+        assert_eq!(back.labels()[DOMAIN_LABEL], "acme");
         assert!(!back.labels().contains_key("other"));
         assert_eq!(back.annotations()[APPLIED_HASH_ANNOTATION], "feed");
         let template = back.spec.template;
@@ -706,9 +534,7 @@ mod tests {
         assert_eq!(cached.service(), Some("acme"));
         assert!(cached.ready());
         assert_eq!(Child::site(&cached), Some("dc-it1"));
-        assert_eq!(Child::domain(&cached), Some("acme"));
         assert_eq!(Child::applied_hash(&cached), Some("5e1f"));
-        assert_eq!(cached.owners(), ["acme"]);
         assert!(!CachedSlice::from(slice(&[false, false])).ready());
         assert!(!CachedSlice::from(slice(&[])).ready());
     }
@@ -765,7 +591,7 @@ mod tests {
 
     #[test]
     fn a_cached_pod_gives_back_what_readiness_and_failover_read() {
-        let pod = CachedPod::from(gateway_pod()).to_pod();
+        let pod = CachedPod::from(gateway_pod()).to_pod(&acme());
         let spec = pod.spec.as_ref().expect("spec");
         let status = pod.status.as_ref().expect("status");
         assert_eq!(pod.name_any(), "gw-0");
@@ -786,7 +612,7 @@ mod tests {
 
     #[test]
     fn a_cached_pod_drops_what_nothing_reads() {
-        let pod = CachedPod::from(gateway_pod()).to_pod();
+        let pod = CachedPod::from(gateway_pod()).to_pod(&acme());
         assert!(pod.spec.as_ref().expect("spec").containers.is_empty());
         assert_eq!(pod.status.as_ref().expect("status").host_ip, None);
         assert_eq!(pod.metadata.annotations, None);
@@ -796,16 +622,17 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_without_status_or_labels_is_kept_as_not_ready_and_unlabelled() {
-        let cached = CachedPod::from(Pod {
+    fn a_pod_without_status_or_labels_belongs_to_no_domain_and_is_not_ready() {
+        let new = Pod {
             metadata: ObjectMeta {
                 name: Some("new".into()),
+                namespace: Some("mail".into()),
                 ..Default::default()
             },
             ..Pod::default()
-        });
-        assert_eq!(Child::domain(&cached), None);
-        let pod = cached.to_pod();
+        };
+        assert_eq!(domain_of(&new.metadata), None);
+        let pod = CachedPod::from(new).to_pod(&acme());
         assert!(!pod.labels().contains_key(SITE_LABEL));
         assert_eq!(
             pod.status.and_then(|s| s.conditions).map(|c| c.len()),
@@ -823,7 +650,7 @@ mod tests {
         status.host_ip = Some("192.0.2.2".into());
         status.conditions.as_mut().expect("conditions")[0].status = "False".into();
         let (before, after_record) = (CachedPod::from(before), CachedPod::from(after.clone()));
-        assert!(CachedPod::same(&before, &after_record));
+        assert!(before == after_record);
 
         after
             .status
@@ -833,21 +660,15 @@ mod tests {
             .as_mut()
             .expect("conditions")[1]
             .status = "True".into();
-        assert!(
-            !CachedPod::same(&before, &CachedPod::from(after.clone())),
-            "Ready changed"
-        );
+        assert!(before != CachedPod::from(after.clone()), "Ready changed");
         let mut moved = gateway_pod();
         moved.spec.as_mut().expect("spec").node_name = Some("node-2".into());
-        assert!(!CachedPod::same(&before, &CachedPod::from(moved)), "node");
+        assert!(before != CachedPod::from(moved), "node");
         let mut relabelled = gateway_pod();
         relabelled
             .labels_mut()
             .insert(SITE_LABEL.into(), "dc-it2".into());
-        assert!(
-            !CachedPod::same(&before, &CachedPod::from(relabelled)),
-            "site"
-        );
+        assert!(before != CachedPod::from(relabelled), "site");
     }
 
     #[test]
@@ -871,24 +692,26 @@ mod tests {
         };
         let before = CachedDeployment::from(deployment("1", 1, "NewReplicaSetCreated"));
         let progressed = CachedDeployment::from(deployment("2", 1, "ReplicaSetUpdated"));
-        assert!(CachedDeployment::same(&before, &progressed));
+        assert!(before == progressed);
         let ready = CachedDeployment::from(deployment("3", 2, "ReplicaSetUpdated"));
-        assert!(!CachedDeployment::same(&before, &ready));
+        assert!(before != ready);
     }
 
     #[test]
-    fn a_child_record_changes_with_its_applied_hash_and_owners_not_its_version() {
+    fn a_child_record_changes_with_its_applied_hash_and_site_not_its_version() {
         let before = CachedChild::from(config_map());
         let mut cm = config_map();
         cm.metadata.resource_version = Some("43".into());
         cm.annotations_mut()
             .insert("other".into(), "changed".into());
-        assert!(CachedChild::same(&before, &CachedChild::from(cm.clone())));
+        assert!(before == CachedChild::from(cm.clone()));
         cm.annotations_mut()
             .insert(APPLIED_HASH_ANNOTATION.into(), "4567".into());
-        assert!(!CachedChild::same(&before, &CachedChild::from(cm)));
-        let mut orphan = config_map();
-        orphan.metadata.owner_references = None;
-        assert!(!CachedChild::same(&before, &CachedChild::from(orphan)));
+        assert!(before != CachedChild::from(cm));
+        let mut moved = config_map();
+        moved
+            .labels_mut()
+            .insert(SITE_LABEL.into(), "dc-it2".into());
+        assert!(before != CachedChild::from(moved));
     }
 }

@@ -3,12 +3,14 @@
 //! For each (domain, site) pair it applies a ConfigMap, Deployment, Service,
 //! PodDisruptionBudget and NetworkPolicy (see `build`), deletes the children
 //! of sites no longer listed, and reports per-site gateway counts. Reads
-//! Sites, SigningKeys and its children from its watch caches (see `cache`);
+//! Sites, SigningKeys and its children from its watch caches (see `cache`;
+//! the children are filed by domain, see `by_domain`);
 //! writes only objects it owns, and only when they change, MailDomain status
 //! and Events.
 
 mod apply;
 pub mod build;
+pub mod by_domain;
 pub mod cache;
 pub mod cached;
 pub mod dns;
@@ -150,8 +152,10 @@ pub async fn reconcile(
         .signing_key_ref
         .as_deref()
         .and_then(|key| caches.signing_key(&namespace, key));
-    let before = caches.deployments(&namespace, &name);
-    let pods = caches.pods(&namespace, &name);
+    let this = kube::runtime::reflector::ObjectRef::from_obj(md.as_ref());
+    let held = caches.held(&this);
+    let before = held.deployments(&this);
+    let pods = held.pods(&this);
     let referenced = fetch::references(&ctx.client, &namespace, &md, caches).await?;
 
     // observe and plan
@@ -201,21 +205,20 @@ pub async fn reconcile(
     .map_err(Error::Render)?;
 
     // apply
-    let applied = apply::apply_all(&ctx.client, &namespace, &children, caches).await?;
+    let applied = apply::apply_all(&ctx.client, &this, &children, &held).await?;
     if applied.writes > 0 {
         tracing::debug!(writes = applied.writes, "applied changed children");
     }
     let removed = apply::prune(
         &ctx.client,
         &namespace,
-        &name,
         &children,
         &resolution.missing,
-        caches,
+        &held,
     )
     .await?;
     let cached_routes = caches
-        .config_maps
+        .routes
         .get(&kube::runtime::reflector::ObjectRef::new(routes::PLATFORM_ROUTES).within(&namespace));
     ctx.routes
         .sync(
@@ -476,10 +479,7 @@ pub async fn run(ctx: Arc<Context>) {
         "serving sites",
         metrics::ServingCollector::new(caches.mail_domains.store().clone()),
     );
-    let _ = ctx
-        .stores
-        .endpoint_slices
-        .set(caches.endpoint_slices.clone());
+    let _ = ctx.stores.children.set(caches.children.clone());
     let _ = ctx.stores.mail_domains.set(caches.mail_domains.clone());
     Controller::for_stream(
         futures::stream::pending(),

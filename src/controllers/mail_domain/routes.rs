@@ -24,13 +24,13 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, ResourceExt,
     api::{Patch, PatchParams},
+    core::PartialObjectMeta,
 };
 use serde_json::json;
 
 use super::{
     apply::APPLIED_HASH_ANNOTATION,
     build::{domain_service_name, short_hash},
-    cached::{CachedChild, Child},
 };
 use crate::api::MailDomain;
 
@@ -82,7 +82,7 @@ impl PlatformRoutes {
         client: &Client,
         ns: &str,
         field_manager: &str,
-        cached: Option<&CachedChild<ConfigMap>>,
+        cached: Option<&PartialObjectMeta<ConfigMap>>,
         domains: &[std::sync::Arc<MailDomain>],
     ) -> Result<bool, kube::Error> {
         let routes = platform_routes(
@@ -102,8 +102,10 @@ impl PlatformRoutes {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(ns)
                 .cloned();
-            cm.applied_hash() == Some(hash.as_str())
-                && ours.is_none_or(|version| cm.resource_version() == Some(version.as_str()))
+            cm.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash)
+                && ours.is_none_or(|version| {
+                    cm.resource_version().as_deref() == Some(version.as_str())
+                })
         });
         if current {
             return Ok(false);

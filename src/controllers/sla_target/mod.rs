@@ -39,7 +39,7 @@ use crate::{
     },
     conditions,
     controllers::{
-        mail_domain::cached::{CachedSlice, Owned},
+        mail_domain::cached::CachedSlice,
         names::{NO_HEALTHY_SITE, domain_service_name, index_name_of},
     },
     sla::{
@@ -160,9 +160,9 @@ async fn cached_inputs(
     namespace: &str,
 ) -> Option<(Vec<MailDomain>, Vec<CachedSlice>)> {
     let domains = ctx.stores.mail_domains.get()?;
-    let slices = ctx.stores.endpoint_slices.get()?;
+    let children = ctx.stores.children.get()?;
     domains.ready().await.ok()?;
-    slices.ready().await.ok()?;
+    children.ready().await.ok()?;
     Some((
         domains
             .state()
@@ -170,11 +170,10 @@ async fn cached_inputs(
             .filter(|o| o.namespace().as_deref() == Some(namespace))
             .map(|d| d.as_ref().clone())
             .collect(),
-        slices
-            .state()
+        children
+            .in_namespace(namespace)
             .iter()
-            .filter(|s| Owned::namespace(s.as_ref()) == Some(namespace))
-            .map(|s| s.as_ref().clone())
+            .flat_map(|held| held.endpoint_slices.iter().cloned())
             .collect(),
     ))
 }
