@@ -209,6 +209,14 @@ fn drop_unread<K: Resource>(obj: &mut K) {
     }
 }
 
+/// [`drop_unread`], and the MailDomain copied: a copy's lists take only
+/// the room their items need, where those deserialized from the watch keep
+/// what they grew to (a list of five conditions has room for eight).
+fn trim_domain(md: &mut MailDomain) {
+    drop_unread(md);
+    *md = md.clone();
+}
+
 /// Builds the stores, each filled in a task of its own, and the stream of
 /// the reconciles their changes ask for:
 /// - a MailDomain's change reconciles it;
@@ -225,7 +233,7 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
     let mail_domains = watch_cache::spawn(
         Api::<MailDomain>::all(client.clone()),
         Config::default(),
-        drop_unread,
+        trim_domain,
         {
             let (triggers, store) = (triggers.clone(), store.clone());
             let mut seen = SpecChanges::default();
@@ -387,6 +395,43 @@ mod tests {
         md.annotations_mut().remove("team");
         drop_unread(&mut md);
         assert_eq!(md.metadata.annotations, None, "no empty map is kept");
+    }
+
+    #[test]
+    fn a_cached_domain_s_lists_take_only_the_room_their_items_need() {
+        let conditions: Vec<_> = (0..5)
+            .map(|i| {
+                serde_json::json!({
+                    "type": format!("Check{i}"), "status": "True", "reason": "Fine",
+                    "message": "all good", "lastTransitionTime": "2026-01-01T00:00:00Z",
+                })
+            })
+            .collect();
+        // From text, as the watch reads it (a `Value` would tell its length).
+        let mut md: MailDomain = serde_json::from_str(
+            &serde_json::json!({
+                "apiVersion": "pec.dev/v1alpha1", "kind": "MailDomain",
+                "metadata": {"name": "acme", "namespace": "mail"},
+                "spec": serde_json::to_value(&domain(&["dc-it1"]).spec).expect("spec"),
+                "status": {"conditions": conditions},
+            })
+            .to_string(),
+        )
+        .expect("a MailDomain");
+        let room = |md: &MailDomain| {
+            let conditions = &md.status.as_ref().expect("status").conditions;
+            (conditions.len(), conditions.capacity())
+        };
+        assert_eq!(room(&md), (5, 8), "deserialized, the list grew by doubling");
+        let mut before = md.clone();
+        drop_unread(&mut before);
+        trim_domain(&mut md);
+        assert_eq!(
+            serde_json::to_value(&md).expect("json"),
+            serde_json::to_value(&before).expect("json"),
+            "the same domain"
+        );
+        assert_eq!(room(&md), (5, 5));
     }
 
     /// A store holding `domains`, as the controller's watch fills it.

@@ -14,7 +14,7 @@
 //! - [`CachedDeployment`]: that, the gateway configuration's hash and the
 //!   replica counts;
 //! - [`CachedPod`]: a gateway pod's site, deletion, node, IP, phase and
-//!   Ready condition;
+//!   Ready condition (its status and when it last changed);
 //! - [`CachedSlice`]: one of the operator's EndpointSlices, as the Service
 //!   it serves and whether any of its endpoints is ready (the SLA probe's
 //!   question).
@@ -270,8 +270,14 @@ pub struct CachedPod {
     node: Option<String>,
     ip: Option<String>,
     phase: Option<String>,
-    /// The `Ready` condition, without its message and reason.
-    ready: Option<PodCondition>,
+    ready: Option<ReadyCondition>,
+}
+
+/// A pod's `Ready` condition: its status and when it last changed.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ReadyCondition {
+    status: String,
+    since: Option<Time>,
 }
 
 impl From<Pod> for CachedPod {
@@ -293,11 +299,9 @@ impl From<Pod> for CachedPod {
                 .unwrap_or_default()
                 .into_iter()
                 .find(|c| c.type_ == "Ready")
-                .map(|c| PodCondition {
-                    message: None,
-                    reason: None,
-                    last_probe_time: None,
-                    ..c
+                .map(|c| ReadyCondition {
+                    status: c.status,
+                    since: c.last_transition_time,
                 }),
         }
     }
@@ -319,7 +323,17 @@ impl CachedPod {
             status: Some(PodStatus {
                 pod_ip: self.ip.clone(),
                 phase: self.phase.clone(),
-                conditions: Some(self.ready.iter().cloned().collect()),
+                conditions: Some(
+                    self.ready
+                        .iter()
+                        .map(|ready| PodCondition {
+                            type_: "Ready".into(),
+                            status: ready.status.clone(),
+                            last_transition_time: ready.since.clone(),
+                            ..PodCondition::default()
+                        })
+                        .collect(),
+                ),
                 ..PodStatus::default()
             }),
         }
