@@ -59,11 +59,11 @@ pub struct Applied {
 /// reconcile finds them applied).
 pub async fn apply_all(
     client: &Client,
+    namespace: &str,
     domain: &ObjectRef<MailDomain>,
     children: &Children,
     held: &Held,
 ) -> Result<Applied, Error> {
-    let namespace = domain.namespace.as_deref().unwrap_or_default();
     let Children {
         sites,
         domain_service,
@@ -72,7 +72,7 @@ pub async fn apply_all(
     let sites = future::try_join_all(
         sites
             .iter()
-            .map(|site| apply_site(client, domain, site, held)),
+            .map(|site| apply_site(client, namespace, domain, site, held)),
     );
     let domain_service = apply_changed(client, namespace, domain_service, &held.services);
     let slices = future::try_join_all(
@@ -101,11 +101,11 @@ pub async fn apply_all(
 /// number of writes.
 async fn apply_site(
     client: &Client,
+    namespace: &str,
     domain: &ObjectRef<MailDomain>,
     site: &SiteChildren,
     held: &Held,
 ) -> Result<(Deployment, usize), Error> {
-    let namespace = domain.namespace.as_deref().unwrap_or_default();
     // Destructured without `..`: a new child must be applied here or the build fails.
     let SiteChildren {
         site: _,

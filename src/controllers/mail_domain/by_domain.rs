@@ -9,10 +9,11 @@
 //! every object of the kind. Here a domain costs one table entry, and a
 //! reconcile takes its record by the domain's name.
 //!
-//! Every child carries its domain's label, and the watches select on it:
-//! a child is filed under the MailDomain its label names, in its namespace
-//! ([`domain_of`]). A child whose label is changed by hand to another
-//! domain stays filed under the first until the next relist.
+//! Every child carries its domain's label, and the watches select on it.
+//! A child is filed under the MailDomain that owns it (a gateway pod, owned
+//! by its ReplicaSet, under the one its label names), in its namespace
+//! ([`domain_of`]): a label changed by hand to another domain moves
+//! nothing, and the owner's reconcile keeps the child as its own.
 //!
 //! A record is shared (`Arc`) and copied on write: a reconcile holds the
 //! record it took, as it was, while the watches file newer changes.
@@ -22,7 +23,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Pod, Service},
@@ -30,7 +31,7 @@ use k8s_openapi::api::{
     policy::v1::PodDisruptionBudget,
 };
 use kube::{
-    Api,
+    Resource,
     runtime::{
         WatchStreamExt,
         reflector::ObjectRef,
@@ -42,7 +43,7 @@ use tokio::sync::watch;
 use super::cached::{CachedChild, CachedDeployment, CachedPod, CachedSlice, Child, domain_of};
 use crate::{
     api::MailDomain,
-    controllers::watch_cache::{self, Stopped, Triggers, Watched, trigger},
+    controllers::watch_cache::{self, Stopped, Triggers, trigger},
 };
 
 /// Which MailDomain a record belongs to.
@@ -236,13 +237,13 @@ impl ByDomain {
             .collect()
     }
 
-    /// The records of the domains in `namespace`.
-    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<Held>> {
+    /// The operator's EndpointSlices in `namespace`, whatever their domain.
+    pub fn endpoint_slices_in(&self, namespace: &str) -> Vec<CachedSlice> {
         let records = self.records.read();
         records
             .iter()
             .filter(|(domain, _)| domain.namespace.as_deref() == Some(namespace))
-            .map(|(_, held)| held.clone())
+            .flat_map(|(_, held)| held.endpoint_slices.iter().cloned())
             .collect()
     }
 
@@ -255,17 +256,19 @@ impl ByDomain {
         Ok(())
     }
 
-    /// Fills the `C` children with `into(obj)` for each object of `api`
-    /// that `config` selects, from a watch in a task of its own until the
-    /// process ends; asks `triggers` for a reconcile of each domain whose
-    /// record changed (see [`Filing::take`]).
-    pub fn watch<K: Watched, C: Kind>(
+    /// Fills the `C` children with `into(obj)` for each object `feed` (a
+    /// kube watcher: of whole objects, or of their metadata) brings, in a
+    /// task of its own until the process ends; asks `triggers` for a
+    /// reconcile of each domain whose record changed (see
+    /// [`Filing::take`]).
+    pub fn watch<K, C: Kind>(
         &mut self,
-        api: Api<K>,
-        config: watcher::Config,
+        feed: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
         into: fn(K) -> C,
         triggers: &Triggers<MailDomain>,
-    ) {
+    ) where
+        K: Resource + Send + 'static,
+    {
         let (listed, ready) = watch::channel(false);
         self.ready.push(ready);
         let mut filing = Filing {
@@ -274,8 +277,7 @@ impl ByDomain {
         };
         let triggers = triggers.clone();
         let filed = move |obj: K| Some((domain_of(obj.meta())?, into(obj)));
-        let feed = watcher::watcher(api, config).default_backoff();
-        tokio::spawn(feed.for_each(move |event| {
+        tokio::spawn(feed.default_backoff().for_each(move |event| {
             // The watcher retries with backoff; the records keep what they
             // had.
             if let Ok(event) = event {
@@ -394,8 +396,10 @@ mod tests {
         assert_eq!(find(&acme.pods, "b"), Some(&pod("b", "n1")));
         assert_eq!(find(&acme.pods, "d"), None);
         assert!(by.get(&domain("nobody")).is_empty());
-        assert_eq!(by.in_namespace("mail").len(), 2);
-        assert!(by.in_namespace("elsewhere").is_empty());
+        let slice = CachedSlice::default();
+        records.apply(&domain("other"), slice.clone());
+        assert_eq!(by.endpoint_slices_in("mail"), [slice]);
+        assert!(by.endpoint_slices_in("elsewhere").is_empty());
     }
 
     #[test]
@@ -482,6 +486,10 @@ mod tests {
             "an object of no domain"
         );
 
+        // A list restarted before it completed: what it had listed goes.
+        assert!(filing.take(Event::Init).is_empty());
+        let partial = Event::InitApply(Some((other.clone(), pod("z", "n1"))));
+        assert!(filing.take(partial).is_empty());
         assert!(filing.take(Event::Init).is_empty());
         let listed =
             |d: &DomainRef, name: &str| Event::InitApply(Some((d.clone(), pod(name, "n1"))));

@@ -1,5 +1,6 @@
-//! What the MailDomain controller reads from memory: reflector stores, each
-//! filled by a watch in a task of its own (never by the controller's
+//! What the MailDomain controller reads from memory: in-memory stores (a
+//! reflector store per kind, and the children's records filed by domain),
+//! each filled by a watch in a task of its own (never by the controller's
 //! trigger polling: a reconcile waits for them). The same watches trigger
 //! the reconciles, each after its store holds the change, so a reconcile
 //! never reads a store older than what triggered it. A reconcile finds the Sites,
@@ -35,7 +36,7 @@ use kube::{
     core::PartialObjectMeta,
     runtime::{
         reflector::{ObjectRef, Store},
-        watcher::Config,
+        watcher::{self, Config},
     },
 };
 use serde::de::DeserializeOwned;
@@ -63,8 +64,8 @@ pub struct Caches {
     pub signing_keys: Cache<SigningKey>,
     /// Every domain's children.
     pub children: ByDomain,
-    /// The operator's ConfigMaps that belong to no domain: the platform
-    /// routes of each namespace (see [`super::routes`]).
+    /// The platform routes ConfigMap of each namespace (see
+    /// [`super::routes`]).
     pub routes: Cache<PartialObjectMeta<ConfigMap>>,
     /// Every Secret, cut to what the reference checks read (see
     /// [`references::keep_what_is_checked`]).
@@ -89,12 +90,11 @@ fn own_endpoint_slices() -> Config {
     ))
 }
 
-/// The label selector of the ConfigMaps this operator made that belong to
-/// no domain.
-fn platform_config_maps() -> Config {
-    Config::default().labels(&format!(
-        "app.kubernetes.io/managed-by={MANAGED_BY},!{DOMAIN_LABEL}"
-    ))
+/// The selector of the platform routes ConfigMap of every namespace.
+fn platform_routes() -> Config {
+    Config::default()
+        .labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
+        .fields(&format!("metadata.name={}", super::routes::PLATFORM_ROUTES))
 }
 
 /// Reconciles the MailDomains `domains_of` finds in `domains` for a
@@ -221,7 +221,10 @@ fn trim_domain(md: &mut MailDomain) {
 /// the reconciles their changes ask for:
 /// - a MailDomain's change reconciles it;
 /// - a child's change (a gateway pod's too: its readiness decides the
-///   domain's endpoints) reconciles the MailDomain it belongs to;
+///   domain's endpoints) reconciles the MailDomain it belongs to, unless
+///   its record stays as it was; after a relist, each domain whose
+///   children of that kind changed is reconciled (see
+///   [`super::by_domain`]);
 /// - a SigningKey's change (a new active generation rolls the gateways)
 ///   reconciles the domains that sign with it;
 /// - a Site's change reconciles the domains that list it.
@@ -263,7 +266,7 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
         children: children(client, &triggers),
         routes: watch_cache::spawn(
             Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
-            platform_config_maps(),
+            platform_routes(),
             drop_unread,
             |_| {},
         ),
@@ -282,14 +285,12 @@ pub fn caches(client: &Client) -> (Caches, UnboundedReceiver<ObjectRef<MailDomai
 fn children(client: &Client, triggers: &Triggers<MailDomain>) -> ByDomain {
     let mut children = ByDomain::default();
     children.watch(
-        Api::<Deployment>::all(client.clone()),
-        domain_children(),
+        watcher::watcher(Api::<Deployment>::all(client.clone()), domain_children()),
         CachedDeployment::from,
         triggers,
     );
     children.watch(
-        Api::<Pod>::all(client.clone()),
-        domain_children(),
+        watcher::watcher(Api::<Pod>::all(client.clone()), domain_children()),
         CachedPod::from,
         triggers,
     );
@@ -298,8 +299,10 @@ fn children(client: &Client, triggers: &Triggers<MailDomain>) -> ByDomain {
     metadata_of::<PodDisruptionBudget>(&mut children, client, triggers);
     metadata_of::<NetworkPolicy>(&mut children, client, triggers);
     children.watch(
-        Api::<EndpointSlice>::all(client.clone()),
-        own_endpoint_slices(),
+        watcher::watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            own_endpoint_slices(),
+        ),
         CachedSlice::from,
         triggers,
     );
@@ -307,7 +310,9 @@ fn children(client: &Client, triggers: &Triggers<MailDomain>) -> ByDomain {
 }
 
 /// Fills `children` with the `K` objects of the domains, as
-/// [`CachedChild`]ren, from a watch of their metadata.
+/// [`CachedChild`]ren, from a watch of their metadata only (the API server
+/// sends no data or spec: a ConfigMap's gateway configuration is not
+/// read).
 fn metadata_of<K>(children: &mut ByDomain, client: &Client, triggers: &Triggers<MailDomain>)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
@@ -315,8 +320,11 @@ where
     CachedChild<K>: super::by_domain::Kind,
 {
     children.watch(
-        Api::<PartialObjectMeta<K>>::all(client.clone()),
-        domain_children(),
+        // An `Api` of `PartialObjectMeta` asks for metadata only.
+        watcher::watcher(
+            Api::<PartialObjectMeta<K>>::all(client.clone()),
+            domain_children(),
+        ),
         CachedChild::from,
         triggers,
     );

@@ -205,7 +205,7 @@ pub async fn reconcile(
     .map_err(Error::Render)?;
 
     // apply
-    let applied = apply::apply_all(&ctx.client, &this, &children, &held).await?;
+    let applied = apply::apply_all(&ctx.client, &namespace, &this, &children, &held).await?;
     if applied.writes > 0 {
         tracing::debug!(writes = applied.writes, "applied changed children");
     }

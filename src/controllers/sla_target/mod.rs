@@ -170,11 +170,7 @@ async fn cached_inputs(
             .filter(|o| o.namespace().as_deref() == Some(namespace))
             .map(|d| d.as_ref().clone())
             .collect(),
-        children
-            .in_namespace(namespace)
-            .iter()
-            .flat_map(|held| held.endpoint_slices.iter().cloned())
-            .collect(),
+        children.endpoint_slices_in(namespace),
     ))
 }
 
