@@ -102,8 +102,12 @@ impl Held {
 
 /// The child `name` in `children` (one kind of a [`Held`], sorted by name).
 pub fn find<'a, C: Child>(children: &'a [C], name: &str) -> Option<&'a C> {
-    let at = children.binary_search_by(|c| c.name().cmp(name)).ok()?;
-    children.get(at)
+    children.get(position(children, name).ok()?)
+}
+
+/// Where `name` is in `children` (sorted by name), or where it would go.
+fn position<C: Child>(children: &[C], name: &str) -> Result<usize, usize> {
+    children.binary_search_by(|c| c.name().cmp(name))
 }
 
 /// A kind of child a [`Held`] keeps, and where.
@@ -157,7 +161,7 @@ impl Records {
             Some(held) => held,
             None => records.entry(domain.clone()).or_default(),
         };
-        match C::of(held).binary_search_by(|c| c.name().cmp(child.name())) {
+        match position(C::of(held), child.name()) {
             Ok(at) if C::of(held)[at] == child => false,
             Ok(at) => {
                 C::of_mut(Arc::make_mut(held))[at] = child;
@@ -179,7 +183,7 @@ impl Records {
         let Some(held) = records.get_mut(domain) else {
             return false;
         };
-        let Ok(at) = C::of(held).binary_search_by(|c| c.name().cmp(name)) else {
+        let Ok(at) = position(C::of(held), name) else {
             return false;
         };
         let held = Arc::make_mut(held);
